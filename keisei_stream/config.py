@@ -1,0 +1,241 @@
+"""Run configuration: pydantic v2 models loaded from YAML with ``--set`` overrides.
+
+Every section is a strict model (unknown keys are errors). :func:`load_config` turns any
+problem into a :class:`ConfigError` whose message names the field's dotted path
+(``ppo.clip_epsilon: Input should be greater than 0``), so a bad file fails at start.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the dotted field path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    """Identity and places of a run."""
+
+    id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="run id, the `{run}` of every Redis key")
+    dir: str = Field("runs", description="parent of the run directory runs/{id}/ (config, checkpoints, events, logs)")
+    seed: int = Field(0, ge=0, description="base seed; workers add their index")
+
+
+class EnvConfig(_Section):
+    """Shogi environment."""
+
+    max_plies: int = Field(256, ge=2, le=65535, description="a game reaching this many plies is a draw")
+
+
+class ModelConfig(_Section):
+    """Actor-critic ResNet tower."""
+
+    channels: int = Field(64, ge=4, le=1024)
+    blocks: int = Field(4, ge=0, le=64)
+    se: bool = Field(True, description="squeeze-and-excitation in every residual block")
+    se_ratio: int = Field(4, ge=1, le=64, description="SE bottleneck = channels // se_ratio")
+    policy_planes: int = Field(8, ge=1, le=256, description="1x1-conv planes feeding the policy's linear layer")
+    value_hidden: int = Field(128, ge=8, le=4096)
+    compile: bool = Field(False, description="torch.compile the model (learner)")
+
+
+class PPOConfig(_Section):
+    """PPO hyper-parameters (Schulman et al. 2017, arXiv:1707.06347)."""
+
+    learning_rate: float = Field(3e-4, gt=0, le=1.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule_updates: int = Field(10_000, ge=1, description="updates over which linear/cosine decay runs")
+    lr_final_fraction: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    gamma: float = Field(0.99, gt=0, le=1.0, description="discount per ply")
+    gae_lambda: float = Field(0.95, ge=0, le=1.0)
+    clip_epsilon: float = Field(0.2, gt=0, lt=1.0)
+    value_clip: Optional[float] = Field(None, gt=0, description="clip range of the value loss; null = unclipped")
+    value_coef: float = Field(0.5, ge=0)
+    entropy_coef: float = Field(0.01, ge=0)
+    epochs: int = Field(4, ge=1, le=100)
+    minibatch_size: int = Field(256, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    target_kl: Optional[float] = Field(0.03, gt=0, description="stop the epochs early past this approx KL; null = never")
+    normalize_advantages: bool = True
+    samples_per_update: int = Field(4096, ge=1, description="positions gathered before one PPO update")
+    max_policy_lag: int = Field(4, ge=0, description="positions from versions older than current - lag are dropped")
+
+
+class StreamConfig(_Section):
+    """Redis stream, weights and observability settings shared by all processes."""
+
+    max_backlog: int = Field(64, ge=1, description="max unacknowledged experience entries before producers wait")
+    batch_positions: int = Field(1024, ge=1, description="a worker sends a batch once it holds this many positions")
+    block_ms: int = Field(1000, ge=1, le=60_000, description="XREADGROUP BLOCK time")
+    read_count: int = Field(16, ge=1, description="entries per XREADGROUP")
+    claim_idle_ms: int = Field(60_000, ge=100, description="entries pending longer than this are claimed from dead learners")
+    weights_keep: int = Field(4, ge=1, description="weights blobs kept in Redis")
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    weights_poll_s: float = Field(2.0, gt=0, description="workers poll weights:latest this often (pub/sub is a hint)")
+    deadletter_maxlen: int = Field(10_000, ge=1)
+    metrics_maxlen: int = Field(100_000, ge=1)
+    games_maxlen: int = Field(10_000, ge=1)
+    eval_maxlen: int = Field(10_000, ge=1)
+    heartbeat_s: float = Field(2.0, gt=0)
+    heartbeat_ttl_s: float = Field(30.0, gt=0)
+    backoff_max_s: float = Field(2.0, gt=0, description="cap of the exponential backoff while waiting")
+
+    @model_validator(mode="after")
+    def _ttl_exceeds_heartbeat(self) -> "StreamConfig":
+        if self.heartbeat_ttl_s <= self.heartbeat_s:
+            raise ValueError("heartbeat_ttl_s must exceed heartbeat_s")
+        return self
+
+
+class WorkerConfig(_Section):
+    """Self-play worker."""
+
+    games: int = Field(64, ge=1, le=4096, description="games played at once (one forward pass per step)")
+    threads: int = Field(1, ge=1, le=256, description="torch intra-op threads")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of self-play moves")
+    record_games: bool = Field(True, description="write finished games to the games stream")
+
+
+class LearnerConfig(_Section):
+    """Learner."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, le=256, description="torch intra-op threads on CPU; 0 = torch default")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    checkpoint_every: int = Field(20, ge=1, description="updates between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1)
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "keisei-stream"
+
+
+class EvalConfig(_Section):
+    """Evaluation."""
+
+    games: int = Field(100, ge=1)
+    opponents: list[str] = Field(default_factory=lambda: ["random", "greedy"])
+    every_versions: int = Field(10, ge=1, description="continuous evaluation of every K-th version")
+    opening_plies: int = Field(0, ge=0, description="random opening plies before the players take over")
+    processes: int = Field(1, ge=1, le=256)
+    temperature: float = Field(0.0, ge=0, description="0 = argmax")
+
+
+class Config(_Section):
+    """The whole run configuration."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_json(self) -> str:
+        """The resolved config as JSON text (what the learner writes to the ``config`` key)."""
+        return self.model_dump_json()
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text (what the run directory keeps)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{path}: {e['msg']}")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into its path and a YAML-parsed value.
+
+    Raises:
+        ConfigError: when the text has no ``=`` or an empty path.
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not path or any(not p for p in path):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as exc:  # pragma: no cover - yaml accepts nearly anything
+        raise ConfigError(f"override {text!r}: {exc}") from exc
+    return path, value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    """Validate a plain mapping (plus ``section.key=value`` overrides) into a :class:`Config`.
+
+    Raises:
+        ConfigError: naming the dotted path of every bad field, unknown keys included.
+    """
+    data = json.loads(json.dumps(data or {}))  # deep copy, plain types only
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({source}): top level must be a mapping")
+    for ov in overrides or []:
+        path, value = parse_override(ov)
+        node = data
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides.
+
+    Args:
+        path: YAML file; None for the built-in defaults.
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``ppo.epochs=2``).
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, unknown key or invalid value (the field is named).
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid YAML in {path}: {exc}") from None
+    return config_from_dict(data, overrides, source)
+
+
+def config_from_json(text: str | bytes) -> Config:
+    """Rebuild a config from the JSON the learner stored under the ``config`` key.
+
+    Raises:
+        ConfigError: when the text is not valid JSON or not a valid config.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"config in Redis is not JSON: {exc}") from None
+    return config_from_dict(data, None, "redis")
