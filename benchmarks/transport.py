@@ -1,0 +1,117 @@
+"""Transport benchmark: positions/s through a real Redis (private server on a unix socket).
+
+Pipeline per batch, one client thread: encode -> admission Lua (XLEN check + XADD + HINCRBY)
+-> XREADGROUP -> decode_entry -> XACK + XDEL + HINCRBY (MULTI/EXEC). Variants: full validation
+(cshogi replay), structural validation only, and full validation plus the training-input
+rebuild (obs + mask). Baseline in the same run: raw XADD / XREADGROUP / XACK+XDEL of the same
+pre-encoded bytes, no encode/decode. ``per_core`` divides by this process's CPU time (the
+server runs in its own process); ``wall`` is end-to-end.
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+
+from keisei_stream import codec
+from keisei_stream import transport as T
+from keisei_stream.embedded_redis import connect, start_redis
+from keisei_stream.keys import Keys
+
+
+def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
+    producer = T.Producer(r, keys, "bench-w", max_backlog=64, backoff_max_s=0.01)
+    consumer = T.Consumer(r, keys, "bench-l", max_plies=max_plies, block_ms=100, count=16, check_legal=check_legal)
+    positions = 0
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(rounds):
+        for b in batches:
+            producer.send(b)
+        got = []
+        while len(got) < len(batches):
+            got += consumer.read()
+        for d in got:
+            if inputs:
+                codec.build_training_inputs(d.batch, max_plies)
+            positions += d.batch.num_positions
+        consumer.ack(got, sum(d.batch.num_positions for d in got), 0)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    acc = T.read_accounting(r, keys)
+    assert acc["trained_positions"] == acc["produced_positions"] == positions
+    return positions, wall, cpu
+
+
+def run_baseline(r, keys, encoded, positions_per_round, rounds):
+    T.ensure_group(r, keys)
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(rounds):
+        for f in encoded:
+            r.xadd(keys.experience, f)
+        got = []
+        while len(got) < len(encoded):
+            resp = r.xreadgroup(keys.group, "raw", {keys.experience: ">"}, count=16, block=100)
+            for _stream, items in resp or []:
+                got += items
+        ids = [i for i, _ in got]
+        pipe = r.pipeline(transaction=True)
+        pipe.xack(keys.experience, keys.group, *ids)
+        pipe.xdel(keys.experience, *ids)
+        pipe.execute()
+    return positions_per_round * rounds, time.perf_counter() - w0, time.process_time() - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", type=int, default=8, help="batches per round")
+    ap.add_argument("--positions", type=int, default=1024, help="positions per batch (whole games, at least)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-plies", type=int, default=256)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for i in range(args.batches):
+        b = codec.random_games_batch(args.positions, max_plies=args.max_plies, num_games=4, seed=i)
+        b.value = rng.uniform(-1, 1, b.num_positions).astype(np.float32)
+        b.log_prob = (b.log_prob - rng.exponential(0.5, b.num_positions)).astype(np.float32)
+        batches.append(b)
+    per_round = sum(b.num_positions for b in batches)
+    encoded = [codec.encode_batch(b) for b in batches]
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp, start_redis(tmp, maxmemory="1gb") as server:
+        r = connect(server.url)
+        variants = [("checked", True, False), ("unchecked", False, False), ("checked_plus_inputs", True, True)]
+        for i, (name, check, inputs) in enumerate(variants):
+            r.flushall()
+            run_pipeline(r, Keys(f"warm{i}"), batches[:2], 1, args.max_plies, check, inputs)
+            r.flushall()
+            pos, wall, cpu = run_pipeline(r, Keys(f"b{i}"), batches, args.rounds, args.max_plies, check, inputs)
+            results[name] = {"positions": pos, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                             "positions_per_s_wall": round(pos / wall), "positions_per_s_per_core": round(pos / cpu)}
+        r.flushall()
+        pos, wall, cpu = run_baseline(r, Keys("raw"), encoded, per_round, args.rounds)
+        results["baseline_raw_stream"] = {"positions": pos, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                                          "positions_per_s_wall": round(pos / wall),
+                                          "positions_per_s_per_core": round(pos / cpu)}
+        info = r.info("server")
+    out = {
+        "benchmark": "transport",
+        "server": (f"valkey {info['valkey_version']}" if "valkey_version" in info else f"redis {info.get('redis_version', '?')}"),
+        "socket": "unix",
+        "batch_positions_mean": round(per_round / len(batches), 1),
+        "bytes_per_position_wire": round(sum(codec.wire_bytes(f) for f in encoded) / per_round, 2),
+        "results": results,
+        "goal_positions_per_s_per_core": 100_000,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

