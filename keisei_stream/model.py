@@ -1,0 +1,182 @@
+"""Actor-critic ResNet tower for Keisei's core46 observation and 13,527-action space.
+
+Architecture (all convolutions keep the 9x9 board; "C" = ``cfg.channels``, "B" = ``cfg.blocks``):
+
+* stem: 3x3 conv 46 -> C, BatchNorm, ReLU;
+* B residual blocks (He et al. 2016, "Deep Residual Learning for Image Recognition",
+  arXiv:1512.03385): 3x3 conv, BN, ReLU, 3x3 conv, BN, optional squeeze-and-excitation
+  (Hu et al. 2018, "Squeeze-and-Excitation Networks", arXiv:1709.01507; bottleneck
+  ``C // cfg.se_ratio``), skip connection, ReLU;
+* policy head: 1x1 conv C -> ``cfg.policy_planes``, BN, ReLU, flatten, Linear to 13,527 logits
+  (the AlphaZero-style head, Silver et al. 2018, Science 362:1140, with a dense output layer);
+* value head: 1x1 conv C -> :data:`VALUE_PLANES`, BN, ReLU, flatten, Linear to
+  ``cfg.value_hidden``, ReLU, Linear to 1, tanh: the expected outcome in [-1, 1] from the side to
+  move's point of view (the observation is always in the mover's frame).
+
+The last policy layer starts with weights 100x smaller than PyTorch's default so that the initial
+policy is close to uniform over the legal moves (Andrychowicz et al. 2021, "What Matters in
+On-Policy Reinforcement Learning?", arXiv:2006.05990, section 3.2).
+
+The model computes in float32; on CUDA callers may run it under ``torch.autocast("cuda",
+dtype=torch.bfloat16)`` (the learner does when ``learner.amp``); the outputs are always returned as
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from keisei_stream.config import ModelConfig
+
+NUM_PLANES = 46
+"""Input planes of the core46 observation (mirrors ``keisei_stream.shogi.NUM_PLANES``)."""
+NUM_ACTIONS = 13527
+"""Size of the action space (mirrors ``keisei_stream.shogi.NUM_ACTIONS``): 81*80*2 board moves + 7*81 drops."""
+BOARD_SQUARES = 81
+VALUE_PLANES = 2
+"""Planes of the value head's 1x1 convolution."""
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel gating: global average pool, FC C -> C/r, ReLU, FC C/r -> C, sigmoid, scale.
+
+    Hu et al. 2018, arXiv:1709.01507. Input and output ``(B, C, 9, 9)``.
+    """
+
+    def __init__(self, channels: int, ratio: int) -> None:
+        super().__init__()
+        hidden = max(1, channels // ratio)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=(2, 3))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * s[:, :, None, None]
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN(-SE) + skip, ReLU (He et al. 2016). ``(B, C, 9, 9)`` in and out."""
+
+    def __init__(self, channels: int, se: bool, se_ratio: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.se = SqueezeExcitation(channels, se_ratio) if se else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.se is not None:
+            y = self.se(y)
+        return F.relu(x + y)
+
+
+class ActorCritic(nn.Module):
+    """Policy logits and value from a batch of core46 observations.
+
+    Args:
+        cfg: the ``model`` section of the run config (channels, blocks, se, se_ratio,
+            policy_planes, value_hidden).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(NUM_PLANES, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+        )
+        self.blocks = nn.Sequential(*[ResidualBlock(c, cfg.se, cfg.se_ratio) for _ in range(cfg.blocks)])
+        self.policy_conv = nn.Sequential(
+            nn.Conv2d(c, cfg.policy_planes, 1, bias=False), nn.BatchNorm2d(cfg.policy_planes), nn.ReLU(inplace=True)
+        )
+        self.policy_fc = nn.Linear(cfg.policy_planes * BOARD_SQUARES, NUM_ACTIONS)
+        self.value_conv = nn.Sequential(
+            nn.Conv2d(c, VALUE_PLANES, 1, bias=False), nn.BatchNorm2d(VALUE_PLANES), nn.ReLU(inplace=True)
+        )
+        self.value_fc1 = nn.Linear(VALUE_PLANES * BOARD_SQUARES, cfg.value_hidden)
+        self.value_fc2 = nn.Linear(cfg.value_hidden, 1)
+        with torch.no_grad():  # near-uniform initial policy (Andrychowicz et al. 2021, arXiv:2006.05990)
+            self.policy_fc.weight.mul_(0.01)
+            self.policy_fc.bias.zero_()
+
+    def trunk(self, obs: torch.Tensor) -> torch.Tensor:
+        """Shared tower: ``(B, 46, 9, 9)`` float32 -> ``(B, C, 9, 9)`` features."""
+        return self.blocks(self.stem(obs))
+
+    def value_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Value head: features ``(B, C, 9, 9)`` -> ``(B,)`` float32 in [-1, 1] (side to move's view)."""
+        v = self.value_conv(h).flatten(1)
+        v = self.value_fc2(F.relu(self.value_fc1(v)))
+        return torch.tanh(v.float()).squeeze(1)
+
+    def policy_from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Policy head: features ``(B, C, 9, 9)`` -> raw logits ``(B, 13527)`` float32 (not masked)."""
+        return self.policy_fc(self.policy_conv(h).flatten(1)).float()
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate a batch.
+
+        Args:
+            obs: ``(B, 46, 9, 9)`` float32 core46 planes, mover's frame.
+
+        Returns:
+            ``(logits, value)``: logits ``(B, 13527)`` float32, unmasked (see
+            :func:`keisei_stream.policy.masked_logits`); value ``(B,)`` float32 in [-1, 1],
+            the expected outcome for the side to move.
+        """
+        h = self.trunk(obs)
+        return self.policy_from_features(h), self.value_from_features(h)
+
+
+def build_model(cfg: ModelConfig) -> ActorCritic:
+    """A freshly initialised :class:`ActorCritic` on the CPU in float32 (training mode).
+
+    Move it with ``.to(device)``; call ``.eval()`` before self-play or evaluation (BatchNorm).
+    """
+    return ActorCritic(cfg)
+
+
+def maybe_compile(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``torch.compile(model)`` when ``cfg.compile`` is set, else ``model`` itself.
+
+    The compiled module shares parameters with ``model``; save/load the uncompiled one (the
+    checkpoint functions also unwrap ``_orig_mod``).
+    """
+    return torch.compile(model) if cfg.compile else model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Resolve a device name at run time.
+
+    Args:
+        name: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises:
+        ValueError: unknown name, or CUDA requested but not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {name!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r} (cpu, cuda, auto)")
+    return dev
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The original module behind a ``torch.compile`` wrapper (or ``model`` itself)."""
+    return getattr(model, "_orig_mod", model)
