@@ -1,0 +1,149 @@
+"""Game records: stream fields round trip, KIF/CSA/USI export re-parsed by cshogi's parsers to
+the same moves for every kind of ending, and the ``keisei games`` CLI (stream on fakeredis and
+``keisei eval --json`` files)."""
+
+from __future__ import annotations
+
+import json
+
+import cshogi
+import pytest
+from cshogi import CSA, KIF
+
+from keisei_stream import players, records
+from keisei_stream.evaluation import play_game, play_match
+from keisei_stream.players import GreedyPlayer, RandomPlayer
+from keisei_stream.records import Game, RecordError, game_fields, parse_game_fields
+from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
+
+
+class Scripted:
+    def __init__(self, moves):
+        self.moves, self.name, self.i = moves, "scripted", 0
+
+    def new_game(self, *a, **k):
+        self.i = 0
+
+    def choose(self, board, ply):
+        m = self.moves[self.i % len(self.moves)]
+        self.i += 1
+        return m
+
+    def close(self):
+        pass
+
+
+def _games() -> list[Game]:
+    """One game per kind of ending."""
+    out = []
+    for seed in range(6):
+        rec = play_game(GreedyPlayer(seed), RandomPlayer(seed + 100), max_plies=120 if seed % 2 else 256)
+        out.append(records.game_from_eval(dict(rec, game=seed, black="greedy", white="random")))
+    scripted = [
+        (["4h5h", "5h4h"], ["5a4a", "4a5a"], "4k4/9/9/9/9/9/9/5R3/K8 b - 1"),  # perpetual check
+        (["2h1h", "1h2h"], ["8b9b", "9b8b"], "startpos"),  # repetition
+        (["7g7f", "1a1b"], ["3c3d"], "startpos"),  # illegal move by Black
+        (["7g7f"], ["resign"], "startpos"),
+        (["G*1b"], ["1a2a"], "8k/9/8P/9/9/9/9/9/K8 b G 1"),  # checkmate
+        (["1a1b"], ["1i1h"], "K+P+P+P+P+P+P+P1/+P+P+P6/9/9/9/9/9/9/8k b RB2G2S2N2L2P 1"),  # entering king
+    ]
+    for i, (b, w, start) in enumerate(scripted):
+        rec = play_game(Scripted(b), Scripted(w), start_sfen=start)
+        out.append(records.game_from_eval(dict(rec, game=100 + i)))
+    out.append(Game(STARTING_SFEN, ["7g7f", "3c3d"], 1, "timeout", "a", "b", "t"))
+    out.append(Game(STARTING_SFEN, ["7g7f"], -1, "crash", "a", "b", "c"))
+    return out
+
+
+def _usi_moves(moves):
+    return [cshogi.move_to_usi(m) for m in moves]
+
+
+def test_stream_fields_round_trip():
+    rec = GameRecord(start_sfen=STARTING_SFEN, moves=["7g7f", "3c3d", "8h2b+"], result=1,
+                     reason=EndReason.MAX_PLIES, plies=3, opening_plies=2)
+    f = game_fields(rec, worker="w0", version=7)
+    assert f["moves"] == "7g7f 3c3d 8h2b+" and f["reason"] == "MAX_PLIES" and f["version"] == 7
+    as_bytes = {k.encode(): str(v).encode() for k, v in f.items()}  # what redis-py returns
+    back = parse_game_fields(as_bytes)
+    assert back == rec
+    g = records.game_from_fields(as_bytes, "1-0")
+    assert g.meta == {"worker": "w0", "version": "7"} and g.black == "self-play v7"
+    alt = parse_game_fields({"usi": "position startpos moves 7g7f 3c3d", "result": "0", "reason": "2"})
+    assert alt.moves == ["7g7f", "3c3d"] and alt.reason == EndReason.REPETITION_DRAW
+    sf = parse_game_fields({"usi": "position sfen 4k4/9/9/9/9/9/9/5R3/K8 b - 1 moves 4h5h", "reason": "checkmate"})
+    assert sf.start_sfen == "4k4/9/9/9/9/9/9/5R3/K8 b - 1" and sf.reason == EndReason.CHECKMATE
+    for bad in ({"moves": "7g7f 7g7f"}, {"moves": "7g7f", "reason": "nope"}, {"result": "1"},
+                {"moves": "7g7f", "result": "2"}, {"moves": "", "start_sfen": "xx"}, {"usi": "position foo"}):
+        with pytest.raises(RecordError):
+            parse_game_fields(bad)
+
+
+def test_kif_and_csa_reparse_to_same_moves(tmp_path):
+    games = _games()
+    reasons = {g.reason for g in games}
+    assert {"checkmate", "perpetual_check", "repetition", "illegal", "resign", "entering_king", "timeout",
+            "crash", "max_plies"} <= reasons
+    for g in games:
+        csa = CSA.Parser.parse_str(records.to_csa(g))[0]
+        assert _usi_moves(csa.moves) == g.moves, g.id
+        assert cshogi.Board(csa.sfen).zobrist_hash() == cshogi.Board(g.start_sfen).zobrist_hash()
+        assert csa.names == [g.black, g.white]
+        if g.start_sfen == STARTING_SFEN:  # cshogi's KIF parser reads only 手合割 headers, not BOD
+            kif = KIF.Parser.parse_str(records.to_kif(g))
+            assert _usi_moves(kif.moves) == g.moves, g.id
+            if g.result != 0 and g.reason != "entering_king":
+                assert kif.win == (cshogi.BLACK_WIN if g.result > 0 else cshogi.WHITE_WIN), g.id
+    paths = records.export_games(games, "kif", tmp_path / "kif")
+    assert len(paths) == len(games)
+    for p, g in zip(paths, games):  # files are cp932 as GUIs expect; cshogi reads them back
+        if g.start_sfen == STARTING_SFEN:
+            assert _usi_moves(KIF.Parser.parse_file(str(p)).moves) == g.moves
+    for p, g in zip(records.export_games(games, "csa", tmp_path / "csa"), games):
+        assert _usi_moves(CSA.Parser.parse_file(str(p))[0].moves) == g.moves
+    (usi,) = records.export_games(games, "usi", tmp_path / "usi")
+    lines = usi.read_text().splitlines()
+    assert len(lines) == 2 * len(games) and lines[0].startswith("position ")
+    with pytest.raises(ValueError):
+        records.export_games(games, "pgn", tmp_path)
+
+
+def test_cli_on_eval_json(tmp_path, capsys):
+    res = play_match("greedy", "random", games=4, max_plies=60, progress=False)
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(res.to_dict()))
+    assert records.main(["export", "--eval-json", str(path), "--format", "csa", "--out", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o").glob("*.csa"))) == 4
+    svg = tmp_path / "b.svg"
+    assert records.main(["show", "--eval-json", str(path), "--index", "0", "--ply", "10", "--svg", str(svg)]) == 0
+    out = capsys.readouterr().out
+    assert "after 10 plies" in out and "greedy" in out
+    assert svg.read_text().startswith("<svg")
+    assert records.main(["list", "--eval-json", str(path)]) == 0
+    assert "eval-0003" in capsys.readouterr().out
+
+
+def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
+    fakeredis = pytest.importorskip("fakeredis")
+    from keisei_stream.keys import Keys
+
+    r = fakeredis.FakeRedis()
+    monkeypatch.setattr(players, "_connect", lambda url: r)
+    keys = Keys("g1")
+    for seed in range(3):
+        rec = play_game(RandomPlayer(seed), RandomPlayer(seed + 1), max_plies=50)
+        gr = GameRecord(STARTING_SFEN, rec["moves"], rec["result"], EndReason.MAX_PLIES if rec["reason"] == "max_plies"
+                        else EndReason.CHECKMATE, rec["plies"])
+        r.xadd(keys.games, game_fields(gr, worker="w1", version=seed))
+    r.xadd(keys.games, {"moves": "7g7f 7g7f", "result": "0", "reason": "MAX_PLIES"})  # bad entry: skipped
+    games = records.read_stream_games(r, "g1", count=10)
+    assert len(games) == 3 and [g.meta["version"] for g in games] == ["0", "1", "2"]
+    assert records.main(["export", "--redis", "fake://", "--run", "g1", "--format", "kif", "--out",
+                         str(tmp_path / "k"), "--count", "2"]) == 0
+    files = sorted((tmp_path / "k").glob("*.kif"))
+    assert len(files) == 1 or len(files) == 2  # the newest 2 entries: one is the bad one
+    for f in files:
+        KIF.Parser.parse_file(str(f))
+    assert records.main(["show", "--redis", "fake://", "--run", "g1"]) == 0
+    assert "self-play" in capsys.readouterr().out
+    assert records.main(["list", "--redis", "fake://", "--run", "empty"]) == 1
