@@ -44,7 +44,10 @@ class ModelConfig(_Section):
     blocks: int = Field(4, ge=0, le=64)
     se: bool = Field(True, description="squeeze-and-excitation in every residual block")
     se_ratio: int = Field(4, ge=1, le=64, description="SE bottleneck = channels // se_ratio")
-    policy_planes: int = Field(8, ge=1, le=256, description="1x1-conv planes feeding the policy's linear layer")
+    policy_head: Literal["pointer", "dense"] = Field(
+        "pointer", description="pointer: from-square x to-square bilinear scores; dense: Linear to 13,527 logits")
+    policy_dim: int = Field(32, ge=4, le=512, description="query/key width of the pointer policy head")
+    policy_planes: int = Field(8, ge=1, le=256, description="1x1-conv planes feeding the dense policy's linear layer")
     value_hidden: int = Field(128, ge=8, le=4096)
     compile: bool = Field(False, description="torch.compile the model (learner)")
 

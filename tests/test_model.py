@@ -52,13 +52,51 @@ def test_initial_policy_is_near_uniform():
 
 
 @pytest.mark.parametrize("name", ["tiny", "quickstart", "gpu"])
-def test_shipped_configs_build(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml").model
-    model = build_model(cfg)
+@pytest.mark.parametrize("head", ["pointer", "dense"])
+def test_shipped_configs_build(name, head):
+    cfg = load_config(CONFIGS / f"{name}.yaml", [f"model.policy_head={head}"]).model
+    model = build_model(cfg).eval()
     n = count_parameters(model)
-    policy_fc = cfg.policy_planes * 81 * NUM_ACTIONS + NUM_ACTIONS
-    assert n > policy_fc
+    if head == "dense":
+        assert n > cfg.policy_planes * 81 * NUM_ACTIONS + NUM_ACTIONS
+    else:
+        assert n < 4_000_000
     assert isinstance(model, ActorCritic)
+    with torch.inference_mode():
+        logits, value = model(torch.randn(2, 46, 9, 9))
+    assert logits.shape == (2, NUM_ACTIONS) and value.shape == (2,)
+
+
+def test_pointer_head_scores_match_the_action_layout():
+    """Board action (from, to, promote) scores <q_from, k_to>/sqrt(d) of the promote pair; drops
+    (piece, to) read drop plane ``piece`` at ``to``. Checked through usi_to_action."""
+    from keisei_stream.model import PointerPolicyHead
+    from keisei_stream.shogi import usi_to_action
+
+    torch.manual_seed(0)
+    head = PointerPolicyHead(8, 4).eval()
+    with torch.no_grad():
+        head.bias.normal_()
+    h = torch.randn(1, 8, 9, 9)
+    with torch.inference_mode():
+        logits = head(h)[0]
+        q = head.query(h).view(2, 4, 81)
+        k = head.key(h).view(2, 4, 81)
+        drops = head.drop(h).view(7, 81)
+
+    def sq(name: str) -> int:  # cshogi square index: (file - 1) * 9 + rank, Black = mover's frame
+        return (int(name[0]) - 1) * 9 + "abcdefghi".index(name[1])
+
+    for usi in ["7g7f", "2h2b+", "8h2b", "1a9i", "5e5d+"]:
+        a = usi_to_action(usi, 0)
+        p = 1 if usi.endswith("+") else 0
+        f, t = sq(usi[0:2]), sq(usi[2:4])
+        expected = float((q[p, :, f] * k[p, :, t]).sum()) / 2.0 + float(head.bias[a])
+        assert abs(float(logits[a]) - expected) < 1e-5, usi
+    for usi, piece in [("P*5e", 0), ("R*1a", 6), ("G*9i", 4)]:
+        a = usi_to_action(usi, 0)
+        expected = float(drops[piece, sq(usi[2:4])]) + float(head.bias[a])
+        assert abs(float(logits[a]) - expected) < 1e-5, usi
 
 
 def test_batch_one_and_eval_mode_deterministic():
