@@ -12,8 +12,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
+
+# One torch/OpenMP thread per process: the suite runs on 2 cores with subprocesses of its own, and
+# oversubscribed threads made the torch tests 6x slower. Subprocesses inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

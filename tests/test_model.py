@@ -91,11 +91,11 @@ def test_pointer_head_scores_match_the_action_layout():
         a = usi_to_action(usi, 0)
         p = 1 if usi.endswith("+") else 0
         f, t = sq(usi[0:2]), sq(usi[2:4])
-        expected = float((q[p, :, f] * k[p, :, t]).sum()) / 2.0 + float(head.bias[a])
+        expected = float((q[p, :, f] * k[p, :, t]).sum()) / 2.0 + float(head.bias.detach()[a])
         assert abs(float(logits[a]) - expected) < 1e-5, usi
     for usi, piece in [("P*5e", 0), ("R*1a", 6), ("G*9i", 4)]:
         a = usi_to_action(usi, 0)
-        expected = float(drops[piece, sq(usi[2:4])]) + float(head.bias[a])
+        expected = float(drops[piece, sq(usi[2:4])]) + float(head.bias.detach()[a])
         assert abs(float(logits[a]) - expected) < 1e-5, usi
 
 

@@ -1,0 +1,36 @@
+"""``python -m workers --redis URL --run ID [--games N] [--threads T]``: one self-play worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from keisei_stream.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    p.add_argument("--redis", required=True, help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock")
+    p.add_argument("--run", required=True, help="run id (the learner writes the run's config under keisei:{run}:config)")
+    p.add_argument("--games", type=int, default=None, help="games played at once (default: config worker.games)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: config worker.threads)")
+    p.add_argument("--id", default=None, help="worker id (default: host-pid)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None, help="stop after sending this many batches")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from workers.worker import run_worker
+
+    try:
+        run_worker(args.redis, args.run, games=args.games, threads=args.threads, worker_id=args.id,
+                   seed=args.seed, max_batches=args.max_batches)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

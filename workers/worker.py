@@ -1,0 +1,306 @@
+"""The self-play worker: plays N games at once with the current policy and streams finished games.
+
+Read top to bottom: connect, read the run's config from Redis, wait for weights version 1, then
+loop { obey control, pick up new weights, one batched forward pass, step N games, send finished
+games through the producer (which waits while the learner's backlog is full), heartbeat }.
+
+Nothing here is lost silently: a batch is one XADD (atomic), games unfinished at shutdown and
+finished games that could not be sent before the stop are counted in the run's accounting hash
+(``worker_discarded_positions``) and in the worker's last heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from keisei_stream import transport
+from keisei_stream.codec import ExperienceBatch
+from keisei_stream.config import Config, ConfigError, config_from_json
+from keisei_stream.embedded_redis import connect
+from keisei_stream.keys import Keys
+from keisei_stream.model import build_model
+from keisei_stream.checkpoint import load_weights_bytes
+from keisei_stream.policy import act
+from keisei_stream.records import game_fields
+from keisei_stream.shogi import VecEnv
+
+log = logging.getLogger("keisei.worker")
+
+
+@dataclass
+class WorkerStats:
+    """Counters reported in the heartbeat (all since the worker started)."""
+
+    positions_sent: int = 0
+    games_sent: int = 0
+    batches_sent: int = 0
+    positions_played: int = 0
+    games_finished: int = 0
+    discarded_positions: int = 0
+    backpressure_s: float = 0.0
+    started: float = field(default_factory=time.time)
+    rate_t0: float = field(default_factory=time.monotonic)
+    rate_n0: int = 0
+    positions_per_s: float = 0.0
+
+    def update_rate(self) -> None:
+        """Positions/s of self-play over the interval since the last call."""
+        now = time.monotonic()
+        dt = now - self.rate_t0
+        if dt >= 1.0:
+            self.positions_per_s = (self.positions_played - self.rate_n0) / dt
+            self.rate_t0, self.rate_n0 = now, self.positions_played
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT; checked between steps so no entry is ever half-written."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:  # signal handler
+        self.requested = True
+
+
+def wait_for_config(r, keys: Keys, stop: _Stop, poll_s: float = 0.5) -> Config | None:
+    """Block until the learner has written the run's config (or a stop); returns None on stop.
+
+    Raises:
+        ConfigError: when the stored config is invalid (the worker cannot play by it).
+    """
+    while not stop.requested:
+        raw = r.get(keys.config)
+        if raw is not None:
+            return config_from_json(raw)
+        if transport.get_control(r, keys) == "stop":
+            return None
+        time.sleep(poll_s)
+    return None
+
+
+def run_worker(
+    redis_url: str,
+    run_id: str,
+    *,
+    games: int | None = None,
+    threads: int | None = None,
+    worker_id: str | None = None,
+    seed: int | None = None,
+    max_batches: int | None = None,
+) -> WorkerStats:
+    """Run one self-play worker until control says ``stop``, a signal arrives or ``max_batches``.
+
+    Args:
+        redis_url: ``redis://host:port/db`` or ``unix:///path/redis.sock`` (password in the URL).
+        run_id: the run's id (the ``{run}`` of the keys).
+        games: games played at once (default: the run config's ``worker.games``).
+        threads: torch intra-op threads (default: ``worker.threads``).
+        worker_id: id in heartbeats and stream entries (default ``{host}-{pid}``).
+        seed: RNG seed of the games and sampling (default: run seed + pid).
+        max_batches: stop after sending this many batches (tests, benchmarks).
+
+    Returns:
+        The final :class:`WorkerStats`.
+    """
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host = socket.gethostname()
+    worker_id = worker_id or f"{host}-{os.getpid()}"
+    keys = Keys(run_id)
+    r = connect(redis_url)
+    stats = WorkerStats()
+
+    def heartbeat(state: str, version: int) -> None:
+        stats.update_rate()
+        transport.write_worker_heartbeat(
+            r, keys, worker_id,
+            {
+                "host": host, "pid": os.getpid(), "state": state, "version": version,
+                "positions": stats.positions_sent, "games": stats.games_sent,
+                "batches": stats.batches_sent, "positions_played": stats.positions_played,
+                "positions_per_s": round(stats.positions_per_s, 1),
+                "backpressure_s": round(stats.backpressure_s, 2),
+                "discarded_positions": stats.discarded_positions,
+                "games_at_once": n, "last_seen": round(time.time(), 3),
+            },
+            cfg.stream.heartbeat_ttl_s,
+        )
+
+    # --- the run's config (written by the learner) --------------------------------------------
+    log.info("worker %s: waiting for the run config at %s", worker_id, keys.config)
+    cfg = wait_for_config(r, keys, stop)
+    if cfg is None:
+        return stats
+    n = games or cfg.worker.games
+    torch.set_num_threads(threads or cfg.worker.threads)
+    seed = cfg.run.seed + os.getpid() if seed is None else seed
+    rng = torch.Generator().manual_seed(seed)
+    model = build_model(cfg.model)
+    model.eval()
+    watcher = transport.WeightsWatcher(r, keys, cfg.stream.weights_poll_s)
+    producer = transport.Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s)
+
+    # --- never play with random weights: wait for version >= 1 ---------------------------------
+    version = 0
+    last_beat_box = [0.0]  # monotonic time of the last heartbeat
+
+    def maybe_load_weights() -> None:
+        nonlocal version
+        announced = watcher.poll()
+        if announced is None or announced <= version:
+            return
+        try:
+            latest = transport.read_latest_weights(r, keys)
+        except transport.WeightsError as exc:  # wrong sha256: refuse, keep the current weights
+            log.error("worker %s: refused weights: %s", worker_id, exc)
+            return
+        if latest is None or latest[0] <= version:
+            return
+        load_weights_bytes(model, latest[2])
+        version = latest[0]
+        log.info("worker %s: loaded weights version %d", worker_id, version)
+
+    while version < 1:
+        if stop.requested or transport.get_control(r, keys) == "stop":
+            return stats
+        maybe_load_weights()
+        if version < 1:
+            if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
+                heartbeat("waiting_weights", version)
+                last_beat_box[0] = time.monotonic()
+            time.sleep(0.1)
+
+    # --- self-play --------------------------------------------------------------------------
+    max_plies = cfg.env.max_plies
+    env = VecEnv(n, max_plies, seed=seed)
+    # Trajectory buffers, (games, max_plies, ...): position t of game i is written at [i, t].
+    t = np.zeros(n, dtype=np.int64)
+    tr_hcp = np.zeros((n, max_plies, 32), dtype=np.uint8)
+    tr_ply = np.zeros((n, max_plies), dtype=np.uint16)
+    tr_rep = np.zeros((n, max_plies), dtype=np.uint8)
+    tr_action = np.zeros((n, max_plies), dtype=np.uint16)
+    tr_logp = np.zeros((n, max_plies), dtype=np.float32)
+    tr_value = np.zeros((n, max_plies), dtype=np.float32)
+    tr_version = np.zeros((n, max_plies), dtype=np.uint32)
+    rows = np.arange(n)
+    outbox: list[tuple[int, int, int]] = []  # finished, unsent games: (chunk index, result, reason)
+    chunks: list[dict[str, np.ndarray]] = []
+    outbox_positions = 0
+    control, control_checked = "run", 0.0
+
+    def read_control() -> str:
+        nonlocal control, control_checked
+        now = time.monotonic()
+        if now - control_checked > 0.25:
+            control, control_checked = transport.get_control(r, keys), now
+        return control
+
+    def send_outbox(wait: bool) -> bool:
+        """Send the finished games as one batch; False when stopped while waiting."""
+        nonlocal outbox, chunks, outbox_positions
+        if not outbox:
+            return True
+        offsets = np.zeros(len(outbox) + 1, dtype=np.uint32)
+        offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
+        batch = ExperienceBatch(
+            batch_id=producer.next_batch_id(), worker_id=worker_id,
+            hcp=np.concatenate([c["hcp"] for c in chunks]),
+            ply=np.concatenate([c["ply"] for c in chunks]),
+            repetition=np.concatenate([c["rep"] for c in chunks]),
+            action=np.concatenate([c["action"] for c in chunks]),
+            log_prob=np.concatenate([c["logp"] for c in chunks]),
+            value=np.concatenate([c["value"] for c in chunks]),
+            version=np.concatenate([c["version"] for c in chunks]),
+            game_offsets=offsets,
+            result=np.array([g[1] for g in outbox], dtype=np.int8),
+            reason=np.array([g[2] for g in outbox], dtype=np.uint8),
+        )
+
+        def should_stop() -> bool:
+            # While backpressure holds us, keep obeying control, signals and the heartbeat.
+            if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
+                heartbeat("backpressure", version)
+                last_beat_box[0] = time.monotonic()
+            maybe_load_weights()
+            return (not wait) or stop.requested or read_control() == "stop"
+
+        waited0 = producer.waited_s
+        sent = producer.send(batch, should_stop=should_stop)
+        stats.backpressure_s += producer.waited_s - waited0
+        if sent:
+            stats.batches_sent += 1
+            stats.positions_sent += batch.num_positions
+            stats.games_sent += batch.num_games
+            outbox, chunks, outbox_positions = [], [], 0
+        return sent
+
+    while True:
+        if stop.requested or read_control() == "stop":
+            break
+        if control == "pause":
+            if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
+                heartbeat("paused", version)
+                last_beat_box[0] = time.monotonic()
+            time.sleep(0.1)  # short sleeps: a pause never blocks a stop
+            continue
+        maybe_load_weights()
+
+        obs, mask = env.observe()
+        hcp, ply, rep, _turn = env.positions()
+        actions, logp, value = act(model, obs, mask, cfg.worker.temperature, generator=rng)
+        tr_hcp[rows, t] = hcp
+        tr_ply[rows, t] = ply
+        tr_rep[rows, t] = rep
+        tr_action[rows, t] = actions
+        tr_logp[rows, t] = logp
+        tr_value[rows, t] = value
+        tr_version[rows, t] = version
+        t += 1
+        res = env.step(actions)
+        stats.positions_played += n
+
+        done_idx = np.flatnonzero(res.done)
+        for i, record in zip(done_idx, res.finished):
+            k = int(t[i])
+            chunks.append({
+                "hcp": tr_hcp[i, :k].copy(), "ply": tr_ply[i, :k].copy(), "rep": tr_rep[i, :k].copy(),
+                "action": tr_action[i, :k].copy(), "logp": tr_logp[i, :k].copy(),
+                "value": tr_value[i, :k].copy(), "version": tr_version[i, :k].copy(),
+            })
+            outbox.append((len(chunks) - 1, int(record.result), int(record.reason)))
+            outbox_positions += k
+            stats.games_finished += 1
+            if cfg.worker.record_games:
+                fields = game_fields(record)
+                fields.update({"worker": worker_id, "version": version})
+                transport.append_game(r, keys, fields, cfg.stream.games_maxlen)
+        t[done_idx] = 0
+
+        if outbox_positions >= cfg.stream.batch_positions:
+            send_outbox(wait=True)
+            if max_batches is not None and stats.batches_sent >= max_batches:
+                break
+        if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
+            heartbeat("playing", version)
+            last_beat_box[0] = time.monotonic()
+
+    # --- clean shutdown: one last non-waiting send, then count what is left ------------------
+    if outbox:
+        send_outbox(wait=False)
+    discarded = outbox_positions + int(t.sum())
+    stats.discarded_positions += discarded
+    if discarded:
+        r.hincrby(keys.accounting, "worker_discarded_positions", discarded)
+    heartbeat("stopped", version)
+    log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", worker_id,
+             stats.positions_sent, discarded)
+    return stats
