@@ -283,8 +283,9 @@ def run_learner(
             last_status_t = time.monotonic()
 
     # --- shutdown: drain what is left into one last update, acknowledge, checkpoint -----------
-    if stop.requested:
-        while True:
+    if stop.requested:  # drain: bounded, in case producers are still running
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
             delivered = consumer.read()
             if not delivered:
                 break
