@@ -363,7 +363,7 @@ def _decompress(d: bytes, n: int) -> bytes:
 
 def _check_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
     """Vectorised structural and value checks (no cshogi)."""
-    p, g = b.num_positions, b.num_games
+    p = b.num_positions
     off = b.game_offsets.astype(np.int64)
     if off[0] != 0 or off[-1] != p:
         raise BadEntry(f"game_offsets: start {off[0]} end {off[-1]}, expected 0 and {p}")

@@ -27,6 +27,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op torch thread in the test process (small nets gain nothing from more; on a
+    loaded 2-core machine oversubscribed threads made the torch tests ~5x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real server for the whole test session (unix socket, no persistence)."""

@@ -25,15 +25,6 @@ from keisei_stream.model import NUM_ACTIONS, build_model
 from keisei_stream.ppo import make_optimizer, make_scheduler, ppo_update
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: small nets gain nothing from more, and on a loaded 2-core CI machine
-    oversubscribed threads made these tests ~5x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 _MODEL = ModelConfig(channels=8, blocks=1, se=True, se_ratio=2, policy_planes=2, value_hidden=16)
 _PPO = PPOConfig(learning_rate=1e-3, epochs=2, minibatch_size=16, lr_schedule="linear", lr_schedule_updates=10)
 

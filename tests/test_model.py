@@ -20,15 +20,6 @@ from keisei_stream.model import (
 from keisei_stream.policy import act
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: small nets gain nothing from more, and on a loaded 2-core CI machine
-    oversubscribed threads made these tests ~5x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

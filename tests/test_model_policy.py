@@ -18,15 +18,6 @@ from keisei_stream.policy import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: small nets gain nothing from more, and on a loaded 2-core CI machine
-    oversubscribed threads made these tests ~5x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _real_masks(n_positions: int) -> np.ndarray | None:
     """Legal masks of positions from random self-play with keisei_stream.shogi (None if not built)."""

@@ -21,15 +21,6 @@ from keisei_stream.ppo import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: small nets gain nothing from more, and on a loaded 2-core CI machine
-    oversubscribed threads made these tests ~5x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 G, L = 0.9, 0.8  # gamma, lambda used in the hand computations (gamma * lambda = 0.72)
 

@@ -5,7 +5,6 @@ Each test uses its own run id on the session's server, so tests never see each o
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -23,7 +23,7 @@ import torch
 
 from keisei_stream import transport
 from keisei_stream.codec import ExperienceBatch
-from keisei_stream.config import Config, ConfigError, config_from_json
+from keisei_stream.config import Config, config_from_json
 from keisei_stream.embedded_redis import connect
 from keisei_stream.keys import Keys
 from keisei_stream.model import build_model
@@ -58,6 +58,61 @@ class WorkerStats:
         if dt >= 1.0:
             self.positions_per_s = (self.positions_played - self.rate_n0) / dt
             self.rate_t0, self.rate_n0 = now, self.positions_played
+
+
+@dataclass
+class Trajectories:
+    """Per-game trajectory buffers of the games in play, ``(N, max_plies, ...)``: position ``t`` of
+    game ``i`` is at ``[i, t]``; ``length`` ``(N,) int64`` counts the positions stored per game."""
+
+    length: np.ndarray
+    hcp: np.ndarray  # (N, max_plies, 32) uint8
+    ply: np.ndarray  # (N, max_plies) uint16
+    rep: np.ndarray  # (N, max_plies) uint8
+    action: np.ndarray  # (N, max_plies) uint16
+    logp: np.ndarray  # (N, max_plies) float32
+    value: np.ndarray  # (N, max_plies) float32
+    version: np.ndarray  # (N, max_plies) uint32
+
+    @classmethod
+    def empty(cls, n: int, max_plies: int) -> "Trajectories":
+        z = np.zeros
+        return cls(z(n, np.int64), z((n, max_plies, 32), np.uint8), z((n, max_plies), np.uint16),
+                   z((n, max_plies), np.uint8), z((n, max_plies), np.uint16), z((n, max_plies), np.float32),
+                   z((n, max_plies), np.float32), z((n, max_plies), np.uint32))
+
+    def take(self, i: int) -> dict[str, np.ndarray]:
+        """Copy out game ``i``'s positions (keys hcp ply rep action logp value version) and clear it."""
+        k = int(self.length[i])
+        self.length[i] = 0
+        return {name: getattr(self, name)[i, :k].copy()
+                for name in ("hcp", "ply", "rep", "action", "logp", "value", "version")}
+
+
+def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, version: int,
+                  temperature: float, rng: torch.Generator | None = None):
+    """One step of N games: one batched forward pass, N moves sampled, N positions recorded.
+
+    Returns:
+        ``(StepResult, finished)`` where ``finished`` lists ``(GameRecord, chunk)`` for the games that
+        ended in this step, ``chunk`` being :meth:`Trajectories.take`'s arrays of that game.
+    """
+    obs, mask = env.observe(copy=False)  # act() copies them into tensors before env.step
+    hcp, ply, rep, _turn = env.positions()
+    actions, logp, value = act(model, obs, mask, temperature, generator=rng)
+    rows, t = np.arange(env.num_games), traj.length
+    traj.hcp[rows, t] = hcp
+    traj.ply[rows, t] = ply
+    traj.rep[rows, t] = rep
+    traj.action[rows, t] = actions
+    traj.logp[rows, t] = logp
+    traj.value[rows, t] = value
+    traj.version[rows, t] = version
+    traj.length += 1
+    res = env.step(actions)
+    done_idx = np.flatnonzero(res.done)
+    finished = [(record, traj.take(int(i))) for i, record in zip(done_idx, res.finished)]
+    return res, finished
 
 
 class _Stop:
@@ -182,16 +237,7 @@ def run_worker(
     # --- self-play --------------------------------------------------------------------------
     max_plies = cfg.env.max_plies
     env = VecEnv(n, max_plies, seed=seed)
-    # Trajectory buffers, (games, max_plies, ...): position t of game i is written at [i, t].
-    t = np.zeros(n, dtype=np.int64)
-    tr_hcp = np.zeros((n, max_plies, 32), dtype=np.uint8)
-    tr_ply = np.zeros((n, max_plies), dtype=np.uint16)
-    tr_rep = np.zeros((n, max_plies), dtype=np.uint8)
-    tr_action = np.zeros((n, max_plies), dtype=np.uint16)
-    tr_logp = np.zeros((n, max_plies), dtype=np.float32)
-    tr_value = np.zeros((n, max_plies), dtype=np.float32)
-    tr_version = np.zeros((n, max_plies), dtype=np.uint32)
-    rows = np.arange(n)
+    traj = Trajectories.empty(n, max_plies)
     outbox: list[tuple[int, int, int]] = []  # finished, unsent games: (chunk index, result, reason)
     chunks: list[dict[str, np.ndarray]] = []
     outbox_positions = 0
@@ -254,36 +300,17 @@ def run_worker(
             continue
         maybe_load_weights()
 
-        obs, mask = env.observe()
-        hcp, ply, rep, _turn = env.positions()
-        actions, logp, value = act(model, obs, mask, cfg.worker.temperature, generator=rng)
-        tr_hcp[rows, t] = hcp
-        tr_ply[rows, t] = ply
-        tr_rep[rows, t] = rep
-        tr_action[rows, t] = actions
-        tr_logp[rows, t] = logp
-        tr_value[rows, t] = value
-        tr_version[rows, t] = version
-        t += 1
-        res = env.step(actions)
+        res, finished = selfplay_step(env, model, traj, version, cfg.worker.temperature, rng)
         stats.positions_played += n
-
-        done_idx = np.flatnonzero(res.done)
-        for i, record in zip(done_idx, res.finished):
-            k = int(t[i])
-            chunks.append({
-                "hcp": tr_hcp[i, :k].copy(), "ply": tr_ply[i, :k].copy(), "rep": tr_rep[i, :k].copy(),
-                "action": tr_action[i, :k].copy(), "logp": tr_logp[i, :k].copy(),
-                "value": tr_value[i, :k].copy(), "version": tr_version[i, :k].copy(),
-            })
+        for record, chunk in finished:
+            chunks.append(chunk)
             outbox.append((len(chunks) - 1, int(record.result), int(record.reason)))
-            outbox_positions += k
+            outbox_positions += len(chunk["ply"])
             stats.games_finished += 1
             if cfg.worker.record_games:
                 fields = game_fields(record)
                 fields.update({"worker": worker_id, "version": version})
                 transport.append_game(r, keys, fields, cfg.stream.games_maxlen)
-        t[done_idx] = 0
 
         if outbox_positions >= cfg.stream.batch_positions:
             send_outbox(wait=True)
@@ -296,7 +323,7 @@ def run_worker(
     # --- clean shutdown: one last non-waiting send, then count what is left ------------------
     if outbox:
         send_outbox(wait=False)
-    discarded = outbox_positions + int(t.sum())
+    discarded = outbox_positions + int(traj.length.sum())
     stats.discarded_positions += discarded
     if discarded:
         r.hincrby(keys.accounting, "worker_discarded_positions", discarded)
