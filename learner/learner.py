@@ -246,6 +246,7 @@ def run_learner(
         last_update_t = now
         last_metrics = metrics
         if n_keep:
+            metrics["backlog"] = float(transport.stream_info(r, keys).get("backlog") or 0)
             transport.append_metrics(r, keys, {"version": version, "updates": updates, **metrics},
                                      cfg.stream.metrics_maxlen)
             if tb is not None:
@@ -255,9 +256,11 @@ def run_learner(
             if wandb_run is not None:
                 wandb_run.log(metrics, step=updates)
             line = (f"v{version} upd {updates} | {metrics['samples_per_s']:.0f} samples/s | "
-                    f"lag {metrics['policy_lag_mean']:.2f} | pi {metrics['policy_loss']:.4f} "
+                    f"backlog {metrics['backlog']:.0f} | lag {metrics['policy_lag_mean']:.2f} | "
+                    f"pi {metrics['policy_loss']:.4f} "
                     f"v {metrics['value_loss']:.4f} H {metrics['entropy']:.3f} kl {metrics['approx_kl']:.4f} | "
-                    f"games {metrics['games']:.0f} decisive {metrics['decisive_rate']:.2f} "
+                    f"games {metrics['games']:.0f} win B/W {metrics['black_win_rate']:.2f}/"
+                    f"{metrics['decisive_rate'] - metrics['black_win_rate']:.2f} draw {metrics['draw_rate']:.2f} "
                     f"plies {metrics['game_plies_mean']:.0f} | stale {n_stale}")
             log.info(line)
             if console is not None:
