@@ -13,7 +13,7 @@ only, so it loads with ``torch.load(weights_only=True)``: no pickle of arbitrary
 Writes are atomic: a temporary file in the same directory, fsync, then ``os.replace``.
 
 Weights blob: safetensors bytes (https://github.com/huggingface/safetensors) of the model's state
-dict, floating tensors in float32 or bfloat16, integer buffers (BatchNorm counters) unchanged;
+dict, floating tensors in float32 or bfloat16, integer buffers unchanged;
 metadata ``{"format": "keisei-weights-1", "dtype": ...}``.
 """
 

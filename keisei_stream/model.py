@@ -2,9 +2,9 @@
 
 Architecture (all convolutions keep the 9x9 board; "C" = ``cfg.channels``, "B" = ``cfg.blocks``):
 
-* stem: 3x3 conv 46 -> C, BatchNorm, ReLU;
+* stem: 3x3 conv 46 -> C, GroupNorm, ReLU;
 * B residual blocks (He et al. 2016, "Deep Residual Learning for Image Recognition",
-  arXiv:1512.03385): 3x3 conv, BN, ReLU, 3x3 conv, BN, optional squeeze-and-excitation
+  arXiv:1512.03385): 3x3 conv, GN, ReLU, 3x3 conv, GN, optional squeeze-and-excitation
   (Hu et al. 2018, "Squeeze-and-Excitation Networks", arXiv:1709.01507; bottleneck
   ``C // cfg.se_ratio``), skip connection, ReLU;
 * policy head, ``cfg.policy_head``:
@@ -18,9 +18,9 @@ Architecture (all convolutions keep the 9x9 board; "C" = ``cfg.channels``, "B" =
     plus a learned bias per action. Weight sharing across squares makes it learn much faster
     than a dense layer, and it costs ~0.4 M multiply-adds per position instead of
     ``policy_planes * 81 * 13527``;
-  - ``"dense"``: 1x1 conv C -> ``cfg.policy_planes``, BN, ReLU, flatten, Linear to 13,527 logits
+  - ``"dense"``: 1x1 conv C -> ``cfg.policy_planes``, GN, ReLU, flatten, Linear to 13,527 logits
     (the AlphaZero-style head, Silver et al. 2018, Science 362:1140, with a dense output layer);
-* value head: 1x1 conv C -> :data:`VALUE_PLANES`, BN, ReLU, flatten, Linear to
+* value head: 1x1 conv C -> :data:`VALUE_PLANES`, GN, ReLU, flatten, Linear to
   ``cfg.value_hidden``, ReLU, Linear to 1, tanh: the expected outcome in [-1, 1] from the side to
   move's point of view (the observation is always in the mover's frame).
 
@@ -50,6 +50,20 @@ VALUE_PLANES = 2
 """Planes of the value head's 1x1 convolution."""
 
 
+def norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups (Wu & He 2018, "Group Normalization", arXiv:1803.08494).
+
+    Not BatchNorm: PPO compares the policy that chose a move (the worker's forward pass) with the
+    policy being trained, and BatchNorm computes a different function in training mode (minibatch
+    statistics) than in inference mode (running statistics), and a different one for every
+    minibatch. In a trial run that gap reached an approximate KL of 0.2-1,600 before the first
+    optimiser step and stalled training. GroupNorm normalises each position on its own, so
+    training and inference compute the same function.
+    """
+    groups = 8 if channels % 8 == 0 else (4 if channels % 4 == 0 else 1)
+    return nn.GroupNorm(groups, channels)
+
+
 class SqueezeExcitation(nn.Module):
     """Channel gating: global average pool, FC C -> C/r, ReLU, FC C/r -> C, sigmoid, scale.
 
@@ -69,14 +83,14 @@ class SqueezeExcitation(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN(-SE) + skip, ReLU (He et al. 2016). ``(B, C, 9, 9)`` in and out."""
+    """conv3x3-GN-ReLU-conv3x3-GN(-SE) + skip, ReLU (He et al. 2016). ``(B, C, 9, 9)`` in and out."""
 
     def __init__(self, channels: int, se: bool, se_ratio: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = norm(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = norm(channels)
         self.se = SqueezeExcitation(channels, se_ratio) if se else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +155,7 @@ class ActorCritic(nn.Module):
         super().__init__()
         c = cfg.channels
         self.stem = nn.Sequential(
-            nn.Conv2d(NUM_PLANES, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
+            nn.Conv2d(NUM_PLANES, c, 3, padding=1, bias=False), norm(c), nn.ReLU(inplace=True)
         )
         self.blocks = nn.Sequential(*[ResidualBlock(c, cfg.se, cfg.se_ratio) for _ in range(cfg.blocks)])
         self.policy_head = cfg.policy_head
@@ -149,12 +163,12 @@ class ActorCritic(nn.Module):
             self.pointer = PointerPolicyHead(c, cfg.policy_dim)
         else:
             self.policy_conv = nn.Sequential(
-                nn.Conv2d(c, cfg.policy_planes, 1, bias=False), nn.BatchNorm2d(cfg.policy_planes),
+                nn.Conv2d(c, cfg.policy_planes, 1, bias=False), norm(cfg.policy_planes),
                 nn.ReLU(inplace=True),
             )
             self.policy_fc = nn.Linear(cfg.policy_planes * BOARD_SQUARES, NUM_ACTIONS)
         self.value_conv = nn.Sequential(
-            nn.Conv2d(c, VALUE_PLANES, 1, bias=False), nn.BatchNorm2d(VALUE_PLANES), nn.ReLU(inplace=True)
+            nn.Conv2d(c, VALUE_PLANES, 1, bias=False), norm(VALUE_PLANES), nn.ReLU(inplace=True)
         )
         self.value_fc1 = nn.Linear(VALUE_PLANES * BOARD_SQUARES, cfg.value_hidden)
         self.value_fc2 = nn.Linear(cfg.value_hidden, 1)
@@ -197,7 +211,8 @@ class ActorCritic(nn.Module):
 def build_model(cfg: ModelConfig) -> ActorCritic:
     """A freshly initialised :class:`ActorCritic` on the CPU in float32 (training mode).
 
-    Move it with ``.to(device)``; call ``.eval()`` before self-play or evaluation (BatchNorm).
+    Move it with ``.to(device)``. The model has no train/eval difference (GroupNorm, no dropout);
+    ``.eval()`` before inference is still good practice.
     """
     return ActorCritic(cfg)
 
@@ -212,7 +227,7 @@ def maybe_compile(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters (BatchNorm running statistics excluded)."""
+    """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -173,8 +173,8 @@ def act(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One forward pass and one move per position: the self-play worker's step.
 
-    Runs under ``torch.inference_mode``. The model should be in eval mode (``model.eval()``) so
-    BatchNorm uses its running statistics.
+    Runs under ``torch.inference_mode``. The model computes the same function in training and
+    inference mode (GroupNorm), so behaviour log-probs match what the learner recomputes.
 
     Args:
         model: an :class:`keisei_stream.model.ActorCritic` (or compiled wrapper).

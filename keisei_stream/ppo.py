@@ -121,7 +121,7 @@ def filter_stale(versions: np.ndarray, current_version: int, max_policy_lag: int
 # ----------------------------------------------------------------------------------------------
 def make_optimizer(model: nn.Module, cfg: PPOConfig) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with ``cfg.learning_rate``, eps 1e-5 and
-    ``cfg.weight_decay`` on weight matrices / conv kernels only (biases and BatchNorm excluded).
+    ``cfg.weight_decay`` on weight matrices / conv kernels only (biases and normalisation weights excluded).
 
     Create it after moving the model to its device.
     """

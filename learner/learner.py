@@ -31,7 +31,7 @@ from keisei_stream.checkpoint import (
 from keisei_stream.config import Config
 from keisei_stream.embedded_redis import connect
 from keisei_stream.keys import Keys
-from keisei_stream.model import build_model, count_parameters, pick_device
+from keisei_stream.model import build_model, count_parameters, maybe_compile, pick_device
 from keisei_stream.ppo import compute_gae, filter_stale, make_optimizer, make_scheduler, ppo_update
 from keisei_stream.shogi import EndReason, encode_positions
 
@@ -118,7 +118,7 @@ def run_learner(
     model = build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, cfg.ppo)
     scheduler = make_scheduler(optimizer, cfg.ppo)
-    train_model = torch.compile(model) if cfg.model.compile else model
+    train_model = maybe_compile(model, cfg.model)  # shares parameters with `model`
 
     keys = Keys(cfg.run.id)
     r = connect(redis_url)

@@ -137,7 +137,7 @@ def test_bad_checkpoints_raise(tmp_path):
 def test_weights_bytes_float32_round_trip():
     model, _, _ = _setup(0)
     model.train()
-    model(torch.randn(4, 46, 9, 9))  # move BatchNorm running stats away from their defaults
+    model(torch.randn(4, 46, 9, 9))
     data = weights_to_bytes(model, "float32")
     other, _, _ = _setup(1)
     load_weights_bytes(other, data)

@@ -274,3 +274,23 @@ def test_ppo_update_cuda_bf16():
     sch = make_scheduler(opt, cfg)
     m = ppo_update(model, opt, sch, batch, cfg, torch.device("cuda"), amp=True)
     assert math.isfinite(m["policy_loss"]) and m["minibatches"] >= 1
+
+
+def test_model_is_the_same_function_in_training_and_inference_mode():
+    """The behaviour policy (worker, inference) and the policy PPO trains must agree: with BatchNorm
+    they did not (minibatch statistics), which stalled training with huge KL at the first step."""
+    from keisei_stream.config import ModelConfig
+    from keisei_stream.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(channels=16, blocks=2, se=True, value_hidden=16))
+    x = torch.randn(32, 46, 9, 9)
+    model.train()
+    full_logits, full_value = model(x)
+    part_logits, part_value = model(x[5:9])  # a different minibatch must not change a position's output
+    model.eval()
+    with torch.inference_mode():
+        eval_logits, eval_value = model(x)
+    assert torch.allclose(full_logits[5:9], part_logits, atol=1e-5)
+    assert torch.allclose(full_logits, eval_logits, atol=1e-5)
+    assert torch.allclose(full_value, eval_value, atol=1e-6)
