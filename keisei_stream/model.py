@@ -101,15 +101,17 @@ class ResidualBlock(nn.Module):
         return F.relu(x + y)
 
 
-def _board_action_index() -> torch.Tensor:
-    """``(12960,) int64``: for board action ``a``, the flat index ``promote * 6561 + from * 81 + to``
-    into the pointer head's ``(2, 81, 81)`` score tensor (action layout: keisei_stream.shogi.actions)."""
+def _action_index() -> torch.Tensor:
+    """``(13527,) int64``: for action ``a``, its column in the pointer head's ``(B, 2*81*81 + 7*81)``
+    raw scores: board action -> ``promote * 6561 + from * 81 + to`` (the ``(2, 81, 81)`` dot products),
+    drop ``12960 + k`` -> ``13122 + k`` (the drop planes). Layout: keisei_stream.shogi.actions."""
     a = torch.arange(81 * 80 * 2)
     promote = a % 2
     from_sq = a // 160
     to_idx = (a // 2) % 80
     to_sq = torch.where(to_idx < from_sq, to_idx, to_idx + 1)
-    return promote * 6561 + from_sq * 81 + to_sq
+    board = promote * 6561 + from_sq * 81 + to_sq
+    return torch.cat([board, 2 * 6561 + torch.arange(7 * 81)])
 
 
 class PointerPolicyHead(nn.Module):
@@ -126,7 +128,7 @@ class PointerPolicyHead(nn.Module):
         self.key = nn.Conv2d(channels, 2 * dim, 1)
         self.drop = nn.Conv2d(channels, 7, 1)
         self.bias = nn.Parameter(torch.zeros(NUM_ACTIONS))
-        self.register_buffer("board_index", _board_action_index(), persistent=False)
+        self.register_buffer("action_index", _action_index(), persistent=False)
         with torch.no_grad():  # near-uniform initial policy
             self.query.weight.mul_(0.02)
             self.query.bias.zero_()
@@ -135,12 +137,14 @@ class PointerPolicyHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b = h.shape[0]
-        q = self.query(h).view(b, 2, self.dim, BOARD_SQUARES)
+        # The scale goes on the small query tensor, and one gather builds the 13,527 logits: every
+        # full-width op costs a pass over (B, 13527) floats, which dominated the head's time.
+        q = self.query(h).view(b, 2, self.dim, BOARD_SQUARES) * (self.dim ** -0.5)
         k = self.key(h).view(b, 2, self.dim, BOARD_SQUARES)
-        scores = torch.matmul(q.transpose(2, 3), k) * (self.dim ** -0.5)  # (B, 2, 81, 81)
-        board = scores.reshape(b, 2 * BOARD_SQUARES * BOARD_SQUARES).index_select(1, self.board_index)
+        scores = torch.matmul(q.transpose(2, 3), k).reshape(b, 2 * BOARD_SQUARES * BOARD_SQUARES)
         drops = self.drop(h).flatten(1)  # (B, 7 * 81), piece-major = the drop action layout
-        return torch.cat([board, drops], dim=1).float() + self.bias
+        logits = torch.cat([scores, drops], dim=1).index_select(1, self.action_index).float()
+        return logits.add_(self.bias)
 
 
 class ActorCritic(nn.Module):
