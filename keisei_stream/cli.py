@@ -309,6 +309,7 @@ def cmd_run(args) -> int:
         try:
             st = collect_status(r, run_id)
             console.print(render_status(st))
+            (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
         except Exception as exc:
             console.print(f"[yellow]final status unavailable: {exc}[/yellow]")
         if server is not None:
