@@ -605,7 +605,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--games", type=int, default=None, help="games (default 100; --follow: config eval.games)")
     p.add_argument("--opening-plies", type=int, default=None, help="random opening plies (same for both colours)")
     p.add_argument("--processes", type=int, default=None, help="worker processes (default 1)")
-    p.add_argument("--max-plies", type=int, default=256, help="draw after this many plies")
+    p.add_argument("--max-plies", type=int, default=None,
+                   help="draw after this many plies (default: the checkpoint's env.max_plies, else 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None, help="model players: 0 = argmax (default)")
     p.add_argument("--device", default="cpu", help="model players: cpu | cuda | auto")
@@ -656,9 +657,20 @@ def cli_eval(args) -> int:
     if player is None:
         console.print("[red]error:[/red] --checkpoint FILE or --player SPEC is required")
         return 2
+    max_plies = args.max_plies
+    if max_plies is None:
+        max_plies = 256
+        if args.checkpoint:
+            try:
+                from keisei_stream.checkpoint import read_checkpoint
+                from keisei_stream.config import config_from_json
+
+                max_plies = config_from_json(read_checkpoint(args.checkpoint)["config_json"]).env.max_plies
+            except Exception:  # unreadable here: play_match reports the checkpoint's error itself
+                pass
     try:
         res = play_match(player, args.opponent, args.games or 100, args.opening_plies or 0, args.processes or 1,
-                         args.max_plies, args.seed, temperature=args.temperature or 0.0, device=args.device,
+                         max_plies, args.seed, temperature=args.temperature or 0.0, device=args.device,
                          progress=not args.no_progress)
     except (SpecError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
