@@ -16,6 +16,8 @@ from keisei_stream import evaluation, players
 from keisei_stream.evaluation import play_game, play_match
 from keisei_stream.players import GreedyPlayer, RandomPlayer, SpecError, make_player, move_gains, parse_spec
 
+from tests.helpers import Scripted
+
 FAKE_ENGINE = textwrap.dedent('''
     import random, sys, time
     import cshogi
@@ -67,24 +69,6 @@ def fake_engine(tmp_path_factory):
 def usi_spec(engine, mode, **opts):
     extra = "".join(f";{k}={v}" for k, v in opts.items())
     return f"usi:{sys.executable} {engine} {mode};go=go nodes 1{extra}"
-
-
-class Scripted:
-    """Plays a fixed cycle of moves (USI strings, 'resign', 'win')."""
-
-    def __init__(self, moves, name="scripted"):
-        self.moves, self.name, self.i = moves, name, 0
-
-    def new_game(self, start_sfen="startpos", moves=(), seed=None):
-        self.i = 0
-
-    def choose(self, board, ply):
-        m = self.moves[self.i % len(self.moves)]
-        self.i += 1
-        return m
-
-    def close(self):
-        pass
 
 
 # ------------------------------------------------------------------------------------------------

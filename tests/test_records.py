@@ -16,21 +16,7 @@ from keisei_stream.players import GreedyPlayer, RandomPlayer
 from keisei_stream.records import Game, RecordError, game_fields, parse_game_fields
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
 
-
-class Scripted:
-    def __init__(self, moves):
-        self.moves, self.name, self.i = moves, "scripted", 0
-
-    def new_game(self, *a, **k):
-        self.i = 0
-
-    def choose(self, board, ply):
-        m = self.moves[self.i % len(self.moves)]
-        self.i += 1
-        return m
-
-    def close(self):
-        pass
+from tests.helpers import Scripted
 
 
 def _games() -> list[Game]:

@@ -17,23 +17,8 @@ from keisei_stream.shogi import (
     usi_to_action,
 )
 
+from tests.helpers import random_positions
 
-def random_positions(n_positions: int, seed: int, max_game_plies: int = 300):
-    """Boards (copies) from random games, until n_positions collected."""
-    rng = np.random.default_rng(seed)
-    out = []
-    board = cshogi.Board()
-    plies = 0
-    while len(out) < n_positions:
-        legal = list(board.legal_moves)
-        if not legal or plies >= max_game_plies:
-            board.reset()
-            plies = 0
-            continue
-        out.append(board.copy())
-        board.push(legal[int(rng.integers(len(legal)))])
-        plies += 1
-    return out
 
 
 def test_cshogi_move_encoding_is_what_the_tables_assume():
