@@ -65,9 +65,7 @@ def collect_status(r, run_id: str) -> dict:
     for w in workers:
         seen = float(w.get("last_seen", 0) or 0)
         w["age_s"] = round(now - seen, 1)
-    learner = {k: v for k, v in (r.hgetall(keys.learner) or {}).items()}
-    learner = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-               for k, v in learner.items()}
+    learner = transport.read_learner_status(r, keys)
     stream = transport.stream_info(r, keys)
     acc = transport.read_accounting(r, keys)
     control = transport.get_control(r, keys)
@@ -81,11 +79,9 @@ def collect_status(r, run_id: str) -> dict:
     produced = acc.get("produced_positions", 0)
     settled = (acc.get("trained_positions", 0) + acc.get("stale_positions", 0)
                + acc.get("rejected_positions", 0) + acc.get("duplicate_positions", 0))
-    in_stream = stream.get("positions_in_stream")
     return {"run": run_id, "control": control, "workers": workers, "learner": learner,
             "stream": stream, "accounting": acc, "settled_positions": settled,
-            "unsettled_positions": produced - settled, "in_stream_positions": in_stream,
-            "rating": rating}
+            "unsettled_positions": produced - settled, "rating": rating}
 
 
 def render_status(st: dict):
@@ -96,7 +92,7 @@ def render_status(st: dict):
     wt = Table(title=f"run {st['run']}  (control: {st['control']})", title_justify="left")
     for col in ("worker", "state", "alive", "positions/s", "games", "positions", "version", "backpressure s", "host:pid"):
         wt.add_column(col, justify="right" if col not in ("worker", "state", "host:pid") else "left")
-    for w in sorted(st["workers"], key=lambda w: w.get("id", "")):
+    for w in st["workers"]:  # read_workers sorts them by id
         alive = "yes" if w.get("age_s", 1e9) < 10 else f"? {w.get('age_s')}s"
         wt.add_row(str(w.get("id")), str(w.get("state", "")), alive, str(w.get("positions_per_s", "")),
                    str(w.get("games", "")), str(w.get("positions", "")), str(w.get("version", "")),

@@ -22,6 +22,7 @@ import torch
 
 from keisei_stream import transport
 from keisei_stream.checkpoint import (
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -142,7 +143,7 @@ def run_learner(
         transport.publish_weights(r, keys, version, data, cfg.stream.weights_dtype, cfg.stream.weights_keep)
 
     def checkpoint() -> Path:
-        path = ckpt_dir / f"ckpt_{version:08d}.pt"
+        path = ckpt_dir / checkpoint_name(version)
         save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, version=version,
                         updates=updates, config_json=cfg.to_json(), extra={"run": cfg.run.id})
         prune_checkpoints(ckpt_dir, cfg.learner.keep_checkpoints)
@@ -188,8 +189,9 @@ def run_learner(
     last_ckpt: Path | None = None
     last_metrics: dict[str, float] = {}
 
-    def status(state: str) -> None:
-        info = transport.stream_info(r, keys)
+    def status(state: str, info: dict | None = None) -> None:
+        """Write the ``learner`` hash; ``info`` is :func:`transport.stream_info` when already read."""
+        info = info if info is not None else transport.stream_info(r, keys)
         fields = {"state": state, "version": version, "updates": updates, "consumer": consumer_name,
                   "device": str(device), "held_positions": sum(d.batch.num_positions for d in held),
                   "backlog": info.get("backlog", -1), "last_seen": round(time.time(), 3)}
@@ -245,8 +247,9 @@ def run_learner(
                         "samples_per_s": n_keep / max(now - last_update_t, 1e-9)})
         last_update_t = now
         last_metrics = metrics
+        info = transport.stream_info(r, keys)
+        metrics["backlog"] = float(info.get("backlog") or 0)
         if n_keep:
-            metrics["backlog"] = float(transport.stream_info(r, keys).get("backlog") or 0)
             transport.append_metrics(r, keys, {"version": version, "updates": updates, **metrics},
                                      cfg.stream.metrics_maxlen)
             if tb is not None:
@@ -267,7 +270,7 @@ def run_learner(
                 console.print(line, highlight=False)
             if updates % cfg.learner.checkpoint_every == 0:
                 last_ckpt = checkpoint()
-        status("training")
+        status("training", info)
 
     while not stop.requested:
         delivered = consumer.read()
@@ -294,7 +297,8 @@ def run_learner(
             held.extend(delivered)
     if held:
         update(held)
-    last_ckpt = checkpoint()
+    if last_ckpt is None or last_ckpt.name != checkpoint_name(version):  # not written by the last update
+        last_ckpt = checkpoint()
     status("stopped")
     if tb is not None:
         tb.close()

@@ -43,10 +43,8 @@ class WorkerStats:
     games_sent: int = 0
     batches_sent: int = 0
     positions_played: int = 0
-    games_finished: int = 0
     discarded_positions: int = 0
     backpressure_s: float = 0.0
-    started: float = field(default_factory=time.time)
     rate_t0: float = field(default_factory=time.monotonic)
     rate_n0: int = 0
     positions_per_s: float = 0.0
@@ -173,8 +171,14 @@ def run_worker(
     keys = Keys(run_id)
     r = connect(redis_url)
     stats = WorkerStats()
+    last_beat = 0.0  # monotonic time of the last heartbeat
 
-    def heartbeat(state: str, version: int) -> None:
+    def heartbeat(state: str, version: int, force: bool = False) -> None:
+        """Write the heartbeat hash, at most every ``stream.heartbeat_s`` unless ``force``."""
+        nonlocal last_beat
+        if not force and time.monotonic() - last_beat < cfg.stream.heartbeat_s:
+            return
+        last_beat = time.monotonic()
         stats.update_rate()
         transport.write_worker_heartbeat(
             r, keys, worker_id,
@@ -206,7 +210,6 @@ def run_worker(
 
     # --- never play with random weights: wait for version >= 1 ---------------------------------
     version = 0
-    last_beat_box = [0.0]  # monotonic time of the last heartbeat
 
     def maybe_load_weights() -> None:
         nonlocal version
@@ -229,17 +232,14 @@ def run_worker(
             return stats
         maybe_load_weights()
         if version < 1:
-            if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
-                heartbeat("waiting_weights", version)
-                last_beat_box[0] = time.monotonic()
+            heartbeat("waiting_weights", version)
             time.sleep(0.1)
 
     # --- self-play --------------------------------------------------------------------------
     max_plies = cfg.env.max_plies
     env = VecEnv(n, max_plies, seed=seed)
     traj = Trajectories.empty(n, max_plies)
-    outbox: list[tuple[int, int, int]] = []  # finished, unsent games: (chunk index, result, reason)
-    chunks: list[dict[str, np.ndarray]] = []
+    outbox: list[tuple[int, int, dict[str, np.ndarray]]] = []  # finished, unsent: (result, reason, chunk)
     outbox_positions = 0
     control, control_checked = "run", 0.0
 
@@ -252,9 +252,10 @@ def run_worker(
 
     def send_outbox(wait: bool) -> bool:
         """Send the finished games as one batch; False when stopped while waiting."""
-        nonlocal outbox, chunks, outbox_positions
+        nonlocal outbox, outbox_positions
         if not outbox:
             return True
+        chunks = [c for _, _, c in outbox]
         offsets = np.zeros(len(outbox) + 1, dtype=np.uint32)
         offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
         batch = ExperienceBatch(
@@ -267,15 +268,13 @@ def run_worker(
             value=np.concatenate([c["value"] for c in chunks]),
             version=np.concatenate([c["version"] for c in chunks]),
             game_offsets=offsets,
-            result=np.array([g[1] for g in outbox], dtype=np.int8),
-            reason=np.array([g[2] for g in outbox], dtype=np.uint8),
+            result=np.array([g[0] for g in outbox], dtype=np.int8),
+            reason=np.array([g[1] for g in outbox], dtype=np.uint8),
         )
 
         def should_stop() -> bool:
             # While backpressure holds us, keep obeying control, signals and the heartbeat.
-            if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
-                heartbeat("backpressure", version)
-                last_beat_box[0] = time.monotonic()
+            heartbeat("backpressure", version)
             maybe_load_weights()
             return (not wait) or stop.requested or read_control() == "stop"
 
@@ -286,16 +285,14 @@ def run_worker(
             stats.batches_sent += 1
             stats.positions_sent += batch.num_positions
             stats.games_sent += batch.num_games
-            outbox, chunks, outbox_positions = [], [], 0
+            outbox, outbox_positions = [], 0
         return sent
 
     while True:
         if stop.requested or read_control() == "stop":
             break
         if control == "pause":
-            if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
-                heartbeat("paused", version)
-                last_beat_box[0] = time.monotonic()
+            heartbeat("paused", version)
             time.sleep(0.1)  # short sleeps: a pause never blocks a stop
             continue
         maybe_load_weights()
@@ -303,10 +300,8 @@ def run_worker(
         res, finished = selfplay_step(env, model, traj, version, cfg.worker.temperature, rng)
         stats.positions_played += n
         for record, chunk in finished:
-            chunks.append(chunk)
-            outbox.append((len(chunks) - 1, int(record.result), int(record.reason)))
+            outbox.append((int(record.result), int(record.reason), chunk))
             outbox_positions += len(chunk["ply"])
-            stats.games_finished += 1
             if cfg.worker.record_games:
                 fields = game_fields(record)
                 fields.update({"worker": worker_id, "version": version})
@@ -316,9 +311,7 @@ def run_worker(
             send_outbox(wait=True)
             if max_batches is not None and stats.batches_sent >= max_batches:
                 break
-        if time.monotonic() - last_beat_box[0] > cfg.stream.heartbeat_s:
-            heartbeat("playing", version)
-            last_beat_box[0] = time.monotonic()
+        heartbeat("playing", version)
 
     # --- clean shutdown: one last non-waiting send, then count what is left ------------------
     if outbox:
@@ -327,7 +320,7 @@ def run_worker(
     stats.discarded_positions += discarded
     if discarded:
         r.hincrby(keys.accounting, "worker_discarded_positions", discarded)
-    heartbeat("stopped", version)
+    heartbeat("stopped", version, force=True)
     log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", worker_id,
              stats.positions_sent, discarded)
     return stats
