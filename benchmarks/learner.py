@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.model import NUM_ACTIONS, build_model, count_parameters, pick_device
+from keisei_stream.model import NUM_ACTIONS, build_model, count_parameters, maybe_compile, pick_device
 from keisei_stream.ppo import make_optimizer, make_scheduler, ppo_update
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def main() -> None:
         "benchmark": "learner", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "amp_bf16": amp, "torch": torch.__version__,
-        "baseline": "forward only (no grad, train-mode BN) over the same minibatches, same run",
+        "baseline": "forward only (no grad) over the same minibatches, same run",
         "units": "samples/s", "configs": {},
     }
     t_start = time.perf_counter()
@@ -86,7 +86,7 @@ def main() -> None:
         opt = make_optimizer(model, ppo_cfg)
         sch = make_scheduler(opt, ppo_cfg)
         compiled = bool(args.compile and cfg.model.compile)
-        train_model = torch.compile(model) if compiled else model
+        train_model = maybe_compile(model, cfg.model) if compiled else model
         batch = _batch(n, rng)
         ppo_update(train_model, opt, sch, {k: v[: min(n, 2 * mb)] for k, v in batch.items()}, ppo_cfg, device, amp)
         _sync(device)
@@ -97,7 +97,6 @@ def main() -> None:
         ppo_rate = n * args.repeats / (time.perf_counter() - t0)
 
         obs = batch["obs"].to(device)
-        train_model.train()
 
         def forward_pass() -> None:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):

@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from keisei_stream.config import load_config  # noqa: E402
-from keisei_stream.model import build_model, count_parameters  # noqa: E402
-from keisei_stream.shogi import VecEnv  # noqa: E402
-from workers.worker import Trajectories, selfplay_step  # noqa: E402
+from keisei_stream.config import load_config
+from keisei_stream.model import build_model, count_parameters
+from keisei_stream.shogi import VecEnv
+from workers.worker import Trajectories, selfplay_step
 
 
 def _rate(fn, n_per_call: int, seconds: float) -> float:

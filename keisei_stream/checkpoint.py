@@ -191,12 +191,13 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from exc
     if restore_rng and state.get("rng") is not None:
         _set_rng_state(state["rng"])
-    return {
-        "version": int(state["version"]),
-        "updates": int(state["updates"]),
-        "config_json": state["config_json"],
-        "extra": state.get("extra"),
-    }
+    return _info(state)
+
+
+def _info(state: dict[str, Any]) -> dict[str, Any]:
+    """``version``, ``updates``, ``config_json`` and ``extra`` of a checkpoint dict."""
+    return {"version": int(state["version"]), "updates": int(state["updates"]),
+            "config_json": state["config_json"], "extra": state.get("extra")}
 
 
 def load_model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -219,9 +220,7 @@ def load_model_from_checkpoint(path: str | Path, map_location: str | torch.devic
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit its own config: {exc}") from exc
     model.to(map_location).eval()
-    info = {"version": int(state["version"]), "updates": int(state["updates"]),
-            "config_json": state["config_json"], "extra": state.get("extra"), "config": cfg}
-    return model, info
+    return model, {**_info(state), "config": cfg}
 
 
 def _list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:

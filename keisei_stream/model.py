@@ -171,15 +171,14 @@ class ActorCritic(nn.Module):
                 nn.ReLU(inplace=True),
             )
             self.policy_fc = nn.Linear(cfg.policy_planes * BOARD_SQUARES, NUM_ACTIONS)
+            with torch.no_grad():  # near-uniform initial policy (Andrychowicz et al. 2021, arXiv:2006.05990)
+                self.policy_fc.weight.mul_(0.01)
+                self.policy_fc.bias.zero_()
         self.value_conv = nn.Sequential(
             nn.Conv2d(c, VALUE_PLANES, 1, bias=False), norm(VALUE_PLANES), nn.ReLU(inplace=True)
         )
         self.value_fc1 = nn.Linear(VALUE_PLANES * BOARD_SQUARES, cfg.value_hidden)
         self.value_fc2 = nn.Linear(cfg.value_hidden, 1)
-        if cfg.policy_head == "dense":
-            with torch.no_grad():  # near-uniform initial policy (Andrychowicz et al. 2021, arXiv:2006.05990)
-                self.policy_fc.weight.mul_(0.01)
-                self.policy_fc.bias.zero_()
 
     def trunk(self, obs: torch.Tensor) -> torch.Tensor:
         """Shared tower: ``(B, 46, 9, 9)`` float32 -> ``(B, C, 9, 9)`` features."""

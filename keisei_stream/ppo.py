@@ -244,7 +244,7 @@ def ppo_update(
     use_amp = bool(amp) and device.type == "cuda"
     mb = min(cfg.minibatch_size, n)
 
-    def forward(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             logits, value = model(obs[idx])
         return logits.float(), value.float()
@@ -254,7 +254,7 @@ def ppo_update(
     start_logp = torch.empty(n, device=device)
     with torch.no_grad():
         for s in range(0, n, mb):
-            idx = torch.arange(s, min(s + mb, n), device=device)
+            idx = slice(s, min(s + mb, n))  # views, not gathered copies
             logits, _ = forward(idx)
             start_logp[idx], _ = log_prob_entropy(logits, mask[idx], actions[idx])
         lr_ = start_logp - old_logp
