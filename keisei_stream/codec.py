@@ -528,36 +528,6 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
 # replay
 
 
-_ACTION_KEYS: np.ndarray | None = None
-
-
-def _action_keys() -> np.ndarray:
-    """``(2, 13527) int64``: low 15 bits of the cshogi move code of each action for each turn.
-
-    Built once from ``keisei_stream.shogi.action_to_usi`` so that it follows helper A's action
-    layout exactly (``to | from << 7 | promote << 14``, drops ``from = 80 + piece type``).
-    """
-    global _ACTION_KEYS
-    if _ACTION_KEYS is None:
-        from keisei_stream import shogi
-
-        files = "123456789"
-        ranks = "abcdefghi"
-        drop_pt = {"P": 1, "L": 2, "N": 3, "S": 4, "B": 5, "R": 6, "G": 7}
-        keys = np.zeros((2, NUM_ACTIONS), np.int64)
-        for turn in (0, 1):
-            for a in range(NUM_ACTIONS):
-                u = shogi.action_to_usi(a, turn)
-                to = files.index(u[2]) * 9 + ranks.index(u[3])
-                if u[1] == "*":
-                    frm = 80 + drop_pt[u[0]]
-                else:
-                    frm = files.index(u[0]) * 9 + ranks.index(u[1])
-                keys[turn, a] = to | (frm << 7) | ((len(u) == 5) << 14)
-        _ACTION_KEYS = keys
-    return _ACTION_KEYS
-
-
 def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
     """Replay every game with cshogi and check it against the recorded data.
 
@@ -568,18 +538,20 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
     occurrences in the game, capped at 2; a 4th occurrence ends the game): they must match
     exactly for games recorded from ply 0 and may only be larger otherwise (occurrences before the
     first recorded position are unknown). After the last move: CHECKMATE needs no legal reply and
-    every other reason needs one; ENTERING_KING needs ``is_nyugyoku()``; for games recorded from
+    every other reason needs one; ENTERING_KING needs ``is_nyugyoku()``, and no earlier position nor
+    a MAX_PLIES end may allow it (``VecEnv`` ends the game by declaration first); for games recorded from
     ply 0, REPETITION_DRAW / PERPETUAL_CHECK need a 4th occurrence (PERPETUAL_CHECK with the
     winner that ``is_draw()`` gives), and the other reasons must not have one.
 
-    Cost: about 3 us per position (one legal-move generation each), plus ~0.2 ms per batch.
+    Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch.
 
     Raises:
         BadEntry: on the first inconsistency.
     """
     import cshogi
 
-    keys_table = _action_keys()
+    # (2, 13527): low 15 bits of the cshogi move code of each action, per side to move.
+    from keisei_stream.shogi.actions import _ACTION_TO_KEY as keys_table
     hcp = np.ascontiguousarray(batch.hcp, dtype=np.uint8)
     p = batch.num_positions
     off = batch.game_offsets.astype(np.int64)
@@ -618,6 +590,9 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
             if mv not in list(board.legal_moves):
                 raise BadEntry(f"action {int(batch.action[t])} at position {t} is not legal")
             board.push(mv)
+            if t < e - 1 and board.is_nyugyoku():
+                raise BadEntry(f"position {t + 1}: an entering-king declaration was possible, "
+                               "the game should have ended")
         has_reply = any(True for _ in board.legal_moves)
         reason = reasons[g]
         if reason == CHECKMATE:
@@ -628,6 +603,8 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
             raise BadEntry(f"game {g}: no legal reply after the last move but reason {reason}")
         if reason == ENTERING_KING and not board.is_nyugyoku():
             raise BadEntry(f"game {g}: ENTERING_KING but no entering-king declaration is possible")
+        if reason == MAX_PLIES and board.is_nyugyoku():  # VecEnv checks the declaration first
+            raise BadEntry(f"game {g}: MAX_PLIES but an entering-king declaration was possible")
         if full_history[g]:
             fourfold = counts.get(board.zobrist_hash(), 0) + 1 >= 4
             if reason in (REPETITION_DRAW, PERPETUAL_CHECK):

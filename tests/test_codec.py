@@ -69,11 +69,13 @@ def test_opening_plies_games_accepted(make_batch):
     decode_entry(as_wire(encode_batch(b)), max_plies=64)
 
 
-def _play(usi_moves, max_plies=64):
-    """A batch holding one game played from the start with the given USI moves."""
+def _play(usi_moves, max_plies=64, sfen=None):
+    """A batch holding one game played from the start (or ``sfen``) with the given USI moves."""
     from keisei_stream.shogi import VecEnv, usi_to_action
 
     env = VecEnv(1, max_plies)
+    if sfen is not None:
+        env.reset_game(0, sfen)
     rows = []
     res = None
     for u in usi_moves:
@@ -109,6 +111,19 @@ def test_repetition_game_validated():
     bad.repetition[5] = 0  # this position was seen before
     with pytest.raises(BadEntry, match="repetition"):
         decode_entry(as_wire(encode_batch(bad)), max_plies=64)
+
+
+def test_entering_king_game_validated():
+    # White moves, then Black (king and 10 pieces in the camp, 28 points with its hand) can declare
+    b = _play(["5i5h"], max_plies=1, sfen="B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1")
+    assert b.reason[0] == codec.ENTERING_KING and b.result[0] == 1
+    decode_entry(as_wire(encode_batch(b)), max_plies=1)
+    # the same game relabelled as a max-plies draw: the env ends it by declaration first
+    bad = copy.deepcopy(b)
+    bad.reason[:] = codec.MAX_PLIES
+    bad.result[:] = 0
+    with pytest.raises(BadEntry, match="entering-king"):
+        decode_entry(as_wire(encode_batch(bad)), max_plies=1)
 
 
 def _one_game(b, g):
