@@ -29,6 +29,7 @@ from keisei_stream.checkpoint import (
     save_checkpoint,
     weights_to_bytes,
 )
+from keisei_stream.codec import ExperienceBatch, concat_batches
 from keisei_stream.config import Config
 from keisei_stream.embedded_redis import connect
 from keisei_stream.keys import Keys
@@ -58,11 +59,11 @@ class _Stop:
         self.requested = True
 
 
-def _game_stats(batches) -> dict[str, float]:
-    """Win/draw rates and game length of the games in ``batches`` (from their end reasons)."""
-    reasons = np.concatenate([b.reason for b in batches]).astype(np.int64)
-    results = np.concatenate([b.result for b in batches]).astype(np.int64)
-    lengths = np.concatenate([np.diff(b.game_offsets.astype(np.int64)) for b in batches])
+def _game_stats(b: ExperienceBatch) -> dict[str, float]:
+    """Win/draw rates and game length of the games in ``b`` (from their end reasons)."""
+    reasons = b.reason.astype(np.int64)
+    results = b.result.astype(np.int64)
+    lengths = np.diff(b.game_offsets.astype(np.int64))
     g = max(len(reasons), 1)
     return {
         "games": float(len(reasons)),
@@ -189,41 +190,35 @@ def run_learner(
     last_ckpt: Path | None = None
     last_metrics: dict[str, float] = {}
 
-    def status(state: str, info: dict | None = None) -> None:
-        """Write the ``learner`` hash; ``info`` is :func:`transport.stream_info` when already read."""
-        info = info if info is not None else transport.stream_info(r, keys)
+    def status(state: str, backlog: int | None = None) -> None:
+        """Write the ``learner`` hash; ``backlog`` (XLEN of the stream) when already read."""
         fields = {"state": state, "version": version, "updates": updates, "consumer": consumer_name,
                   "device": str(device), "held_positions": sum(d.batch.num_positions for d in held),
-                  "backlog": info.get("backlog", -1), "last_seen": round(time.time(), 3)}
+                  "backlog": r.xlen(keys.experience) if backlog is None else backlog,
+                  "last_seen": round(time.time(), 3)}
         fields.update({k: round(v, 6) for k, v in last_metrics.items()})
         transport.write_learner_status(r, keys, fields)
 
     def update(entries: list) -> None:
         """One PPO update on ``entries`` (whole batches), then publish, ack and log."""
         nonlocal version, updates, last_update_t, last_metrics, last_ckpt
-        batches = [d.batch for d in entries]
-        sizes = np.array([b.num_positions for b in batches], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        offsets = np.concatenate([[0]] + [b.game_offsets[1:].astype(np.int64) + s for b, s in zip(batches, starts)])
-        values = np.concatenate([b.value for b in batches]).astype(np.float32)
-        final_rewards = np.concatenate([b.final_rewards() for b in batches]).astype(np.float32)
-        advantages, returns = compute_gae(values, offsets, final_rewards, cfg.ppo.gamma, cfg.ppo.gae_lambda)
-        versions = np.concatenate([b.version for b in batches]).astype(np.int64)
+        b = concat_batches([d.batch for d in entries])
+        values = b.value.astype(np.float32)
+        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
+                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        versions = b.version.astype(np.int64)
         keep = filter_stale(versions, version, cfg.ppo.max_policy_lag)
         n_keep = int(keep.sum())
         n_stale = int(len(keep) - n_keep)
         metrics: dict[str, float] = {}
         if n_keep:
-            hcp = np.concatenate([b.hcp for b in batches])[keep]
-            ply = np.concatenate([b.ply for b in batches])[keep]
-            rep = np.concatenate([b.repetition for b in batches])[keep]
             t0 = time.monotonic()
-            obs, mask = encode_positions(hcp, ply, rep, cfg.env.max_plies)
+            obs, mask = encode_positions(b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
             rebuild_s = time.monotonic() - t0
             batch = {
                 "obs": torch.from_numpy(obs), "mask": torch.from_numpy(mask),
-                "action": torch.from_numpy(np.concatenate([b.action for b in batches])[keep].astype(np.int64)),
-                "log_prob": torch.from_numpy(np.concatenate([b.log_prob for b in batches])[keep]),
+                "action": torch.from_numpy(b.action[keep].astype(np.int64)),
+                "log_prob": torch.from_numpy(b.log_prob[keep]),
                 "value": torch.from_numpy(values[keep]),
                 "advantage": torch.from_numpy(advantages[keep]),
                 "return": torch.from_numpy(returns[keep]),
@@ -242,13 +237,13 @@ def run_learner(
         totals["trained"] += n_keep
         totals["stale"] += n_stale
         now = time.monotonic()
-        metrics.update(_game_stats(batches))
+        metrics.update(_game_stats(b))
         metrics.update({"trained_positions": float(n_keep), "stale_positions": float(n_stale),
                         "samples_per_s": n_keep / max(now - last_update_t, 1e-9)})
         last_update_t = now
         last_metrics = metrics
-        info = transport.stream_info(r, keys)
-        metrics["backlog"] = float(info.get("backlog") or 0)
+        backlog = r.xlen(keys.experience)  # unacknowledged entries: acknowledged ones are deleted
+        metrics["backlog"] = float(backlog)
         if n_keep:
             transport.append_metrics(r, keys, {"version": version, "updates": updates, **metrics},
                                      cfg.stream.metrics_maxlen)
@@ -270,7 +265,7 @@ def run_learner(
                 console.print(line, highlight=False)
             if updates % cfg.learner.checkpoint_every == 0:
                 last_ckpt = checkpoint()
-        status("training", info)
+        status("training", backlog)
 
     while not stop.requested:
         delivered = consumer.read()
