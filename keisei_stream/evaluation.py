@@ -68,10 +68,6 @@ from keisei_stream.players import STARTPOS, Player, PlayerError, SpecError, make
 REASONS = ("checkmate", "repetition", "perpetual_check", "entering_king", "max_plies",
            "illegal", "resign", "timeout", "crash")
 
-#: EndReason codes of keisei_stream.shogi for the reasons it has (crash maps to ILLEGAL).
-REASON_CODES = {"checkmate": 1, "repetition": 2, "perpetual_check": 3, "entering_king": 4,
-                "max_plies": 5, "illegal": 6, "resign": 7, "timeout": 8, "crash": 6}
-
 
 # ------------------------------------------------------------------------------------------------
 # one game
