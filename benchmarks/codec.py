@@ -20,7 +20,7 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from keisei_stream import codec
+from keisei_stream.wire import codec
 
 
 def _fields(batch):

@@ -4,11 +4,11 @@ For each shipped config (tiny, quickstart, gpu) and batch size (1, 16, 64, 256),
 ``torch.set_num_threads(1)`` (a worker uses one thread per process), under ``torch.inference_mode``
 in eval mode, it measures positions/s of:
 
-* ``forward``: the full model, policy + value (what :func:`keisei_stream.policy.act` runs);
+* ``forward``: the full model, policy + value (what :func:`keisei_stream.rl.policy.act` runs);
 * ``baseline_trunk_value``: the same model without the policy head (stem, residual tower, value
   head) in the same run; ``policy_head_share`` = 1 - baseline_time / forward_time, the fraction
   of the forward time spent in the policy head;
-* ``sample``: masked Gumbel-max sampling (:func:`keisei_stream.policy.sample_actions`) on
+* ``sample``: masked Gumbel-max sampling (:func:`keisei_stream.rl.policy.sample_actions`) on
   precomputed logits with 30 legal moves per position (a typical middlegame count), so
   ``act`` ~= forward + sample.
 
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from keisei_stream.config import load_config
-from keisei_stream.model import NUM_ACTIONS, build_model, count_parameters
-from keisei_stream.policy import sample_actions
+from keisei_stream.rl.model import NUM_ACTIONS, build_model, count_parameters
+from keisei_stream.rl.policy import sample_actions
 
 ROOT = Path(__file__).resolve().parent.parent
 

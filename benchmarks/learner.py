@@ -5,7 +5,7 @@ thread count or ``--threads``), for each config (tiny, quickstart, gpu) it build
 (random observations, 30 legal actions per position, legal behaviour actions, random advantages
 and returns) and measures:
 
-* ``ppo_samples_per_s``: samples per second through :func:`keisei_stream.ppo.ppo_update` with one
+* ``ppo_samples_per_s``: samples per second through :func:`keisei_stream.rl.ppo.ppo_update` with one
   epoch (so one optimiser pass over each sample, plus the update's no-grad start-of-update pass);
 * ``baseline_forward_samples_per_s``: forward-only (no grad) over the same minibatches, same run;
 * ``train_step_samples_per_s``: forward + backward + step alone (the update minus its no-grad pass),
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.model import NUM_ACTIONS, build_model, count_parameters, maybe_compile, pick_device
-from keisei_stream.ppo import make_optimizer, make_scheduler, ppo_update
+from keisei_stream.rl.model import NUM_ACTIONS, build_model, count_parameters, maybe_compile, pick_device
+from keisei_stream.rl.ppo import make_optimizer, make_scheduler, ppo_update
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.model import build_model, count_parameters
+from keisei_stream.rl.model import build_model, count_parameters
 from keisei_stream.shogi import VecEnv
 from workers.worker import Trajectories, selfplay_step
 

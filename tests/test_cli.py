@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from keisei_stream import transport
-from keisei_stream.cli import main, parse_duration
-from keisei_stream.keys import Keys
+from keisei_stream.wire import transport
+from keisei_stream.cli.main import main, parse_duration
+from keisei_stream.wire.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_parse_duration_rejects(text):
 
 @pytest.mark.redis
 def test_status_json_reads_workers_learner_and_accounting(redis_server, capsys):
-    from keisei_stream.embedded_redis import connect
+    from keisei_stream.wire.embedded_redis import connect
 
     r = connect(redis_server.url)
     keys = Keys("cli-status")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import MAYBE_VALID, MUTATIONS
-from keisei_stream import codec
-from keisei_stream.codec import BadEntry, decode_entry, encode_batch
+from keisei_stream.wire import codec
+from keisei_stream.wire.codec import BadEntry, decode_entry, encode_batch
 
 
 def as_wire(fields):

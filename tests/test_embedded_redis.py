@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from keisei_stream.embedded_redis import SOCKET_TIMEOUT_S, RedisStartError, connect, find_server_binary, start_redis
+from keisei_stream.wire.embedded_redis import SOCKET_TIMEOUT_S, RedisStartError, connect, find_server_binary, start_redis
 
 pytestmark = pytest.mark.redis
 

@@ -12,9 +12,9 @@ import textwrap
 import cshogi
 import pytest
 
-from keisei_stream import evaluation, players
-from keisei_stream.evaluation import play_game, play_match
-from keisei_stream.players import GreedyPlayer, RandomPlayer, SpecError, make_player, move_gains, parse_spec
+from keisei_stream.play import evaluation, players
+from keisei_stream.play.evaluation import play_game, play_match
+from keisei_stream.play.players import GreedyPlayer, RandomPlayer, SpecError, make_player, move_gains, parse_spec
 
 from tests.helpers import Scripted
 
@@ -225,9 +225,9 @@ def test_cli_eval_json(tmp_path, capsys):
 def tiny(tmp_path_factory):
     import torch
 
-    from keisei_stream.checkpoint import save_checkpoint
+    from keisei_stream.rl.checkpoint import save_checkpoint
     from keisei_stream.config import config_from_dict
-    from keisei_stream.model import build_model
+    from keisei_stream.rl.model import build_model
 
     cfg = config_from_dict({"model": {"channels": 8, "blocks": 1, "value_hidden": 16, "policy_planes": 1},
                             "env": {"max_plies": 60},
@@ -250,15 +250,15 @@ def test_checkpoint_player_match(tiny):
 
 
 def _publish(r, keys, model, version):
-    from keisei_stream.checkpoint import weights_to_bytes
-    from keisei_stream.transport import publish_weights
+    from keisei_stream.rl.checkpoint import weights_to_bytes
+    from keisei_stream.wire.transport import publish_weights
 
     return publish_weights(r, keys, version, weights_to_bytes(model), "float32", keep=4)
 
 
 def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
     fakeredis = pytest.importorskip("fakeredis")
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire.keys import Keys
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()

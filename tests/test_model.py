@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from keisei_stream.config import ModelConfig, load_config
-from keisei_stream.model import (
+from keisei_stream.rl.model import (
     NUM_ACTIONS,
     ActorCritic,
     build_model,
@@ -17,7 +17,7 @@ from keisei_stream.model import (
     maybe_compile,
     pick_device,
 )
-from keisei_stream.policy import act
+from keisei_stream.rl.policy import act
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -61,7 +61,7 @@ def test_shipped_configs_build(name, head):
 def test_pointer_head_scores_match_the_action_layout():
     """Board action (from, to, promote) scores <q_from, k_to>/sqrt(d) of the promote pair; drops
     (piece, to) read drop plane ``piece`` at ``to``. Checked through usi_to_action."""
-    from keisei_stream.model import PointerPolicyHead
+    from keisei_stream.rl.model import PointerPolicyHead
     from keisei_stream.shogi import usi_to_action
 
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from keisei_stream.model import NUM_ACTIONS
-from keisei_stream.policy import (
+from keisei_stream.rl.model import NUM_ACTIONS
+from keisei_stream.rl.policy import (
     MASK_VALUE,
     greedy_actions,
     log_prob_entropy,

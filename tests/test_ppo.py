@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from keisei_stream.config import ModelConfig, PPOConfig
-from keisei_stream.model import NUM_ACTIONS, build_model
-from keisei_stream.policy import act, log_prob_entropy
-from keisei_stream.ppo import (
+from keisei_stream.rl.model import NUM_ACTIONS, build_model
+from keisei_stream.rl.policy import act, log_prob_entropy
+from keisei_stream.rl.ppo import (
     compute_gae,
     filter_stale,
     lr_factor,
@@ -280,7 +280,7 @@ def test_model_is_the_same_function_in_training_and_inference_mode():
     """The behaviour policy (worker, inference) and the policy PPO trains must agree: with BatchNorm
     they did not (minibatch statistics), which stalled training with huge KL at the first step."""
     from keisei_stream.config import ModelConfig
-    from keisei_stream.model import build_model
+    from keisei_stream.rl.model import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(channels=16, blocks=2, se=True, value_hidden=16))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from keisei_stream import transport
+from keisei_stream.wire import transport
 from keisei_stream.config import load_config
-from keisei_stream.embedded_redis import connect
-from keisei_stream.keys import Keys
+from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"

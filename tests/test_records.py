@@ -10,10 +10,10 @@ import cshogi
 import pytest
 from cshogi import CSA, KIF
 
-from keisei_stream import players, records
-from keisei_stream.evaluation import play_game, play_match
-from keisei_stream.players import GreedyPlayer, RandomPlayer
-from keisei_stream.records import Game, RecordError, game_fields, parse_game_fields
+from keisei_stream.play import players, records
+from keisei_stream.play.evaluation import play_game, play_match
+from keisei_stream.play.players import GreedyPlayer, RandomPlayer
+from keisei_stream.play.records import Game, RecordError, game_fields, parse_game_fields
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
 
 from tests.helpers import Scripted
@@ -111,7 +111,7 @@ def test_cli_on_eval_json(tmp_path, capsys):
 
 def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     fakeredis = pytest.importorskip("fakeredis")
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire.keys import Keys
 
     r = fakeredis.FakeRedis()
     monkeypatch.setattr(players, "_connect", lambda url: r)

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from keisei_stream import transport as T
-from keisei_stream.codec import encode_batch
-from keisei_stream.keys import ACCOUNTING_FIELDS, Keys
+from keisei_stream.wire import transport as T
+from keisei_stream.wire.codec import encode_batch
+from keisei_stream.wire.keys import ACCOUNTING_FIELDS, Keys
 
 K = Keys("unit")
 

@@ -8,10 +8,10 @@ import time
 import pytest
 
 from conftest import MAYBE_VALID
-from keisei_stream import transport as T
-from keisei_stream.codec import encode_batch
-from keisei_stream.embedded_redis import connect
-from keisei_stream.keys import Keys
+from keisei_stream.wire import transport as T
+from keisei_stream.wire.codec import encode_batch
+from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.keys import Keys
 
 pytestmark = pytest.mark.redis
 
@@ -227,9 +227,9 @@ def test_deleted_pending_entry_is_not_dead_lettered(real_redis, make_batch):
 
 _VICTIM = r"""
 import sys, time
-from keisei_stream import transport as T
-from keisei_stream.embedded_redis import connect
-from keisei_stream.keys import Keys
+from keisei_stream.wire import transport as T
+from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.keys import Keys
 r = connect(sys.argv[1])
 c = T.Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
 got = c.read()

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from keisei_stream import transport
-from keisei_stream.codec import ExperienceBatch
+from keisei_stream.wire import transport
+from keisei_stream.wire.codec import ExperienceBatch
 from keisei_stream.config import Config, config_from_json
-from keisei_stream.embedded_redis import connect
-from keisei_stream.keys import Keys
-from keisei_stream.model import build_model
-from keisei_stream.checkpoint import load_weights_bytes
-from keisei_stream.policy import act
-from keisei_stream.records import game_fields
+from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.keys import Keys
+from keisei_stream.rl.model import build_model
+from keisei_stream.rl.checkpoint import load_weights_bytes
+from keisei_stream.rl.policy import act
+from keisei_stream.play.records import game_fields
 from keisei_stream.shogi import VecEnv
 
 log = logging.getLogger("keisei.worker")

@@ -177,7 +177,7 @@ def act(
     inference mode (GroupNorm), so behaviour log-probs match what the learner recomputes.
 
     Args:
-        model: an :class:`keisei_stream.model.ActorCritic` (or compiled wrapper).
+        model: an :class:`keisei_stream.rl.model.ActorCritic` (or compiled wrapper).
         obs: ``(N, 46, 9, 9)`` float32 observations.
         mask: ``(N, 13527)`` bool legal-action masks (each row with a legal action).
         temperature: sampling temperature (> 0), or 0 for argmax.

@@ -56,8 +56,8 @@ def resolve_redis(args) -> str:
 
 def collect_status(r, run_id: str) -> dict:
     """Everything ``keisei status`` shows, as plain data (also printed by ``--json``)."""
-    from keisei_stream import transport
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire import transport
+    from keisei_stream.wire.keys import Keys
 
     keys = Keys(run_id)
     now = time.time()
@@ -71,7 +71,7 @@ def collect_status(r, run_id: str) -> dict:
     control = transport.get_control(r, keys)
     rating = None
     try:
-        from keisei_stream.evaluation import latest_rating
+        from keisei_stream.play.evaluation import latest_rating
 
         rating = latest_rating(r, run_id)
     except Exception:  # evaluation may not have run; status must still show
@@ -150,7 +150,7 @@ def _console():
 def cmd_status(args) -> int:
     from rich.live import Live
 
-    from keisei_stream.embedded_redis import connect
+    from keisei_stream.wire.embedded_redis import connect
 
     r = connect(resolve_redis(args))
     console = _console()
@@ -200,9 +200,9 @@ def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
 def cmd_run(args) -> int:
     from rich.live import Live
 
-    from keisei_stream import transport
-    from keisei_stream.embedded_redis import connect, start_redis
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire import transport
+    from keisei_stream.wire.embedded_redis import connect, start_redis
+    from keisei_stream.wire.keys import Keys
 
     console = _console()
     try:
@@ -311,7 +311,7 @@ def cmd_run(args) -> int:
         if server is not None:
             server.stop()
             url_file(run_dir).unlink(missing_ok=True)
-    from keisei_stream.checkpoint import latest_checkpoint
+    from keisei_stream.rl.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     console.print(f"checkpoint: {ckpt}")
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.set_defaults(func=cmd_status)
 
     try:
-        from keisei_stream import evaluation, records, usi
+        from keisei_stream.play import evaluation, records, usi
 
         pe = sub.add_parser("eval", help="play a match and report score and Elo")
         evaluation.add_eval_arguments(pe)

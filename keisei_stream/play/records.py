@@ -140,7 +140,7 @@ def _parse_position_line(text: str) -> tuple[str, list[str]]:
 
 
 def _replay(start: str, moves: list[str]) -> cshogi.Board:
-    from keisei_stream.usi import check_sfen
+    from keisei_stream.play.usi import check_sfen
 
     try:
         start = check_sfen(start)
@@ -336,7 +336,7 @@ def export_games(games: Iterable[Game], fmt: str, out_dir: str | Path) -> list[P
 
 def read_stream_games(r, run: str, count: int = 10) -> list[Game]:
     """The newest ``count`` games of the run's ``games`` stream, oldest first (bad entries skipped)."""
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire.keys import Keys
 
     entries = r.xrevrange(Keys(run).games, count=count)
     games = []
@@ -455,8 +455,8 @@ def _load(args) -> list[Game]:
     if args.eval_json:
         games = read_eval_games(args.eval_json)
         return games[-args.count:] if args.count else games
-    from keisei_stream.evaluation import _resolve_url
-    from keisei_stream.players import _connect
+    from keisei_stream.play.evaluation import _resolve_url
+    from keisei_stream.play.players import _connect
 
     return read_stream_games(_connect(_resolve_url(args)), args.run, args.count)
 
@@ -498,7 +498,7 @@ def cli_games(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m keisei_stream.records ...`` (same as ``keisei games``)."""
+    """``python -m keisei_stream.play.records ...`` (same as ``keisei games``)."""
     p = argparse.ArgumentParser(prog="keisei games")
     add_games_arguments(p)
     return cli_games(p.parse_args(argv))

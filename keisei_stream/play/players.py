@@ -15,7 +15,7 @@ Every player follows the :class:`Player` protocol:
 
 A player that cannot answer raises :class:`PlayerError` with ``reason`` ``"timeout"`` (no
 answer in time; the engine process is killed), ``"crash"`` (the engine process died or closed its
-output) or ``"illegal"`` (unparseable answer); the referee (:mod:`keisei_stream.evaluation`)
+output) or ``"illegal"`` (unparseable answer); the referee (:mod:`keisei_stream.play.evaluation`)
 scores that game as a loss with the reason and the match goes on (a USI engine is restarted at
 the next ``new_game``).
 
@@ -159,11 +159,11 @@ class GreedyPlayer(RandomPlayer):
 
 def load_model_from_checkpoint(path: Union[str, Path], device: str = "cpu"):
     """Build the model described by a checkpoint's ``config_json`` and load its weights
-    (``keisei_stream.checkpoint.load_model_from_checkpoint``: ``torch.load(weights_only=True)``,
+    (``keisei_stream.rl.checkpoint.load_model_from_checkpoint``: ``torch.load(weights_only=True)``,
     RNG states untouched).
 
     Args:
-        path: a ``ckpt_*.pt`` file written by ``keisei_stream.checkpoint.save_checkpoint``.
+        path: a ``ckpt_*.pt`` file written by ``keisei_stream.rl.checkpoint.save_checkpoint``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``.
 
     Returns:
@@ -173,7 +173,7 @@ def load_model_from_checkpoint(path: Union[str, Path], device: str = "cpu"):
     Raises:
         SpecError: missing/unreadable file, bad stored config, unavailable device.
     """
-    from keisei_stream import checkpoint
+    from keisei_stream.rl import checkpoint
     from keisei_stream.config import ConfigError
 
     dev = _device(device)
@@ -199,10 +199,10 @@ def load_model_from_redis(url: str, run: str, version: Union[int, str] = "latest
     Raises:
         SpecError: missing config or weights, or a checksum mismatch.
     """
-    from keisei_stream import checkpoint
+    from keisei_stream.rl import checkpoint
     from keisei_stream.config import ConfigError, config_from_json
-    from keisei_stream.keys import Keys
-    from keisei_stream.model import build_model
+    from keisei_stream.wire.keys import Keys
+    from keisei_stream.rl.model import build_model
 
     r = _connect(url)
     keys = Keys(run)
@@ -216,7 +216,7 @@ def load_model_from_redis(url: str, run: str, version: Union[int, str] = "latest
     ver: Optional[int]
     version = str(version)
     if version == "latest":
-        from keisei_stream import transport
+        from keisei_stream.wire import transport
 
         try:
             got = transport.read_latest_weights(r, keys)
@@ -266,7 +266,7 @@ def _s(x: Any) -> str:
 
 def _connect(url: str):
     try:
-        from keisei_stream.embedded_redis import connect
+        from keisei_stream.wire.embedded_redis import connect
 
         return connect(url)
     except ImportError:  # pragma: no cover - helper C's module is part of the package
@@ -276,7 +276,7 @@ def _connect(url: str):
 
 
 def _device(name: str):
-    from keisei_stream.model import pick_device
+    from keisei_stream.rl.model import pick_device
 
     try:
         return pick_device(name)

@@ -23,7 +23,7 @@ Anything else is ignored. Every line written is flushed. The ``score cp`` is the
 600-centipawn logistic scale of shogi engines), clamped to +-30000.
 
 Use with a GUI (ShogiGUI, Shogidokoro, ShogiHome): register a small script as the engine, e.g.
-``#!/bin/sh`` / ``exec /path/to/python -m keisei_stream.usi --checkpoint /path/ckpt.pt``.
+``#!/bin/sh`` / ``exec /path/to/python -m keisei_stream.play.usi --checkpoint /path/ckpt.pt``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ class UsiEngine:
 
     # -- model
     def _ensure_player(self):
-        from keisei_stream.players import ModelPlayer
+        from keisei_stream.play.players import ModelPlayer
 
         key = (self.options["Device"],)
         if self.player is None or self._loaded_key != key:

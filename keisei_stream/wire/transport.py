@@ -21,7 +21,7 @@ Semantics (DESIGN.md, "Semantics"):
   in one ``MULTI/EXEC``, then ``PUBLISH`` on ``weights``; only the newest ``keep`` blobs stay.
   Readers verify the SHA-256. :class:`WeightsWatcher` treats pub/sub as a hint and polls.
 
-Every function takes a ``redis.Redis`` made by :func:`keisei_stream.embedded_redis.connect`
+Every function takes a ``redis.Redis`` made by :func:`keisei_stream.wire.embedded_redis.connect`
 (``decode_responses=False``; socket timeout above every ``BLOCK``).
 """
 
@@ -205,7 +205,7 @@ class Consumer:
         count: entries per read.
         claim_idle_ms: pending entries idle longer than this in other consumers are claimed.
         deadletter_maxlen: approximate cap of the deadletter stream.
-        check_legal: full replay validation (see :func:`keisei_stream.codec.decode_entry`).
+        check_legal: full replay validation (see :func:`keisei_stream.wire.codec.decode_entry`).
         dedup_window: how many recent batch ids are remembered for duplicate detection.
 
     Attributes:

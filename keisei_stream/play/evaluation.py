@@ -5,7 +5,7 @@
 - A move that is not legal in the position (``board.is_legal``), or an unparseable answer:
   the mover loses (``illegal``). ``"resign"``: the mover loses (``resign``). ``"win"`` (USI
   entering-king declaration): a win if ``board.is_nyugyoku()`` holds, else a loss (``illegal``).
-  A player that raises :class:`keisei_stream.players.PlayerError` loses with its reason
+  A player that raises :class:`keisei_stream.play.players.PlayerError` loses with its reason
   (``timeout``: no answer in time, the engine is killed; ``crash``: the engine died).
 - After each move: no legal move for the side to move -> ``checkmate`` (the mover wins; cshogi
   forbids pawn-drop mate, so it never happens as a legal move);
@@ -20,7 +20,7 @@
 is Black). With ``opening_plies = k > 0`` both games of a pair (``2j``, ``2j + 1``) start after
 the same k uniformly random legal plies (seeded by ``seed`` and ``j``). Games run in
 ``processes`` worker processes (multiprocessing, ``spawn`` by default); each worker builds its
-players from the spec strings once (:func:`keisei_stream.players.make_player`), so no live
+players from the spec strings once (:func:`keisei_stream.play.players.make_player`), so no live
 object crosses a process boundary. Per-game seeds derive from ``(seed, game index)``, so a
 match's results do not depend on the number of processes.
 
@@ -60,8 +60,8 @@ from typing import Any, Optional, Sequence
 import cshogi
 import numpy as np
 
-from keisei_stream import elo as elo_math
-from keisei_stream.players import STARTPOS, Player, PlayerError, SpecError, make_player
+from keisei_stream.play import elo as elo_math
+from keisei_stream.play.players import STARTPOS, Player, PlayerError, SpecError, make_player
 
 #: Reasons a game ends (strings in records). ``timeout``/``crash``/``illegal``/``resign`` are losses
 #: of the player concerned.
@@ -107,7 +107,7 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
     """Play one game between two players, cshogi judging every move and the ending.
 
     Args:
-        black, white: :class:`keisei_stream.players.Player` objects.
+        black, white: :class:`keisei_stream.play.players.Player` objects.
         max_plies: the game is a draw once this many plies have been played (opening included).
         start_sfen: ``"startpos"`` or a SFEN.
         opening: USI moves played before the players take over (must be legal).
@@ -122,7 +122,7 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
         (one of :data:`REASONS`), ``detail`` (text, e.g. the illegal move or the engine error).
     """
     if start_sfen != STARTPOS:
-        from keisei_stream.usi import check_sfen
+        from keisei_stream.play.usi import check_sfen
 
         start_sfen = check_sfen(start_sfen)  # cshogi aborts on some malformed SFENs
     board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
@@ -219,7 +219,7 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
 class MatchResult:
     """Result of :func:`play_match`, from player A's point of view.
 
-    ``elo``/``elo_lo``/``elo_hi``: Elo of A minus B with its 95 % interval (:mod:`keisei_stream.elo`;
+    ``elo``/``elo_lo``/``elo_hi``: Elo of A minus B with its 95 % interval (:mod:`keisei_stream.play.elo`;
     bounds may be +-inf at a 0 %/100 % score); ``elo_ci95``: half the interval width ("+-");
     ``los`` in [0, 1]; ``reasons``: count of each end reason; ``records``: one dict per game
     (:func:`play_game`'s fields plus ``game``, ``a_color``, ``black``, ``white``, ``a_result``
@@ -315,7 +315,7 @@ def play_match(player_a: str, player_b: str, games: int = 100, opening_plies: in
     """Play ``games`` games between two player specs and score them for player A.
 
     Args:
-        player_a, player_b: spec strings (:mod:`keisei_stream.players`).
+        player_a, player_b: spec strings (:mod:`keisei_stream.play.players`).
         games: number of games (>= 1); colours alternate, A is Black in even games.
         opening_plies: random plies before the players move (same opening for both games of a pair).
         processes: worker processes (1 = play in this process).
@@ -334,7 +334,7 @@ def play_match(player_a: str, player_b: str, games: int = 100, opening_plies: in
             fails to load raises from the first game).
         ValueError: ``games < 1`` or ``processes < 1``.
     """
-    from keisei_stream.players import parse_spec
+    from keisei_stream.play.players import parse_spec
 
     if games < 1 or processes < 1 or max_plies < 1 or opening_plies < 0:
         raise ValueError("games, processes, max_plies must be >= 1 and opening_plies >= 0")
@@ -400,7 +400,7 @@ def play_match(player_a: str, player_b: str, games: int = 100, opening_plies: in
 
 def elo_key(run: str) -> str:
     """``keisei:{run}:elo``: the hash holding the Elo-over-versions table (module docstring)."""
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire.keys import Keys
 
     return Keys(run).prefix + "elo"
 
@@ -449,8 +449,8 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg, *, g
                      progress: bool = True, console=None) -> dict:
     """Evaluate one weights version (pinned by ``sha256``) against each opponent, append to the
     ``eval`` stream and update the Elo hash. Returns the version's rating dict (``v:{version}``)."""
-    from keisei_stream import transport
-    from keisei_stream.keys import Keys
+    from keisei_stream.wire import transport
+    from keisei_stream.wire.keys import Keys
 
     keys = Keys(run)
     spec = f"redis:{url}#{run}@sha256:{sha256};name={run}@v{version}"
@@ -535,8 +535,8 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
     from rich.console import Console
 
     from keisei_stream.config import config_from_json
-    from keisei_stream.keys import Keys
-    from keisei_stream.players import _connect
+    from keisei_stream.wire.keys import Keys
+    from keisei_stream.play.players import _connect
 
     console = Console(stderr=True)
     r = _connect(url)
@@ -636,7 +636,7 @@ def cli_eval(args) -> int:
     if args.table or args.follow:
         url = _resolve_url(args)
         if args.table:
-            from keisei_stream.players import _connect
+            from keisei_stream.play.players import _connect
 
             Console().print(_render_table(elo_table(_connect(url), args.run)))
             return 0
@@ -658,7 +658,7 @@ def cli_eval(args) -> int:
         max_plies = 256
         if args.checkpoint:
             try:
-                from keisei_stream.checkpoint import read_checkpoint
+                from keisei_stream.rl.checkpoint import read_checkpoint
                 from keisei_stream.config import config_from_json
 
                 max_plies = config_from_json(read_checkpoint(args.checkpoint)["config_json"]).env.max_plies
@@ -679,7 +679,7 @@ def cli_eval(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m keisei_stream.evaluation ...`` (same arguments as ``keisei eval``)."""
+    """``python -m keisei_stream.play.evaluation ...`` (same arguments as ``keisei eval``)."""
     p = argparse.ArgumentParser(prog="keisei eval", description="play a match and report score and Elo")
     add_eval_arguments(p)
     return cli_eval(p.parse_args(argv))

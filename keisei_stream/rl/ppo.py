@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from keisei_stream.config import PPOConfig
-from keisei_stream.policy import log_prob_entropy
+from keisei_stream.rl.policy import log_prob_entropy
 
 BATCH_KEYS = ("obs", "mask", "action", "log_prob", "value", "advantage", "return")
 

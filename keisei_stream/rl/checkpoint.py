@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from keisei_stream.model import unwrap
+from keisei_stream.rl.model import unwrap
 
 FORMAT = 1
 WEIGHTS_FORMAT = "keisei-weights-1"
@@ -210,7 +210,7 @@ def load_model_from_checkpoint(path: str | Path, map_location: str | torch.devic
         CheckpointError: unreadable checkpoint; ``keisei_stream.config.ConfigError``: bad config.
     """
     from keisei_stream.config import config_from_json
-    from keisei_stream.model import build_model
+    from keisei_stream.rl.model import build_model
 
     state = read_checkpoint(path, map_location)
     cfg = config_from_json(state["config_json"])

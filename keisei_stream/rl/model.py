@@ -204,7 +204,7 @@ class ActorCritic(nn.Module):
 
         Returns:
             ``(logits, value)``: logits ``(B, 13527)`` float32, unmasked (see
-            :func:`keisei_stream.policy.masked_logits`); value ``(B,)`` float32 in [-1, 1],
+            :func:`keisei_stream.rl.policy.masked_logits`); value ``(B,)`` float32 in [-1, 1],
             the expected outcome for the side to move.
         """
         h = self.trunk(obs)
