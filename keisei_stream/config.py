@@ -40,37 +40,38 @@ class EnvConfig(_Section):
 class ModelConfig(_Section):
     """Actor-critic ResNet tower."""
 
-    channels: int = Field(64, ge=4, le=1024)
-    blocks: int = Field(4, ge=0, le=64)
+    channels: int = Field(64, ge=4, le=1024, description="convolution channels of the residual tower")
+    blocks: int = Field(4, ge=0, le=64, description="residual blocks in the tower")
     se: bool = Field(True, description="squeeze-and-excitation in every residual block")
     se_ratio: int = Field(4, ge=1, le=64, description="SE bottleneck = channels // se_ratio")
     policy_head: Literal["pointer", "dense"] = Field(
         "pointer", description="pointer: from-square x to-square bilinear scores; dense: Linear to 13,527 logits")
     policy_dim: int = Field(32, ge=4, le=512, description="query/key width of the pointer policy head")
     policy_planes: int = Field(8, ge=1, le=256, description="1x1-conv planes feeding the dense policy's linear layer")
-    value_hidden: int = Field(128, ge=8, le=4096)
+    value_hidden: int = Field(128, ge=8, le=4096, description="hidden units of the value head's MLP")
     compile: bool = Field(False, description="torch.compile the model (learner)")
 
 
 class PPOConfig(_Section):
     """PPO hyper-parameters (Schulman et al. 2017, arXiv:1707.06347)."""
 
-    learning_rate: float = Field(3e-4, gt=0, le=1.0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    learning_rate: float = Field(3e-4, gt=0, le=1.0, description="AdamW learning rate at the start of the schedule")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate decay over lr_schedule_updates updates")
     lr_schedule_updates: int = Field(10_000, ge=1, description="updates over which linear/cosine decay runs")
-    lr_final_fraction: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    lr_final_fraction: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of learning_rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW decoupled weight decay (not on norms and biases)")
     gamma: float = Field(0.99, gt=0, le=1.0, description="discount per ply")
-    gae_lambda: float = Field(0.95, ge=0, le=1.0)
-    clip_epsilon: float = Field(0.2, gt=0, lt=1.0)
+    gae_lambda: float = Field(0.95, ge=0, le=1.0, description="GAE lambda (Schulman et al. 2015, arXiv:1506.02438)")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1.0, description="PPO ratio clip: the ratio is clipped to [1-eps, 1+eps]")
     value_clip: Optional[float] = Field(None, gt=0, description="clip range of the value loss; null = unclipped")
-    value_coef: float = Field(0.5, ge=0)
-    entropy_coef: float = Field(0.01, ge=0)
-    epochs: int = Field(4, ge=1, le=100)
-    minibatch_size: int = Field(256, ge=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    value_coef: float = Field(0.5, ge=0, description="weight of the value loss in the total loss")
+    entropy_coef: float = Field(0.01, ge=0, description="weight of the entropy bonus (entropy over legal moves)")
+    epochs: int = Field(4, ge=1, le=100, description="passes over the update's positions")
+    minibatch_size: int = Field(256, ge=1, description="positions per gradient step")
+    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     target_kl: Optional[float] = Field(0.03, gt=0, description="stop the epochs early past this approx KL; null = never")
-    normalize_advantages: bool = True
+    normalize_advantages: bool = Field(True, description="normalise advantages per minibatch to mean 0, std 1")
     samples_per_update: int = Field(4096, ge=1, description="positions gathered before one PPO update")
     max_policy_lag: int = Field(4, ge=0, description="positions from versions older than current - lag are dropped")
 
@@ -84,14 +85,15 @@ class StreamConfig(_Section):
     read_count: int = Field(16, ge=1, description="entries per XREADGROUP")
     claim_idle_ms: int = Field(60_000, ge=100, description="entries pending longer than this are claimed from dead learners")
     weights_keep: int = Field(4, ge=1, description="weights blobs kept in Redis")
-    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    weights_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the published weights blobs (bfloat16 halves their bytes)")
     weights_poll_s: float = Field(2.0, gt=0, description="workers poll weights:latest this often (pub/sub is a hint)")
-    deadletter_maxlen: int = Field(10_000, ge=1)
-    metrics_maxlen: int = Field(100_000, ge=1)
-    games_maxlen: int = Field(10_000, ge=1)
-    eval_maxlen: int = Field(10_000, ge=1)
-    heartbeat_s: float = Field(2.0, gt=0)
-    heartbeat_ttl_s: float = Field(30.0, gt=0)
+    deadletter_maxlen: int = Field(10_000, ge=1, description="approximate cap (MAXLEN ~) of the deadletter stream")
+    metrics_maxlen: int = Field(100_000, ge=1, description="approximate cap of the metrics stream")
+    games_maxlen: int = Field(10_000, ge=1, description="approximate cap of the games stream")
+    eval_maxlen: int = Field(10_000, ge=1, description="approximate cap of the eval stream")
+    heartbeat_s: float = Field(2.0, gt=0, description="seconds between heartbeat/status writes of every process")
+    heartbeat_ttl_s: float = Field(30.0, gt=0, description="TTL of a worker's heartbeat hash: a silent worker disappears after it")
     backoff_max_s: float = Field(2.0, gt=0, description="cap of the exponential backoff while waiting")
 
     @model_validator(mode="after")
@@ -113,38 +115,40 @@ class WorkerConfig(_Section):
 class LearnerConfig(_Section):
     """Learner."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="training device; auto = cuda when available, else cpu")
     threads: int = Field(0, ge=0, le=256, description="torch intra-op threads on CPU; 0 = torch default")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     checkpoint_every: int = Field(20, ge=1, description="updates between checkpoints")
-    keep_checkpoints: int = Field(3, ge=1)
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "keisei-stream"
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept in runs/{id}/checkpoints")
+    tensorboard: bool = Field(True, description="write TensorBoard event files to runs/{id}/tensorboard")
+    wandb: bool = Field(False, description="log metrics to Weights & Biases (needs the wandb package)")
+    wandb_project: str = Field("keisei-stream", description="W&B project name")
 
 
 class EvalConfig(_Section):
     """Evaluation."""
 
-    games: int = Field(100, ge=1)
-    opponents: list[str] = Field(default_factory=lambda: ["random", "greedy"])
+    games: int = Field(100, ge=1, description="games per evaluated version and opponent")
+    opponents: list[str] = Field(default_factory=lambda: ["random", "greedy"],
+                                 description="player specs evaluated against (see keisei eval --help)")
     every_versions: int = Field(10, ge=1, description="continuous evaluation of every K-th version")
     opening_plies: int = Field(0, ge=0, description="random opening plies before the players take over")
-    processes: int = Field(1, ge=1, le=256)
+    processes: int = Field(1, ge=1, le=256, description="processes playing evaluation games in parallel")
     temperature: float = Field(0.0, ge=0, description="0 = argmax")
 
 
 class Config(_Section):
     """The whole run configuration."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    env: EnvConfig = Field(default_factory=EnvConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    stream: StreamConfig = Field(default_factory=StreamConfig)
-    worker: WorkerConfig = Field(default_factory=WorkerConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig, description="identity, directory and seed of the run")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="the shogi environment")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the actor-critic network")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO and GAE hyper-parameters")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="Redis stream, weights and observability settings")
+    worker: WorkerConfig = Field(default_factory=WorkerConfig, description="self-play workers")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the learner process")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
 
     def to_json(self) -> str:
         """The resolved config as JSON text (what the learner writes to the ``config`` key)."""

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from keisei_stream.config import Config, ConfigError, config_from_json, load_config
 
@@ -71,3 +72,16 @@ def test_cross_field_check():
 def test_config_from_json_rejects_garbage():
     with pytest.raises(ConfigError, match="not JSON"):
         config_from_json(b"\xff\x00")
+
+
+def _field_paths(model, prefix=""):
+    for name, field in model.model_fields.items():
+        yield f"{prefix}{name}", field
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _field_paths(ann, f"{prefix}{name}.")
+
+
+def test_every_field_has_a_description():
+    missing = [path for path, field in _field_paths(Config) if not (field.description or "").strip()]
+    assert not missing, f"config fields without a description: {missing}"
