@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Imported here, not at the top: a bad argument or config fails before torch loads (~1 s).
     from learner.learner import run_learner
 
     run_learner(cfg, args.redis, resume=args.resume, consumer_name=args.consumer,

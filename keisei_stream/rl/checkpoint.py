@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from keisei_stream.rl.model import unwrap
+from keisei_stream.config import config_from_json
+from keisei_stream.rl.model import build_model, unwrap
 
 FORMAT = 1
 WEIGHTS_FORMAT = "keisei-weights-1"
@@ -209,9 +212,6 @@ def load_model_from_checkpoint(path: str | Path, map_location: str | torch.devic
     Raises:
         CheckpointError: unreadable checkpoint; ``keisei_stream.config.ConfigError``: bad config.
     """
-    from keisei_stream.config import config_from_json
-    from keisei_stream.rl.model import build_model
-
     state = read_checkpoint(path, map_location)
     cfg = config_from_json(state["config_json"])
     model = build_model(cfg.model)
@@ -274,8 +274,6 @@ def weights_to_bytes(model: nn.Module, dtype: str = "float32") -> bytes:
     Raises:
         ValueError: unknown dtype.
     """
-    from safetensors.torch import save
-
     if dtype not in _DTYPES:
         raise ValueError(f"weights dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     target = _DTYPES[dtype]
@@ -285,7 +283,7 @@ def weights_to_bytes(model: nn.Module, dtype: str = "float32") -> bytes:
         if t.is_floating_point():
             t = t.to(target)
         tensors[k] = t.contiguous()
-    return save(tensors, metadata={"format": WEIGHTS_FORMAT, "dtype": dtype})
+    return safetensors_save(tensors, metadata={"format": WEIGHTS_FORMAT, "dtype": dtype})
 
 
 def load_weights_bytes(model: nn.Module, data: bytes) -> None:
@@ -298,12 +296,10 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
         ValueError: not bytes, not safetensors, or names/shapes that do not match the model
             (nothing is loaded then).
     """
-    from safetensors.torch import load
-
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"weights must be bytes, got {type(data).__name__}")
     try:
-        tensors = load(bytes(data))
+        tensors = safetensors_load(bytes(data))
     except Exception as exc:  # SafetensorError, header/JSON errors, ...
         raise ValueError(f"weights are not valid safetensors data: {exc}") from exc
     target = unwrap(model)

@@ -40,12 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from keisei_stream.config import ModelConfig
+from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES
+from keisei_stream.shogi.actions import NUM_SQUARES
 
-NUM_PLANES = 46
-"""Input planes of the core46 observation (mirrors ``keisei_stream.shogi.NUM_PLANES``)."""
-NUM_ACTIONS = 13527
-"""Size of the action space (mirrors ``keisei_stream.shogi.NUM_ACTIONS``): 81*80*2 board moves + 7*81 drops."""
-BOARD_SQUARES = 81
 VALUE_PLANES = 2
 """Planes of the value head's 1x1 convolution."""
 
@@ -139,9 +136,9 @@ class PointerPolicyHead(nn.Module):
         b = h.shape[0]
         # The scale goes on the small query tensor, and one gather builds the 13,527 logits: every
         # full-width op costs a pass over (B, 13527) floats, which dominated the head's time.
-        q = self.query(h).view(b, 2, self.dim, BOARD_SQUARES) * (self.dim ** -0.5)
-        k = self.key(h).view(b, 2, self.dim, BOARD_SQUARES)
-        scores = torch.matmul(q.transpose(2, 3), k).reshape(b, 2 * BOARD_SQUARES * BOARD_SQUARES)
+        q = self.query(h).view(b, 2, self.dim, NUM_SQUARES) * (self.dim ** -0.5)
+        k = self.key(h).view(b, 2, self.dim, NUM_SQUARES)
+        scores = torch.matmul(q.transpose(2, 3), k).reshape(b, 2 * NUM_SQUARES * NUM_SQUARES)
         drops = self.drop(h).flatten(1)  # (B, 7 * 81), piece-major = the drop action layout
         logits = torch.cat([scores, drops], dim=1).index_select(1, self.action_index).float()
         return logits.add_(self.bias)
@@ -170,14 +167,14 @@ class ActorCritic(nn.Module):
                 nn.Conv2d(c, cfg.policy_planes, 1, bias=False), norm(cfg.policy_planes),
                 nn.ReLU(inplace=True),
             )
-            self.policy_fc = nn.Linear(cfg.policy_planes * BOARD_SQUARES, NUM_ACTIONS)
+            self.policy_fc = nn.Linear(cfg.policy_planes * NUM_SQUARES, NUM_ACTIONS)
             with torch.no_grad():  # near-uniform initial policy (Andrychowicz et al. 2021, arXiv:2006.05990)
                 self.policy_fc.weight.mul_(0.01)
                 self.policy_fc.bias.zero_()
         self.value_conv = nn.Sequential(
             nn.Conv2d(c, VALUE_PLANES, 1, bias=False), norm(VALUE_PLANES), nn.ReLU(inplace=True)
         )
-        self.value_fc1 = nn.Linear(VALUE_PLANES * BOARD_SQUARES, cfg.value_hidden)
+        self.value_fc1 = nn.Linear(VALUE_PLANES * NUM_SQUARES, cfg.value_hidden)
         self.value_fc2 = nn.Linear(cfg.value_hidden, 1)
 
     def trunk(self, obs: torch.Tensor) -> torch.Tensor:
