@@ -64,6 +64,9 @@ class PPOConfig(_Section):
     gamma: float = Field(0.99, gt=0, le=1.0, description="discount per ply")
     gae_lambda: float = Field(0.95, ge=0, le=1.0, description="GAE lambda (Schulman et al. 2015, arXiv:1506.02438)")
     clip_epsilon: float = Field(0.2, gt=0, lt=1.0, description="PPO ratio clip: the ratio is clipped to [1-eps, 1+eps]")
+    is_weight_clip: float = Field(
+        1.0, gt=0, description="truncation of the importance weight pi_prox/mu of lagged or tempered data "
+                               "(IMPALA's rho_bar; decoupled PPO, Hilton et al. 2021)")
     value_clip: Optional[float] = Field(None, gt=0, description="clip range of the value loss; null = unclipped")
     value_coef: float = Field(0.5, ge=0, description="weight of the value loss in the total loss")
     entropy_coef: float = Field(0.01, ge=0, description="weight of the entropy bonus (entropy over legal moves)")

@@ -166,15 +166,19 @@ def test_lr_schedules():
 _TINY = ModelConfig(channels=8, blocks=1, se=True, se_ratio=2, policy_planes=2, value_hidden=16)
 
 
-def _fixed_batch(model, n=96, seed=0):
-    """A batch with 3 legal actions per position; action 0 of the three has advantage +1, others -1."""
+def _fixed_batch(model, n=96, seed=0, sample_seed=None):
+    """A batch with 3 legal actions per position; action 0 of the three has advantage +1, others -1.
+
+    Observations and legal sets depend on ``seed`` only; the actions are sampled from ``model``
+    with ``sample_seed`` (default ``seed``), so a new sample seed is a fresh on-policy batch."""
     rng = np.random.default_rng(seed)
     obs = rng.standard_normal((n, 46, 9, 9)).astype(np.float32)
     mask = np.zeros((n, NUM_ACTIONS), dtype=bool)
     legal = np.stack([rng.choice(NUM_ACTIONS, 3, replace=False) for _ in range(n)])
     mask[np.arange(n)[:, None], legal] = True
     model.eval()
-    actions, logp, value = act(model, obs, mask, 1.0, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
+    actions, logp, value = act(model, obs, mask, 1.0, generator=gen)
     model.train()
     good = legal[:, 0]
     adv = np.where(actions == good, 1.0, -1.0).astype(np.float32)
@@ -206,12 +210,14 @@ def test_ppo_update_moves_probability_and_reduces_loss():
     batch, good = _fixed_batch(model)
     logp0, mse0 = _eval(model, batch, good)
     first = ppo_update(model, opt, sch, batch, cfg, "cpu", amp=False)
-    for _ in range(4):
+    assert _eval(model, batch, good)[0] > logp0  # the first update already helps
+    for k in range(1, 5):
+        batch, _ = _fixed_batch(model, sample_seed=k)  # on-policy: fresh actions from the current policy
         last = ppo_update(model, opt, sch, batch, cfg, "cpu", amp=False)
     logp1, mse1 = _eval(model, batch, good)
     assert logp1 > logp0 + 0.2, (logp0, logp1)
     assert mse1 < mse0
-    assert last["policy_loss"] < first["policy_loss"]
+    # (policy losses of fresh on-policy batches are not comparable: each starts near -mean(A) = 0)
     assert last["value_loss"] < first["value_loss"]
     for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "explained_variance",
                 "grad_norm", "learning_rate", "epochs_run", "minibatches"):
@@ -294,3 +300,33 @@ def test_model_is_the_same_function_in_training_and_inference_mode():
     assert torch.allclose(full_logits[5:9], part_logits, atol=1e-5)
     assert torch.allclose(full_logits, eval_logits, atol=1e-5)
     assert torch.allclose(full_value, eval_value, atol=1e-6)
+
+
+def test_importance_weights_are_one_when_behaviour_is_the_current_policy():
+    torch.manual_seed(0)
+    model = build_model(_TINY)
+    cfg = PPOConfig(epochs=1, minibatch_size=32)
+    batch, _ = _fixed_batch(model)  # sampled at temperature 1 by this very model
+    m = ppo_update(model, make_optimizer(model, cfg), None, batch, cfg, "cpu", amp=False)
+    assert m["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert m["is_weight_max"] == pytest.approx(1.0, abs=1e-5)
+    assert m["is_weight_truncated"] == 0.0
+    assert m["approx_kl_behaviour"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stale_positions_with_positive_advantage_still_teach():
+    """Behaviour log-probs far below the current policy's (a lagged worker): the ratio to the
+    behaviour policy starts outside the clip range, so a clip centred on it gives no gradient to
+    positive advantages; decoupled PPO centres the clip on the proximal policy and keeps learning."""
+    torch.manual_seed(0)
+    model = build_model(_TINY)
+    cfg = PPOConfig(learning_rate=3e-3, epochs=2, minibatch_size=32, target_kl=None, entropy_coef=0.0,
+                    value_coef=0.0, normalize_advantages=False)
+    batch, _ = _fixed_batch(model)
+    batch["advantage"] = torch.ones_like(batch["advantage"])
+    batch["log_prob"] = batch["log_prob"] - 2.0  # mu(a|s) = e^-2 pi(a|s): ratio to mu = 7.4 > 1 + eps
+    before, _ = _eval(model, batch, batch["action"])
+    m = ppo_update(model, make_optimizer(model, cfg), None, batch, cfg, "cpu", amp=False)
+    after, _ = _eval(model, batch, batch["action"])
+    assert m["is_weight_truncated"] == 1.0 and m["is_weight_max"] == pytest.approx(math.exp(2.0), rel=1e-4)
+    assert after > before + 0.05, (before, after)

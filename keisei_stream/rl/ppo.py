@@ -12,6 +12,9 @@ Sources:
 * Value clipping, advantage normalisation, Adam epsilon 1e-5, gradient-norm clipping: as in the
   OpenAI baselines PPO2 implementation, see Huang et al. 2022, "The 37 Implementation Details of
   Proximal Policy Optimization" (ICLR blog track), details 5-11.
+* Decoupled PPO: Hilton, Cobbe, Schulman 2021, "Batch size-invariance for policy optimization",
+  arXiv:2110.00641 (the clip centred on the proximal policy, the behaviour policy only in an
+  importance weight), truncated as in IMPALA, Espeholt et al. 2018, arXiv:1802.01561.
 * AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization", arXiv:1711.05101.
   Biases and normalisation parameters are not decayed.
 """
@@ -180,12 +183,19 @@ def ppo_update(
     device: torch.device | str,
     amp: bool = True,
 ) -> dict[str, float]:
-    """One PPO update: ``cfg.epochs`` passes of shuffled minibatches over ``batch``.
+    """One decoupled-PPO update: ``cfg.epochs`` passes of shuffled minibatches over ``batch``.
 
-    Per minibatch (Schulman et al. 2017, eq. 9, as a loss to minimise)::
+    The behaviour policy ``mu`` (the worker's, up to ``max_policy_lag`` versions old and possibly
+    tempered) and the proximal policy ``pi_prox`` (this model at the start of the update) are
+    decoupled as in Hilton, Cobbe, Schulman 2021, "Batch size-invariance for policy optimization",
+    arXiv:2110.00641, eq. 2: the clip is centred on ``pi_prox``, and ``mu`` enters only through
+    the importance weight ``w = pi_prox / mu``, truncated at ``cfg.is_weight_clip`` as IMPALA's
+    ``rho_bar`` (Espeholt et al. 2018, arXiv:1802.01561, eq. 1). With fresh, untempered data
+    ``w = 1`` and this is exactly PPO. Per minibatch (as a loss to minimise)::
 
-        ratio   = exp(log pi_theta(a|s) - log mu(a|s))          # mu = behaviour policy
-        L_pi    = -mean(min(ratio * A, clip(ratio, 1-eps, 1+eps) * A))
+        w       = min(exp(log pi_prox(a|s) - log mu(a|s)), is_weight_clip)   # constant
+        ratio   = exp(log pi_theta(a|s) - log pi_prox(a|s))
+        L_pi    = -mean(w * min(ratio * A, clip(ratio, 1-eps, 1+eps) * A))
         L_v     = 0.5 * mean((V - R)^2)                          # or the clipped form below
         L_v^clip= 0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))
         loss    = L_pi + value_coef * L_v - entropy_coef * mean(H)
@@ -214,7 +224,10 @@ def ppo_update(
         Metrics (floats): ``policy_loss``, ``value_loss``, ``entropy`` (means over the minibatches
         stepped), ``approx_kl`` (start-of-update policy vs current, the last minibatch checked),
         ``approx_kl_behaviour`` (behaviour vs start-of-update policy: staleness/temperature),
-        ``clip_fraction``, ``explained_variance`` (behaviour values vs returns), ``grad_norm``
+        ``clip_fraction`` (share of ``ratio`` outside the clip range), ``is_weight_mean``,
+        ``is_weight_max`` (before truncation) and ``is_weight_truncated`` (share of positions
+        whose weight was cut at ``is_weight_clip``) over the whole batch,
+        ``explained_variance`` (behaviour values vs returns), ``grad_norm``
         (mean pre-clip norm), ``learning_rate`` (used in this update), ``epochs_run`` (epochs
         begun), ``minibatches`` (optimiser steps taken), ``samples`` (P).
 
@@ -250,7 +263,8 @@ def ppo_update(
         return logits.float(), value.float()
 
     model.train()
-    # Start-of-update log-probs (reference for the KL early stop and the staleness diagnostic).
+    # Log-probs of the proximal policy (this model before the update): the clip is centred on them,
+    # the importance weight divides them by the behaviour policy, the KL early stop measures from them.
     start_logp = torch.empty(n, device=device)
     with torch.no_grad():
         for s in range(0, n, mb):
@@ -259,6 +273,11 @@ def ppo_update(
             start_logp[idx], _ = log_prob_entropy(logits, mask[idx], actions[idx])
         lr_ = start_logp - old_logp
         kl_behaviour = float(((lr_.exp() - 1) - lr_).mean())
+        is_weight_raw = lr_.exp()
+        is_weight = is_weight_raw.clamp(max=cfg.is_weight_clip)
+        is_stats = {"is_weight_mean": float(is_weight_raw.mean()), "is_weight_max": float(is_weight_raw.max()),
+                    # cut by more than float noise (1e-4 relative), so fresh data reports 0
+                    "is_weight_truncated": float((is_weight_raw > cfg.is_weight_clip * (1 + 1e-4)).float().mean())}
 
     lr_now = float(optimizer.param_groups[0]["lr"])
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
@@ -276,9 +295,10 @@ def ppo_update(
             if cfg.target_kl is not None and approx_kl > cfg.target_kl:
                 stop = True
                 break
-            ratio = torch.exp(logp - old_logp[idx])
+            ratio = torch.exp(logp - start_logp[idx])
             a = adv[idx]
-            pg = -torch.min(ratio * a, ratio.clamp(1.0 - cfg.clip_epsilon, 1.0 + cfg.clip_epsilon) * a).mean()
+            surrogate = torch.min(ratio * a, ratio.clamp(1.0 - cfg.clip_epsilon, 1.0 + cfg.clip_epsilon) * a)
+            pg = -(is_weight[idx] * surrogate).mean()
             ret = returns[idx]
             if cfg.value_clip is not None:
                 v_old = old_value[idx]
@@ -307,6 +327,7 @@ def ppo_update(
     metrics.update({
         "approx_kl": approx_kl,
         "approx_kl_behaviour": kl_behaviour,
+        **is_stats,
         "explained_variance": _explained_variance(old_value, returns),
         "learning_rate": lr_now,
         "epochs_run": float(epochs_run),
