@@ -153,6 +153,18 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the learner process")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
 
+    @model_validator(mode="after")
+    def _progress_is_possible(self) -> "Config":
+        # Workers stop adding at max_backlog unacknowledged entries of at least batch_positions
+        # positions each; if that cannot reach samples_per_update the learner would wait forever.
+        held = self.stream.max_backlog * self.stream.batch_positions
+        if held < self.ppo.samples_per_update:
+            raise ValueError(
+                f"stream.max_backlog ({self.stream.max_backlog}) x stream.batch_positions "
+                f"({self.stream.batch_positions}) = {held} positions, fewer than ppo.samples_per_update "
+                f"({self.ppo.samples_per_update}): the learner could never gather one update")
+        return self
+
     def to_json(self) -> str:
         """The resolved config as JSON text (what the learner writes to the ``config`` key)."""
         return self.model_dump_json()

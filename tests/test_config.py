@@ -85,3 +85,11 @@ def _field_paths(model, prefix=""):
 def test_every_field_has_a_description():
     missing = [path for path, field in _field_paths(Config) if not (field.description or "").strip()]
     assert not missing, f"config fields without a description: {missing}"
+
+
+def test_a_config_that_cannot_make_progress_fails_at_start():
+    with pytest.raises(ConfigError, match=r"stream\.max_backlog.*ppo\.samples_per_update"):
+        load_config(CONFIGS / "tiny.yaml", ["stream.max_backlog=2", "stream.batch_positions=64",
+                                            "ppo.samples_per_update=256"])
+    load_config(CONFIGS / "tiny.yaml", ["stream.max_backlog=4", "stream.batch_positions=64",
+                                        "ppo.samples_per_update=256"])  # exactly enough
