@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+
+from .retry import RetryForever
 
 #: Default client socket timeout in seconds; must exceed every XREADGROUP BLOCK time
 #: (StreamConfig.block_ms allows up to 60 s).
@@ -206,8 +206,9 @@ def connect(url: str, **kw: Any) -> redis.Redis:
 
     Defaults (override any through ``kw``, which goes to :meth:`redis.Redis.from_url`):
     ``socket_timeout=75`` s (above every BLOCK; the config allows <= 60 s), ``socket_connect_timeout=5`` s,
-    ``health_check_interval=10`` s, ``retry=Retry(ExponentialBackoff(cap=2 s, base=0.05 s), 6)``
-    on ``ConnectionError``/``TimeoutError``, ``decode_responses=False`` (the codec needs bytes).
+    ``health_check_interval=10`` s, ``retry=RetryForever()`` (the one retry policy: every call waits
+    out an outage of any length, see :mod:`keisei_stream.wire.retry`), ``decode_responses=False``
+    (the codec needs bytes).
 
     Note: a command retried after a lost connection may have run twice on the server;
     the transport's admission script and batch ids make that harmless.
@@ -219,8 +220,7 @@ def connect(url: str, **kw: Any) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=5.0,
         health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6,
-                    supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, ConnectionError)),
+        retry=RetryForever(),
         decode_responses=False,
     )
     opts.update(kw)
