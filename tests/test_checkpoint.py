@@ -7,6 +7,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from keisei_stream.rl.checkpoint import (
     CheckpointError,
@@ -174,4 +176,22 @@ def test_bad_weights_bytes_raise_value_error():
         load_weights_bytes(model, weights_to_bytes(other))
     with pytest.raises(ValueError):
         weights_to_bytes(model, "float16")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_non_finite_weights_are_never_published_nor_loaded():
+    model, _, _ = _setup(0)
+    good = weights_to_bytes(model, "float32")
+    poisoned, _, _ = _setup(0)
+    with torch.no_grad():
+        next(poisoned.parameters())[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        weights_to_bytes(poisoned)
+    tensors = safetensors_load(good)
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("inf")
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(ValueError, match="non-finite"):
+        load_weights_bytes(model, safetensors_save(tensors))
     assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))

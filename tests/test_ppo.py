@@ -330,3 +330,16 @@ def test_stale_positions_with_positive_advantage_still_teach():
     after, _ = _eval(model, batch, batch["action"])
     assert m["is_weight_truncated"] == 1.0 and m["is_weight_max"] == pytest.approx(math.exp(2.0), rel=1e-4)
     assert after > before + 0.05, (before, after)
+
+
+def test_a_non_finite_minibatch_is_skipped_not_stepped():
+    torch.manual_seed(0)
+    model = build_model(_TINY)
+    cfg = PPOConfig(epochs=1, minibatch_size=96, target_kl=None)
+    batch, _ = _fixed_batch(model)
+    batch["return"] = batch["return"].clone()
+    batch["return"][0] = float("nan")  # a poisoned target
+    before = [p.detach().clone() for p in model.parameters()]
+    m = ppo_update(model, make_optimizer(model, cfg), None, batch, cfg, "cpu", amp=False)
+    assert m["nonfinite_minibatches"] == 1.0 and m["minibatches"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

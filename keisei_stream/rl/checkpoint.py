@@ -272,7 +272,8 @@ def weights_to_bytes(model: nn.Module, dtype: str = "float32") -> bytes:
             integer buffers are kept as they are).
 
     Raises:
-        ValueError: unknown dtype.
+        ValueError: unknown dtype, or a floating tensor holds NaN or infinity (such weights are
+            never published).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"weights dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -281,6 +282,8 @@ def weights_to_bytes(model: nn.Module, dtype: str = "float32") -> bytes:
     for k, t in unwrap(model).state_dict().items():
         t = t.detach().to("cpu")
         if t.is_floating_point():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"weights: {k} holds non-finite values")
             t = t.to(target)
         tensors[k] = t.contiguous()
     return safetensors_save(tensors, metadata={"format": WEIGHTS_FORMAT, "dtype": dtype})
@@ -293,8 +296,8 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
     weights load into a float32 model); the model keeps its device.
 
     Raises:
-        ValueError: not bytes, not safetensors, or names/shapes that do not match the model
-            (nothing is loaded then).
+        ValueError: not bytes, not safetensors, names/shapes that do not match the model, or
+            non-finite values (nothing is loaded then).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"weights must be bytes, got {type(data).__name__}")
@@ -315,5 +318,7 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
             raise ValueError(f"weights: {k} has shape {tuple(t.shape)}, model expects {tuple(ref.shape)}")
         if t.is_floating_point() != ref.is_floating_point():
             raise ValueError(f"weights: {k} has dtype {t.dtype}, model expects {ref.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"weights: {k} holds non-finite values")
         converted[k] = t.to(ref.dtype)
     target.load_state_dict(converted)

@@ -229,7 +229,8 @@ def ppo_update(
         whose weight was cut at ``is_weight_clip``) over the whole batch,
         ``explained_variance`` (behaviour values vs returns), ``grad_norm``
         (mean pre-clip norm), ``learning_rate`` (used in this update), ``epochs_run`` (epochs
-        begun), ``minibatches`` (optimiser steps taken), ``samples`` (P).
+        begun), ``minibatches`` (optimiser steps taken), ``nonfinite_minibatches`` (minibatches whose
+        loss or gradient norm was not finite: skipped, no step), ``samples`` (P).
 
     Raises:
         ValueError: missing keys, inconsistent lengths or an empty batch.
@@ -281,7 +282,7 @@ def ppo_update(
 
     lr_now = float(optimizer.param_groups[0]["lr"])
     sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
-    steps, epochs_run, approx_kl, stop = 0, 0, 0.0, False
+    steps, skipped, epochs_run, approx_kl, stop = 0, 0, 0, 0.0, False
     for _ in range(cfg.epochs):
         epochs_run += 1
         perm = torch.randperm(n).to(device)
@@ -311,6 +312,11 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if not (torch.isfinite(loss) and torch.isfinite(gn)):
+                # a poisoned or degenerate minibatch: never let a non-finite step reach the weights
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
             optimizer.step()
             steps += 1
             with torch.no_grad():
@@ -332,6 +338,7 @@ def ppo_update(
         "learning_rate": lr_now,
         "epochs_run": float(epochs_run),
         "minibatches": float(steps),
+        "nonfinite_minibatches": float(skipped),
         "samples": float(n),
     })
     return metrics
