@@ -20,14 +20,16 @@ import time
 import numpy as np
 
 from keisei_stream.wire import codec
-from keisei_stream.wire import transport as T
+from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect, start_redis
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import read_accounting
 
 
 def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
-    producer = T.Producer(r, keys, "bench-w", max_backlog=64, backoff_max_s=0.01)
-    consumer = T.Consumer(r, keys, "bench-l", max_plies=max_plies, block_ms=100, count=16, check_legal=check_legal)
+    producer = Producer(r, keys, "bench-w", max_backlog=64, backoff_max_s=0.01)
+    consumer = Consumer(r, keys, "bench-l", max_plies=max_plies, block_ms=100, count=16, check_legal=check_legal)
     positions = 0
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
@@ -42,13 +44,13 @@ def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
             positions += d.batch.num_positions
         consumer.ack(got, sum(d.batch.num_positions for d in got), 0)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    acc = T.read_accounting(r, keys)
+    acc = read_accounting(r, keys)
     assert acc["trained_positions"] == acc["produced_positions"] == positions
     return positions, wall, cpu
 
 
 def run_baseline(r, keys, encoded, positions_per_round, rounds):
-    T.ensure_group(r, keys)
+    ensure_group(r, keys)
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         for f in encoded:

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from keisei_stream.wire import transport
 from keisei_stream.wire.codec import ExperienceBatch
 from keisei_stream.config import Config, config_from_json
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import append_game, get_control, write_worker_heartbeat
+from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
 from keisei_stream.rl.model import build_model
 from keisei_stream.rl.checkpoint import load_weights_bytes
 from keisei_stream.rl.policy import act
@@ -133,7 +135,7 @@ def wait_for_config(r, keys: Keys, stop: _Stop, poll_s: float = 0.5) -> Config |
         raw = r.get(keys.config)
         if raw is not None:
             return config_from_json(raw)
-        if transport.get_control(r, keys) == "stop":
+        if get_control(r, keys) == "stop":
             return None
         time.sleep(poll_s)
     return None
@@ -180,7 +182,7 @@ def run_worker(
             return
         last_beat = time.monotonic()
         stats.update_rate()
-        transport.write_worker_heartbeat(
+        write_worker_heartbeat(
             r, keys, worker_id,
             {
                 "host": host, "pid": os.getpid(), "state": state, "version": version,
@@ -205,8 +207,8 @@ def run_worker(
     rng = torch.Generator().manual_seed(seed)
     model = build_model(cfg.model)
     model.eval()
-    watcher = transport.WeightsWatcher(r, keys, cfg.stream.weights_poll_s)
-    producer = transport.Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s)
+    watcher = WeightsWatcher(r, keys, cfg.stream.weights_poll_s)
+    producer = Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s)
 
     # --- never play with random weights: wait for version >= 1 ---------------------------------
     version = 0
@@ -217,8 +219,8 @@ def run_worker(
         if announced is None or announced <= version:
             return
         try:
-            latest = transport.read_latest_weights(r, keys)
-        except transport.WeightsError as exc:  # wrong sha256: refuse, keep the current weights
+            latest = read_latest_weights(r, keys)
+        except WeightsError as exc:  # wrong sha256: refuse, keep the current weights
             log.error("worker %s: refused weights: %s", worker_id, exc)
             return
         if latest is None or latest[0] <= version:
@@ -228,7 +230,7 @@ def run_worker(
         log.info("worker %s: loaded weights version %d", worker_id, version)
 
     while version < 1:
-        if stop.requested or transport.get_control(r, keys) == "stop":
+        if stop.requested or get_control(r, keys) == "stop":
             return stats
         maybe_load_weights()
         if version < 1:
@@ -247,7 +249,7 @@ def run_worker(
         nonlocal control, control_checked
         now = time.monotonic()
         if now - control_checked > 0.25:
-            control, control_checked = transport.get_control(r, keys), now
+            control, control_checked = get_control(r, keys), now
         return control
 
     def send_outbox(wait: bool) -> bool:
@@ -305,7 +307,7 @@ def run_worker(
             if cfg.worker.record_games:
                 fields = game_fields(record)
                 fields.update({"worker": worker_id, "version": version})
-                transport.append_game(r, keys, fields, cfg.stream.games_maxlen)
+                append_game(r, keys, fields, cfg.stream.games_maxlen)
 
         if outbox_positions >= cfg.stream.batch_positions:
             send_outbox(wait=True)

