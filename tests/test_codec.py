@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import lz4.block
 import msgpack
@@ -238,3 +239,34 @@ def test_concat_batches(make_batch):
     assert c.num_positions == a.num_positions + b.num_positions and c.num_games == a.num_games + b.num_games
     assert c.game_offsets[a.num_games] == a.num_positions
     decode_entry(as_wire(encode_batch(c)), max_plies=64)
+
+
+def _golden_batch():
+    """A fixed batch of 37 positions in 3 games (synthetic values: encoding does not validate)."""
+    p = 37
+    i = np.arange(p)
+    return codec.ExperienceBatch(
+        batch_id="golden:s:0", worker_id="golden",
+        hcp=(np.arange(p * 32) * 7 % 251).astype(np.uint8).reshape(p, 32),
+        ply=np.concatenate([np.arange(10), np.arange(15), 3 + np.arange(12)]).astype(np.uint16),
+        repetition=(i % 3).astype(np.uint8),
+        action=(i * 389 % 13527).astype(np.uint16),
+        log_prob=(-0.125 * i).astype(np.float32),
+        value=np.linspace(-1, 1, p).astype(np.float32),
+        version=(5 + i // 10).astype(np.uint32),
+        game_offsets=np.array([0, 10, 25, 37], np.uint32),
+        result=np.array([1, -1, 0], np.int8),
+        reason=np.array([1, 3, 5], np.uint8),
+    )
+
+
+def test_golden_wire_bytes():
+    """The wire bytes of a fixed batch never change. These digests were computed with the codec as
+    it was before the column schema moved into ``keisei_stream.wire.schema`` (single-module
+    ``codec.py``, commit 2b4a03b); a schema change needs a new ``SCHEMA_VERSION``, not a new digest."""
+    f = encode_batch(_golden_batch())
+    assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 1}
+    assert len(f["d"]) == 855
+    assert hashlib.sha256(f["d"]).hexdigest() == "8df9b1735c887ebbbbd134330527c8f20e784533907756a605acbd0ed7c8933c"
+    raw = lz4.block.decompress(f["d"])
+    assert hashlib.sha256(raw).hexdigest() == "8076b4acf9bb12e224757eeddb87c65f17e38055cd238e1ab093e5df87e6126a"
