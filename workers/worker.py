@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from keisei_stream.wire import schema
 from keisei_stream.wire.codec import ExperienceBatch
 from keisei_stream.config import Config, config_from_json
 from keisei_stream.wire.embedded_redis import connect
@@ -62,31 +63,27 @@ class WorkerStats:
 
 @dataclass
 class Trajectories:
-    """Per-game trajectory buffers of the games in play, ``(N, max_plies, ...)``: position ``t`` of
-    game ``i`` is at ``[i, t]``; ``length`` ``(N,) int64`` counts the positions stored per game."""
+    """Per-game trajectory buffers of the games in play.
+
+    Attributes:
+        length: ``(N,) int64`` positions stored per game.
+        columns: one array per column of ``schema.POSITION`` (``hcp``, ``ply``, ``repetition``,
+            ``action``, ``log_prob``, ``value``, ``version``), native-endian, shaped
+            ``(N, max_plies, *row shape)``: position ``t`` of game ``i`` is at ``[i, t]``.
+    """
 
     length: np.ndarray
-    hcp: np.ndarray  # (N, max_plies, 32) uint8
-    ply: np.ndarray  # (N, max_plies) uint16
-    rep: np.ndarray  # (N, max_plies) uint8
-    action: np.ndarray  # (N, max_plies) uint16
-    logp: np.ndarray  # (N, max_plies) float32
-    value: np.ndarray  # (N, max_plies) float32
-    version: np.ndarray  # (N, max_plies) uint32
+    columns: dict[str, np.ndarray]
 
     @classmethod
     def empty(cls, n: int, max_plies: int) -> "Trajectories":
-        z = np.zeros
-        return cls(z(n, np.int64), z((n, max_plies, 32), np.uint8), z((n, max_plies), np.uint16),
-                   z((n, max_plies), np.uint8), z((n, max_plies), np.uint16), z((n, max_plies), np.float32),
-                   z((n, max_plies), np.float32), z((n, max_plies), np.uint32))
+        return cls(np.zeros(n, np.int64), schema.zeros(schema.POSITION, (n, max_plies)))
 
     def take(self, i: int) -> dict[str, np.ndarray]:
-        """Copy out game ``i``'s positions (keys hcp ply rep action logp value version) and clear it."""
+        """Copy out game ``i``'s positions (one ``(length, *row shape)`` array per column) and clear it."""
         k = int(self.length[i])
         self.length[i] = 0
-        return {name: getattr(self, name)[i, :k].copy()
-                for name in ("hcp", "ply", "rep", "action", "logp", "value", "version")}
+        return {name: col[i, :k].copy() for name, col in self.columns.items()}
 
 
 def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, version: int,
@@ -98,16 +95,13 @@ def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, versi
         ended in this step, ``chunk`` being :meth:`Trajectories.take`'s arrays of that game.
     """
     obs, mask = env.observe(copy=False)  # act() copies them into tensors before env.step
-    hcp, ply, rep, _turn = env.positions()
-    actions, logp, value = act(model, obs, mask, temperature, generator=rng)
+    hcp, ply, repetition, _turn = env.positions()
+    actions, log_prob, value = act(model, obs, mask, temperature, generator=rng)
+    recorded = {"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
+                "value": value, "version": version}
     rows, t = np.arange(env.num_games), traj.length
-    traj.hcp[rows, t] = hcp
-    traj.ply[rows, t] = ply
-    traj.rep[rows, t] = rep
-    traj.action[rows, t] = actions
-    traj.logp[rows, t] = logp
-    traj.value[rows, t] = value
-    traj.version[rows, t] = version
+    for name, col in traj.columns.items():
+        col[rows, t] = recorded[name]
     traj.length += 1
     res = env.step(actions)
     done_idx = np.flatnonzero(res.done)
@@ -262,13 +256,7 @@ def run_worker(
         offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
         batch = ExperienceBatch(
             batch_id=producer.next_batch_id(), worker_id=worker_id,
-            hcp=np.concatenate([c["hcp"] for c in chunks]),
-            ply=np.concatenate([c["ply"] for c in chunks]),
-            repetition=np.concatenate([c["rep"] for c in chunks]),
-            action=np.concatenate([c["action"] for c in chunks]),
-            log_prob=np.concatenate([c["logp"] for c in chunks]),
-            value=np.concatenate([c["value"] for c in chunks]),
-            version=np.concatenate([c["version"] for c in chunks]),
+            **{name: np.concatenate([c[name] for c in chunks]) for name in schema.POSITION.names},
             game_offsets=offsets,
             result=np.array([g[0] for g in outbox], dtype=np.int8),
             reason=np.array([g[1] for g in outbox], dtype=np.uint8),

@@ -21,9 +21,10 @@ from typing import Any, Iterable, Mapping
 import redis
 from redis.exceptions import ResponseError
 
-from .codec import BadEntry, ExperienceBatch, decode_entry, entry_positions
+from .codec import ExperienceBatch, decode_entry, entry_positions
 from .embedded_redis import as_str
 from .keys import Keys
+from .schema import BadEntry
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
 DEADLETTER_FIELD_BYTES = 4096
