@@ -38,6 +38,13 @@ def test_keys_layout():
     assert K.weights_blob("ab") == "keisei:unit:weights:blob:ab"
     assert K.worker("w-1") == "keisei:unit:workers:w-1" and K.workers_pattern == "keisei:unit:workers:*"
     assert K.accounting == "keisei:unit:accounting" and K.group == "learners"
+    # every key of the run, spelled out (the names are a contract with redis-cli users and other processes)
+    names = {"experience": "experience", "deadletter": "deadletter", "metrics": "metrics", "games": "games",
+             "eval": "eval", "config": "config", "control": "control", "learner": "learner",
+             "accounting": "accounting", "producers": "producers", "weights_latest": "weights:latest",
+             "weights_index": "weights:index", "weights_channel": "weights"}
+    assert {attr: getattr(K, attr) for attr in names} == {a: "keisei:unit:" + n for a, n in names.items()}
+    assert Keys("unit") == K and hash(Keys("unit")) == hash(K)
     with pytest.raises(ValueError):
         Keys("bad run id")
     with pytest.raises(ValueError):
