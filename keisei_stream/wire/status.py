@@ -21,6 +21,8 @@ from .keys import ACCOUNTING_FIELDS, Keys
 
 
 def _flat(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` as values Redis accepts: bool -> 0/1, float -> ``repr``, None -> "", other
+    non-(int, str, bytes) -> ``str``; keys -> ``str``."""
     out: dict[str, Any] = {}
     for k, v in fields.items():
         if isinstance(v, bool):
