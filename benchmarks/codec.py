@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import lz4.block
 import msgpack
 import numpy as np
 
-from keisei_stream.wire import codec
+from keisei_stream.shogi import encode_positions
+from keisei_stream.wire import codec, schema
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.games
+from tests.games import random_games_batch  # noqa: E402 - needs the line above
 
 
 def _fields(batch):
@@ -48,7 +54,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batches = []
     for i in range(args.batches):
-        b = codec.random_games_batch(args.positions, max_plies=args.max_plies, num_games=8, seed=i)
+        b = random_games_batch(args.positions, max_plies=args.max_plies, num_games=8, seed=i)
         b.value = rng.uniform(-1, 1, b.num_positions).astype(np.float32)
         b.log_prob = (b.log_prob - rng.exponential(0.5, b.num_positions)).astype(np.float32)
         b.batch_id = f"bench:{i:08x}:{i}"
@@ -56,7 +62,7 @@ def main() -> None:
     total = sum(b.num_positions for b in batches)
     encoded = [_fields(b) for b in batches]
     wire = sum(codec.wire_bytes(f) for f in encoded)
-    raw_arrays = [{n: np.ascontiguousarray(getattr(b, n)).tobytes() for n in codec.ARRAY_SPECS} for b in batches]
+    raw_arrays = [{n: np.ascontiguousarray(getattr(b, n)).tobytes() for n in schema.COLUMNS} for b in batches]
     baseline_blobs = [lz4.block.compress(msgpack.packb(a, use_bin_type=True)) for a in raw_arrays]
     mp = args.max_plies
 
@@ -72,11 +78,12 @@ def main() -> None:
 
     def dec_inputs():
         for f in encoded:
-            codec.build_training_inputs(codec.decode_entry(f, max_plies=mp), mp)
+            d = codec.decode_entry(f, max_plies=mp)
+            encode_positions(d.hcp, d.ply, d.repetition, mp)
 
     def inputs_only():
         for b in batches:
-            codec.build_training_inputs(b, mp)
+            encode_positions(b.hcp, b.ply, b.repetition, mp)
 
     def base_enc():
         for a in raw_arrays:
@@ -85,8 +92,8 @@ def main() -> None:
     def base_dec():
         for blob in baseline_blobs:
             d = msgpack.unpackb(lz4.block.decompress(blob), raw=False)
-            for n, (dt, _, _) in codec.ARRAY_SPECS.items():
-                np.frombuffer(d[n], dt)
+            for n, col in schema.COLUMNS.items():
+                np.frombuffer(d[n], col.dtype)
 
     us = lambda s: round(s / total * 1e6, 3)  # noqa: E731
     t = {

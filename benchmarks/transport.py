@@ -14,20 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from keisei_stream.shogi import encode_positions
 from keisei_stream.wire import codec
-from keisei_stream.wire import transport as T
+from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect, start_redis
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import read_accounting
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.games
+from tests.games import random_games_batch  # noqa: E402 - needs the line above
 
 
 def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
-    producer = T.Producer(r, keys, "bench-w", max_backlog=64, backoff_max_s=0.01)
-    consumer = T.Consumer(r, keys, "bench-l", max_plies=max_plies, block_ms=100, count=16, check_legal=check_legal)
+    producer = Producer(r, keys, "bench-w", max_backlog=64, backoff_max_s=0.01)
+    consumer = Consumer(r, keys, "bench-l", max_plies=max_plies, block_ms=100, count=16, check_legal=check_legal)
     positions = 0
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
@@ -38,17 +46,17 @@ def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
             got += consumer.read()
         for d in got:
             if inputs:
-                codec.build_training_inputs(d.batch, max_plies)
+                encode_positions(d.batch.hcp, d.batch.ply, d.batch.repetition, max_plies)
             positions += d.batch.num_positions
         consumer.ack(got, sum(d.batch.num_positions for d in got), 0)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    acc = T.read_accounting(r, keys)
+    acc = read_accounting(r, keys)
     assert acc["trained_positions"] == acc["produced_positions"] == positions
     return positions, wall, cpu
 
 
 def run_baseline(r, keys, encoded, positions_per_round, rounds):
-    T.ensure_group(r, keys)
+    ensure_group(r, keys)
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         for f in encoded:
@@ -77,7 +85,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batches = []
     for i in range(args.batches):
-        b = codec.random_games_batch(args.positions, max_plies=args.max_plies, num_games=4, seed=i)
+        b = random_games_batch(args.positions, max_plies=args.max_plies, num_games=4, seed=i)
         b.value = rng.uniform(-1, 1, b.num_positions).astype(np.float32)
         b.log_prob = (b.log_prob - rng.exponential(0.5, b.num_positions)).astype(np.float32)
         batches.append(b)

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keisei_stream.wire import transport
 from keisei_stream.rl.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -32,7 +31,10 @@ from keisei_stream.rl.checkpoint import (
 from keisei_stream.wire.codec import ExperienceBatch, concat_batches
 from keisei_stream.config import Config
 from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.consumer import Consumer
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.status import append_metrics, write_learner_status
+from keisei_stream.wire.weights import publish_weights
 from keisei_stream.rl.model import build_model, count_parameters, maybe_compile, pick_device
 from keisei_stream.rl.ppo import compute_gae, filter_stale, make_optimizer, make_scheduler, ppo_update
 from keisei_stream.shogi import EndReason, encode_positions
@@ -141,7 +143,7 @@ def run_learner(
 
     def publish() -> None:
         data = weights_to_bytes(model, cfg.stream.weights_dtype)
-        transport.publish_weights(r, keys, version, data, cfg.stream.weights_dtype, cfg.stream.weights_keep)
+        publish_weights(r, keys, version, data, cfg.stream.weights_dtype, cfg.stream.weights_keep)
 
     def checkpoint() -> Path:
         path = ckpt_dir / checkpoint_name(version)
@@ -177,7 +179,7 @@ def run_learner(
 
         console = Console()
 
-    consumer = transport.Consumer(
+    consumer = Consumer(
         r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
         count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
         deadletter_maxlen=cfg.stream.deadletter_maxlen,
@@ -197,7 +199,7 @@ def run_learner(
                   "backlog": r.xlen(keys.experience) if backlog is None else backlog,
                   "last_seen": round(time.time(), 3)}
         fields.update({k: round(v, 6) for k, v in last_metrics.items()})
-        transport.write_learner_status(r, keys, fields)
+        write_learner_status(r, keys, fields)
 
     def update(entries: list) -> None:
         """One PPO update on ``entries`` (whole batches), then publish, ack and log."""
@@ -245,8 +247,8 @@ def run_learner(
         backlog = r.xlen(keys.experience)  # unacknowledged entries: acknowledged ones are deleted
         metrics["backlog"] = float(backlog)
         if n_keep:
-            transport.append_metrics(r, keys, {"version": version, "updates": updates, **metrics},
-                                     cfg.stream.metrics_maxlen)
+            append_metrics(r, keys, {"version": version, "updates": updates, **metrics},
+                           cfg.stream.metrics_maxlen)
             if tb is not None:
                 for k, v in metrics.items():
                     tb.add_scalar(k, v, updates)

@@ -78,7 +78,7 @@ def fake_redis():
 
 @functools.lru_cache(maxsize=64)
 def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int, opening_plies: int):
-    from keisei_stream.wire.codec import random_games_batch
+    from tests.games import random_games_batch
 
     return random_games_batch(num_positions, max_plies=max_plies, num_games=num_games, seed=seed,
                               opening_plies=opening_plies)

@@ -6,7 +6,10 @@ import pytest
 import redis
 
 from keisei_stream.wire import acl
-from keisei_stream.wire import transport as T
+from keisei_stream.wire import consumer as C
+from keisei_stream.wire import producer as P
+from keisei_stream.wire import status as S
+from keisei_stream.wire import weights as W
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 
@@ -21,9 +24,9 @@ def users(real_redis, redis_server):
     """role -> client logged in as that role's user; the run has config, weights and a group."""
     passwords = acl.create_users(real_redis, RUN)
     real_redis.set(K.config, "{}")
-    T.set_control(real_redis, K, "run")
-    T.publish_weights(real_redis, K, 1, b"weights-v1", "float32", keep=2)
-    T.ensure_group(real_redis, K)
+    S.set_control(real_redis, K, "run")
+    W.publish_weights(real_redis, K, 1, b"weights-v1", "float32", keep=2)
+    C.ensure_group(real_redis, K)
     clients = {role: connect(acl.user_url(redis_server.url, acl.username(RUN, role), pw))
                for role, pw in passwords.items()}
     yield clients
@@ -36,11 +39,11 @@ def users(real_redis, redis_server):
 def test_worker_can_do_its_job(users, make_batch):
     w = users["worker"]
     assert w.get(K.config) == b"{}"
-    assert T.get_control(w, K) == "run"
-    assert T.read_latest_weights(w, K)[0] == 1
-    assert T.Producer(w, K, "w1", max_backlog=10).send(make_batch(100, worker_id="w1"))
-    T.write_worker_heartbeat(w, K, "w1", {"state": "playing"}, ttl_s=5)
-    T.append_game(w, K, {"moves": "7g7f"}, maxlen=100)
+    assert S.get_control(w, K) == "run"
+    assert W.read_latest_weights(w, K)[0] == 1
+    assert P.Producer(w, K, "w1", max_backlog=10).send(make_batch(100, worker_id="w1"))
+    S.write_worker_heartbeat(w, K, "w1", {"state": "playing"}, ttl_s=5)
+    S.append_game(w, K, {"moves": "7g7f"}, maxlen=100)
     w.hincrby(K.accounting, "worker_discarded_positions", 3)
     ps = w.pubsub()
     ps.subscribe(K.weights_channel)
@@ -76,9 +79,9 @@ def test_worker_is_denied(users, attempt):
 
 def test_monitor_reads_only(users, real_redis):
     m = users["monitor"]
-    T.write_learner_status(real_redis, K, {"version": 1})
-    assert T.read_learner_status(m, K)["version"] == "1"
-    assert T.stream_info(m, K) is not None
+    S.write_learner_status(real_redis, K, {"version": 1})
+    assert S.read_learner_status(m, K)["version"] == "1"
+    assert S.stream_info(m, K) is not None
     for attempt in (lambda: m.set(K.control, "stop"), lambda: m.hset(K.learner, "x", 1),
                     lambda: m.xadd(K.experience, {"x": 1})):
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -87,14 +90,14 @@ def test_monitor_reads_only(users, real_redis):
 
 def test_learner_works_the_group_but_cannot_administer(users, make_batch, real_redis):
     lr = users["learner"]
-    T.Producer(real_redis, K, "w1", max_backlog=10).send(make_batch(100, worker_id="w1"))
-    consumer = T.Consumer(lr, K, "learner-0", max_plies=64, block_ms=10, count=4, claim_idle_ms=60_000,
+    P.Producer(real_redis, K, "w1", max_backlog=10).send(make_batch(100, worker_id="w1"))
+    consumer = C.Consumer(lr, K, "learner-0", max_plies=64, block_ms=10, count=4, claim_idle_ms=60_000,
                           deadletter_maxlen=100)
     got = consumer.read()
     assert len(got) == 1
     consumer.ack(got, trained_positions=got[0].batch.num_positions, stale_positions=0)
-    T.publish_weights(lr, K, 2, b"weights-v2", "float32", keep=2)
-    T.set_control(lr, K, "pause")
+    W.publish_weights(lr, K, 2, b"weights-v2", "float32", keep=2)
+    S.set_control(lr, K, "pause")
     for attempt in (lambda: lr.flushall(), lambda: lr.config_set("maxmemory", "1"), lambda: lr.keys("*"),
                     lambda: lr.set("keisei:otherrun:config", "{}")):
         with pytest.raises(redis.exceptions.NoPermissionError):

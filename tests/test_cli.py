@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from keisei_stream.wire import transport
+from keisei_stream.wire import status
 from keisei_stream.cli.main import main, parse_duration
 from keisei_stream.wire.keys import Keys
 
@@ -34,9 +34,9 @@ def test_status_json_reads_workers_learner_and_accounting(redis_server, capsys):
 
     r = connect(redis_server.url)
     keys = Keys("cli-status")
-    transport.write_worker_heartbeat(r, keys, "w7", {"state": "playing", "positions_per_s": 123.0,
+    status.write_worker_heartbeat(r, keys, "w7", {"state": "playing", "positions_per_s": 123.0,
                                                       "last_seen": 0}, 30)
-    transport.write_learner_status(r, keys, {"version": 5, "updates": 4})
+    status.write_learner_status(r, keys, {"version": 5, "updates": 4})
     r.hincrby(keys.accounting, "produced_positions", 10)
     r.hincrby(keys.accounting, "trained_positions", 7)
     assert main(["status", "--redis", redis_server.url, "--run", "cli-status", "--json"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import lz4.block
 import msgpack
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import MAYBE_VALID, MUTATIONS
-from keisei_stream.wire import codec
-from keisei_stream.wire.codec import BadEntry, decode_entry, encode_batch
+from keisei_stream.shogi import EndReason, VecEnv, encode_positions, usi_to_action
+from keisei_stream.wire import codec, replay, schema
+from keisei_stream.wire.codec import decode_entry, encode_batch
+from keisei_stream.wire.schema import BadEntry
 
 
 def as_wire(fields):
@@ -23,9 +26,9 @@ def test_round_trip_and_fields(make_batch):
     b = make_batch(300, max_plies=64, seed=1, version=7)
     f = encode_batch(b)
     assert set(f) == {"d", "w", "v", "n", "s"}
-    assert f["w"] == "w0" and f["v"] == 7 and f["n"] == b.num_positions and f["s"] == codec.SCHEMA_VERSION
+    assert f["w"] == "w0" and f["v"] == 7 and f["n"] == b.num_positions and f["s"] == schema.SCHEMA_VERSION
     d = decode_entry(as_wire(f), max_plies=64)
-    for name in codec.ARRAY_SPECS:
+    for name in schema.COLUMNS:
         got, want = getattr(d, name), getattr(b, name)
         assert got.dtype == want.dtype and np.array_equal(got, want), name
         assert got.flags.writeable
@@ -50,14 +53,14 @@ def test_final_rewards_and_turns(make_batch):
     last = b.game_offsets[1:].astype(int) - 1
     mover_black = b.turns()[last] == 0
     assert np.array_equal(r, np.where(mover_black, b.result, -b.result).astype(np.float32))
-    assert np.all(r[b.reason == codec.CHECKMATE] == 1.0)
-    assert np.all(r[b.reason == codec.MAX_PLIES] == 0.0)
+    assert np.all(r[b.reason == EndReason.CHECKMATE] == 1.0)
+    assert np.all(r[b.reason == EndReason.MAX_PLIES] == 0.0)
 
 
 def test_training_inputs(make_batch):
     b = make_batch(100, max_plies=64, seed=4)
     d = decode_entry(as_wire(encode_batch(b)), max_plies=64)
-    obs, mask = codec.build_training_inputs(d, 64)
+    obs, mask = encode_positions(d.hcp, d.ply, d.repetition, 64)
     assert obs.shape == (d.num_positions, 46, 9, 9) and obs.dtype == np.float32
     assert mask.shape == (d.num_positions, 13527) and mask.dtype == bool
     assert mask[np.arange(d.num_positions), d.action.astype(int)].all()
@@ -71,8 +74,6 @@ def test_opening_plies_games_accepted(make_batch):
 
 def _play(usi_moves, max_plies=64, sfen=None):
     """A batch holding one game played from the start (or ``sfen``) with the given USI moves."""
-    from keisei_stream.shogi import VecEnv, usi_to_action
-
     env = VecEnv(1, max_plies)
     if sfen is not None:
         env.reset_game(0, sfen)
@@ -100,11 +101,11 @@ def _play(usi_moves, max_plies=64, sfen=None):
 def test_repetition_game_validated():
     shuffle = ["5i5h", "5a5b", "5h5i", "5b5a"]
     b = _play(shuffle * 3)
-    assert b.reason[0] == codec.REPETITION_DRAW and b.result[0] == 0
+    assert b.reason[0] == EndReason.REPETITION_DRAW and b.result[0] == 0
     assert b.repetition.max() == 2
     decode_entry(as_wire(encode_batch(b)), max_plies=64)
     bad = copy.deepcopy(b)
-    bad.reason[:] = codec.MAX_PLIES
+    bad.reason[:] = EndReason.MAX_PLIES
     with pytest.raises(BadEntry):
         decode_entry(as_wire(encode_batch(bad)), max_plies=64)
     bad = copy.deepcopy(b)
@@ -116,11 +117,11 @@ def test_repetition_game_validated():
 def test_entering_king_game_validated():
     # White moves, then Black (king and 10 pieces in the camp, 28 points with its hand) can declare
     b = _play(["5i5h"], max_plies=1, sfen="B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1")
-    assert b.reason[0] == codec.ENTERING_KING and b.result[0] == 1
+    assert b.reason[0] == EndReason.ENTERING_KING and b.result[0] == 1
     decode_entry(as_wire(encode_batch(b)), max_plies=1)
     # the same game relabelled as a max-plies draw: the env ends it by declaration first
     bad = copy.deepcopy(b)
-    bad.reason[:] = codec.MAX_PLIES
+    bad.reason[:] = EndReason.MAX_PLIES
     bad.result[:] = 0
     with pytest.raises(BadEntry, match="entering-king"):
         decode_entry(as_wire(encode_batch(bad)), max_plies=1)
@@ -129,15 +130,15 @@ def test_entering_king_game_validated():
 def _one_game(b, g):
     s, e = int(b.game_offsets[g]), int(b.game_offsets[g + 1])
     return codec.ExperienceBatch(
-        batch_id=b.batch_id, worker_id=b.worker_id, hcp=b.hcp[s:e].copy(), ply=b.ply[s:e].copy(),
-        repetition=b.repetition[s:e].copy(), action=b.action[s:e].copy(), log_prob=b.log_prob[s:e].copy(),
-        value=b.value[s:e].copy(), version=b.version[s:e].copy(), game_offsets=np.array([0, e - s], np.uint32),
-        result=b.result[g:g + 1].copy(), reason=b.reason[g:g + 1].copy())
+        batch_id=b.batch_id, worker_id=b.worker_id,
+        **{name: getattr(b, name)[s:e].copy() for name in schema.POSITION.names},
+        **{name: getattr(b, name)[g:g + 1].copy() for name in schema.GAME.names},
+        game_offsets=np.array([0, e - s], np.uint32))
 
 
 def test_checkmate_game_validated(make_batch):
     b = make_batch(3000, max_plies=256, seed=3, num_games=16)
-    mates = np.flatnonzero(b.reason == codec.CHECKMATE)
+    mates = np.flatnonzero(b.reason == EndReason.CHECKMATE)
     assert mates.size, "random play produced no checkmate"
     game = _one_game(b, int(mates[0]))
     decode_entry(as_wire(encode_batch(game)), max_plies=256)
@@ -149,13 +150,13 @@ def test_checkmate_game_validated(make_batch):
     bad = _one_game(b, int(mates[0]))
     cut = copy.deepcopy(bad)
     p = cut.num_positions - 2
-    for name in ("hcp", "ply", "repetition", "action", "log_prob", "value", "version"):
+    for name in schema.POSITION.names:
         setattr(cut, name, getattr(cut, name)[:p])
     cut.game_offsets = np.array([0, p], np.uint32)
     with pytest.raises(BadEntry, match="CHECKMATE"):
         decode_entry(as_wire(encode_batch(cut)), max_plies=256)
     # and a mate relabelled as a max-plies draw
-    bad.reason[:] = codec.MAX_PLIES
+    bad.reason[:] = EndReason.MAX_PLIES
     bad.result[:] = 0
     with pytest.raises(BadEntry):
         decode_entry(as_wire(encode_batch(bad)), max_plies=256)
@@ -221,9 +222,9 @@ def test_fuzz_never_crashes(make_batch):
 
 def test_hcp_validator_matches_cshogi(make_batch):
     b = make_batch(500, max_plies=256, seed=11)
-    assert codec.validate_hcp(b.hcp).all()
+    assert replay.validate_hcp(b.hcp).all()
     rand = np.random.default_rng(0).integers(0, 256, (5000, 32), dtype=np.uint8)
-    assert not codec.validate_hcp(rand).any()
+    assert not replay.validate_hcp(rand).any()
     # unchecked mode still refuses positions cshogi cannot load safely
     payload = msgpack.unpackb(lz4.block.decompress(as_wire(encode_batch(b))[b"d"]), raw=False)
     payload["hcp"] = rand[: b.num_positions].tobytes()
@@ -238,3 +239,50 @@ def test_concat_batches(make_batch):
     assert c.num_positions == a.num_positions + b.num_positions and c.num_games == a.num_games + b.num_games
     assert c.game_offsets[a.num_games] == a.num_positions
     decode_entry(as_wire(encode_batch(c)), max_plies=64)
+
+
+def _golden_batch():
+    """A fixed batch of 37 positions in 3 games (synthetic values: encoding does not validate)."""
+    p = 37
+    i = np.arange(p)
+    return codec.ExperienceBatch(
+        batch_id="golden:s:0", worker_id="golden",
+        hcp=(np.arange(p * 32) * 7 % 251).astype(np.uint8).reshape(p, 32),
+        ply=np.concatenate([np.arange(10), np.arange(15), 3 + np.arange(12)]).astype(np.uint16),
+        repetition=(i % 3).astype(np.uint8),
+        action=(i * 389 % 13527).astype(np.uint16),
+        log_prob=(-0.125 * i).astype(np.float32),
+        value=np.linspace(-1, 1, p).astype(np.float32),
+        version=(5 + i // 10).astype(np.uint32),
+        game_offsets=np.array([0, 10, 25, 37], np.uint32),
+        result=np.array([1, -1, 0], np.int8),
+        reason=np.array([1, 3, 5], np.uint8),
+    )
+
+
+def test_golden_wire_bytes():
+    """The wire bytes of a fixed batch never change. These digests were computed with the codec as
+    it was before the column schema moved into ``keisei_stream.wire.schema`` (single-module
+    ``codec.py``, commit 2b4a03b); a schema change needs a new ``SCHEMA_VERSION``, not a new digest."""
+    f = encode_batch(_golden_batch())
+    assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 1}
+    assert len(f["d"]) == 855
+    assert hashlib.sha256(f["d"]).hexdigest() == "8df9b1735c887ebbbbd134330527c8f20e784533907756a605acbd0ed7c8933c"
+    raw = lz4.block.decompress(f["d"])
+    assert hashlib.sha256(raw).hexdigest() == "8076b4acf9bb12e224757eeddb87c65f17e38055cd238e1ab093e5df87e6126a"
+
+
+def test_schema_columns():
+    assert schema.BYTES_PER_POSITION == 49 and schema.BYTES_PER_GAME == 6
+    assert list(schema.COLUMNS) == [*schema.POSITION.names, "game_offsets", *schema.GAME.names]
+    assert [c.dtype.str for c in schema.COLUMNS.values()] == ["|u1", "<u2", "|u1", "<u2", "<f4", "<f4", "<u4",
+                                                              "<u4", "|i1", "|u1"]
+    buffers = schema.zeros(schema.POSITION, (4, 6))
+    assert buffers["hcp"].shape == (4, 6, 32) and buffers["log_prob"].dtype == np.float32
+    b = _golden_batch()
+    columns = b.columns()
+    del columns["value"]
+    with pytest.raises(TypeError, match=r"missing \['value'\]"):
+        codec.ExperienceBatch("x", "y", **columns)
+    with pytest.raises(TypeError, match=r"unknown \['extra'\]"):
+        codec.ExperienceBatch("x", "y", **b.columns(), extra=np.zeros(1))

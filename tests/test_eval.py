@@ -251,7 +251,7 @@ def test_checkpoint_player_match(tiny):
 
 def _publish(r, keys, model, version):
     from keisei_stream.rl.checkpoint import weights_to_bytes
-    from keisei_stream.wire.transport import publish_weights
+    from keisei_stream.wire.weights import publish_weights
 
     return publish_weights(r, keys, version, weights_to_bytes(model), "float32", keep=4)
 

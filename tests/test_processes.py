@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from keisei_stream.wire import transport
+from keisei_stream.wire import status
 from keisei_stream.config import load_config
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
@@ -53,7 +53,7 @@ def _version(r, keys) -> int:
 
 
 def _stop_all(r, keys, workers, learner):
-    transport.set_control(r, keys, "stop")
+    status.set_control(r, keys, "stop")
     for w in workers:
         assert w.wait(30) == 0, "worker did not stop cleanly on control=stop"
     if learner is not None:
@@ -62,7 +62,7 @@ def _stop_all(r, keys, workers, learner):
 
 
 def _assert_accounting_balances(r, keys):
-    acc = transport.read_accounting(r, keys)
+    acc = status.read_accounting(r, keys)
     produced = acc.get("produced_positions", 0)
     settled = sum(acc.get(k, 0) for k in ("trained_positions", "stale_positions", "rejected_positions",
                                           "duplicate_positions"))
@@ -88,12 +88,12 @@ def test_learner_and_two_workers_publish_versions_and_balance(env):
     url, r, run_dir, procs = env
     run = "e2e-basic"
     keys = Keys(run)
-    transport.set_control(r, keys, "run")
+    status.set_control(r, keys, "run")
     learner = _learner(url, run, run_dir)
     workers = [_worker(url, run, run_dir, f"w{i}") for i in range(2)]
     procs += [learner, *workers]
     _wait(lambda: _version(r, keys) >= 4, 180, "three versions after version 1", procs)
-    assert len(transport.read_workers(r, keys)) == 2
+    assert len(status.read_workers(r, keys)) == 2
     assert r.xlen(keys.metrics) >= 3 and r.xlen(keys.games) > 0
     _stop_all(r, keys, workers, learner)
     acc = _assert_accounting_balances(r, keys)
@@ -106,7 +106,7 @@ def test_kill_9_worker_and_learner_then_resume_loses_nothing(env):
     url, r, run_dir, procs = env
     run = "e2e-kill"
     keys = Keys(run)
-    transport.set_control(r, keys, "run")
+    status.set_control(r, keys, "run")
     learner = _learner(url, run, run_dir)
     w0 = _worker(url, run, run_dir, "w0")
     procs += [learner, w0]
@@ -117,14 +117,14 @@ def test_kill_9_worker_and_learner_then_resume_loses_nothing(env):
     procs.append(w1)
 
     def learner_holds_entries():
-        info = transport.stream_info(r, keys)
+        info = status.stream_info(r, keys)
         return info.get("pending", 0) > 0
 
     _wait(learner_holds_entries, 120, "the learner holding unacknowledged entries", [learner, w1])
     learner.kill()  # kill -9 the learner between reading and acknowledging
     learner.wait()
     before = _version(r, keys)
-    pending_before = transport.stream_info(r, keys)["pending"]
+    pending_before = status.stream_info(r, keys)["pending"]
     assert pending_before > 0
     learner2 = _learner(url, run, run_dir, "--resume")
     procs.append(learner2)
@@ -137,20 +137,20 @@ def test_pause_then_stop_ends_worker_promptly(env):
     url, r, run_dir, procs = env
     run = "e2e-pause"
     keys = Keys(run)
-    transport.set_control(r, keys, "run")
+    status.set_control(r, keys, "run")
     learner = _learner(url, run, run_dir)
     worker = _worker(url, run, run_dir, "w0")
     procs += [learner, worker]
 
     def state():
-        ws = transport.read_workers(r, keys)
+        ws = status.read_workers(r, keys)
         return ws[0].get("state") if ws else None
 
     _wait(lambda: state() == "playing", 120, "the worker playing", procs)
-    transport.set_control(r, keys, "pause")
+    status.set_control(r, keys, "pause")
     _wait(lambda: state() == "paused", 30, "the worker paused", procs)
     t0 = time.monotonic()
-    transport.set_control(r, keys, "stop")
+    status.set_control(r, keys, "stop")
     assert worker.wait(15) == 0
     assert time.monotonic() - t0 < 10, "stop took too long while paused"
     learner.send_signal(signal.SIGTERM)
@@ -161,13 +161,13 @@ def test_worker_started_before_learner_waits_for_version_1(env):
     url, r, run_dir, procs = env
     run = "e2e-early"
     keys = Keys(run)
-    transport.set_control(r, keys, "run")
+    status.set_control(r, keys, "run")
     worker = _worker(url, run, run_dir, "w0")
     procs.append(worker)
     # The config exists but no weights yet: the worker must wait, not play with random weights.
     cfg = load_config(TINY, [f"run.id={run}", f"run.dir={run_dir}"])
     r.set(keys.config, cfg.to_json())
-    _wait(lambda: any(w.get("state") == "waiting_weights" for w in transport.read_workers(r, keys)), 60,
+    _wait(lambda: any(w.get("state") == "waiting_weights" for w in status.read_workers(r, keys)), 60,
           "the worker's waiting_weights heartbeat", [worker])
     time.sleep(2.0)
     assert r.xlen(keys.experience) == 0 and r.xlen(keys.games) == 0

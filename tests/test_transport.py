@@ -6,9 +6,18 @@ import time
 
 import pytest
 
-from keisei_stream.wire import transport as T
 from keisei_stream.wire.codec import encode_batch
+from keisei_stream.wire.consumer import Consumer, DEADLETTER_FIELD_BYTES
 from keisei_stream.wire.keys import ACCOUNTING_FIELDS, Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import (
+    append_game, append_metrics, get_control, read_accounting, read_config, read_learner_status,
+    read_stream, read_workers, set_control, stream_info, write_config, write_learner_status,
+    write_worker_heartbeat,
+)
+from keisei_stream.wire.weights import (
+    WeightsError, WeightsWatcher, publish_weights, read_latest_info, read_latest_weights,
+)
 
 K = Keys("unit")
 
@@ -16,7 +25,7 @@ K = Keys("unit")
 def consumer(r, name="L1", **kw):
     opts = dict(max_plies=64, block_ms=10, count=8, claim_idle_ms=100, deadletter_maxlen=10_000)
     opts.update(kw)
-    return T.Consumer(r, K, name, **opts)
+    return Consumer(r, K, name, **opts)
 
 
 def balanced(acc):
@@ -29,6 +38,13 @@ def test_keys_layout():
     assert K.weights_blob("ab") == "keisei:unit:weights:blob:ab"
     assert K.worker("w-1") == "keisei:unit:workers:w-1" and K.workers_pattern == "keisei:unit:workers:*"
     assert K.accounting == "keisei:unit:accounting" and K.group == "learners"
+    # every key of the run, spelled out (the names are a contract with redis-cli users and other processes)
+    names = {"experience": "experience", "deadletter": "deadletter", "metrics": "metrics", "games": "games",
+             "eval": "eval", "config": "config", "control": "control", "learner": "learner",
+             "accounting": "accounting", "producers": "producers", "weights_latest": "weights:latest",
+             "weights_index": "weights:index", "weights_channel": "weights"}
+    assert {attr: getattr(K, attr) for attr in names} == {a: "keisei:unit:" + n for a, n in names.items()}
+    assert Keys("unit") == K and hash(Keys("unit")) == hash(K)
     with pytest.raises(ValueError):
         Keys("bad run id")
     with pytest.raises(ValueError):
@@ -36,7 +52,7 @@ def test_keys_layout():
 
 
 def test_producer_waits_when_full_and_can_stop(fake_redis, make_batch):
-    p = T.Producer(fake_redis, K, "w1", max_backlog=2, backoff_max_s=0.05)
+    p = Producer(fake_redis, K, "w1", max_backlog=2, backoff_max_s=0.05)
     b = make_batch(50)
     assert p.send(b) and p.send(b)
     waits = []
@@ -44,7 +60,7 @@ def test_producer_waits_when_full_and_can_stop(fake_redis, make_batch):
     assert p.send(b, should_stop=lambda: time.monotonic() - t0 > 0.2, on_wait=waits.append) is False
     assert fake_redis.xlen(K.experience) == 2
     assert p.waited_s > 0 and waits and p.full_waits > 0
-    acc = T.read_accounting(fake_redis, K)
+    acc = read_accounting(fake_redis, K)
     assert acc["produced_batches"] == 2 and acc["produced_positions"] == 2 * b.num_positions
     # room again: the kept batch goes in with the same sequence number
     c = consumer(fake_redis)
@@ -55,7 +71,7 @@ def test_producer_waits_when_full_and_can_stop(fake_redis, make_batch):
 
 
 def test_admission_script_is_idempotent(fake_redis, make_batch):
-    p = T.Producer(fake_redis, K, "w1", max_backlog=10)
+    p = Producer(fake_redis, K, "w1", max_backlog=10)
     b = make_batch(50)
     fields = encode_batch(b)
     argv = [10, "w1", p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
@@ -63,9 +79,9 @@ def test_admission_script_is_idempotent(fake_redis, make_batch):
     assert int(p._script(keys=keys, args=argv)[0]) == 1
     assert int(p._script(keys=keys, args=argv)[0]) == 2  # the retry after a lost reply
     assert fake_redis.xlen(K.experience) == 1
-    assert T.read_accounting(fake_redis, K)["produced_batches"] == 1
+    assert read_accounting(fake_redis, K)["produced_batches"] == 1
     # a new producer session (restarted worker, same id) starts at seq 0 and is not a duplicate
-    p2 = T.Producer(fake_redis, K, "w1", max_backlog=10)
+    p2 = Producer(fake_redis, K, "w1", max_backlog=10)
     assert p2.send(b) and fake_redis.xlen(K.experience) == 2
 
 
@@ -79,7 +95,7 @@ def test_consumer_dedups_and_accounts(fake_redis, make_batch):
     got = c.read()
     assert len(got) == 1 and got[0].batch.batch_id == "w9:s:0"
     c.ack(got, trained_positions=40, stale_positions=b.num_positions - 40)
-    acc = T.read_accounting(fake_redis, K)
+    acc = read_accounting(fake_redis, K)
     assert acc["duplicate_positions"] == b.num_positions and acc["duplicate_entries"] == 1
     assert acc["trained_positions"] == 40 and acc["stale_positions"] == b.num_positions - 40
     assert fake_redis.xlen(K.experience) == 0
@@ -98,15 +114,15 @@ def test_bad_entries_go_to_deadletter(fake_redis, make_batch):
     assert len(dead) == 2
     first = dead[0][1]
     assert first[b"worker"] == b"evil" and b"reason" in first and b"entry_id" in first
-    assert len(first[b"raw:d"]) == T.DEADLETTER_FIELD_BYTES and int(first[b"raw_bytes"]) > 100_000
-    acc = T.read_accounting(fake_redis, K)
+    assert len(first[b"raw:d"]) == DEADLETTER_FIELD_BYTES and int(first[b"raw_bytes"]) > 100_000
+    acc = read_accounting(fake_redis, K)
     assert acc["rejected_entries"] == 2 and acc["rejected_positions"] == 7
     assert fake_redis.xlen(K.experience) == 1  # only the good, unacknowledged one
-    assert T.stream_info(fake_redis, K)["deadletter"] == 2
+    assert stream_info(fake_redis, K)["deadletter"] == 2
 
 
 def test_restarted_consumer_rereads_own_pending(fake_redis, make_batch):
-    p = T.Producer(fake_redis, K, "w1", max_backlog=10)
+    p = Producer(fake_redis, K, "w1", max_backlog=10)
     for _ in range(3):
         p.send(make_batch(40))
     first = consumer(fake_redis, "L1").read()
@@ -117,31 +133,31 @@ def test_restarted_consumer_rereads_own_pending(fake_redis, make_batch):
 
 def test_weights_publish_read_prune(fake_redis):
     for v in range(1, 6):
-        sha = T.publish_weights(fake_redis, K, v, b"w%d" % v * 100, "float32", keep=2)
-    version, got_sha, data = T.read_latest_weights(fake_redis, K)
+        sha = publish_weights(fake_redis, K, v, b"w%d" % v * 100, "float32", keep=2)
+    version, got_sha, data = read_latest_weights(fake_redis, K)
     assert version == 5 and got_sha == sha and data == b"w5" * 100
     blobs = list(fake_redis.scan_iter(match=K.prefix + "weights:blob:*"))
     assert len(blobs) == 2
-    info = T.read_latest_info(fake_redis, K)
+    info = read_latest_info(fake_redis, K)
     assert info["dtype"] == "float32" and info["bytes"] == 200
     fake_redis.set(K.weights_blob(sha), b"tampered")
-    with pytest.raises(T.WeightsError):
-        T.read_latest_weights(fake_redis, K)
+    with pytest.raises(WeightsError):
+        read_latest_weights(fake_redis, K)
 
 
 def test_no_weights_yet(fake_redis):
-    assert T.read_latest_weights(fake_redis, K) is None
-    w = T.WeightsWatcher(fake_redis, K, poll_s=0.01)
+    assert read_latest_weights(fake_redis, K) is None
+    w = WeightsWatcher(fake_redis, K, poll_s=0.01)
     assert w.poll() is None
     w.close()
 
 
 def test_watcher_polls_when_pubsub_is_lost(fake_redis):
-    w = T.WeightsWatcher(fake_redis, K, poll_s=0.05)
+    w = WeightsWatcher(fake_redis, K, poll_s=0.05)
     assert w.poll() is None
     w.close()  # as if the pub/sub connection dropped: messages are lost
     w._pubsub = None
-    T.publish_weights(fake_redis, K, 3, b"abc", "float32", keep=2)
+    publish_weights(fake_redis, K, 3, b"abc", "float32", keep=2)
     deadline = time.monotonic() + 5
     got = None
     while got is None and time.monotonic() < deadline:
@@ -153,27 +169,27 @@ def test_watcher_polls_when_pubsub_is_lost(fake_redis):
 
 
 def test_heartbeats_control_metrics(fake_redis):
-    T.write_worker_heartbeat(fake_redis, K, "w1", {"positions": 10, "rate": 1.5, "version": 2}, ttl_s=30)
-    T.write_worker_heartbeat(fake_redis, K, "w2", {"positions": 5}, ttl_s=30)
-    ws = T.read_workers(fake_redis, K)
+    write_worker_heartbeat(fake_redis, K, "w1", {"positions": 10, "rate": 1.5, "version": 2}, ttl_s=30)
+    write_worker_heartbeat(fake_redis, K, "w2", {"positions": 5}, ttl_s=30)
+    ws = read_workers(fake_redis, K)
     assert [w["id"] for w in ws] == ["w1", "w2"] and ws[0]["positions"] == "10"
     assert 0 < fake_redis.pttl(K.worker("w1")) <= 30_000
-    assert T.get_control(fake_redis, K) == "run"
-    T.set_control(fake_redis, K, "pause")
-    assert T.get_control(fake_redis, K) == "pause"
+    assert get_control(fake_redis, K) == "run"
+    set_control(fake_redis, K, "pause")
+    assert get_control(fake_redis, K) == "pause"
     with pytest.raises(ValueError):
-        T.set_control(fake_redis, K, "explode")
+        set_control(fake_redis, K, "explode")
     for i in range(50):
-        T.append_metrics(fake_redis, K, {"update": i, "loss": 0.5}, maxlen=10)
+        append_metrics(fake_redis, K, {"update": i, "loss": 0.5}, maxlen=10)
     assert fake_redis.xlen(K.metrics) <= 50
-    assert T.read_stream(fake_redis, K.metrics, 3)[-1][1]["update"] == "49"
-    T.append_game(fake_redis, K, {"moves": "7g7f 3c3d", "result": 0}, maxlen=10)
-    T.write_learner_status(fake_redis, K, {"version": 3, "loss": 0.1})
-    assert T.read_learner_status(fake_redis, K)["version"] == "3"
-    T.write_config(fake_redis, K, '{"a": 1}')
-    assert T.read_config(fake_redis, K) == '{"a": 1}'
+    assert read_stream(fake_redis, K.metrics, 3)[-1][1]["update"] == "49"
+    append_game(fake_redis, K, {"moves": "7g7f 3c3d", "result": 0}, maxlen=10)
+    write_learner_status(fake_redis, K, {"version": 3, "loss": 0.1})
+    assert read_learner_status(fake_redis, K)["version"] == "3"
+    write_config(fake_redis, K, '{"a": 1}')
+    assert read_config(fake_redis, K) == '{"a": 1}'
 
 
 def test_stream_info_without_group(fake_redis):
-    info = T.stream_info(fake_redis, K)
+    info = stream_info(fake_redis, K)
     assert info["length"] == 0 and info["pending"] == 0 and info["deadletter"] == 0

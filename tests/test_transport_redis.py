@@ -8,10 +8,13 @@ import time
 import pytest
 
 from conftest import MAYBE_VALID
-from keisei_stream.wire import transport as T
 from keisei_stream.wire.codec import encode_batch
+from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import read_accounting, stream_info
+from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_weights
 
 pytestmark = pytest.mark.redis
 
@@ -21,7 +24,7 @@ K = Keys("integ")
 def consumer(r, name="L1", **kw):
     opts = dict(max_plies=64, block_ms=50, count=8, claim_idle_ms=60_000, deadletter_maxlen=10_000)
     opts.update(kw)
-    return T.Consumer(r, K, name, **opts)
+    return Consumer(r, K, name, **opts)
 
 
 def balanced(acc):
@@ -59,13 +62,13 @@ def test_concurrent_producers_respect_backlog_and_account_everything(redis_serve
     def produce(i):
         try:
             r = connect(redis_server.url)
-            p = T.Producer(r, K, f"w{i}", max_backlog=max_backlog, backoff_max_s=0.02)
+            p = Producer(r, K, f"w{i}", max_backlog=max_backlog, backoff_max_s=0.02)
             for _ in range(per_producer):
                 assert p.send(batches[i])
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    T.ensure_group(real_redis, K)
+    ensure_group(real_redis, K)
     mon = threading.Thread(target=monitor)
     mon.start()
     threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
@@ -90,15 +93,15 @@ def test_concurrent_producers_respect_backlog_and_account_everything(redis_serve
     assert peak[0] <= max_backlog  # the Lua admission is atomic: never even one over
     assert len(delivered) == producers * per_producer
     assert len({d.batch.batch_id for d in delivered}) == producers * per_producer
-    acc = T.read_accounting(real_redis, K)
+    acc = read_accounting(real_redis, K)
     assert acc["produced_batches"] == producers * per_producer
     assert balanced(acc) and acc["produced_positions"] == sum(b.num_positions for b in batches) * per_producer
-    info = T.stream_info(real_redis, K)
+    info = stream_info(real_redis, K)
     assert info["length"] == 0 and info["pending"] == 0
 
 
 def test_killed_consumer_entries_are_claimed(real_redis, make_batch):
-    p = T.Producer(real_redis, K, "w1", max_backlog=100)
+    p = Producer(real_redis, K, "w1", max_backlog=100)
     for i in range(5):
         p.send(make_batch(40, seed=i))
     dead = consumer(real_redis, "dead-learner", count=3)
@@ -114,13 +117,13 @@ def test_killed_consumer_entries_are_claimed(real_redis, make_batch):
     ids = {d.batch.batch_id for d in got}
     assert {d.batch.batch_id for d in lost} <= ids and len(ids) == 5
     assert survivor.stats["claimed"] == 3
-    acc = T.read_accounting(real_redis, K)
+    acc = read_accounting(real_redis, K)
     assert balanced(acc) and acc["trained_positions"] == acc["produced_positions"]
-    assert T.stream_info(real_redis, K)["pending"] == 0
+    assert stream_info(real_redis, K)["pending"] == 0
 
 
 def test_retried_add_is_trained_once(real_redis, make_batch):
-    p = T.Producer(real_redis, K, "w1", max_backlog=100)
+    p = Producer(real_redis, K, "w1", max_backlog=100)
     b = make_batch(50)
     b.batch_id = p.next_batch_id()
     fields = encode_batch(b)
@@ -132,7 +135,7 @@ def test_retried_add_is_trained_once(real_redis, make_batch):
     c = consumer(real_redis)
     got = drain(c, real_redis)
     assert len(got) == 1
-    acc = T.read_accounting(real_redis, K)
+    acc = read_accounting(real_redis, K)
     assert acc["trained_positions"] == b.num_positions == acc["produced_positions"]
     assert acc["duplicate_positions"] == b.num_positions
 
@@ -153,7 +156,7 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
     accepted = [d for d in got if d.batch.batch_id != "good:0:0"]
     assert "good:0:0" in {d.batch.batch_id for d in got}
     dead = real_redis.xlen(K.deadletter)
-    acc = T.read_accounting(real_redis, K)
+    acc = read_accounting(real_redis, K)
     assert dead == acc["rejected_entries"]
     # everything not accepted (only MAYBE_VALID kinds can be) was dead-lettered or a duplicate
     assert dead + acc["duplicate_entries"] + len(accepted) == len(sent)
@@ -164,9 +167,9 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
 
 
 def test_pubsub_miss_recovered_by_polling(redis_server, real_redis):
-    w = T.WeightsWatcher(connect(redis_server.url), K, poll_s=0.1)
+    w = WeightsWatcher(connect(redis_server.url), K, poll_s=0.1)
     assert w.poll() is None
-    T.publish_weights(real_redis, K, 1, b"v1", "float32", keep=2)
+    publish_weights(real_redis, K, 1, b"v1", "float32", keep=2)
     deadline = time.monotonic() + 5
     got = None
     while got is None and time.monotonic() < deadline:
@@ -175,22 +178,22 @@ def test_pubsub_miss_recovered_by_polling(redis_server, real_redis):
     assert got == 1
     # drop every pub/sub connection: what is published meanwhile is lost
     real_redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    T.publish_weights(real_redis, K, 2, b"v2", "float32", keep=2)
+    publish_weights(real_redis, K, 2, b"v2", "float32", keep=2)
     got = None
     deadline = time.monotonic() + 5
     while got is None and time.monotonic() < deadline:
         got = w.poll()
         time.sleep(0.02)
     assert got == 2
-    assert T.read_latest_weights(real_redis, K)[0] == 2
+    assert read_latest_weights(real_redis, K)[0] == 2
     w.close()
 
 
 def test_wrong_sha_refused(real_redis):
-    sha = T.publish_weights(real_redis, K, 1, b"good weights", "float32", keep=2)
+    sha = publish_weights(real_redis, K, 1, b"good weights", "float32", keep=2)
     real_redis.set(K.weights_blob(sha), b"evil weights")
-    with pytest.raises(T.WeightsError):
-        T.read_latest_weights(real_redis, K)
+    with pytest.raises(WeightsError):
+        read_latest_weights(real_redis, K)
 
 
 def test_blocking_read_returns_new_entry(redis_server, real_redis, make_batch):
@@ -199,7 +202,7 @@ def test_blocking_read_returns_new_entry(redis_server, real_redis, make_batch):
 
     def later():
         time.sleep(0.1)
-        T.Producer(connect(redis_server.url), K, "w1", max_backlog=10).send(b)
+        Producer(connect(redis_server.url), K, "w1", max_backlog=10).send(b)
 
     t = threading.Thread(target=later)
     t.start()
@@ -209,12 +212,12 @@ def test_blocking_read_returns_new_entry(redis_server, real_redis, make_batch):
         got = c.read()
     t.join()
     assert len(got) == 1
-    info = T.stream_info(real_redis, K)
+    info = stream_info(real_redis, K)
     assert info["pending"] == 1 and info["backlog"] == 1
 
 
 def test_deleted_pending_entry_is_not_dead_lettered(real_redis, make_batch):
-    p = T.Producer(real_redis, K, "w1", max_backlog=10)
+    p = Producer(real_redis, K, "w1", max_backlog=10)
     for i in range(3):
         p.send(make_batch(40, seed=i))
     got = consumer(real_redis, "L1").read()
@@ -222,16 +225,16 @@ def test_deleted_pending_entry_is_not_dead_lettered(real_redis, make_batch):
     again = consumer(real_redis, "L1").read()  # restart: own pending, one of them deleted
     assert [d.entry_id for d in again] == [d.entry_id for d in got[1:]]
     assert real_redis.xlen(K.deadletter) == 0
-    assert T.stream_info(real_redis, K)["pending"] == 2
+    assert stream_info(real_redis, K)["pending"] == 2
 
 
 _VICTIM = r"""
 import sys, time
-from keisei_stream.wire import transport as T
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.consumer import Consumer
 r = connect(sys.argv[1])
-c = T.Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
+c = Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
 got = c.read()
 print(" ".join(d.batch.batch_id for d in got), flush=True)
 time.sleep(60)
@@ -243,7 +246,7 @@ def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make
     import subprocess
     import sys
 
-    p = T.Producer(real_redis, K, "w1", max_backlog=100)
+    p = Producer(real_redis, K, "w1", max_backlog=100)
     for i in range(5):
         p.send(make_batch(40, seed=i))
     proc = subprocess.Popen([sys.executable, "-c", _VICTIM, redis_server.url], stdout=subprocess.PIPE, text=True)
@@ -253,13 +256,13 @@ def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     assert len(taken) == 3
-    assert T.stream_info(real_redis, K)["pending"] == 3
+    assert stream_info(real_redis, K)["pending"] == 3
     survivor = consumer(real_redis, "L2", claim_idle_ms=150, count=10)
     got = drain(survivor, real_redis)  # first the two never-delivered entries
     time.sleep(0.2)
     survivor._next_claim = 0.0
     got += drain(survivor, real_redis)
     assert len(got) == 5 and len({d.batch.batch_id for d in got}) == 5 and set(taken) <= {d.batch.batch_id for d in got}
-    acc = T.read_accounting(real_redis, K)
+    acc = read_accounting(real_redis, K)
     assert balanced(acc) and acc["trained_positions"] == acc["produced_positions"]
-    assert T.stream_info(real_redis, K)["length"] == 0
+    assert stream_info(real_redis, K)["length"] == 0

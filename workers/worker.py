@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from keisei_stream.wire import transport
+from keisei_stream.wire import schema
 from keisei_stream.wire.codec import ExperienceBatch
 from keisei_stream.config import Config, config_from_json
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import append_game, get_control, write_worker_heartbeat
+from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
 from keisei_stream.rl.model import build_model
 from keisei_stream.rl.checkpoint import load_weights_bytes
 from keisei_stream.rl.policy import act
@@ -60,31 +63,27 @@ class WorkerStats:
 
 @dataclass
 class Trajectories:
-    """Per-game trajectory buffers of the games in play, ``(N, max_plies, ...)``: position ``t`` of
-    game ``i`` is at ``[i, t]``; ``length`` ``(N,) int64`` counts the positions stored per game."""
+    """Per-game trajectory buffers of the games in play.
+
+    Attributes:
+        length: ``(N,) int64`` positions stored per game.
+        columns: one array per column of ``schema.POSITION`` (``hcp``, ``ply``, ``repetition``,
+            ``action``, ``log_prob``, ``value``, ``version``), native-endian, shaped
+            ``(N, max_plies, *row shape)``: position ``t`` of game ``i`` is at ``[i, t]``.
+    """
 
     length: np.ndarray
-    hcp: np.ndarray  # (N, max_plies, 32) uint8
-    ply: np.ndarray  # (N, max_plies) uint16
-    rep: np.ndarray  # (N, max_plies) uint8
-    action: np.ndarray  # (N, max_plies) uint16
-    logp: np.ndarray  # (N, max_plies) float32
-    value: np.ndarray  # (N, max_plies) float32
-    version: np.ndarray  # (N, max_plies) uint32
+    columns: dict[str, np.ndarray]
 
     @classmethod
     def empty(cls, n: int, max_plies: int) -> "Trajectories":
-        z = np.zeros
-        return cls(z(n, np.int64), z((n, max_plies, 32), np.uint8), z((n, max_plies), np.uint16),
-                   z((n, max_plies), np.uint8), z((n, max_plies), np.uint16), z((n, max_plies), np.float32),
-                   z((n, max_plies), np.float32), z((n, max_plies), np.uint32))
+        return cls(np.zeros(n, np.int64), schema.zeros(schema.POSITION, (n, max_plies)))
 
     def take(self, i: int) -> dict[str, np.ndarray]:
-        """Copy out game ``i``'s positions (keys hcp ply rep action logp value version) and clear it."""
+        """Copy out game ``i``'s positions (one ``(length, *row shape)`` array per column) and clear it."""
         k = int(self.length[i])
         self.length[i] = 0
-        return {name: getattr(self, name)[i, :k].copy()
-                for name in ("hcp", "ply", "rep", "action", "logp", "value", "version")}
+        return {name: col[i, :k].copy() for name, col in self.columns.items()}
 
 
 def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, version: int,
@@ -96,16 +95,13 @@ def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, versi
         ended in this step, ``chunk`` being :meth:`Trajectories.take`'s arrays of that game.
     """
     obs, mask = env.observe(copy=False)  # act() copies them into tensors before env.step
-    hcp, ply, rep, _turn = env.positions()
-    actions, logp, value = act(model, obs, mask, temperature, generator=rng)
+    hcp, ply, repetition, _turn = env.positions()
+    actions, log_prob, value = act(model, obs, mask, temperature, generator=rng)
+    recorded = {"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
+                "value": value, "version": version}
     rows, t = np.arange(env.num_games), traj.length
-    traj.hcp[rows, t] = hcp
-    traj.ply[rows, t] = ply
-    traj.rep[rows, t] = rep
-    traj.action[rows, t] = actions
-    traj.logp[rows, t] = logp
-    traj.value[rows, t] = value
-    traj.version[rows, t] = version
+    for name, col in traj.columns.items():
+        col[rows, t] = recorded[name]
     traj.length += 1
     res = env.step(actions)
     done_idx = np.flatnonzero(res.done)
@@ -133,7 +129,7 @@ def wait_for_config(r, keys: Keys, stop: _Stop, poll_s: float = 0.5) -> Config |
         raw = r.get(keys.config)
         if raw is not None:
             return config_from_json(raw)
-        if transport.get_control(r, keys) == "stop":
+        if get_control(r, keys) == "stop":
             return None
         time.sleep(poll_s)
     return None
@@ -180,7 +176,7 @@ def run_worker(
             return
         last_beat = time.monotonic()
         stats.update_rate()
-        transport.write_worker_heartbeat(
+        write_worker_heartbeat(
             r, keys, worker_id,
             {
                 "host": host, "pid": os.getpid(), "state": state, "version": version,
@@ -205,8 +201,8 @@ def run_worker(
     rng = torch.Generator().manual_seed(seed)
     model = build_model(cfg.model)
     model.eval()
-    watcher = transport.WeightsWatcher(r, keys, cfg.stream.weights_poll_s)
-    producer = transport.Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s)
+    watcher = WeightsWatcher(r, keys, cfg.stream.weights_poll_s)
+    producer = Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s)
 
     # --- never play with random weights: wait for version >= 1 ---------------------------------
     version = 0
@@ -217,8 +213,8 @@ def run_worker(
         if announced is None or announced <= version:
             return
         try:
-            latest = transport.read_latest_weights(r, keys)
-        except transport.WeightsError as exc:  # wrong sha256: refuse, keep the current weights
+            latest = read_latest_weights(r, keys)
+        except WeightsError as exc:  # wrong sha256: refuse, keep the current weights
             log.error("worker %s: refused weights: %s", worker_id, exc)
             return
         if latest is None or latest[0] <= version:
@@ -228,7 +224,7 @@ def run_worker(
         log.info("worker %s: loaded weights version %d", worker_id, version)
 
     while version < 1:
-        if stop.requested or transport.get_control(r, keys) == "stop":
+        if stop.requested or get_control(r, keys) == "stop":
             return stats
         maybe_load_weights()
         if version < 1:
@@ -247,7 +243,7 @@ def run_worker(
         nonlocal control, control_checked
         now = time.monotonic()
         if now - control_checked > 0.25:
-            control, control_checked = transport.get_control(r, keys), now
+            control, control_checked = get_control(r, keys), now
         return control
 
     def send_outbox(wait: bool) -> bool:
@@ -260,13 +256,7 @@ def run_worker(
         offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
         batch = ExperienceBatch(
             batch_id=producer.next_batch_id(), worker_id=worker_id,
-            hcp=np.concatenate([c["hcp"] for c in chunks]),
-            ply=np.concatenate([c["ply"] for c in chunks]),
-            repetition=np.concatenate([c["rep"] for c in chunks]),
-            action=np.concatenate([c["action"] for c in chunks]),
-            log_prob=np.concatenate([c["logp"] for c in chunks]),
-            value=np.concatenate([c["value"] for c in chunks]),
-            version=np.concatenate([c["version"] for c in chunks]),
+            **{name: np.concatenate([c[name] for c in chunks]) for name in schema.POSITION.names},
             game_offsets=offsets,
             result=np.array([g[0] for g in outbox], dtype=np.int8),
             reason=np.array([g[1] for g in outbox], dtype=np.uint8),
@@ -305,7 +295,7 @@ def run_worker(
             if cfg.worker.record_games:
                 fields = game_fields(record)
                 fields.update({"worker": worker_id, "version": version})
-                transport.append_game(r, keys, fields, cfg.stream.games_maxlen)
+                append_game(r, keys, fields, cfg.stream.games_maxlen)
 
         if outbox_positions >= cfg.stream.batch_positions:
             send_outbox(wait=True)

@@ -56,19 +56,19 @@ def resolve_redis(args) -> str:
 
 def collect_status(r, run_id: str) -> dict:
     """Everything ``keisei status`` shows, as plain data (also printed by ``--json``)."""
-    from keisei_stream.wire import transport
+    from keisei_stream.wire import status
     from keisei_stream.wire.keys import Keys
 
     keys = Keys(run_id)
     now = time.time()
-    workers = transport.read_workers(r, keys)
+    workers = status.read_workers(r, keys)
     for w in workers:
         seen = float(w.get("last_seen", 0) or 0)
         w["age_s"] = round(now - seen, 1)
-    learner = transport.read_learner_status(r, keys)
-    stream = transport.stream_info(r, keys)
-    acc = transport.read_accounting(r, keys)
-    control = transport.get_control(r, keys)
+    learner = status.read_learner_status(r, keys)
+    stream = status.stream_info(r, keys)
+    acc = status.read_accounting(r, keys)
+    control = status.get_control(r, keys)
     rating = None
     try:
         from keisei_stream.play.evaluation import latest_rating
@@ -200,7 +200,7 @@ def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
 def cmd_run(args) -> int:
     from rich.live import Live
 
-    from keisei_stream.wire import transport
+    from keisei_stream.wire import status
     from keisei_stream.wire.embedded_redis import connect, start_redis
     from keisei_stream.wire.keys import Keys
 
@@ -227,7 +227,7 @@ def cmd_run(args) -> int:
     url_file(run_dir).write_text(url + "\n")
     r = connect(url)
     keys = Keys(run_id)
-    transport.set_control(r, keys, "run")
+    status.set_control(r, keys, "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
     learner_cmd = [py, "-m", "learner", "--config", str(args.config), "--redis", url, "--run", run_id]
@@ -286,7 +286,7 @@ def cmd_run(args) -> int:
         signal.signal(signal.SIGINT, old_int)
         console.print("stopping: workers first (control=stop), then the learner drains, updates and checkpoints")
         try:
-            transport.set_control(r, keys, "stop")
+            status.set_control(r, keys, "stop")
         except Exception as exc:  # Redis gone: signals still stop everything
             console.print(f"[yellow]could not set control=stop: {exc}[/yellow]")
         deadline = time.monotonic() + 30.0

@@ -449,7 +449,7 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg, *, g
                      progress: bool = True, console=None) -> dict:
     """Evaluate one weights version (pinned by ``sha256``) against each opponent, append to the
     ``eval`` stream and update the Elo hash. Returns the version's rating dict (``v:{version}``)."""
-    from keisei_stream.wire import transport
+    from keisei_stream.wire import status
     from keisei_stream.wire.keys import Keys
 
     keys = Keys(run)
@@ -468,7 +468,7 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg, *, g
                   "elo": _fmt(res.elo), "elo_lo": _fmt(res.elo_lo), "elo_hi": _fmt(res.elo_hi),
                   "los": f"{res.los:.4f}", "rating": _fmt(rating[0]), "rating_lo": _fmt(rating[1]),
                   "rating_hi": _fmt(rating[2]), "time": f"{time.time():.3f}"}
-        transport.append_eval(r, keys, fields, cfg.stream.eval_maxlen)
+        status.append_eval(r, keys, fields, cfg.stream.eval_maxlen)
         matches[opp] = {"wins": res.wins, "losses": res.losses, "draws": res.draws, "score": res.score,
                         "elo": res.elo, "elo_lo": res.elo_lo, "elo_hi": res.elo_hi, "anchor": anchor["elo"]}
         if console is not None:

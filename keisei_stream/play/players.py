@@ -216,11 +216,11 @@ def load_model_from_redis(url: str, run: str, version: Union[int, str] = "latest
     ver: Optional[int]
     version = str(version)
     if version == "latest":
-        from keisei_stream.wire import transport
+        from keisei_stream.wire import weights
 
         try:
-            got = transport.read_latest_weights(r, keys)
-        except transport.WeightsError as exc:
+            got = weights.read_latest_weights(r, keys)
+        except weights.WeightsError as exc:
             raise SpecError(f"run {run!r}: {exc}") from None
         if got is None:
             raise SpecError(f"run {run!r} has no published weights")

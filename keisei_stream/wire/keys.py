@@ -1,11 +1,12 @@
-"""Redis key names of one run: every key is ``keisei:{run}:<name>`` (see DESIGN.md, "Redis keys").
+"""Redis key names of one run: every key is ``keisei:{run}:<name>`` (the README's "Redis keys" section).
 
-Besides DESIGN.md's table this module names three bookkeeping keys that the transport needs:
+Besides the keys every process reads (streams, weights, heartbeats, status, control, config) this
+module names three bookkeeping keys of the producer, consumer and weights publisher:
 
 - ``accounting`` (hash): monotone counters of positions through the pipeline
   (:data:`ACCOUNTING_FIELDS`); the invariant, once the stream is drained, is
   ``produced_positions == trained_positions + stale_positions + rejected_positions
-  + duplicate_positions`` for batches added through :class:`keisei_stream.transport.Producer`.
+  + duplicate_positions`` for batches added through :class:`keisei_stream.wire.producer.Producer`.
 - ``producers`` (hash): ``{worker_id} -> "{session}:{seq}"``, the last batch sequence number
   each producer session added, which makes the admission script idempotent.
 - ``weights:index`` (sorted set): ``sha256`` of each published blob scored by version, so
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 #: Counters of the ``accounting`` hash (all integers, missing = 0).
 ACCOUNTING_FIELDS: tuple[str, ...] = (
@@ -45,6 +47,17 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+class _Key:
+    """A key of the run, read as an attribute of :class:`Keys`: the run's prefix plus ``name``."""
+
+    def __init__(self, name: str, doc: str):
+        self.name = name
+        self.__doc__ = doc
+
+    def __get__(self, keys: "Keys | None", owner: type) -> Any:
+        return self if keys is None else keys.prefix + self.name
+
+
 @dataclass(frozen=True)
 class Keys:
     """All Redis key names of run ``run`` (``[A-Za-z0-9_.-]{1,64}``, the config's ``run.id``).
@@ -65,86 +78,37 @@ class Keys:
         return f"keisei:{self.run}:"
 
     # streams
-    @property
-    def experience(self) -> str:
-        """Stream of experience batches (consumer group :attr:`group`); never trimmed."""
-        return self.prefix + "experience"
-
-    @property
-    def deadletter(self) -> str:
-        """Capped stream of rejected entries with the reason."""
-        return self.prefix + "deadletter"
-
-    @property
-    def metrics(self) -> str:
-        """Capped stream: one entry per learner update."""
-        return self.prefix + "metrics"
-
-    @property
-    def games(self) -> str:
-        """Capped stream of finished games (USI moves, result)."""
-        return self.prefix + "games"
-
-    @property
-    def eval(self) -> str:
-        """Capped stream of evaluation results."""
-        return self.prefix + "eval"
-
-    # plain keys
-    @property
-    def config(self) -> str:
-        """String: the run's resolved config (JSON), written by the learner."""
-        return self.prefix + "config"
-
-    @property
-    def control(self) -> str:
-        """String: ``run`` / ``pause`` / ``stop``."""
-        return self.prefix + "control"
-
-    @property
-    def learner(self) -> str:
-        """Hash: learner status."""
-        return self.prefix + "learner"
-
-    @property
-    def accounting(self) -> str:
-        """Hash of position counters (:data:`ACCOUNTING_FIELDS`)."""
-        return self.prefix + "accounting"
-
-    @property
-    def producers(self) -> str:
-        """Hash ``worker_id -> "session:seq"`` of the last batch each producer added."""
-        return self.prefix + "producers"
-
-    # weights
-    @property
-    def weights_latest(self) -> str:
-        """Hash ``version, sha256, bytes, dtype, created`` of the newest weights."""
-        return self.prefix + "weights:latest"
-
-    def weights_blob(self, sha256: str) -> str:
-        """String key holding the safetensors bytes whose SHA-256 (hex) is ``sha256``."""
-        return self.prefix + "weights:blob:" + sha256
-
-    @property
-    def weights_index(self) -> str:
-        """Sorted set of blob SHA-256s scored by version (to prune all but the last K)."""
-        return self.prefix + "weights:index"
-
-    @property
-    def weights_channel(self) -> str:
-        """Pub/sub channel announcing each new version number (a hint only)."""
-        return self.prefix + "weights"
+    experience = _Key("experience", "Stream of experience batches (consumer group :attr:`group`); never trimmed.")
+    deadletter = _Key("deadletter", "Capped stream of rejected entries with the reason.")
+    metrics = _Key("metrics", "Capped stream: one entry per learner update.")
+    games = _Key("games", "Capped stream of finished games (USI moves, result).")
+    eval = _Key("eval", "Capped stream of evaluation results.")
 
     # workers
-    def worker(self, worker_id: str) -> str:
-        """Heartbeat hash of one worker (with a TTL)."""
-        return self.prefix + "workers:" + check_id(worker_id, "worker id")
-
     @property
     def workers_pattern(self) -> str:
         """SCAN pattern matching every worker heartbeat hash."""
         return self.prefix + "workers:*"
+
+    def worker(self, worker_id: str) -> str:
+        """Heartbeat hash of one worker (with a TTL)."""
+        return self.prefix + "workers:" + check_id(worker_id, "worker id")
+
+    # plain keys
+    config = _Key("config", "String: the run's resolved config (JSON), written by the learner.")
+    control = _Key("control", "String: ``run`` / ``pause`` / ``stop``.")
+    learner = _Key("learner", "Hash: learner status.")
+    accounting = _Key("accounting", "Hash of position counters (:data:`ACCOUNTING_FIELDS`).")
+    producers = _Key("producers", 'Hash ``worker_id -> "session:seq"`` of the last batch each producer added.')
+
+    # weights
+    def weights_blob(self, sha256: str) -> str:
+        """String key holding the safetensors bytes whose SHA-256 (hex) is ``sha256``."""
+        return self.prefix + "weights:blob:" + sha256
+
+    weights_latest = _Key("weights:latest", "Hash ``version, sha256, bytes, dtype, created`` of the newest weights.")
+    weights_index = _Key("weights:index", "Sorted set of blob SHA-256s scored by version (to prune all but the last K).")
+    weights_channel = _Key("weights", "Pub/sub channel announcing each new version number (a hint only).")
 
     @property
     def group(self) -> str:

@@ -30,7 +30,8 @@ from redis.retry import Retry
 
 log = logging.getLogger("keisei.redis")
 
-#: Errors that mean "the server is not reachable right now" (never a command's own error).
+#: Errors of a lost or slow connection (never a command's own error): the client retries them, and
+#: so do the producer and the weights watcher.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 5.0

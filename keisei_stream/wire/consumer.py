@@ -1,0 +1,233 @@
+"""The experience stream's consumer: a learner's reader on the ``learners`` group.
+
+Group ``learners`` is created at id 0 with ``MKSTREAM``. :meth:`Consumer.read` returns, in this
+order: this consumer's own pending entries (``XREADGROUP`` id 0, after a restart), entries idle
+for more than ``claim_idle_ms`` in dead consumers' pending lists (``XAUTOCLAIM``, re-scanned every
+``claim_idle_ms / 2``), then new entries (``XREADGROUP >`` with ``BLOCK``). Bad entries go to the
+capped ``deadletter`` stream and duplicates (same ``batch_id``) are dropped; both are acknowledged
+and deleted at once and counted. Good entries are acknowledged and deleted only by
+:meth:`Consumer.ack`, after the update that used them (at-least-once delivery).
+
+Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.embedded_redis.connect` (bytes replies;
+socket timeout above every ``BLOCK``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import redis
+from redis.exceptions import ResponseError
+
+from .codec import ExperienceBatch, decode_entry, entry_positions
+from .embedded_redis import as_str
+from .keys import Keys
+from .schema import BadEntry
+
+#: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
+DEADLETTER_FIELD_BYTES = 4096
+
+
+@dataclass
+class Delivered:
+    """One good entry handed to the learner: its stream id and the decoded batch."""
+
+    entry_id: str
+    batch: ExperienceBatch
+
+
+def ensure_group(r: redis.Redis, keys: Keys) -> None:
+    """Create the ``learners`` group on the experience stream at id 0 (MKSTREAM); idempotent."""
+    try:
+        r.xgroup_create(keys.experience, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class Consumer:
+    """A learner's reader on the ``learners`` group.
+
+    Args:
+        r: client whose socket timeout exceeds ``block_ms``.
+        keys: the run's keys.
+        consumer_name: unique and stable per learner (a restarted learner that reuses it gets its
+            own pending entries back first).
+        max_plies: ``env.max_plies`` for validation.
+        block_ms: XREADGROUP BLOCK for new entries.
+        count: entries per read.
+        claim_idle_ms: pending entries idle longer than this in other consumers are claimed.
+        deadletter_maxlen: approximate cap of the deadletter stream.
+        check_legal: full replay validation (see :func:`keisei_stream.wire.codec.decode_entry`).
+        dedup_window: how many recent batch ids are remembered for duplicate detection.
+
+    Attributes:
+        in_flight: ids delivered by this consumer and not yet acknowledged.
+        stats: local counters (``good``, ``bad``, ``duplicate``, ``claimed``, ``own_pending``).
+    """
+
+    def __init__(self, r: redis.Redis, keys: Keys, consumer_name: str, *, max_plies: int, block_ms: int = 1000,
+                 count: int = 16, claim_idle_ms: int = 60_000, deadletter_maxlen: int = 10_000,
+                 check_legal: bool = True, dedup_window: int = 100_000):
+        self.r = r
+        self.keys = keys
+        self.name = consumer_name
+        self.max_plies = int(max_plies)
+        self.block_ms = int(block_ms)
+        self.count = int(count)
+        self.claim_idle_ms = int(claim_idle_ms)
+        self.deadletter_maxlen = int(deadletter_maxlen)
+        self.check_legal = check_legal
+        self.dedup_window = int(dedup_window)
+        self.in_flight: dict[str, int] = {}  # entry id -> positions
+        self._seen: dict[str, str] = {}  # batch_id -> entry id (insertion ordered, bounded)
+        self._own_cursor: str | None = "0"  # None once our own pending list was re-read
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+        self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0}
+        ensure_group(r, keys)
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(self, block_ms: int | None = None) -> list[Delivered]:
+        """The next good entries (possibly none), in the order described in the module doc.
+
+        Bad entries and duplicates met on the way are dead-lettered / dropped and acknowledged
+        here. Blocks at most ``block_ms`` (default: the constructor's) when nothing is pending.
+
+        Raises:
+            redis.ConnectionError / redis.TimeoutError: when the server is unreachable after the
+                client's own retries (the caller may retry; nothing is lost).
+        """
+        if self._own_cursor is not None:
+            resp = self.r.xreadgroup(self.keys.group, self.name, {self.keys.experience: self._own_cursor},
+                                     count=self.count)
+            entries = _stream_entries(resp)
+            if entries:
+                self._own_cursor = as_str(entries[-1][0])
+                self.stats["own_pending"] += len(entries)
+                return self._process(entries)
+            self._own_cursor = None
+        now = time.monotonic()
+        if now >= self._next_claim:
+            claimed = self._autoclaim()
+            if claimed is not None:
+                return claimed
+            self._next_claim = now + self.claim_idle_ms / 2000.0
+        resp = self.r.xreadgroup(self.keys.group, self.name, {self.keys.experience: ">"}, count=self.count,
+                                 block=self.block_ms if block_ms is None else int(block_ms))
+        return self._process(_stream_entries(resp))
+
+    def _autoclaim(self) -> list[Delivered] | None:
+        """One XAUTOCLAIM page; None when the scan is complete (cursor back at 0-0)."""
+        resp = self.r.xautoclaim(self.keys.experience, self.keys.group, self.name, min_idle_time=self.claim_idle_ms,
+                                 start_id=self._claim_cursor, count=self.count)
+        cursor = as_str(resp[0])
+        entries = [e for e in resp[1] if e is not None and e[1] and as_str(e[0]) not in self.in_flight]
+        self._claim_cursor = cursor
+        if entries:
+            self.stats["claimed"] += len(entries)
+            return self._process(entries)
+        if cursor in ("0-0", "0"):
+            self._claim_cursor = "0-0"
+            return None
+        return []  # more pages to scan; come back next call
+
+    def _process(self, entries: list[tuple[Any, Any]]) -> list[Delivered]:
+        good: list[Delivered] = []
+        for raw_id, fields in entries:
+            entry_id = as_str(raw_id)
+            if entry_id in self.in_flight:
+                continue  # already handed out by this consumer (re-delivery of our own pending)
+            if not fields:  # deleted while pending (redis-py gives None or {}); XADD needs >= 1 field
+                self.r.xack(self.keys.experience, self.keys.group, entry_id)
+                continue
+            try:
+                batch = decode_entry(fields, max_plies=self.max_plies, check_legal=self.check_legal)
+            except BadEntry as exc:
+                self._reject(entry_id, fields, exc.reason)
+                continue
+            if batch.batch_id in self._seen and self._seen[batch.batch_id] != entry_id:
+                self._drop_duplicate(entry_id, batch)
+                continue
+            self._remember(batch.batch_id, entry_id)
+            self.in_flight[entry_id] = batch.num_positions
+            self.stats["good"] += 1
+            good.append(Delivered(entry_id, batch))
+        return good
+
+    def _remember(self, batch_id: str, entry_id: str) -> None:
+        self._seen[batch_id] = entry_id
+        while len(self._seen) > self.dedup_window:
+            self._seen.pop(next(iter(self._seen)))
+
+    def _reject(self, entry_id: str, fields: Mapping[Any, Any], reason: str) -> None:
+        dl: dict[str, Any] = {"reason": reason, "entry_id": entry_id, "consumer": self.name}
+        raw_total = 0
+        for i, (k, v) in enumerate(fields.items()):
+            if i >= 16:
+                dl["raw_truncated_fields"] = len(fields) - 16
+                break
+            kb = k if isinstance(k, bytes) else str(k).encode()
+            vb = v if isinstance(v, bytes) else str(v).encode()
+            raw_total += len(vb)
+            if kb == b"w":
+                dl["worker"] = vb[:200]
+            dl[b"raw:" + kb[:64]] = vb[:DEADLETTER_FIELD_BYTES]
+        dl["raw_bytes"] = raw_total
+        n = entry_positions(fields)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.keys.deadletter, dl, maxlen=self.deadletter_maxlen, approximate=True)
+        pipe.xack(self.keys.experience, self.keys.group, entry_id)
+        pipe.xdel(self.keys.experience, entry_id)
+        pipe.hincrby(self.keys.accounting, "rejected_entries", 1)
+        pipe.hincrby(self.keys.accounting, "rejected_positions", n)
+        pipe.execute()
+        self.stats["bad"] += 1
+
+    def _drop_duplicate(self, entry_id: str, batch: ExperienceBatch) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(self.keys.experience, self.keys.group, entry_id)
+        pipe.xdel(self.keys.experience, entry_id)
+        pipe.hincrby(self.keys.accounting, "duplicate_entries", 1)
+        pipe.hincrby(self.keys.accounting, "duplicate_positions", batch.num_positions)
+        pipe.execute()
+        self.stats["duplicate"] += 1
+
+    # -- acknowledging -----------------------------------------------------------------------
+    def ack(self, entries: Iterable[Delivered | str], trained_positions: int, stale_positions: int) -> None:
+        """Acknowledge and delete ``entries`` after the update that used them, in one MULTI/EXEC.
+
+        Adds ``trained_positions`` / ``stale_positions`` to the accounting (their sum should be
+        the entries' positions). Idempotent per entry on the server (XACK/XDEL of an acked id
+        are no-ops; counters are added again, so do not call twice for the same update).
+        """
+        ids = [e.entry_id if isinstance(e, Delivered) else str(e) for e in entries]
+        pipe = self.r.pipeline(transaction=True)
+        if ids:
+            pipe.xack(self.keys.experience, self.keys.group, *ids)
+            pipe.xdel(self.keys.experience, *ids)
+            pipe.hincrby(self.keys.accounting, "acked_entries", len(ids))
+        pipe.hincrby(self.keys.accounting, "trained_positions", int(trained_positions))
+        pipe.hincrby(self.keys.accounting, "stale_positions", int(stale_positions))
+        pipe.execute()
+        for i in ids:
+            self.in_flight.pop(i, None)
+
+
+def _stream_entries(resp: Any) -> list[tuple[Any, Any]]:
+    """Flatten an XREADGROUP reply (RESP2 list or RESP3 dict) for one stream into (id, fields)."""
+    if not resp:
+        return []
+    if isinstance(resp, dict):
+        out: list[tuple[Any, Any]] = []
+        for v in resp.values():
+            for item in (v[0] if v and isinstance(v[0], list) and v and isinstance(v[0][0], (list, tuple)) else v):
+                out.append((item[0], item[1]))
+        return out
+    out = []
+    for _stream, items in resp:
+        for item in items:
+            out.append((item[0], item[1]))
+    return out

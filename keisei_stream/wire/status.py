@@ -1,0 +1,166 @@
+"""Run status over Redis: worker heartbeats, learner status, the capped metrics / games / eval
+streams, the control key, the stored config, the accounting counters and the experience stream's
+state.
+
+Hash and stream values are written flat (numbers as text, booleans as 0/1, None as empty) and
+read back as ``str``. Every function takes a ``redis.Redis`` made by
+:func:`keisei_stream.wire.embedded_redis.connect`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping
+
+import redis
+from redis.exceptions import ResponseError
+
+from .embedded_redis import as_str
+from .keys import ACCOUNTING_FIELDS, Keys
+
+
+def _flat(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` as values Redis accepts: bool -> 0/1, float -> ``repr``, None -> "", other
+    non-(int, str, bytes) -> ``str``; keys -> ``str``."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        if isinstance(v, bool):
+            v = int(v)
+        elif isinstance(v, float):
+            v = repr(v)
+        elif v is None:
+            v = ""
+        elif not isinstance(v, (int, str, bytes)):
+            v = str(v)
+        out[str(k)] = v
+    return out
+
+
+def write_worker_heartbeat(r: redis.Redis, keys: Keys, worker_id: str, fields: Mapping[str, Any], ttl_s: float) -> None:
+    """``HSET workers:{id}`` (plus ``id``, ``last_seen`` unix seconds) with a TTL of ``ttl_s``."""
+    k = keys.worker(worker_id)
+    data = _flat({"id": worker_id, "last_seen": time.time(), "pid": os.getpid(), **fields})
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(k, mapping=data)
+    pipe.pexpire(k, max(1, int(ttl_s * 1000)))
+    pipe.execute()
+
+
+def read_workers(r: redis.Redis, keys: Keys) -> list[dict[str, str]]:
+    """Every live worker heartbeat as a dict of strings (sorted by id)."""
+    out = []
+    for k in r.scan_iter(match=keys.workers_pattern, count=200):
+        h = r.hgetall(k)
+        if h:
+            d = {as_str(a): as_str(b) for a, b in h.items()}
+            d.setdefault("id", as_str(k).rsplit(":", 1)[-1])
+            out.append(d)
+    return sorted(out, key=lambda d: d.get("id", ""))
+
+
+def write_learner_status(r: redis.Redis, keys: Keys, fields: Mapping[str, Any]) -> None:
+    """``HSET learner`` with ``fields`` (plus ``updated`` unix seconds)."""
+    r.hset(keys.learner, mapping=_flat({**fields, "updated": time.time()}))
+
+
+def read_learner_status(r: redis.Redis, keys: Keys) -> dict[str, str]:
+    """The ``learner`` hash as strings (empty when absent)."""
+    return {as_str(a): as_str(b) for a, b in r.hgetall(keys.learner).items()}
+
+
+def append_metrics(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen: int) -> str:
+    """``XADD metrics MAXLEN ~ maxlen``; returns the entry id."""
+    return as_str(r.xadd(keys.metrics, _flat(fields), maxlen=maxlen, approximate=True))
+
+
+def append_game(r: redis.Redis, keys: Keys, record_fields: Mapping[str, Any], maxlen: int) -> str:
+    """``XADD games MAXLEN ~ maxlen`` (e.g. ``GameRecord.to_dict()`` plus worker/version)."""
+    return as_str(r.xadd(keys.games, _flat(record_fields), maxlen=maxlen, approximate=True))
+
+
+def append_eval(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen: int) -> str:
+    """``XADD eval MAXLEN ~ maxlen``."""
+    return as_str(r.xadd(keys.eval, _flat(fields), maxlen=maxlen, approximate=True))
+
+
+def read_stream(r: redis.Redis, key: str, count: int = 100) -> list[tuple[str, dict[str, str]]]:
+    """The newest ``count`` entries of a capped stream, oldest first, as strings."""
+    items = r.xrevrange(key, count=count)
+    return [(as_str(i), {as_str(a): as_str(b) for a, b in f.items()}) for i, f in reversed(items)]
+
+
+CONTROL_VALUES = ("run", "pause", "stop")
+
+
+def get_control(r: redis.Redis, keys: Keys) -> str:
+    """``run``, ``pause`` or ``stop``; ``run`` when unset or unrecognised."""
+    v = r.get(keys.control)
+    v = as_str(v).strip().lower() if v is not None else "run"
+    return v if v in CONTROL_VALUES else "run"
+
+
+def set_control(r: redis.Redis, keys: Keys, value: str) -> None:
+    """Set the control key.
+
+    Raises:
+        ValueError: for a value other than run/pause/stop.
+    """
+    if value not in CONTROL_VALUES:
+        raise ValueError(f"control must be one of {CONTROL_VALUES}, got {value!r}")
+    r.set(keys.control, value)
+
+
+def write_config(r: redis.Redis, keys: Keys, text: str) -> None:
+    """Store the run's resolved config (JSON text) under ``config``."""
+    r.set(keys.config, text)
+
+
+def read_config(r: redis.Redis, keys: Keys) -> str | None:
+    """The stored config text, or None."""
+    v = r.get(keys.config)
+    return None if v is None else as_str(v)
+
+
+def read_accounting(r: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The ``accounting`` hash as ints, every field of ``ACCOUNTING_FIELDS`` present (0 if unset)."""
+    d = {f: 0 for f in ACCOUNTING_FIELDS}
+    for k, v in r.hgetall(keys.accounting).items():
+        try:
+            d[as_str(k)] = int(v)
+        except ValueError:
+            pass
+    return d
+
+
+def stream_info(r: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Experience stream state.
+
+    Returns:
+        ``length`` (XLEN), ``backlog`` (= length: acknowledged entries are deleted, so this is the
+        unacknowledged count that admission uses), ``pending`` (delivered, not acknowledged),
+        ``lag`` (XINFO GROUPS lag, never delivered; None when Redis reports nil after XDEL —
+        then ``length - pending`` is the estimate in ``undelivered``), ``undelivered``,
+        ``consumers``, ``deadletter`` (XLEN of the deadletter stream).
+    """
+    pipe = r.pipeline(transaction=False)
+    pipe.xlen(keys.experience)
+    pipe.xlen(keys.deadletter)
+    length, dead = pipe.execute()
+    pending = 0
+    lag = None
+    consumers = 0
+    try:
+        groups = r.xinfo_groups(keys.experience)
+    except ResponseError:
+        groups = []
+    for gi in groups:
+        g = {as_str(k): v for k, v in gi.items()}
+        if as_str(g.get("name", "")) == keys.group:
+            pending = int(g.get("pending") or 0)
+            consumers = int(g.get("consumers") or 0)
+            raw_lag = g.get("lag")
+            lag = int(raw_lag) if raw_lag is not None else None
+    undelivered = lag if lag is not None else max(0, int(length) - pending)
+    return {"length": int(length), "backlog": int(length), "pending": pending, "lag": lag,
+            "undelivered": undelivered, "consumers": consumers, "deadletter": int(dead)}
