@@ -29,17 +29,22 @@ class WeightsError(RuntimeError):
 def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype: str, keep: int) -> str:
     """Publish weights ``data`` (safetensors bytes) as ``version``; returns its SHA-256 (hex).
 
-    Order: ``SET weights:blob:{sha}``; then in one MULTI/EXEC ``HSET weights:latest`` (version,
-    sha256, bytes, dtype, created = unix seconds) and ``ZADD weights:index``; then ``PUBLISH
-    weights <version>``; then blobs beyond the newest ``keep`` (by version) are deleted (never
-    the one just published).
+    Order: blobs beyond the newest ``keep - 1`` are deleted first (never the one ``weights:latest``
+    names), so a server near ``maxmemory`` frees a blob before it is asked to store one; then
+    ``SET weights:blob:{sha}``; then in one MULTI/EXEC ``HSET weights:latest`` (version, sha256,
+    bytes, dtype, created = unix seconds) and ``ZADD weights:index``; then ``PUBLISH weights
+    <version>``; then blobs beyond the newest ``keep`` are deleted (never the one just published).
 
     Raises:
         ValueError: ``keep < 1`` or ``version < 0``.
+        redis.exceptions.OutOfMemoryError: the server is full even after pruning (nothing of this
+            version was published; the caller may try again once memory is free).
     """
     if keep < 1 or version < 0:
         raise ValueError("keep must be >= 1 and version >= 0")
     sha = hashlib.sha256(data).hexdigest()
+    latest = r.hget(keys.weights_latest, "sha256")
+    _prune(r, keys, keep - 1, protect={sha, as_str(latest) if latest is not None else ""})
     r.set(keys.weights_blob(sha), data)
     pipe = r.pipeline(transaction=True)
     pipe.hset(keys.weights_latest, mapping={"version": int(version), "sha256": sha, "bytes": len(data),
@@ -47,14 +52,19 @@ def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype
     pipe.zadd(keys.weights_index, {sha: int(version)})
     pipe.execute()
     r.publish(keys.weights_channel, str(int(version)))
-    old = r.zrange(keys.weights_index, 0, -(keep + 1))
-    old = [s for s in old if as_str(s) != sha]
+    _prune(r, keys, keep, protect={sha})
+    return sha
+
+
+def _prune(r: redis.Redis, keys: Keys, keep: int, protect: set[str]) -> None:
+    """Delete the blobs (and index entries) beyond the newest ``keep`` by version, except ``protect``."""
+    old = r.zrange(keys.weights_index, 0, -(keep + 1)) if keep > 0 else r.zrange(keys.weights_index, 0, -1)
+    old = [s for s in old if as_str(s) not in protect]
     if old:
         pipe = r.pipeline(transaction=True)
         pipe.delete(*[keys.weights_blob(as_str(s)) for s in old])
         pipe.zrem(keys.weights_index, *old)
         pipe.execute()
-    return sha
 
 
 def read_latest_info(r: redis.Redis, keys: Keys) -> dict[str, Any] | None:
