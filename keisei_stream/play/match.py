@@ -29,10 +29,11 @@ Continuous evaluation of a run (``keisei eval --follow``) is in :mod:`keisei_str
 
 from __future__ import annotations
 
+import copy
 import math
 import multiprocessing as mp
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import util as mp_util
 from typing import Optional, Sequence
 
@@ -207,28 +208,20 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
 class MatchResult:
     """Result of :func:`play_match`, from player A's point of view.
 
-    ``elo``/``elo_lo``/``elo_hi``: Elo of A minus B with its 95 % interval (:mod:`keisei_stream.play.elo`;
-    bounds may be +-inf at a 0 %/100 % score); ``elo_ci95``: half the interval width ("+-");
-    ``los`` in [0, 1]; ``reasons``: count of each end reason; ``records``: one dict per game
-    (:func:`play_game`'s fields plus ``game``, ``a_color``, ``black``, ``white``, ``a_result``
-    in {+1, 0, -1}); ``seconds``: wall time.
+    ``estimate``: the :class:`keisei_stream.play.elo.EloEstimate` of A minus B from A's wins,
+    losses and draws; its numbers are also attributes of the result (``games``, ``wins``,
+    ``losses``, ``draws``, ``score`` in [0, 1], ``elo`` with its 95 % interval ``elo_lo`` /
+    ``elo_hi`` (Elo points; bounds may be +-inf at a 0 %/100 % score), ``los`` in [0, 1]);
+    ``reasons``: count of each end reason; ``records``: one dict per game (:func:`play_game`'s
+    fields plus ``game``, ``a_color``, ``black``, ``white``, ``a_result`` in {+1, 0, -1});
+    ``seconds``: wall time.
     """
 
     player_a: str
     player_b: str
     name_a: str
     name_b: str
-    games: int
-    wins: int
-    losses: int
-    draws: int
-    score: float
-    elo: float
-    elo_lo: float
-    elo_hi: float
-    elo_ci95: float
-    los: float
-    bounded: bool
+    estimate: elo_math.EloEstimate
     reasons: dict
     opening_plies: int
     max_plies: int
@@ -236,17 +229,35 @@ class MatchResult:
     seconds: float
     records: list = field(default_factory=list)
 
+    games = property(lambda self: self.estimate.games, doc="games played")
+    wins = property(lambda self: self.estimate.wins, doc="A's wins")
+    losses = property(lambda self: self.estimate.losses, doc="A's losses")
+    draws = property(lambda self: self.estimate.draws, doc="draws")
+    score = property(lambda self: self.estimate.score, doc="A's score in [0, 1]")
+    elo = property(lambda self: self.estimate.elo, doc="Elo of A minus B (finite)")
+    elo_lo = property(lambda self: self.estimate.elo_lo, doc="low end of the 95 % interval (may be -inf)")
+    elo_hi = property(lambda self: self.estimate.elo_hi, doc="high end of the 95 % interval (may be +inf)")
+    los = property(lambda self: self.estimate.los, doc="likelihood of superiority of A, in [0, 1]")
+
     def summary(self) -> str:
-        """One line: ``A vs B: W-L-D (score ..%), Elo +x [lo, hi] (+-m), LOS ..%, reasons``."""
-        e = elo_math.estimate(self.wins, self.losses, self.draws)
+        """One line: ``A vs B: W-L-D (score ..%), Elo +x [lo, hi] (+-m), LOS ..%; reasons; seconds``."""
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items()))
-        return elo_math.format_summary(self.name_a, self.name_b, e) + f"; {reasons}; {self.seconds:.1f} s"
+        return elo_math.format_summary(self.name_a, self.name_b, self.estimate) + f"; {reasons}; {self.seconds:.1f} s"
 
     def to_dict(self, with_records: bool = True) -> dict:
-        """JSON-safe dict (infinite values as ``None``)."""
-        d = asdict(self)
-        if not with_records:
-            d.pop("records")
+        """JSON-safe flat dict (infinite values as ``None``): ``player_a``, ``player_b``, ``name_a``,
+        ``name_b``, ``games``, ``wins``, ``losses``, ``draws``, ``score``, ``elo``, ``elo_lo``,
+        ``elo_hi``, ``elo_ci95`` (half the interval's width, the "+-"), ``los``, ``bounded``,
+        ``reasons``, ``opening_plies``, ``max_plies``, ``seed``, ``seconds`` and ``records``
+        (unless ``with_records`` is False)."""
+        e = self.estimate
+        d = {"player_a": self.player_a, "player_b": self.player_b, "name_a": self.name_a, "name_b": self.name_b,
+             "games": e.games, "wins": e.wins, "losses": e.losses, "draws": e.draws, "score": e.score,
+             "elo": e.elo, "elo_lo": e.elo_lo, "elo_hi": e.elo_hi, "elo_ci95": e.elo_margin, "los": e.los,
+             "bounded": e.bounded, "reasons": dict(self.reasons), "opening_plies": self.opening_plies,
+             "max_plies": self.max_plies, "seed": self.seed, "seconds": self.seconds}
+        if with_records:
+            d["records"] = copy.deepcopy(self.records)
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
 
 
@@ -358,7 +369,6 @@ def play_match(player_a: str, player_b: str, games: int = 100, opening_plies: in
             pool.close()
             pool.join()
     records.sort(key=lambda r: r["game"])
-    e = elo_math.estimate(w, l, d)
     reasons: dict[str, int] = {}
     for r in records:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
@@ -366,9 +376,7 @@ def play_match(player_a: str, player_b: str, games: int = 100, opening_plies: in
     name_a = first["black"] if first["a_color"] == "black" else first["white"]
     name_b = first["white"] if first["a_color"] == "black" else first["black"]
     return MatchResult(
-        player_a=player_a, player_b=player_b, name_a=name_a, name_b=name_b, games=games, wins=w,
-        losses=l, draws=d, score=e.score, elo=e.elo, elo_lo=e.elo_lo, elo_hi=e.elo_hi,
-        elo_ci95=e.elo_margin, los=e.los, bounded=e.bounded, reasons=reasons,
-        opening_plies=opening_plies, max_plies=max_plies, seed=seed, seconds=time.monotonic() - t0,
-        records=records,
+        player_a=player_a, player_b=player_b, name_a=name_a, name_b=name_b, estimate=elo_math.estimate(w, l, d),
+        reasons=reasons, opening_plies=opening_plies, max_plies=max_plies, seed=seed,
+        seconds=time.monotonic() - t0, records=records,
     )
