@@ -96,6 +96,12 @@ def test_kif_and_csa_reparse_to_same_moves(tmp_path):
         records.export_games(games, "pgn", tmp_path)
 
 
+def test_cli_export_formats_are_the_records_formats():
+    from keisei_stream.cli.main import EXPORT_FORMATS
+
+    assert sorted(EXPORT_FORMATS) == sorted(records.FORMATS)
+
+
 def test_cli_on_eval_json(tmp_path, capsys):
     res = play_match("greedy", "random", games=4, max_plies=60, progress=False)
     path = tmp_path / "eval.json"

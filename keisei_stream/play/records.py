@@ -42,6 +42,7 @@ import cshogi
 from cshogi import CSA, KIF
 
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
+from keisei_stream.wire import transport
 from keisei_stream.wire.keys import Keys
 
 #: lower-case reason names used in exports (:data:`keisei_stream.play.match.REASONS`; EndReason names map onto them).
@@ -345,13 +346,12 @@ def read_stream_games(r, run: str, count: int = 10) -> list[Game]:
     Raises:
         redis.RedisError: Redis unreachable.
     """
-    entries = r.xrevrange(Keys(run).games, count=count)
     games = []
-    for eid, fields in reversed(entries):
+    for eid, fields in transport.read_stream(r, Keys(run).games, count):
         try:
-            games.append(game_from_fields(fields, _s(eid).replace("-", "_")))
+            games.append(game_from_fields(fields, eid.replace("-", "_")))
         except RecordError as exc:
-            print(f"skipping games entry {_s(eid)}: {exc}", file=sys.stderr)
+            print(f"skipping games entry {eid}: {exc}", file=sys.stderr)
     return games
 
 
