@@ -145,7 +145,12 @@ def latest_rating(r, run: str) -> Optional[dict]:
     """The newest evaluated version's rating for ``keisei status``, or None.
 
     Returns:
-        flat dict ``{"version", "elo", "95% interval", "vs", "age_s"}`` (Elo on the random = 0 scale).
+        flat dict ``{"version", "elo", "95% interval", "vs", "age_s"}`` (Elo on the random = 0 scale,
+        rounded to 0.1; the interval as text; ``vs``: score per opponent in %; ``age_s``: seconds
+        since the evaluation).
+
+    Raises:
+        ValueError, KeyError, TypeError: a malformed ``latest`` entry.
     """
     raw = r.hget(elo_key(run), "latest")
     if not raw:
