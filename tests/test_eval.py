@@ -12,9 +12,12 @@ import textwrap
 import cshogi
 import pytest
 
-from keisei_stream.play import evaluation, players
-from keisei_stream.play.evaluation import play_game, play_match
-from keisei_stream.play.players import GreedyPlayer, RandomPlayer, SpecError, make_player, move_gains, parse_spec
+from keisei_stream.cli.main import main as cli_main
+from keisei_stream.play import follow, players, specs
+from keisei_stream.play.match import play_game, play_match
+from keisei_stream.play.players import GreedyPlayer, RandomPlayer, SpecError, move_gains
+from keisei_stream.play.specs import make_player, parse_spec
+from keisei_stream.wire import embedded_redis
 
 from tests.helpers import Scripted
 
@@ -99,13 +102,13 @@ def test_spec_parsing():
     ps = parse_spec("usi:/bin/engine -x 1;go=go depth 3;option.Threads=2;timeout=5")
     assert ps.kind == "usi" and ps.body == "/bin/engine -x 1"
     assert ps.options == {"go": "go depth 3", "option.Threads": "2", "timeout": "5"}
-    assert players.parse_redis_body("unix:///tmp/r.sock#run1@12") == ("unix:///tmp/r.sock", "run1", "12")
-    assert players.parse_redis_body("redis://h:6379/0#r") == ("redis://h:6379/0", "r", "latest")
+    assert specs.parse_redis_body("unix:///tmp/r.sock#run1@12") == ("unix:///tmp/r.sock", "run1", "12")
+    assert specs.parse_redis_body("redis://h:6379/0#r") == ("redis://h:6379/0", "r", "latest")
     for bad in ("", "bogus", "random:x", "checkpoint:", "usi:x;novalue", "redis:nohash"):
         with pytest.raises(SpecError):
             p = parse_spec(bad)
             if p.kind == "redis":
-                players.parse_redis_body(p.body)
+                specs.parse_redis_body(p.body)
     with pytest.raises(SpecError):
         make_player("usi:engine;bogus=1")
     with pytest.raises(SpecError):
@@ -207,14 +210,14 @@ def test_usi_engine_plays_whole_games(fake_engine):
 
 def test_cli_eval_json(tmp_path, capsys):
     out = tmp_path / "res.json"
-    rc = evaluation.main(["--player", "greedy", "--opponent", "random", "--games", "4", "--json", str(out),
+    rc = cli_main(["eval", "--player", "greedy", "--opponent", "random", "--games", "4", "--json", str(out),
                           "--no-progress", "--max-plies", "80", "--opening-plies", "2"])
     assert rc == 0
     assert "greedy vs random: " in capsys.readouterr().out
     d = json.loads(out.read_text())
     assert d["games"] == 4 and d["wins"] + d["losses"] + d["draws"] == 4
-    assert evaluation.main(["--opponent", "random", "--games", "2", "--no-progress"]) == 2
-    assert evaluation.main(["--player", "nonsense", "--games", "2", "--no-progress"]) == 2
+    assert cli_main(["eval", "--opponent", "random", "--games", "2", "--no-progress"]) == 2
+    assert cli_main(["eval", "--player", "nonsense", "--games", "2", "--no-progress"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,12 +265,12 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(players, "_connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
     keys = Keys("t1")
     r.set(keys.config, cfg.to_json())
-    assert evaluation.latest_rating(r, "t1") is None
+    assert follow.latest_rating(r, "t1") is None
     _publish(r, keys, model, 1)
-    assert evaluation.follow("fake://", "t1", max_evals=0, progress=False) == 0
+    assert follow.follow("fake://", "t1", max_evals=0, progress=False) == 0
     sha = _publish(r, keys, model, 2)
     # an exact version and the latest both resolve
     p = make_player("redis:fake://#t1@2")
@@ -278,7 +281,7 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
         make_player("redis:fake://#t1@sha256:abc")
     with pytest.raises(SpecError):
         make_player("redis:fake://#t1@7")
-    n = evaluation.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False)
+    n = follow.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False)
     assert n == 1
     entries = r.xrange(keys.eval)
     assert [e[1][b"opponent"] for e in entries] == [b"random", b"greedy"]
@@ -286,12 +289,12 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
     for k in (b"version", b"games", b"wins", b"losses", b"draws", b"score", b"elo", b"elo_lo", b"elo_hi"):
         assert k in f
     assert int(f[b"version"]) == 2 and int(f[b"games"]) == 2
-    h = r.hgetall(evaluation.elo_key("t1"))
+    h = r.hgetall(follow.elo_key("t1"))
     assert int(h[b"last_version"]) == 2 and b"anchor:greedy" in h and b"v:00000002" in h
-    rating = evaluation.latest_rating(r, "t1")
+    rating = follow.latest_rating(r, "t1")
     assert rating["version"] == 2 and "random" in rating["vs"]
-    assert [row["version"] for row in evaluation.elo_table(r, "t1")] == [2]
+    assert [row["version"] for row in follow.elo_table(r, "t1")] == [2]
     # version 3 is not due (every 2); a restart resumes from last_version
     _publish(r, keys, model, 3)
     r.set(keys.control, "stop")
-    assert evaluation.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False) == 0
+    assert follow.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False) == 0

@@ -10,11 +10,13 @@ import cshogi
 import pytest
 from cshogi import CSA, KIF
 
-from keisei_stream.play import players, records
-from keisei_stream.play.evaluation import play_game, play_match
+from keisei_stream.cli.main import main as cli_main
+from keisei_stream.play import records
+from keisei_stream.play.match import play_game, play_match
 from keisei_stream.play.players import GreedyPlayer, RandomPlayer
 from keisei_stream.play.records import Game, RecordError, game_fields, parse_game_fields
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
+from keisei_stream.wire import embedded_redis
 
 from tests.helpers import Scripted
 
@@ -94,18 +96,24 @@ def test_kif_and_csa_reparse_to_same_moves(tmp_path):
         records.export_games(games, "pgn", tmp_path)
 
 
+def test_cli_export_formats_are_the_records_formats():
+    from keisei_stream.cli.main import EXPORT_FORMATS
+
+    assert sorted(EXPORT_FORMATS) == sorted(records.FORMATS)
+
+
 def test_cli_on_eval_json(tmp_path, capsys):
     res = play_match("greedy", "random", games=4, max_plies=60, progress=False)
     path = tmp_path / "eval.json"
     path.write_text(json.dumps(res.to_dict()))
-    assert records.main(["export", "--eval-json", str(path), "--format", "csa", "--out", str(tmp_path / "o")]) == 0
+    assert cli_main(["games", "export", "--eval-json", str(path), "--format", "csa", "--out", str(tmp_path / "o")]) == 0
     assert len(list((tmp_path / "o").glob("*.csa"))) == 4
     svg = tmp_path / "b.svg"
-    assert records.main(["show", "--eval-json", str(path), "--index", "0", "--ply", "10", "--svg", str(svg)]) == 0
+    assert cli_main(["games", "show", "--eval-json", str(path), "--index", "0", "--ply", "10", "--svg", str(svg)]) == 0
     out = capsys.readouterr().out
     assert "after 10 plies" in out and "greedy" in out
     assert svg.read_text().startswith("<svg")
-    assert records.main(["list", "--eval-json", str(path)]) == 0
+    assert cli_main(["games", "list", "--eval-json", str(path)]) == 0
     assert "eval-0003" in capsys.readouterr().out
 
 
@@ -114,7 +122,7 @@ def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     from keisei_stream.wire.keys import Keys
 
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(players, "_connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
     keys = Keys("g1")
     for seed in range(3):
         rec = play_game(RandomPlayer(seed), RandomPlayer(seed + 1), max_plies=50)
@@ -124,12 +132,12 @@ def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     r.xadd(keys.games, {"moves": "7g7f 7g7f", "result": "0", "reason": "MAX_PLIES"})  # bad entry: skipped
     games = records.read_stream_games(r, "g1", count=10)
     assert len(games) == 3 and [g.meta["version"] for g in games] == ["0", "1", "2"]
-    assert records.main(["export", "--redis", "fake://", "--run", "g1", "--format", "kif", "--out",
+    assert cli_main(["games", "export", "--redis", "fake://", "--run", "g1", "--format", "kif", "--out",
                          str(tmp_path / "k"), "--count", "2"]) == 0
     files = sorted((tmp_path / "k").glob("*.kif"))
     assert len(files) == 1 or len(files) == 2  # the newest 2 entries: one is the bad one
     for f in files:
         KIF.Parser.parse_file(str(f))
-    assert records.main(["show", "--redis", "fake://", "--run", "g1"]) == 0
+    assert cli_main(["games", "show", "--redis", "fake://", "--run", "g1"]) == 0
     assert "self-play" in capsys.readouterr().out
-    assert records.main(["list", "--redis", "fake://", "--run", "empty"]) == 1
+    assert cli_main(["games", "list", "--redis", "fake://", "--run", "empty"]) == 1

@@ -11,8 +11,8 @@ import sys
 import cshogi
 import pytest
 
-from keisei_stream.play.evaluation import play_match
-from keisei_stream.play.usi import parse_position, value_to_cp
+from keisei_stream.play.engine import parse_position, value_to_cp
+from keisei_stream.play.match import play_match
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def ckpt(tmp_path_factory):
 
 
 def engine_cmd(ckpt, *extra):
-    return [sys.executable, "-m", "keisei_stream.play.usi", "--checkpoint", str(ckpt), *extra]
+    return [sys.executable, "-m", "keisei_stream.cli", "usi", "--checkpoint", str(ckpt), *extra]
 
 
 def talk(ckpt, lines, *extra, timeout=60):
@@ -112,7 +112,7 @@ def test_complete_games_under_cshogi_cli(ckpt, tmp_path):
     """cshogi's match runner (cshogi.usi.Engine) plays 2 complete games: keisei (Temperature 1)
     vs keisei (argmax), a draw limit of 40 moves, CSA records written and parsed back."""
     script = tmp_path / "keisei_engine.sh"
-    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m keisei_stream.play.usi --checkpoint {ckpt} \"$@\"\n")
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -m keisei_stream.cli usi --checkpoint {ckpt} \"$@\"\n")
     script.chmod(0o755)
     csa_dir = tmp_path / "csa"
     csa_dir.mkdir()
@@ -137,7 +137,7 @@ def test_complete_games_under_cshogi_cli(ckpt, tmp_path):
 
 
 def test_engine_under_the_referee(ckpt):
-    spec = f"usi:{sys.executable} -m keisei_stream.play.usi --checkpoint {ckpt} --temperature 1;go=go byoyomi 100"
+    spec = f"usi:{sys.executable} -m keisei_stream.cli usi --checkpoint {ckpt} --temperature 1;go=go byoyomi 100"
     res = play_match(spec, "random", games=2, max_plies=40, progress=False)
     assert res.games == 2
     assert "illegal" not in res.reasons and "crash" not in res.reasons and "timeout" not in res.reasons

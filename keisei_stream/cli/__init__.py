@@ -1,4 +1,5 @@
-"""The ``keisei`` command: ``run``, ``status``, ``eval``, ``usi``, ``games``."""
+"""The ``keisei`` command: ``run``, ``status``, ``eval``, ``usi``, ``games`` (parser and dispatch
+in :mod:`keisei_stream.cli.main`, one module per command)."""
 
 from keisei_stream.cli.main import main
 

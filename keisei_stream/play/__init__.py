@@ -1,2 +1,2 @@
-"""Playing: players (random, greedy, network, USI engines), matches and Elo, continuous
-evaluation, the USI engine adapter and game records."""
+"""Playing: players (random, greedy, network, USI engines) built from spec strings, matches and
+Elo, continuous evaluation, the USI engine adapter and game records."""

@@ -1,4 +1,4 @@
-"""Game records: the ``games`` stream's fields, export to KIF / CSA / USI, and terminal display.
+"""Game records: the ``games`` stream's fields, export to KIF / CSA / USI, and SVG pictures.
 
 **Stream fields** (one ``games`` stream entry per finished game; :func:`game_fields` writes them,
 :func:`parse_game_fields` reads them back)::
@@ -25,12 +25,12 @@ KIF 詰み / CSA %TORYO; resign -> 投了 / %TORYO; repetition -> 千日手 / %S
 illegal move, crash -> 反則負け or 反則勝ち / %ILLEGAL_MOVE or %{+,-}ILLEGAL_ACTION; timeout ->
 切れ負け / %TIME_UP; entering king -> 入玉勝ち / %KACHI; max plies -> 持将棋 / %MAX_MOVES.
 
-CLI: ``keisei games export|show|list`` (:func:`add_games_arguments`, :func:`cli_games`).
+The ``keisei games export|show|list`` command reads games with :func:`read_stream_games` /
+:func:`read_eval_games` and writes them with :func:`export_games` / :func:`to_svg`.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -41,9 +41,11 @@ from typing import Any, Iterable, Optional
 import cshogi
 from cshogi import CSA, KIF
 
-from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
+from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
+from keisei_stream.wire import status
+from keisei_stream.wire.keys import Keys
 
-#: lower-case reason names used in exports (evaluation's reasons; EndReason names map onto them).
+#: lower-case reason names used in exports (:data:`keisei_stream.play.match.REASONS`; EndReason names map onto them).
 _ENDREASON_TO_NAME = {
     "CHECKMATE": "checkmate", "REPETITION_DRAW": "repetition", "PERPETUAL_CHECK": "perpetual_check",
     "ENTERING_KING": "entering_king", "MAX_PLIES": "max_plies", "ILLEGAL": "illegal", "RESIGN": "resign",
@@ -140,10 +142,8 @@ def _parse_position_line(text: str) -> tuple[str, list[str]]:
 
 
 def _replay(start: str, moves: list[str]) -> cshogi.Board:
-    from keisei_stream.play.usi import check_sfen
-
     try:
-        start = check_sfen(start)
+        start = validate_sfen(start)
     except ValueError as exc:
         raise RecordError(str(exc)) from None
     board = cshogi.Board()
@@ -300,6 +300,7 @@ def to_usi(game: Game) -> str:
     return f"{game.usi_position()}\n# {res} {game.reason} {game.black} vs {game.white}\n"
 
 
+#: export format -> (writer of one game's text, file extension, text encoding)
 FORMATS = {"kif": (to_kif, ".kif", "cp932"), "csa": (to_csa, ".csa", "utf-8"), "usi": (to_usi, ".usi", "utf-8")}
 
 
@@ -308,10 +309,14 @@ def _safe(name: str) -> str:
 
 
 def export_games(games: Iterable[Game], fmt: str, out_dir: str | Path) -> list[Path]:
-    """Write each game to ``out_dir/{id}.{kif|csa}``, or all games to ``out_dir/games.usi``.
+    """Write each game to ``out_dir/{id}.{kif|csa}``, or all games to ``out_dir/games.usi``
+    (``fmt`` is a key of :data:`FORMATS`; ``out_dir`` is created).
+
+    Returns:
+        the paths written.
 
     Raises:
-        ValueError: unknown format.
+        ValueError: unknown format; OSError: the files cannot be written.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (kif, csa, usi)")
@@ -335,174 +340,57 @@ def export_games(games: Iterable[Game], fmt: str, out_dir: str | Path) -> list[P
 
 
 def read_stream_games(r, run: str, count: int = 10) -> list[Game]:
-    """The newest ``count`` games of the run's ``games`` stream, oldest first (bad entries skipped)."""
-    from keisei_stream.wire.keys import Keys
+    """The newest ``count`` games of the run's ``games`` stream, oldest first; a bad entry is
+    skipped with a line on stderr.
 
-    entries = r.xrevrange(Keys(run).games, count=count)
+    Raises:
+        redis.RedisError: Redis unreachable.
+    """
     games = []
-    for eid, fields in reversed(entries):
+    for eid, fields in status.read_stream(r, Keys(run).games, count):
         try:
-            games.append(game_from_fields(fields, _s(eid).replace("-", "_")))
+            games.append(game_from_fields(fields, eid.replace("-", "_")))
         except RecordError as exc:
-            print(f"skipping games entry {_s(eid)}: {exc}", file=sys.stderr)
+            print(f"skipping games entry {eid}: {exc}", file=sys.stderr)
     return games
 
 
 def read_eval_games(path: str | Path) -> list[Game]:
-    """The games of a ``keisei eval --json`` file."""
+    """The games of a ``keisei eval --json`` file (its ``records``), in file order.
+
+    Raises:
+        OSError: unreadable file; ValueError: not JSON, or a record with a bad SFEN or an illegal
+            move (:class:`RecordError`); KeyError/TypeError: not such a file.
+    """
     data = json.loads(Path(path).read_text())
     return [game_from_eval(rec) for rec in data.get("records", [])]
 
 
 # ------------------------------------------------------------------------------------------------
-# display
+# positions and pictures
 
 
-def board_renderable(board: cshogi.Board, last_move: Optional[int] = None):
-    """A rich Table of the board: Black's pieces upper-case (bold), White's lower-case (red),
-    promoted with ``+``, files 9..1 left to right, ranks a..i top to bottom; hands below."""
-    from rich.table import Table
-    from rich.text import Text
+def board_after(game: Game, ply: Optional[int] = None) -> tuple[cshogi.Board, Optional[int], int]:
+    """The position after the first ``ply`` moves of ``game``.
 
-    t = Table(show_header=True, box=None, pad_edge=False, padding=(0, 1))
-    t.add_column("")
-    for f in range(9, 0, -1):
-        t.add_column(str(f), justify="center")
-    to_sq = cshogi.move_to(last_move) if last_move else -1
-    for rank in range(9):
-        row = [Text("abcdefghi"[rank], style="dim")]
-        for f in range(9, 0, -1):
-            sq = (f - 1) * 9 + rank
-            pc = board.piece(sq)
-            if pc == 0:
-                cell = Text("·", style="dim")
-            else:
-                pt = pc & 15
-                sym = cshogi.PIECE_SYMBOLS[pt]
-                black = pc < 16
-                cell = Text(sym.upper() if black else sym, style="bold" if black else "red")
-            if sq == to_sq:
-                cell.stylize("reverse")
-            row.append(cell)
-        t.add_row(*row)
-    return t
+    Args:
+        game: the game; ply: moves to play (default: all), clamped to ``0..game.plies``.
 
-
-def _hand_text(hand: list[int]) -> str:
-    names = ["P", "L", "N", "S", "G", "B", "R"]
-    s = " ".join(f"{n}{c if c > 1 else ''}" for n, c in zip(names, hand) if c)
-    return s or "-"
-
-
-def show_game(game: Game, ply: Optional[int] = None, console=None, svg: Optional[str] = None) -> None:
-    """Print a game header, the board after ``ply`` moves (default: the end) and the move list;
-    optionally write the board as SVG (``cshogi.Board.to_svg``)."""
-    from rich.console import Console, Group
-    from rich.panel import Panel
-
-    console = console or Console()
+    Returns:
+        ``(board, last_move, n)``: a new ``cshogi.Board``, the cshogi move code of the last move
+        played (None at the start position) and the number of moves played.
+    """
     n = game.plies if ply is None else max(0, min(ply, game.plies))
     board = _board(game)
     last = None
     for mv in game.moves[:n]:
         last = board.move_from_usi(mv)
         board.push(last)
-    res = {1: "Black won", -1: "White won"}.get(game.result, "draw")
-    black_hand, white_hand = board.pieces_in_hand
-    header = (f"[bold]{game.id}[/bold]  {game.black} (Black) vs {game.white} (White): {res}, "
-              f"{game.reason}, {game.plies} plies")
-    body = Group(f"White hand: {_hand_text(white_hand)}", board_renderable(board, last),
-                 f"Black hand: {_hand_text(black_hand)}",
-                 f"after {n} plies, {'Black' if board.turn == cshogi.BLACK else 'White'} to move")
-    console.print(header)
-    console.print(Panel.fit(body))
-    moves = " ".join(f"{i + 1}.{m}" for i, m in enumerate(game.moves))
-    console.print(moves, highlight=False, soft_wrap=False)
-    if svg:
-        Path(svg).write_text(str(board.to_svg(last) if last else board.to_svg()))
-        console.print(f"SVG written to {svg}")
+    return board, last, n
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_games_arguments(p: argparse.ArgumentParser) -> None:
-    """``keisei games export|show|list`` arguments."""
-    sub = p.add_subparsers(dest="games_command", required=True)
-
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--redis", default=None, help="Redis URL (default: the local run's)")
-        q.add_argument("--run", default="quickstart", help="run id")
-        q.add_argument("--runs-dir", default="runs", help="where a local `keisei run` records its Redis URL")
-        q.add_argument("--eval-json", default=None, help="read the games of a `keisei eval --json` file instead")
-        q.add_argument("--count", type=int, default=10, help="newest N games (default 10)")
-
-    e = sub.add_parser("export", help="write games as KIF, CSA or USI")
-    common(e)
-    e.add_argument("--format", choices=sorted(FORMATS), default="kif")
-    e.add_argument("--out", required=True, help="output directory")
-    s = sub.add_parser("show", help="print one game's board and moves; optionally SVG")
-    common(s)
-    s.add_argument("--index", type=int, default=-1, help="which of the listed games (default -1: the newest)")
-    s.add_argument("--ply", type=int, default=None, help="show the board after this many moves (default: the end)")
-    s.add_argument("--svg", default=None, help="also write the board as an SVG file")
-    ls = sub.add_parser("list", help="table of the newest games")
-    common(ls)
-
-
-def _load(args) -> list[Game]:
-    if args.eval_json:
-        games = read_eval_games(args.eval_json)
-        return games[-args.count:] if args.count else games
-    from keisei_stream.play.evaluation import _resolve_url
-    from keisei_stream.play.players import _connect
-
-    return read_stream_games(_connect(_resolve_url(args)), args.run, args.count)
-
-
-def cli_games(args) -> int:
-    """``keisei games ...``: returns the exit code (0 ok, 1 no games, 2 bad input)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    try:
-        games = _load(args)
-    except (RecordError, ValueError, OSError, KeyError, TypeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 2
-    if not games:
-        console.print("no games found")
-        return 1
-    cmd = args.games_command
-    if cmd == "export":
-        paths = export_games(games, args.format, args.out)
-        console.print(f"wrote {len(games)} game(s) to {len(paths)} file(s) in {args.out}")
-    elif cmd == "show":
-        try:
-            game = games[args.index]
-        except IndexError:
-            console.print(f"[red]error:[/red] only {len(games)} games")
-            return 2
-        show_game(game, args.ply, console, args.svg)
-    else:
-        t = Table(title="games", title_justify="left")
-        for c in ("#", "id", "black", "white", "result", "reason", "plies"):
-            t.add_column(c)
-        for i, g in enumerate(games):
-            t.add_row(str(i - len(games)), g.id, g.black, g.white, {1: "1-0", -1: "0-1"}.get(g.result, "½-½"),
-                      g.reason, str(g.plies))
-        console.print(t)
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m keisei_stream.play.records ...`` (same as ``keisei games``)."""
-    p = argparse.ArgumentParser(prog="keisei games")
-    add_games_arguments(p)
-    return cli_games(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def to_svg(game: Game, ply: Optional[int] = None) -> str:
+    """SVG text of the board after ``ply`` moves (default: the end), the last move highlighted
+    (``cshogi.Board.to_svg``)."""
+    board, last, _ = board_after(game, ply)
+    return str(board.to_svg(last) if last else board.to_svg())

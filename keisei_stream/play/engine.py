@@ -23,20 +23,19 @@ Anything else is ignored. Every line written is flushed. The ``score cp`` is the
 600-centipawn logistic scale of shogi engines), clamped to +-30000.
 
 Use with a GUI (ShogiGUI, Shogidokoro, ShogiHome): register a small script as the engine, e.g.
-``#!/bin/sh`` / ``exec /path/to/python -m keisei_stream.play.usi --checkpoint /path/ckpt.pt``.
+``#!/bin/sh`` / ``exec /path/to/python -m keisei_stream.cli usi --checkpoint /path/ckpt.pt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import re
-import sys
 import time
 from pathlib import Path
 from typing import IO, Optional
 
 import cshogi
+
+from keisei_stream.shogi import validate_sfen
 
 ENGINE_NAME = "keisei-stream"
 AUTHOR = "keisei-stream contributors"
@@ -48,67 +47,12 @@ def value_to_cp(v: float) -> int:
     return int(max(-30000, min(30000, round(600.0 * math.log(p / (1.0 - p))))))
 
 
-_MAX_PIECES = {"p": 18, "l": 4, "n": 4, "s": 4, "g": 4, "b": 2, "r": 2}
-_HAND_RE = re.compile(r"^(?:-|(?:\d{0,2}[PLNSGBRplnsgbr])+)$")
-
-
-def check_sfen(text: str) -> str:
-    """Validate a SFEN (``board side hand [move]``) before cshogi sees it, since
-    ``cshogi.Board.set_sfen`` aborts the process on some malformed strings.
-
-    Checks: 9 ranks of 9 squares (``+`` only before P L N S B R), side ``b``/``w``, hand syntax,
-    exactly one king per side, at most the standard number of each piece (board + hands).
-
-    Returns:
-        the normalised SFEN (move number ``1`` added when missing).
-
-    Raises:
-        ValueError: with the reason.
-    """
-    f = text.split()
-    if len(f) == 3:
-        f.append("1")
-    if len(f) != 4:
-        raise ValueError(f"bad sfen {text!r}: expected 'board side hand [move]'")
-    board, side, hand, move = f
-    if side not in ("b", "w") or not move.isdigit() or not _HAND_RE.match(hand):
-        raise ValueError(f"bad sfen {text!r}")
-    counts: dict[str, int] = {}
-    ranks = board.split("/")
-    if len(ranks) != 9:
-        raise ValueError(f"bad sfen {text!r}: {len(ranks)} ranks")
-    for rank in ranks:
-        n, i = 0, 0
-        while i < len(rank):
-            c = rank[i]
-            if c.isdigit() and c != "0":
-                n += int(c)
-            elif c == "+" and i + 1 < len(rank) and rank[i + 1].lower() in "plnsbr":
-                pass
-            elif c.lower() in "plnsgbrk":
-                counts[c] = counts.get(c, 0) + 1
-                n += 1
-            else:
-                raise ValueError(f"bad sfen {text!r}: character {c!r}")
-            i += 1
-        if n != 9:
-            raise ValueError(f"bad sfen {text!r}: rank {rank!r} has {n} squares")
-    if counts.get("K", 0) != 1 or counts.get("k", 0) != 1:
-        raise ValueError(f"bad sfen {text!r}: each side needs exactly one king")
-    if hand != "-":
-        for num, c in re.findall(r"(\d*)([PLNSGBRplnsgbr])", hand):
-            counts[c] = counts.get(c, 0) + (int(num) if num else 1)
-    for p, mx in _MAX_PIECES.items():
-        if counts.get(p, 0) + counts.get(p.upper(), 0) > mx:
-            raise ValueError(f"bad sfen {text!r}: too many {p.upper()}")
-    return " ".join(f)
-
-
 def parse_position(tokens: list[str]) -> tuple[cshogi.Board, str, list[str], Optional[str]]:
     """``position`` arguments -> ``(board, start_sfen or "startpos", moves played, error or None)``.
 
     The board ends after the last legal move of the list; an illegal or malformed move stops the
-    replay (its text is in the error).
+    replay (its text is in the error). A malformed command or SFEN gives the start position and
+    the error text; nothing is raised.
     """
     error = None
     if not tokens:
@@ -122,7 +66,7 @@ def parse_position(tokens: list[str]) -> tuple[cshogi.Board, str, list[str], Opt
         board, start = cshogi.Board(), "startpos"
     elif head[0] == "sfen" and len(head) >= 4:
         try:
-            start = check_sfen(" ".join(head[1:5]))
+            start = validate_sfen(" ".join(head[1:5]))
         except ValueError as exc:
             return cshogi.Board(), "startpos", [], str(exc)
         board = cshogi.Board()
@@ -152,6 +96,8 @@ class UsiEngine:
         checkpoint: path of the checkpoint (loaded at ``isready`` or the first ``go``).
         out: text stream for answers (flushed after each line).
         temperature, device, seed: initial option values.
+        name: the ``id name`` (default ``keisei-stream <checkpoint stem>``).
+        log: text stream that receives the dialogue (``< `` input, ``> `` output lines), or None.
         threads: torch intra-op threads (1 is fastest for one position per move).
     """
 
@@ -174,6 +120,7 @@ class UsiEngine:
 
     # -- output
     def send(self, line: str) -> None:
+        """Write one answer line to ``out`` (and ``log``), flushed."""
         self.out.write(line + "\n")
         self.out.flush()
         if self.log is not None:
@@ -182,7 +129,9 @@ class UsiEngine:
 
     # -- model
     def _ensure_player(self):
-        from keisei_stream.play.players import ModelPlayer
+        # imported at the first isready/go, not at the top: ``usi`` is answered before torch
+        # (about 2 s) is imported, so GUIs register the engine quickly
+        from keisei_stream.play.model_player import ModelPlayer
 
         key = (self.options["Device"],)
         if self.player is None or self._loaded_key != key:
@@ -204,7 +153,12 @@ class UsiEngine:
 
     # -- commands
     def handle(self, line: str) -> bool:
-        """Process one line; returns False on ``quit``."""
+        """Process one input line; returns False on ``quit``.
+
+        An error while handling a line is answered with ``info string error: ...`` (and
+        ``bestmove resign`` for ``go``), except at ``isready``, where it is raised: an engine whose
+        model cannot be loaded stops.
+        """
         if self.log is not None:
             self.log.write(f"< {line}\n")
             self.log.flush()
@@ -307,7 +261,16 @@ class UsiEngine:
 
 def run_engine(inp: IO[str], out: IO[str], checkpoint: str, *, temperature: float = 0.0, device: str = "cpu",
                seed: int = 0, name: Optional[str] = None, log: Optional[IO[str]] = None, threads: int = 1) -> int:
-    """Serve the USI protocol until ``quit`` or end of input. Returns 0."""
+    """Serve the USI protocol on ``inp``/``out`` (text streams) until ``quit`` or end of input.
+
+    Arguments as :class:`UsiEngine`.
+
+    Returns:
+        0.
+
+    Raises:
+        SpecError: the checkpoint cannot be loaded at ``isready``.
+    """
     engine = UsiEngine(checkpoint, out, temperature, device, seed, name, log, threads)
     while True:
         line = inp.readline()
@@ -315,40 +278,3 @@ def run_engine(inp: IO[str], out: IO[str], checkpoint: str, *, temperature: floa
             return 0
         if not engine.handle(line):
             return 0
-
-
-def add_usi_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``keisei usi``."""
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (ckpt_*.pt)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default); USI option Temperature")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (USI option Device)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (USI option Seed)")
-    p.add_argument("--name", default=None, help="id name (default: keisei-stream <checkpoint stem>)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest per move)")
-    p.add_argument("--log", default=None, help="append the protocol dialogue to this file")
-
-
-def main(args) -> int:
-    """``keisei usi`` entry: ``args`` from :func:`add_usi_arguments` (or an argv list)."""
-    if args is None or isinstance(args, list):
-        p = argparse.ArgumentParser(prog="keisei usi", description="the policy as a USI engine")
-        add_usi_arguments(p)
-        args = p.parse_args(args)
-    if not Path(args.checkpoint).is_file():
-        print(f"error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
-        return 2
-    if args.temperature < 0:
-        print("error: --temperature must be >= 0", file=sys.stderr)
-        return 2
-    log = open(args.log, "a", encoding="utf-8") if args.log else None
-    try:
-        return run_engine(sys.stdin, sys.stdout, args.checkpoint, temperature=args.temperature,
-                          device=args.device, seed=args.seed, name=args.name, log=log,
-                          threads=max(1, args.threads))
-    finally:
-        if log is not None:
-            log.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

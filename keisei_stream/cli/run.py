@@ -1,0 +1,171 @@
+"""``keisei run``: a whole local run in one command: a private Redis (unless ``--redis``), the
+learner and N workers as child processes (``python -m learner``, ``python -m workers``, logs in
+``{run.dir}/{run.id}/logs``), a live status view, and a clean stop."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.live import Live
+
+from keisei_stream.cli.common import make_console, url_file
+from keisei_stream.cli.status import collect_status, render_status
+from keisei_stream.config import ConfigError, load_config
+from keisei_stream.wire import embedded_redis, status
+from keisei_stream.wire.keys import Keys
+
+
+def _child_preexec() -> None:  # pragma: no cover - runs in the child
+    """New session (a terminal's Ctrl-C reaches only ``keisei run``, which stops the children in
+    order), and SIGTERM to the child if ``keisei run`` dies (Linux PR_SET_PDEATHSIG)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def command(args: argparse.Namespace) -> int:
+    """``keisei run``: start the run, show its status until ``--duration``, Ctrl-C, SIGTERM or
+    the learner's exit, then stop it in order (workers, then the learner).
+
+    Returns:
+        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config.
+    """
+    console = make_console()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.run:
+            cfg.run.id = args.run
+    except (ConfigError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    run_id = cfg.run.id
+    run_dir = Path(cfg.run.dir) / run_id
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    n_workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+
+    server = None
+    if args.redis:
+        url = args.redis
+    else:
+        server = embedded_redis.start_redis(run_dir)
+        url = server.url
+    url_file(run_dir).write_text(url + "\n")
+    r = embedded_redis.connect(url)
+    keys = Keys(run_id)
+    status.set_control(r, keys, "run")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    py = sys.executable
+    learner_cmd = [py, "-m", "learner", "--config", str(args.config), "--redis", url, "--run", run_id]
+    for ov in args.overrides:
+        learner_cmd += ["--set", ov]
+    if args.resume:
+        learner_cmd.append("--resume")
+    console.print(f"keisei run [bold]{run_id}[/bold]: Redis {url}, 1 learner + {n_workers} workers, "
+                  f"logs in {logs}" + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
+    learner = subprocess.Popen(learner_cmd, stdout=open(logs / "learner.out", "ab"),
+                               stderr=subprocess.STDOUT, env=env, preexec_fn=_child_preexec)
+    workers = []
+    for i in range(n_workers):
+        cmd = [py, "-m", "workers", "--redis", url, "--run", run_id, "--id", f"w{i}"]
+        if args.games:
+            cmd += ["--games", str(args.games)]
+        workers.append(subprocess.Popen(cmd, stdout=open(logs / f"worker-w{i}.out", "ab"),
+                                        stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_child_preexec))
+    t0 = time.monotonic()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM and SIGINT both mean "stop the run in order" (SIGINT is set explicitly: a shell
+    # starts background jobs with SIGINT ignored).
+    old_term = signal.signal(signal.SIGTERM, interrupt)
+    old_int = signal.signal(signal.SIGINT, interrupt)
+    try:
+        def loop(update):
+            while True:
+                if args.duration and time.monotonic() - t0 >= args.duration:
+                    return
+                if learner.poll() is not None:
+                    console.print(f"[red]learner exited with {learner.returncode}[/red]; see {logs / 'learner.out'}")
+                    return
+                time.sleep(2.0)
+                update()
+
+        if args.no_live or not console.is_terminal:
+            def update():
+                st = collect_status(r, run_id)
+                ln = st["learner"]
+                console.print(f"[{time.monotonic() - t0:7.0f}s] version {ln.get('version', '-')} "
+                              f"updates {ln.get('updates', '-')} backlog {st['stream'].get('backlog', '-')} "
+                              f"produced {st['accounting'].get('produced_positions', 0)} "
+                              f"trained {st['accounting'].get('trained_positions', 0)}", highlight=False)
+                time.sleep(max(0.0, args.print_every - 2.0))
+            loop(update)
+        else:
+            with Live(render_status(collect_status(r, run_id)), console=console, refresh_per_second=1) as live:
+                loop(lambda: live.update(render_status(collect_status(r, run_id))))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+        console.print("stopping: workers first (control=stop), then the learner drains, updates and checkpoints")
+        try:
+            status.set_control(r, keys, "stop")
+        except Exception as exc:  # Redis gone: signals still stop everything
+            console.print(f"[yellow]could not set control=stop: {exc}[/yellow]")
+        deadline = time.monotonic() + 30.0
+        for p in workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _terminate([p], signal.SIGTERM, 10.0)
+                if p.poll() is None:
+                    p.kill()
+        _terminate([learner], signal.SIGTERM, args.learner_stop_timeout)
+        if learner.poll() is None:
+            console.print("[red]learner did not stop in time; killed[/red]")
+            learner.kill()
+            learner.wait()
+        try:
+            st = collect_status(r, run_id)
+            console.print(render_status(st))
+            (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
+        except Exception as exc:
+            console.print(f"[yellow]final status unavailable: {exc}[/yellow]")
+        if server is not None:
+            server.stop()
+            url_file(run_dir).unlink(missing_ok=True)
+    # imported only now: the supervisor needs torch (about 2 s to import) for nothing but this
+    # file name, so the run starts without it
+    from keisei_stream.rl.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    console.print(f"checkpoint: {ckpt}")
+    return 0 if learner.returncode == 0 else 1
+
+

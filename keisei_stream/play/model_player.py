@@ -1,0 +1,143 @@
+"""The policy network as a player: :class:`ModelPlayer`, one forward pass per move."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import cshogi
+import numpy as np
+import torch
+from torch import nn
+
+from keisei_stream.config import Config, ConfigError
+from keisei_stream.play.loaders import resolve_device
+from keisei_stream.play.players import STARTPOS, SpecError
+from keisei_stream.rl import checkpoint
+from keisei_stream.shogi import encode_observation, legal_moves_and_actions
+
+
+class ModelPlayer:
+    """The policy network as a player: one forward pass per move.
+
+    Args:
+        source: a checkpoint path (read by ``keisei_stream.rl.checkpoint.load_model_from_checkpoint``),
+            or a ``(model, config)`` or ``(model, config, meta)`` tuple already loaded.
+        temperature: 0 = argmax of the legal logits; > 0 samples ``softmax(logits / T)`` over the
+            legal moves.
+        device: torch device name for a checkpoint (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``);
+            a loaded model stays where it is.
+        name: shown in results (default: the file name, or ``"model"``).
+        seed: seed of the sampling generator (temperature > 0).
+        threads: torch intra-op threads to set for this process (default 1; None = leave as is).
+
+    The observation is ``keisei_stream.shogi.encode_observation(board, ply, repetition,
+    cfg.env.max_plies)`` ``(46, 9, 9) float32``, with ``repetition`` = earlier occurrences of the
+    position in this game (counted from the positions seen since :meth:`new_game`, opening
+    included) and the model's own training ``max_plies``; the legal moves and their action
+    indices come from ``keisei_stream.shogi.legal_moves_and_actions``.
+
+    Attributes:
+        model, config, meta: the network, its :class:`keisei_stream.config.Config`, and the
+            checkpoint's ``version``/``updates``/``extra`` (or the tuple's ``meta``).
+
+    Raises:
+        SpecError: unreadable checkpoint or its config, unavailable device, temperature < 0 or
+            not finite.
+    """
+
+    def __init__(self, source: Union[str, Path, tuple], temperature: float = 0.0, device: str = "cpu",
+                 name: Optional[str] = None, seed: int = 0, threads: Optional[int] = 1):
+        if threads:
+            # one position per forward pass: intra-op threads cost more than they give on tensors
+            # this small, and their spin-waits stall badly on a busy machine (measured here: 1 ms
+            # per move with 1 thread, 150-250 ms with 2 on a loaded 2-core box). Matches get
+            # their parallelism from processes instead. Note: process-wide setting.
+            torch.set_num_threads(threads)
+
+        self.model: Optional[nn.Module]
+        self.config: Config
+        if isinstance(source, tuple):
+            self.model, self.config = source[0], source[1]
+            self.meta: dict = source[2] if len(source) > 2 else {}
+            default_name = "model"
+        else:
+            dev = resolve_device(device)
+            try:
+                self.model, info = checkpoint.load_model_from_checkpoint(source, map_location="cpu")
+            except (checkpoint.CheckpointError, ConfigError) as exc:
+                raise SpecError(str(exc)) from None
+            self.model.to(dev)
+            self.config = info.pop("config")
+            info.pop("config_json")
+            self.meta = info
+            default_name = Path(source).stem
+        if temperature < 0 or not math.isfinite(temperature):
+            raise SpecError(f"temperature must be >= 0, got {temperature}")
+        self.name = name or default_name
+        self.temperature = float(temperature)
+        first = next(self.model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.model.eval()
+        self.max_plies = int(self.config.env.max_plies)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._counts: dict[int, int] = {}
+
+    def new_game(self, start_sfen: str = STARTPOS, moves: Sequence[str] = (), seed: Optional[int] = None) -> None:
+        """Forget the last game's positions, count those of the opening ``moves`` (for the
+        repetition plane), and reseed the sampling generator with ``seed`` (if given)."""
+        self._counts = {}
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        # count the positions before each opening move; the position after the opening is
+        # counted by choose() when it is this player's turn there
+        b = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
+        for mv in moves:
+            self._seen(b)
+            b.push_usi(mv)
+
+    def _seen(self, board: cshogi.Board) -> int:
+        key = board.zobrist_hash()
+        n = self._counts.get(key, 0)
+        self._counts[key] = n + 1
+        return n
+
+    def choose(self, board: cshogi.Board, ply: int) -> Union[str, int]:
+        """The policy's move (cshogi move code), or ``"resign"`` without a legal move."""
+        # a position repeats with the same side to move, i.e. at this player's turns only, so
+        # counting here (plus the opening in new_game) sees every earlier occurrence.
+        repetition = min(self._seen(board), 2)
+        move, _ = self.policy_move(board, ply, repetition)
+        return move
+
+    def policy_move(self, board: cshogi.Board, ply: int, repetition: int = 0) -> tuple[Union[str, int], float]:
+        """One forward pass: ``(move, value)``.
+
+        Args:
+            board: position (side to move = the player); not modified.
+            ply: moves played since the game's start; repetition: earlier occurrences (0..2).
+
+        Returns:
+            ``move``: cshogi move code (``"resign"`` when there is no legal move); ``value``:
+            the value head in [-1, 1] for the side to move (0.0 without legal moves).
+        """
+        moves, actions = legal_moves_and_actions(board)
+        if len(moves) == 0:
+            return "resign", 0.0
+        obs = encode_observation(board, ply, min(max(int(repetition), 0), 2), self.max_plies)
+        with torch.inference_mode():
+            x = torch.from_numpy(obs)[None].to(self.device)
+            logits, value = self.model(x)
+            legal_logits = logits[0].float().cpu()[torch.from_numpy(np.asarray(actions, dtype=np.int64))]
+            if self.temperature == 0.0:
+                i = int(torch.argmax(legal_logits))
+            else:
+                probs = torch.softmax(legal_logits / self.temperature, dim=0)
+                i = int(torch.multinomial(probs, 1, generator=self.generator))
+            v = float(value.reshape(-1)[0])
+        return int(moves[i]), v
+
+    def close(self) -> None:
+        """Drop the model (its memory is freed with the last reference)."""
+        self.model = None

@@ -1,0 +1,130 @@
+"""Player spec strings: parsing (:func:`parse_spec`) and building players (:func:`make_player`).
+
+Players are built from spec strings, so that worker processes of a match receive text, never
+live objects::
+
+    random | greedy
+    checkpoint:PATH[;temperature=T][;device=D][;name=N]
+    redis:URL#RUN@VERSION|latest|sha256:HEX[;temperature=T][;device=D][;name=N]
+    usi:COMMAND LINE[;go=go byoyomi 1000][;timeout=S][;option.NAME=VALUE]...[;cwd=DIR][;name=N]
+
+Options are separated by ``;``; the USI command line is split with :func:`shlex.split`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keisei_stream.play.players import GreedyPlayer, Player, RandomPlayer, SpecError
+from keisei_stream.play.usi_client import UsiEnginePlayer
+
+@dataclass
+class PlayerSpec:
+    """A parsed spec string: ``kind`` in random/greedy/checkpoint/redis/usi, ``body`` and options."""
+
+    kind: str
+    body: str = ""
+    options: dict = field(default_factory=dict)
+    text: str = ""
+
+
+def parse_spec(spec: str) -> PlayerSpec:
+    """Parse a player spec string (grammar in the module docstring).
+
+    Returns:
+        :class:`PlayerSpec` with the lower-case ``kind``, the ``body`` after ``kind:`` (stripped),
+        the ``;key=value`` options and the original ``text``.
+
+    Raises:
+        SpecError: unknown kind, missing body, malformed option.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError("empty player spec")
+    parts = [p.strip() for p in spec.strip().split(";")]
+    head, opts = parts[0], {}
+    for p in parts[1:]:
+        if not p:
+            continue
+        if "=" not in p:
+            raise SpecError(f"player spec {spec!r}: option {p!r} is not key=value")
+        k, v = p.split("=", 1)
+        opts[k.strip()] = v.strip()
+    kind, _, body = head.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("random", "greedy"):
+        if body:
+            raise SpecError(f"player spec {spec!r}: {kind} takes no argument")
+    elif kind in ("checkpoint", "redis", "usi"):
+        if not body.strip():
+            raise SpecError(f"player spec {spec!r}: {kind}: needs an argument")
+    else:
+        raise SpecError(f"unknown player kind {kind!r} in {spec!r} (random, greedy, checkpoint:, redis:, usi:)")
+    return PlayerSpec(kind, body.strip(), opts, spec)
+
+
+def parse_redis_body(body: str) -> tuple[str, str, str]:
+    """``URL#RUN@VERSION`` -> ``(url, run, version)``; ``@VERSION`` defaults to ``latest``.
+
+    Raises:
+        SpecError: without ``#RUN``, or with an empty URL or run.
+    """
+    if "#" not in body:
+        raise SpecError(f"redis player {body!r}: expected URL#RUN[@VERSION|latest]")
+    url, rest = body.rsplit("#", 1)
+    run, _, version = rest.partition("@")
+    if not url or not run:
+        raise SpecError(f"redis player {body!r}: expected URL#RUN[@VERSION|latest]")
+    return url, run, version or "latest"
+
+
+def make_player(spec: str, *, seed: int = 0, temperature: float = 0.0, device: str = "cpu") -> Player:
+    """Build a player from a spec string.
+
+    Args:
+        spec: see the module docstring.
+        seed: seed of the player's randomness.
+        temperature, device: defaults for model players (``;temperature=`` / ``;device=`` win).
+
+    Returns:
+        a :class:`keisei_stream.play.players.Player`; a USI engine is not started here (it starts
+        at its first ``new_game``, which raises ``PlayerError`` if it cannot).
+
+    Raises:
+        SpecError: bad spec or unloadable model.
+    """
+    ps = parse_spec(spec)
+    o = ps.options
+    name = o.get("name")
+    if ps.kind == "random":
+        return RandomPlayer(seed, name or "random")
+    if ps.kind == "greedy":
+        return GreedyPlayer(seed, name or "greedy")
+    if ps.kind in ("checkpoint", "redis"):
+        try:
+            temp = float(o.get("temperature", temperature))
+        except ValueError:
+            raise SpecError(f"bad temperature in {spec!r}") from None
+        dev = o.get("device", device)
+        # imported here, not at the top: torch (about 2 s to import) is loaded only when a model
+        # player is built, so matches between random, greedy and USI players, and each of their
+        # worker processes, start without it
+        from keisei_stream.play import loaders, model_player
+
+        if ps.kind == "checkpoint":
+            return model_player.ModelPlayer(ps.body, temperature=temp, device=dev, name=name, seed=seed)
+        url, run, version = parse_redis_body(ps.body)
+        model, cfg, meta = loaders.load_model_from_redis(url, run, version, dev)
+        default = f"{run}@v{meta['version']}" if meta.get("version") is not None else f"{run}@{meta['sha256'][:12]}"
+        return model_player.ModelPlayer((model, cfg, meta), temperature=temp, device=dev, name=name or default,
+                                        seed=seed)
+    # usi
+    setopts = {k[len("option."):]: v for k, v in o.items() if k.startswith("option.")}
+    unknown = [k for k in o if not k.startswith("option.") and k not in ("go", "timeout", "name", "cwd")]
+    if unknown:
+        raise SpecError(f"unknown usi player option(s) {unknown} in {spec!r}")
+    try:
+        timeout = float(o["timeout"]) if "timeout" in o else None
+    except ValueError:
+        raise SpecError(f"bad timeout in {spec!r}") from None
+    return UsiEnginePlayer(ps.body, setopts, go=o.get("go", "go byoyomi 1000"), timeout_s=timeout,
+                           name=name, cwd=o.get("cwd"))
