@@ -1,25 +1,44 @@
 """The learner: consumes experience through the consumer group, runs PPO, publishes weights.
 
-Read top to bottom: resolve the run directory and device, build the model (from the latest
-checkpoint on ``--resume``), write the run's config to Redis, publish the first weights version,
-then loop { read entries (own pending first, then claimed, then new), once ``samples_per_update``
-fresh positions are held: rebuild observations and masks, GAE per game, PPO, publish the next
-version, acknowledge and delete the entries with the exact accounting, write metrics, checkpoint }.
-On SIGTERM/SIGINT it drains the stream into one last update, acknowledges, checkpoints and exits.
+:func:`run_learner` reads top to bottom. :meth:`Learner.start` builds the model (from the newest
+checkpoint on ``--resume``), writes the run's config to Redis and publishes the first weights
+version; then the loop repeats five named steps until SIGTERM/SIGINT:
+
+1. :meth:`Learner.receive`: read entries from the consumer group (own pending first, then entries
+   claimed from dead learners, then new ones); bad entries are dead-lettered by the consumer.
+2. :meth:`Learner.ready_updates`: split what is held into updates of about
+   ``ppo.samples_per_update`` positions, or take all of it once the backlog is full and nothing new
+   can arrive (so the run always makes progress, whatever the share of stale positions).
+3. :meth:`Learner.update`: per game GAE, drop positions older than ``max_policy_lag``, rebuild
+   observations and masks, one decoupled-PPO update, acknowledge (which frees Redis memory),
+   publish the next version, metrics to every sink, checkpoint.
+4. :meth:`Learner.check_server`: after a Redis outage, detect a restart that lost data (the run's
+   ``epoch`` key is gone or changed): recreate the group, re-publish config and weights, record a
+   ``losses`` entry.
+5. :meth:`Learner.housekeeping`: archive finished games, write the ``learner`` status hash.
+
+On a stop it drains the stream into the last updates, acknowledges, checkpoints and exits. Every
+Redis call waits out outages (:mod:`keisei_stream.wire.retry`); a stop during an outage still
+writes the final checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import redis
 import torch
+from rich.console import Console
 
+from keisei_stream.config import Config
 from keisei_stream.rl.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -28,18 +47,24 @@ from keisei_stream.rl.checkpoint import (
     save_checkpoint,
     weights_to_bytes,
 )
-from keisei_stream.wire.codec import ExperienceBatch, concat_batches
-from keisei_stream.config import Config
-from keisei_stream.wire.embedded_redis import connect
-from keisei_stream.wire.consumer import Consumer
-from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import append_metrics, write_learner_status
-from keisei_stream.wire.weights import publish_weights
 from keisei_stream.rl.model import build_model, count_parameters, maybe_compile, pick_device
 from keisei_stream.rl.ppo import compute_gae, filter_stale, make_optimizer, make_scheduler, ppo_update
 from keisei_stream.shogi import EndReason, encode_positions
+from keisei_stream.wire import retry
+from keisei_stream.wire.archive import GameArchive, Recorder
+from keisei_stream.wire.codec import ExperienceBatch, concat_batches
+from keisei_stream.wire.consumer import Consumer, Delivered, ensure_group
+from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.status import append_losses, append_metrics, read_accounting, write_config, write_learner_status
+from keisei_stream.wire.weights import publish_weights
 
 log = logging.getLogger("keisei.learner")
+
+#: Seconds a stopping learner keeps reading the stream into its last updates.
+DRAIN_S = 60.0
+#: Time shares reported per update (seconds since the previous update, by activity).
+PHASES = ("wait", "decode", "rebuild", "train", "ack", "publish")
 
 
 @dataclass
@@ -53,15 +78,80 @@ class LearnerResult:
     checkpoint: Path | None
 
 
-class _Stop:
+class StopFlag:
+    """Set by SIGTERM/SIGINT; checked between steps, and by the Redis retry policy during an outage."""
+
     def __init__(self) -> None:
         self.requested = False
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+        retry.set_stop_check(lambda: self.requested)
 
-    def __call__(self, signum, frame) -> None:
+    def __call__(self, signum, frame) -> None:  # signal handler
         self.requested = True
 
 
-def _game_stats(b: ExperienceBatch) -> dict[str, float]:
+def best_effort(what: str, fn, *args, **kwargs) -> Any:
+    """Run a Redis write that may be skipped when the server is full (``OOM``): status hashes and
+    capped streams; the refusal is logged, never raised. Returns ``fn``'s result or None."""
+    try:
+        return fn(*args, **kwargs)
+    except redis.exceptions.OutOfMemoryError as exc:
+        log.warning("Redis is full, %s skipped: %s", what, exc)
+        return None
+
+
+class MetricsSinks:
+    """Where each update's metrics go, behind one call: the ``metrics`` stream, TensorBoard, W&B
+    and the console/log line.
+
+    Args:
+        cfg: the run config (``learner.tensorboard``, ``learner.wandb``...). r, keys: the run's Redis.
+        run_dir: ``runs/{run}`` (TensorBoard writes to ``tensorboard/`` in it). quiet: no console line.
+    """
+
+    def __init__(self, cfg: Config, r: redis.Redis, keys: Keys, run_dir: Path, quiet: bool):
+        self.cfg, self.r, self.keys = cfg, r, keys
+        self.console = None if quiet else Console()
+        self.tb = self.wandb = None
+        if cfg.learner.tensorboard:
+            try:  # optional dependency (extra "tensorboard")
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
+        if cfg.learner.wandb:
+            try:  # optional dependency, not installed by default
+                import wandb
+
+                self.wandb = wandb.init(project=cfg.learner.wandb_project, name=cfg.run.id,
+                                        config=json.loads(cfg.to_json()), resume="allow")
+            except ImportError:
+                log.warning("learner.wandb is set but wandb is not installed")
+
+    def emit(self, step: int, version: int, metrics: dict[str, float], line: str) -> None:
+        """Send ``metrics`` of update ``step`` (publishing ``version``) everywhere; ``line`` to the console/log."""
+        best_effort("metrics entry", append_metrics, self.r, self.keys, {"version": version, "updates": step, **metrics},
+                    self.cfg.stream.metrics_maxlen)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        log.info(line)
+        if self.console is not None:
+            self.console.print(line, highlight=False)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def game_stats(b: ExperienceBatch) -> dict[str, float]:
     """Win/draw rates and game length of the games in ``b`` (from their end reasons)."""
     reasons = b.reason.astype(np.int64)
     results = b.result.astype(np.int64)
@@ -79,6 +169,321 @@ def _game_stats(b: ExperienceBatch) -> dict[str, float]:
     }
 
 
+def console_line(version: int, updates: int, m: dict[str, float]) -> str:
+    """The one-line summary of an update."""
+    return (f"v{version} upd {updates} | {m['samples_per_s']:.0f} samples/s | backlog {m['backlog']:.0f} | "
+            f"lag {m['policy_lag_mean']:.2f} w {m['is_weight_mean']:.2f} cut {m['is_weight_truncated']:.2f} | "
+            f"pi {m['policy_loss']:.4f} v {m['value_loss']:.4f} H {m['entropy']:.3f} kl {m['approx_kl']:.4f} | "
+            f"games {m['games']:.0f} win B/W {m['black_win_rate']:.2f}/{m['decisive_rate'] - m['black_win_rate']:.2f} "
+            f"draw {m['draw_rate']:.2f} plies {m['game_plies_mean']:.0f} | stale {m['stale_positions']:.0f}")
+
+
+@dataclass
+class Learner:
+    """Everything one learner process holds between steps (built by :meth:`start`)."""
+
+    cfg: Config
+    r: redis.Redis
+    keys: Keys
+    run_dir: Path
+    device: torch.device
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # torch.compile of ``model`` when asked (shares its parameters)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    consumer: Consumer
+    recorder: Recorder
+    sinks: MetricsSinks
+    consumer_name: str
+    version: int = 1
+    updates: int = 0
+    epoch: str = ""
+    held: list[Delivered] = field(default_factory=list)
+    orphans: set[str] = field(default_factory=set)  # held entry ids of a Redis server that lost its data
+    trained: int = 0
+    stale: int = 0
+    skipped_updates: int = 0
+    publish_due: bool = False
+    backlog_full: bool = False
+    outages_seen: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    last_update_t: float = field(default_factory=time.monotonic)
+    last_status_t: float = 0.0
+    last_checkpoint: Path | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_accounting: dict[str, int] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------ start
+    @classmethod
+    def start(cls, cfg: Config, redis_url: str, *, consumer_name: str, resume: bool, quiet: bool) -> "Learner":
+        """Run directory, model and optimiser (from the newest checkpoint on ``resume``), Redis
+        (config, epoch), the first published version."""
+        run_dir = Path(cfg.run.dir) / cfg.run.id
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        handler = logging.FileHandler(run_dir / "logs" / "learner.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+        if cfg.learner.threads:
+            torch.set_num_threads(cfg.learner.threads)
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        device = pick_device(cfg.learner.device)
+        model = build_model(cfg.model).to(device)
+        optimizer = make_optimizer(model, cfg.ppo)
+        scheduler = make_scheduler(optimizer, cfg.ppo)
+        version, updates = 1, 0
+        if resume:
+            path = latest_checkpoint(run_dir / "checkpoints")
+            if path is not None:
+                info = load_checkpoint(path, model, optimizer, scheduler, map_location=device)
+                version, updates = int(info["version"]), int(info["updates"])
+                log.info("resumed from %s (version %d, %d updates)", path, version, updates)
+            else:
+                log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+
+        keys = Keys(cfg.run.id)
+        r = connect(redis_url)
+        latest = r.hget(keys.weights_latest, "version")
+        if latest is not None and int(latest) >= version:
+            version = int(latest) + 1  # versions only grow: workers load only newer versions
+        consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
+                            count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
+                            deadletter_maxlen=cfg.stream.deadletter_maxlen)
+        recorder = Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name)
+        lrn = cls(cfg=cfg, r=r, keys=keys, run_dir=run_dir, device=device, model=model,
+                  train_model=maybe_compile(model, cfg.model), optimizer=optimizer, scheduler=scheduler,
+                  consumer=consumer, recorder=recorder, sinks=MetricsSinks(cfg, r, keys, run_dir, quiet),
+                  consumer_name=consumer_name, version=version, updates=updates)
+        lrn.epoch = lrn.claim_epoch()
+        write_config(r, keys, cfg.to_json())
+        lrn.publish()
+        log.info("learner %s: %d parameters on %s, published version %d (epoch %s)", consumer_name,
+                 count_parameters(model), device, lrn.version, lrn.epoch)
+        return lrn
+
+    def claim_epoch(self) -> str:
+        """The run's epoch on this server: the existing one, or a new random one if the key is missing."""
+        self.r.set(self.keys.epoch, secrets.token_hex(8), nx=True)
+        return self.r.get(self.keys.epoch).decode()
+
+    # ------------------------------------------------------------------------------ 1. receive
+    def receive(self) -> None:
+        """Read the next entries into :attr:`held`; notes whether the backlog is full with nothing new."""
+        t0, d0 = time.monotonic(), self.consumer.decode_s
+        delivered = self.consumer.read()
+        decode = self.consumer.decode_s - d0
+        self.seconds["decode"] += decode
+        self.seconds["wait"] += time.monotonic() - t0 - decode
+        self.held += delivered
+        # Workers add only while fewer than max_backlog entries are unacknowledged: when this
+        # learner read nothing new and the stream is at the limit, no more data can come.
+        self.backlog_full = bool(self.held) and not delivered and \
+            self.r.xlen(self.keys.experience) >= self.cfg.stream.max_backlog
+
+    # ------------------------------------------------------------------------------ 2. ready updates
+    def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
+        """The held entries that make updates now, in groups of about ``samples_per_update``
+        positions (whole entries, in arrival order); the remainder stays held unless ``force`` or
+        the backlog is full (then it is one more, smaller update)."""
+        target = self.cfg.ppo.samples_per_update
+        groups, group, n = [], [], 0
+        for d in self.held:
+            group.append(d)
+            n += d.batch.num_positions
+            if n >= target:
+                groups.append(group)
+                group, n = [], 0
+        if group and (force or self.backlog_full):
+            groups.append(group)
+            group = []
+        self.held = group
+        return groups
+
+    # ------------------------------------------------------------------------------ 3. update
+    def update(self, entries: list[Delivered]) -> None:
+        """One update on ``entries`` (whole batches): GAE, staleness, PPO, acknowledge, publish,
+        metrics, checkpoint. Positions older than ``max_policy_lag`` versions are counted as
+        stale, not trained; an update whose every minibatch was non-finite publishes nothing."""
+        cfg = self.cfg
+        b = concat_batches([d.batch for d in entries])
+        values = b.value.astype(np.float32)
+        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
+                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        versions = b.version.astype(np.int64)
+        keep = filter_stale(versions, self.version, cfg.ppo.max_policy_lag)
+        n_keep, n_stale = int(keep.sum()), int((~keep).sum())
+        metrics: dict[str, float] = {}
+        if n_keep:
+            t0 = time.monotonic()
+            obs, mask = encode_positions(b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
+            batch = {
+                "obs": torch.from_numpy(obs), "mask": torch.from_numpy(mask),
+                "action": torch.from_numpy(b.action[keep].astype(np.int64)),
+                "log_prob": torch.from_numpy(b.log_prob[keep]), "value": torch.from_numpy(values[keep]),
+                "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep]),
+            }
+            t1 = time.monotonic()
+            metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
+                                 cfg.learner.amp)
+            t2 = time.monotonic()
+            self.seconds["rebuild"] += t1 - t0
+            self.seconds["train"] += t2 - t1
+            lag = self.version - versions[keep]
+            metrics.update({"policy_lag_mean": float(lag.mean()), "policy_lag_max": float(lag.max())})
+        stepped = bool(n_keep) and metrics.get("minibatches", 0.0) > 0
+        if n_keep and not stepped:
+            self.skipped_updates += 1
+            log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)", n_keep)
+
+        t0 = time.monotonic()
+        self.acknowledge(entries, n_keep, n_stale)
+        self.seconds["ack"] += time.monotonic() - t0
+        if stepped:
+            self.version += 1
+            self.updates += 1
+            self.publish()
+        self.trained += n_keep
+        self.stale += n_stale
+        self.record(b, metrics, n_keep, n_stale, stepped)
+        if stepped and self.updates % cfg.learner.checkpoint_every == 0:
+            self.checkpoint()
+
+    def acknowledge(self, entries: list[Delivered], trained: int, stale: int) -> None:
+        """XACK + XDEL the entries with the accounting; entries of a server that lost its data are
+        not acknowledged there (their counts would corrupt the new server's accounting)."""
+        live = [d for d in entries if d.entry_id not in self.orphans]
+        if len(live) < len(entries):
+            share = sum(d.batch.num_positions for d in live) / max(1, sum(d.batch.num_positions for d in entries))
+            trained, stale = round(trained * share), round(stale * share)
+            self.orphans -= {d.entry_id for d in entries}
+        self.consumer.ack(live, trained_positions=trained, stale_positions=stale)
+
+    def publish(self) -> None:
+        """Publish the current weights as :attr:`version`; when Redis is full, try again next loop."""
+        t0 = time.monotonic()
+        data = weights_to_bytes(self.model, self.cfg.stream.weights_dtype)
+        try:
+            publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
+                            self.cfg.stream.weights_keep)
+            self.publish_due = False
+        except redis.exceptions.OutOfMemoryError as exc:
+            if not self.publish_due:
+                log.warning("Redis is full, version %d not yet published (retrying): %s", self.version, exc)
+            self.publish_due = True
+        self.seconds["publish"] += time.monotonic() - t0
+
+    def record(self, b: ExperienceBatch, metrics: dict[str, float], n_keep: int, n_stale: int, stepped: bool) -> None:
+        """Game statistics, counts, time shares and backlog into :attr:`last_metrics`; every sink when stepped."""
+        now = time.monotonic()
+        elapsed = max(now - self.last_update_t, 1e-9)
+        metrics.update(game_stats(b))
+        metrics.update({"trained_positions": float(n_keep), "stale_positions": float(n_stale),
+                        "samples_per_s": n_keep / elapsed, "backlog": float(self.r.xlen(self.keys.experience)),
+                        "skipped_updates": float(self.skipped_updates), **retry.OUTAGES.fields()})
+        metrics.update({f"time_share_{k}": v / elapsed for k, v in self.seconds.items()})
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.last_update_t = now
+        self.last_metrics = metrics
+        if stepped:
+            self.sinks.emit(self.updates, self.version, metrics, console_line(self.version, self.updates, metrics))
+        self.write_status("training")
+
+    def checkpoint(self) -> Path:
+        """Save ``ckpt_{version}.pt`` (atomic) and prune old ones."""
+        path = self.run_dir / "checkpoints" / checkpoint_name(self.version)
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        version=self.version, updates=self.updates, config_json=self.cfg.to_json(),
+                        extra={"run": self.cfg.run.id})
+        prune_checkpoints(self.run_dir / "checkpoints", self.cfg.learner.keep_checkpoints)
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------------------ 4. check server
+    def check_server(self) -> None:
+        """After an outage, compare the run's ``epoch`` key with ours: missing or changed means the
+        server restarted without our data (:meth:`recover_lost_server`). Also retries a publish
+        that a full server refused."""
+        if retry.OUTAGES.outages != self.outages_seen:
+            self.outages_seen = retry.OUTAGES.outages
+            epoch = self.r.get(self.keys.epoch)
+            if epoch is None or epoch.decode() != self.epoch:
+                self.recover_lost_server(None if epoch is None else epoch.decode())
+        if self.publish_due:
+            self.publish()
+
+    def recover_lost_server(self, found_epoch: str | None) -> None:
+        """The server lost the run's data: record what was lost in the ``losses`` stream, recreate
+        the consumer group, re-publish config and weights, and never acknowledge the old server's
+        entries (held ones are still trained: their data is in memory)."""
+        old_epoch = self.epoch
+        self.epoch = self.claim_epoch()
+        held_positions = sum(d.batch.num_positions for d in self.held)
+        self.orphans |= {d.entry_id for d in self.held}
+        self.consumer.reset()
+        ensure_group(self.r, self.keys)
+        write_config(self.r, self.keys, self.cfg.to_json())
+        self.publish()
+        before = self.last_accounting
+        unread = max(0, before.get("produced_positions", 0) - before.get("trained_positions", 0)
+                     - before.get("stale_positions", 0) - before.get("rejected_positions", 0)
+                     - before.get("duplicate_positions", 0) - held_positions)
+        fields = {"time": round(time.time(), 3), "detected_by": self.consumer_name, "old_epoch": old_epoch,
+                  "new_epoch": self.epoch, "found_epoch": found_epoch or "", "version": self.version,
+                  "held_entries_kept": len(self.held), "held_positions_kept": held_positions,
+                  "unread_positions_lost": unread, "accounting_before": json.dumps(before)}
+        best_effort("losses entry", append_losses, self.r, self.keys, fields)
+        log.error("Redis lost the run's data (epoch %s -> %s): config and weights v%d re-published; "
+                  "about %d unread positions lost, %d held positions kept", old_epoch, found_epoch,
+                  self.version, unread, held_positions)
+
+    # ------------------------------------------------------------------------------ 5. housekeeping
+    def housekeeping(self, force: bool = False) -> None:
+        """Archive finished games and write the status hash, every ``stream.heartbeat_s``."""
+        if not force and time.monotonic() - self.last_status_t < self.cfg.stream.heartbeat_s:
+            return
+        self.recorder.step(force=force)
+        self.write_status("collecting" if self.held else "waiting")
+
+    def write_status(self, state: str) -> None:
+        """The ``learner`` hash: state, version, held positions, backlog, outages, last metrics."""
+        self.last_status_t = time.monotonic()
+        self.last_accounting = read_accounting(self.r, self.keys)
+        fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer_name,
+                  "device": str(self.device), "epoch": self.epoch,
+                  "held_positions": sum(d.batch.num_positions for d in self.held),
+                  "backlog": self.r.xlen(self.keys.experience), "games_archived": self.recorder.archived,
+                  "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
+        fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
+        best_effort("learner status", write_learner_status, self.r, self.keys, fields)
+
+    # ------------------------------------------------------------------------------ stop
+    def drain(self, seconds: float = DRAIN_S) -> None:
+        """Read what is left in the stream (bounded: producers may still be running)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            n = len(self.held)
+            self.receive()
+            if len(self.held) == n:
+                break
+
+    def close(self) -> LearnerResult:
+        """Final checkpoint (unless the last update wrote it), status and sinks."""
+        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.version):
+            self.checkpoint()
+        try:
+            self.housekeeping(force=True)
+            self.write_status("stopped")
+        except retry.TRANSIENT_ERRORS as exc:
+            log.warning("Redis unreachable at stop, final status not written: %s", exc)
+        self.sinks.close()
+        log.info("learner stopped at version %d after %d updates; checkpoint %s", self.version, self.updates,
+                 self.last_checkpoint)
+        return LearnerResult(self.version, self.updates, self.trained, self.stale, self.last_checkpoint)
+
+
 def run_learner(
     cfg: Config,
     redis_url: str,
@@ -92,7 +497,7 @@ def run_learner(
 
     Args:
         cfg: the resolved run config (``cfg.run.id`` names the keys and the run directory).
-        redis_url: ``redis://...`` or ``unix:///path/redis.sock``.
+        redis_url: ``redis://...``, ``rediss://...`` or ``unix:///path/redis.sock``.
         resume: continue from the newest checkpoint in ``runs/{run}/checkpoints`` (versions continue).
         consumer_name: consumer name in the group ``learners``; keep it stable across restarts so a
             restarted learner re-reads its own pending entries first.
@@ -102,205 +507,24 @@ def run_learner(
     Returns:
         A :class:`LearnerResult`.
     """
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    run_dir = Path(cfg.run.dir) / cfg.run.id
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    handler = logging.FileHandler(run_dir / "logs" / "learner.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-
-    if cfg.learner.threads:
-        torch.set_num_threads(cfg.learner.threads)
-    torch.manual_seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed)
-    device = pick_device(cfg.learner.device)
-    model = build_model(cfg.model).to(device)
-    optimizer = make_optimizer(model, cfg.ppo)
-    scheduler = make_scheduler(optimizer, cfg.ppo)
-    train_model = maybe_compile(model, cfg.model)  # shares parameters with `model`
-
-    keys = Keys(cfg.run.id)
-    r = connect(redis_url)
-    version, updates = 1, 0
-    if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is not None:
-            info = load_checkpoint(path, model, optimizer, scheduler, map_location=device)
-            version, updates = int(info["version"]), int(info["updates"])
-            log.info("resumed from %s (version %d, %d updates)", path, version, updates)
-        else:
-            log.warning("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
-    latest = r.hget(keys.weights_latest, "version")
-    if latest is not None and int(latest) >= version:
-        # Versions only ever grow: workers load a version only when it is newer than theirs.
-        version = int(latest) + 1
-    r.set(keys.config, cfg.to_json())
-
-    def publish() -> None:
-        data = weights_to_bytes(model, cfg.stream.weights_dtype)
-        publish_weights(r, keys, version, data, cfg.stream.weights_dtype, cfg.stream.weights_keep)
-
-    def checkpoint() -> Path:
-        path = ckpt_dir / checkpoint_name(version)
-        save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, version=version,
-                        updates=updates, config_json=cfg.to_json(), extra={"run": cfg.run.id})
-        prune_checkpoints(ckpt_dir, cfg.learner.keep_checkpoints)
-        return path
-
-    publish()
-    log.info("learner %s: %d parameters on %s, published version %d", consumer_name,
-             count_parameters(model), device, version)
-
-    tb = None
-    if cfg.learner.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
-    wandb_run = None
-    if cfg.learner.wandb:
-        try:
-            import wandb
-
-            wandb_run = wandb.init(project=cfg.learner.wandb_project, name=cfg.run.id,
-                                   config=json.loads(cfg.to_json()), resume="allow")
-        except ImportError:
-            log.warning("learner.wandb is set but wandb is not installed")
-    console = None
-    if not quiet:
-        from rich.console import Console
-
-        console = Console()
-
-    consumer = Consumer(
-        r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
-        count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
-        deadletter_maxlen=cfg.stream.deadletter_maxlen,
-    )
-    held: list = []  # Delivered entries waiting for the next update
-    held_fresh = 0  # their positions within max_policy_lag of the current version
-    totals = {"trained": 0, "stale": 0}
-    last_update_t = time.monotonic()
-    last_status_t = 0.0
-    last_ckpt: Path | None = None
-    last_metrics: dict[str, float] = {}
-
-    def status(state: str, backlog: int | None = None) -> None:
-        """Write the ``learner`` hash; ``backlog`` (XLEN of the stream) when already read."""
-        fields = {"state": state, "version": version, "updates": updates, "consumer": consumer_name,
-                  "device": str(device), "held_positions": sum(d.batch.num_positions for d in held),
-                  "backlog": r.xlen(keys.experience) if backlog is None else backlog,
-                  "last_seen": round(time.time(), 3)}
-        fields.update({k: round(v, 6) for k, v in last_metrics.items()})
-        write_learner_status(r, keys, fields)
-
-    def update(entries: list) -> None:
-        """One PPO update on ``entries`` (whole batches), then publish, ack and log."""
-        nonlocal version, updates, last_update_t, last_metrics, last_ckpt
-        b = concat_batches([d.batch for d in entries])
-        values = b.value.astype(np.float32)
-        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
-                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
-        versions = b.version.astype(np.int64)
-        keep = filter_stale(versions, version, cfg.ppo.max_policy_lag)
-        n_keep = int(keep.sum())
-        n_stale = int(len(keep) - n_keep)
-        metrics: dict[str, float] = {}
-        if n_keep:
-            t0 = time.monotonic()
-            obs, mask = encode_positions(b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
-            rebuild_s = time.monotonic() - t0
-            batch = {
-                "obs": torch.from_numpy(obs), "mask": torch.from_numpy(mask),
-                "action": torch.from_numpy(b.action[keep].astype(np.int64)),
-                "log_prob": torch.from_numpy(b.log_prob[keep]),
-                "value": torch.from_numpy(values[keep]),
-                "advantage": torch.from_numpy(advantages[keep]),
-                "return": torch.from_numpy(returns[keep]),
-            }
-            t0 = time.monotonic()
-            metrics = ppo_update(train_model, optimizer, scheduler, batch, cfg.ppo, device, cfg.learner.amp)
-            metrics["train_s"] = time.monotonic() - t0
-            metrics["rebuild_s"] = rebuild_s
-            lag = version - versions[keep]
-            metrics["policy_lag_mean"] = float(lag.mean())
-            metrics["policy_lag_max"] = float(lag.max())
-            version += 1
-            updates += 1
-            publish()
-        consumer.ack(entries, trained_positions=n_keep, stale_positions=n_stale)
-        totals["trained"] += n_keep
-        totals["stale"] += n_stale
-        now = time.monotonic()
-        metrics.update(_game_stats(b))
-        metrics.update({"trained_positions": float(n_keep), "stale_positions": float(n_stale),
-                        "samples_per_s": n_keep / max(now - last_update_t, 1e-9)})
-        last_update_t = now
-        last_metrics = metrics
-        backlog = r.xlen(keys.experience)  # unacknowledged entries: acknowledged ones are deleted
-        metrics["backlog"] = float(backlog)
-        if n_keep:
-            append_metrics(r, keys, {"version": version, "updates": updates, **metrics},
-                           cfg.stream.metrics_maxlen)
-            if tb is not None:
-                for k, v in metrics.items():
-                    tb.add_scalar(k, v, updates)
-                tb.flush()
-            if wandb_run is not None:
-                wandb_run.log(metrics, step=updates)
-            line = (f"v{version} upd {updates} | {metrics['samples_per_s']:.0f} samples/s | "
-                    f"backlog {metrics['backlog']:.0f} | lag {metrics['policy_lag_mean']:.2f} | "
-                    f"pi {metrics['policy_loss']:.4f} "
-                    f"v {metrics['value_loss']:.4f} H {metrics['entropy']:.3f} kl {metrics['approx_kl']:.4f} | "
-                    f"games {metrics['games']:.0f} win B/W {metrics['black_win_rate']:.2f}/"
-                    f"{metrics['decisive_rate'] - metrics['black_win_rate']:.2f} draw {metrics['draw_rate']:.2f} "
-                    f"plies {metrics['game_plies_mean']:.0f} | stale {n_stale}")
-            log.info(line)
-            if console is not None:
-                console.print(line, highlight=False)
-            if updates % cfg.learner.checkpoint_every == 0:
-                last_ckpt = checkpoint()
-        status("training", backlog)
-
-    while not stop.requested:
-        delivered = consumer.read()
-        for d in delivered:
-            held.append(d)
-            fresh = filter_stale(d.batch.version.astype(np.int64), version, cfg.ppo.max_policy_lag)
-            held_fresh += int(fresh.sum())
-        if held and held_fresh >= cfg.ppo.samples_per_update:
-            update(held)
-            held, held_fresh = [], 0
-            if max_updates is not None and updates >= max_updates:
+    stop = StopFlag()
+    lrn = Learner.start(cfg, redis_url, consumer_name=consumer_name, resume=resume, quiet=quiet)
+    first_update = lrn.updates
+    try:
+        while not stop.requested:
+            lrn.receive()
+            for entries in lrn.ready_updates():
+                lrn.update(entries)
+            if max_updates is not None and lrn.updates - first_update >= max_updates:
                 break
-        if time.monotonic() - last_status_t > cfg.stream.heartbeat_s:
-            status("waiting" if not held else "collecting")
-            last_status_t = time.monotonic()
-
-    # --- shutdown: drain what is left into one last update, acknowledge, checkpoint -----------
-    if stop.requested:  # drain: bounded, in case producers are still running
-        deadline = time.monotonic() + 60.0
-        while time.monotonic() < deadline:
-            delivered = consumer.read()
-            if not delivered:
-                break
-            held.extend(delivered)
-    if held:
-        update(held)
-    if last_ckpt is None or last_ckpt.name != checkpoint_name(version):  # not written by the last update
-        last_ckpt = checkpoint()
-    status("stopped")
-    if tb is not None:
-        tb.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    log.info("learner stopped at version %d after %d updates; checkpoint %s", version, updates, last_ckpt)
-    log.removeHandler(handler)
-    return LearnerResult(version, updates, totals["trained"], totals["stale"], last_ckpt)
+            lrn.check_server()
+            lrn.housekeeping()
+        if stop.requested:
+            lrn.drain()
+        for entries in lrn.ready_updates(force=True):
+            lrn.update(entries)
+    except retry.TRANSIENT_ERRORS as exc:  # only when stopped during an outage
+        log.warning("stopped while Redis is unreachable (%s); what is held stays pending in the stream", exc)
+    finally:
+        result = lrn.close()
+    return result

@@ -42,7 +42,7 @@ def test_keys_layout():
     names = {"experience": "experience", "deadletter": "deadletter", "metrics": "metrics", "games": "games",
              "eval": "eval", "config": "config", "control": "control", "learner": "learner",
              "accounting": "accounting", "producers": "producers", "weights_latest": "weights:latest",
-             "weights_index": "weights:index", "weights_channel": "weights"}
+             "weights_index": "weights:index", "weights_channel": "weights", "losses": "losses", "epoch": "epoch"}
     assert {attr: getattr(K, attr) for attr in names} == {a: "keisei:unit:" + n for a, n in names.items()}
     assert Keys("unit") == K and hash(Keys("unit")) == hash(K)
     with pytest.raises(ValueError):

@@ -87,7 +87,16 @@ class Consumer:
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0}
+        self.decode_s = 0.0  # seconds spent decoding and validating entries (a time share of the learner)
         ensure_group(r, keys)
+
+    def reset(self) -> None:
+        """Forget what this consumer handed out: the server lost the stream (a restart without
+        persistence), so ids in flight mean nothing there. Re-reads own pending entries next."""
+        self.in_flight.clear()
+        self._own_cursor = "0"
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, block_ms: int | None = None) -> list[Delivered]:
@@ -143,11 +152,14 @@ class Consumer:
             if not fields:  # deleted while pending (redis-py gives None or {}); XADD needs >= 1 field
                 self.r.xack(self.keys.experience, self.keys.group, entry_id)
                 continue
+            t0 = time.monotonic()
             try:
                 batch = decode_entry(fields, max_plies=self.max_plies, check_legal=self.check_legal)
             except BadEntry as exc:
                 self._reject(entry_id, fields, exc.reason)
                 continue
+            finally:
+                self.decode_s += time.monotonic() - t0
             if batch.batch_id in self._seen and self._seen[batch.batch_id] != entry_id:
                 self._drop_duplicate(entry_id, batch)
                 continue

@@ -83,6 +83,7 @@ class Keys:
     metrics = _Key("metrics", "Capped stream: one entry per learner update.")
     games = _Key("games", "Capped stream of finished games (USI moves, result).")
     eval = _Key("eval", "Capped stream of evaluation results.")
+    losses = _Key("losses", "Stream: one entry per Redis restart that lost the run's data, with what was lost.")
 
     # workers
     @property
@@ -100,6 +101,8 @@ class Keys:
     learner = _Key("learner", "Hash: learner status.")
     accounting = _Key("accounting", "Hash of position counters (:data:`ACCOUNTING_FIELDS`).")
     producers = _Key("producers", 'Hash ``worker_id -> "session:seq"`` of the last batch each producer added.')
+    epoch = _Key("epoch", "String: random id the learner writes when the run's data is new on this server; "
+                          "missing or changed after an outage means the server lost the data.")
 
     # weights
     def weights_blob(self, sha256: str) -> str:

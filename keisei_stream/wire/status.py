@@ -84,6 +84,11 @@ def append_eval(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen: i
     return as_str(r.xadd(keys.eval, _flat(fields), maxlen=maxlen, approximate=True))
 
 
+def append_losses(r: redis.Redis, keys: Keys, fields: Mapping[str, Any]) -> str:
+    """``XADD losses`` (never trimmed: one entry per server restart that lost the run's data)."""
+    return as_str(r.xadd(keys.losses, _flat(fields)))
+
+
 def read_stream(r: redis.Redis, key: str, count: int = 100) -> list[tuple[str, dict[str, str]]]:
     """The newest ``count`` entries of a capped stream, oldest first, as strings."""
     items = r.xrevrange(key, count=count)

@@ -1,0 +1,100 @@
+"""The learner's steps on a real redis-server: progress is always possible (no stall on stale or
+small entries), oversized held data is split into bounded updates, accounting balances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keisei_stream.config import load_config
+from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.producer import Producer
+from keisei_stream.wire.status import read_accounting
+from learner.learner import Learner
+
+pytestmark = pytest.mark.redis
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _learner(real_redis, redis_server, tmp_path, run, *overrides):
+    """A learner on the tiny config (max_plies 64) wanting 256 positions per update."""
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"run.id={run}", f"run.dir={tmp_path}", "stream.block_ms=10",
+                                              "ppo.samples_per_update=256", "stream.max_backlog=4",
+                                              "stream.batch_positions=64", *overrides])
+    return cfg, Learner.start(cfg, redis_server.url, consumer_name="learner-0", resume=False, quiet=True)
+
+
+def _fill(r, keys, make_batch, entries, games, version):
+    """Add ``entries`` batches of ``games`` random games each; returns their position counts."""
+    p = Producer(r, keys, "w0", max_backlog=100)
+    sizes = []
+    for i in range(entries):
+        b = make_batch(1, num_games=games, seed=i, worker_id="w0", version=version)
+        assert p.send(b)
+        sizes.append(b.num_positions)
+    return sizes
+
+
+def _receive_all(lrn, rounds=10):
+    for _ in range(rounds):
+        lrn.receive()
+
+
+def test_only_stale_entries_do_not_stall_the_run(real_redis, redis_server, tmp_path, make_batch):
+    """Held entries all older than max_policy_lag: the old rule (wait for samples_per_update
+    *fresh* positions) never updated while workers waited on the full backlog."""
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "stall", "ppo.max_policy_lag=2")
+    keys = Keys("stall")
+    lrn.version = 50
+    sizes = _fill(real_redis, keys, make_batch, 4, games=4, version=1)
+    assert sum(sizes) >= 256
+    _receive_all(lrn)
+    groups = lrn.ready_updates()  # not forced: stale positions count towards an update
+    assert groups
+    for group in groups + lrn.ready_updates(force=True):
+        lrn.update(group)
+    acc = read_accounting(real_redis, keys)
+    assert real_redis.xlen(keys.experience) == 0
+    assert acc["stale_positions"] == acc["produced_positions"] == sum(sizes)
+    assert acc["trained_positions"] == 0
+    lrn.close()
+
+
+def test_a_full_backlog_of_small_entries_makes_an_update(real_redis, redis_server, tmp_path, make_batch):
+    """Entries smaller than batch_positions (a worker's last batch at stop) fill the backlog
+    below samples_per_update: the learner trains what it holds instead of waiting forever."""
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "small", "ppo.samples_per_update=1024",
+                        "stream.batch_positions=256")
+    keys = Keys("small")
+    sizes = _fill(real_redis, keys, make_batch, 4, games=1, version=1)  # 4 entries of one game each
+    assert sum(sizes) < 1024
+    _receive_all(lrn)
+    assert lrn.backlog_full
+    groups = lrn.ready_updates()
+    assert [sum(d.batch.num_positions for d in g) for g in groups] == [sum(sizes)]
+    v0 = lrn.version
+    lrn.update(groups[0])
+    assert lrn.version == v0 + 1
+    acc = read_accounting(real_redis, keys)
+    assert acc["trained_positions"] == acc["produced_positions"] == sum(sizes)
+    lrn.close()
+
+
+def test_oversized_held_data_is_split_into_bounded_updates(real_redis, redis_server, tmp_path, make_batch):
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "split", "stream.max_backlog=16")
+    keys = Keys("split")
+    sizes = _fill(real_redis, keys, make_batch, 12, games=1, version=1)
+    _receive_all(lrn)
+    groups = lrn.ready_updates()
+    assert len(groups) >= 2
+    for g in groups:  # whole entries; each update holds >= 256 positions and less than one more entry
+        n = sum(d.batch.num_positions for d in g)
+        assert 256 <= n < 256 + max(d.batch.num_positions for d in g)
+    assert sum(d.batch.num_positions for d in lrn.held) < 256  # the remainder waits for more
+    for g in groups + lrn.ready_updates(force=True):
+        lrn.update(g)
+    assert not lrn.held
+    acc = read_accounting(real_redis, keys)
+    assert acc["trained_positions"] + acc["stale_positions"] == acc["produced_positions"] == sum(sizes)
+    lrn.close()
