@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,29 +77,6 @@ class LearnerResult:
     checkpoint: Path | None
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; checked between steps, and by the Redis retry policy during an outage."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self)
-        signal.signal(signal.SIGINT, self)
-        retry.set_stop_check(lambda: self.requested)
-
-    def __call__(self, signum, frame) -> None:  # signal handler
-        self.requested = True
-
-
-def best_effort(what: str, fn, *args, **kwargs) -> Any:
-    """Run a Redis write that may be skipped when the server is full (``OOM``): status hashes and
-    capped streams; the refusal is logged, never raised. Returns ``fn``'s result or None."""
-    try:
-        return fn(*args, **kwargs)
-    except redis.exceptions.OutOfMemoryError as exc:
-        log.warning("Redis is full, %s skipped: %s", what, exc)
-        return None
-
-
 class MetricsSinks:
     """Where each update's metrics go, behind one call: the ``metrics`` stream, TensorBoard, W&B
     and the console/log line.
@@ -132,7 +108,7 @@ class MetricsSinks:
 
     def emit(self, step: int, version: int, metrics: dict[str, float], line: str) -> None:
         """Send ``metrics`` of update ``step`` (publishing ``version``) everywhere; ``line`` to the console/log."""
-        best_effort("metrics entry", append_metrics, self.r, self.keys, {"version": version, "updates": step, **metrics},
+        retry.best_effort("metrics entry", append_metrics, self.r, self.keys, {"version": version, "updates": step, **metrics},
                     self.cfg.stream.metrics_maxlen)
         if self.tb is not None:
             for k, v in metrics.items():
@@ -369,7 +345,9 @@ class Learner:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
                             self.cfg.stream.weights_keep)
             self.publish_due = False
-        except redis.exceptions.OutOfMemoryError as exc:
+        except redis.ResponseError as exc:
+            if not retry.is_oom(exc):
+                raise
             if not self.publish_due:
                 log.warning("Redis is full, version %d not yet published (retrying): %s", self.version, exc)
             self.publish_due = True
@@ -434,7 +412,7 @@ class Learner:
                   "new_epoch": self.epoch, "found_epoch": found_epoch or "", "version": self.version,
                   "held_entries_kept": len(self.held), "held_positions_kept": held_positions,
                   "unread_positions_lost": unread, "accounting_before": json.dumps(before)}
-        best_effort("losses entry", append_losses, self.r, self.keys, fields)
+        retry.best_effort("losses entry", append_losses, self.r, self.keys, fields)
         log.error("Redis lost the run's data (epoch %s -> %s): config and weights v%d re-published; "
                   "about %d unread positions lost, %d held positions kept", old_epoch, found_epoch,
                   self.version, unread, held_positions)
@@ -457,7 +435,7 @@ class Learner:
                   "backlog": self.r.xlen(self.keys.experience), "games_archived": self.recorder.archived,
                   "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
         fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
-        best_effort("learner status", write_learner_status, self.r, self.keys, fields)
+        retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
 
     # ------------------------------------------------------------------------------ stop
     def drain(self, seconds: float = DRAIN_S) -> None:
@@ -507,7 +485,7 @@ def run_learner(
     Returns:
         A :class:`LearnerResult`.
     """
-    stop = StopFlag()
+    stop = retry.StopFlag()
     lrn = Learner.start(cfg, redis_url, consumer_name=consumer_name, resume=resume, quiet=quiet)
     first_update = lrn.updates
     try:

@@ -1,8 +1,11 @@
 """The self-play worker: plays N games at once with the current policy and streams finished games.
 
-Read top to bottom: connect, read the run's config from Redis, wait for weights version 1, then
-loop { obey control, pick up new weights, one batched forward pass, step N games, send finished
-games through the producer (which waits while the learner's backlog is full), heartbeat }.
+:func:`run_worker` reads top to bottom: connect, read the run's config from Redis, build the
+:class:`Worker`, wait for weights version 1 (never play with random weights), then loop over
+named steps { obey control, load new weights, one self-play step (one batched forward pass, N
+moves), send the finished games through the producer (which waits while the learner's backlog or
+Redis's memory is full), notice a Redis restart, heartbeat }. Every Redis call waits out an
+outage (:mod:`keisei_stream.wire.retry`): the games and the outbox are kept meanwhile.
 
 Nothing here is lost silently: a batch is one XADD (atomic), games unfinished at shutdown and
 finished games that could not be sent before the stop are counted in the run's accounting hash
@@ -13,27 +16,27 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import redis
 import torch
 
-from keisei_stream.wire import schema
-from keisei_stream.wire.codec import ExperienceBatch
 from keisei_stream.config import Config, config_from_json
+from keisei_stream.play.records import game_fields
+from keisei_stream.rl.checkpoint import load_weights_bytes
+from keisei_stream.rl.model import build_model
+from keisei_stream.rl.policy import act
+from keisei_stream.shogi import GameRecord, VecEnv
+from keisei_stream.wire import retry, schema
+from keisei_stream.wire.codec import ExperienceBatch
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import append_game, get_control, write_worker_heartbeat
 from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
-from keisei_stream.rl.model import build_model
-from keisei_stream.rl.checkpoint import load_weights_bytes
-from keisei_stream.rl.policy import act
-from keisei_stream.play.records import game_fields
-from keisei_stream.shogi import VecEnv
 
 log = logging.getLogger("keisei.worker")
 
@@ -48,6 +51,7 @@ class WorkerStats:
     positions_played: int = 0
     discarded_positions: int = 0
     backpressure_s: float = 0.0
+    server_restarts: int = 0
     rate_t0: float = field(default_factory=time.monotonic)
     rate_n0: int = 0
     positions_per_s: float = 0.0
@@ -109,17 +113,7 @@ def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, versi
     return res, finished
 
 
-class _Stop:
-    """Set by SIGTERM/SIGINT; checked between steps so no entry is ever half-written."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum, frame) -> None:  # signal handler
-        self.requested = True
-
-
-def wait_for_config(r, keys: Keys, stop: _Stop, poll_s: float = 0.5) -> Config | None:
+def wait_for_config(r: redis.Redis, keys: Keys, stop: retry.StopFlag, poll_s: float = 0.5) -> Config | None:
     """Block until the learner has written the run's config (or a stop); returns None on stop.
 
     Raises:
@@ -135,6 +129,172 @@ def wait_for_config(r, keys: Keys, stop: _Stop, poll_s: float = 0.5) -> Config |
     return None
 
 
+@dataclass
+class Worker:
+    """Everything one worker process holds between steps (built by :meth:`start`)."""
+
+    cfg: Config
+    r: redis.Redis
+    keys: Keys
+    worker_id: str
+    model: torch.nn.Module
+    rng: torch.Generator
+    env: VecEnv
+    traj: Trajectories
+    producer: Producer
+    watcher: WeightsWatcher
+    stats: WorkerStats = field(default_factory=WorkerStats)
+    version: int = 0
+    outbox: list[tuple[int, int, dict[str, np.ndarray]]] = field(default_factory=list)  # (result, reason, chunk)
+    outbox_positions: int = 0
+    control: str = "run"
+    control_checked: float = 0.0
+    last_beat: float = 0.0
+    epoch: bytes | None = None
+    outages_seen: int = 0
+    host: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def start(cls, cfg: Config, r: redis.Redis, keys: Keys, worker_id: str, *, games: int | None,
+              threads: int | None, seed: int | None) -> "Worker":
+        """Model (random until the first weights arrive), N games, producer and weights watcher."""
+        n = games or cfg.worker.games
+        torch.set_num_threads(threads or cfg.worker.threads)
+        seed = cfg.run.seed + os.getpid() if seed is None else seed
+        model = build_model(cfg.model)
+        model.eval()
+        return cls(cfg=cfg, r=r, keys=keys, worker_id=worker_id, model=model,
+                   rng=torch.Generator().manual_seed(seed), env=VecEnv(n, cfg.env.max_plies, seed=seed),
+                   traj=Trajectories.empty(n, cfg.env.max_plies),
+                   producer=Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s),
+                   watcher=WeightsWatcher(r, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))
+
+    def read_control(self) -> str:
+        """``run`` / ``pause`` / ``stop``, read from Redis at most every 0.25 s."""
+        now = time.monotonic()
+        if now - self.control_checked > 0.25:
+            self.control, self.control_checked = get_control(self.r, self.keys), now
+        return self.control
+
+    def wait_for_weights(self, stop: retry.StopFlag) -> bool:
+        """Block until weights version >= 1 are loaded; False on a stop."""
+        while self.version < 1:
+            if stop.requested or self.read_control() == "stop":
+                return False
+            self.load_new_weights()
+            if self.version < 1:
+                self.heartbeat("waiting_weights")
+                time.sleep(0.1)
+        return True
+
+    def load_new_weights(self) -> None:
+        """Load the newest weights when the watcher saw a newer version (sha256 verified)."""
+        announced = self.watcher.poll()
+        if announced is None or announced <= self.version:
+            return
+        try:
+            latest = read_latest_weights(self.r, self.keys)
+            if latest is None or latest[0] <= self.version:
+                return
+            load_weights_bytes(self.model, latest[2])
+        except (WeightsError, ValueError) as exc:  # wrong sha256 or unusable: keep the current weights
+            log.error("worker %s: refused weights: %s", self.worker_id, exc)
+            return
+        self.version = latest[0]
+        log.info("worker %s: loaded weights version %d", self.worker_id, self.version)
+
+    def play_step(self) -> None:
+        """One self-play step of the N games; finished games go to the outbox (and the games stream)."""
+        _res, finished = selfplay_step(self.env, self.model, self.traj, self.version, self.cfg.worker.temperature,
+                                       self.rng)
+        self.stats.positions_played += self.env.num_games
+        for record, chunk in finished:
+            self.outbox.append((int(record.result), int(record.reason), chunk))
+            self.outbox_positions += len(chunk["ply"])
+            if self.cfg.worker.record_games:
+                self.record_game(record)
+
+    def record_game(self, record: GameRecord) -> None:
+        """The finished game to the capped ``games`` stream (skipped while Redis is full)."""
+        fields = game_fields(record, worker=self.worker_id, version=self.version)
+        retry.best_effort("game record", append_game, self.r, self.keys, fields, self.cfg.stream.games_maxlen)
+
+    def send(self, stop: retry.StopFlag, wait: bool = True) -> bool:
+        """Send the outbox as one batch; waits (heartbeating, loading weights) while the learner's
+        backlog or Redis is full unless ``wait`` is False. False when stopped first (the games stay)."""
+        if not self.outbox:
+            return True
+        chunks = [c for _, _, c in self.outbox]
+        offsets = np.zeros(len(chunks) + 1, dtype=np.uint32)
+        offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
+        batch = ExperienceBatch(
+            batch_id=self.producer.next_batch_id(), worker_id=self.worker_id,
+            **{name: np.concatenate([c[name] for c in chunks]) for name in schema.POSITION.names},
+            game_offsets=offsets,
+            result=np.array([g[0] for g in self.outbox], dtype=np.int8),
+            reason=np.array([g[1] for g in self.outbox], dtype=np.uint8),
+        )
+
+        def should_stop() -> bool:  # while backpressure holds us: control, signals, heartbeat, weights
+            self.heartbeat("backpressure")
+            self.load_new_weights()
+            return (not wait) or stop.requested or self.read_control() == "stop"
+
+        waited0 = self.producer.waited_s
+        sent = self.producer.send(batch, should_stop=should_stop)
+        self.stats.backpressure_s += self.producer.waited_s - waited0
+        if sent:
+            self.stats.batches_sent += 1
+            self.stats.positions_sent += batch.num_positions
+            self.stats.games_sent += batch.num_games
+            self.outbox, self.outbox_positions = [], 0
+        return sent
+
+    def check_server(self) -> None:
+        """After an outage: a missing or changed ``epoch`` key means Redis restarted without the
+        run's data (the learner records the loss and re-publishes); the worker keeps playing with
+        its weights and counts the restart."""
+        if retry.OUTAGES.outages == self.outages_seen:
+            return
+        self.outages_seen = retry.OUTAGES.outages
+        epoch = self.r.get(self.keys.epoch)
+        if epoch != self.epoch:
+            self.stats.server_restarts += 1
+            log.error("worker %s: Redis lost the run's data (epoch %s -> %s); playing on with version %d",
+                      self.worker_id, self.epoch, epoch, self.version)
+            self.epoch = epoch
+
+    def heartbeat(self, state: str, force: bool = False) -> None:
+        """Write the heartbeat hash, at most every ``stream.heartbeat_s`` unless ``force``."""
+        if not force and time.monotonic() - self.last_beat < self.cfg.stream.heartbeat_s:
+            return
+        self.last_beat = time.monotonic()
+        st = self.stats
+        st.update_rate()
+        fields = {"host": self.host, "pid": os.getpid(), "state": state, "version": self.version,
+                  "positions": st.positions_sent, "games": st.games_sent, "batches": st.batches_sent,
+                  "positions_played": st.positions_played, "positions_per_s": round(st.positions_per_s, 1),
+                  "backpressure_s": round(st.backpressure_s, 2), "oom_waits": self.producer.oom_waits,
+                  "discarded_positions": st.discarded_positions, "server_restarts": st.server_restarts,
+                  "games_at_once": self.env.num_games, "last_seen": round(time.time(), 3),
+                  **retry.OUTAGES.fields()}
+        retry.best_effort("heartbeat", write_worker_heartbeat, self.r, self.keys, self.worker_id, fields,
+                          self.cfg.stream.heartbeat_ttl_s)
+
+    def shutdown(self, stop: retry.StopFlag) -> None:
+        """One last non-waiting send, then count what is left (unfinished games, unsent outbox) in
+        the run's accounting (``worker_discarded_positions``) and the last heartbeat."""
+        if self.outbox:
+            self.send(stop, wait=False)
+        discarded = self.outbox_positions + int(self.traj.length.sum())
+        self.stats.discarded_positions += discarded
+        if discarded:
+            self.r.hincrby(self.keys.accounting, "worker_discarded_positions", discarded)
+        self.heartbeat("stopped", force=True)
+        log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", self.worker_id,
+                 self.stats.positions_sent, discarded)
+
+
 def run_worker(
     redis_url: str,
     run_id: str,
@@ -148,7 +308,8 @@ def run_worker(
     """Run one self-play worker until control says ``stop``, a signal arrives or ``max_batches``.
 
     Args:
-        redis_url: ``redis://host:port/db`` or ``unix:///path/redis.sock`` (password in the URL).
+        redis_url: ``redis://host:port/db``, ``rediss://...`` or ``unix:///path/redis.sock``
+            (user and password in the URL: workers run as the run's ``worker`` ACL user).
         run_id: the run's id (the ``{run}`` of the keys).
         games: games played at once (default: the run config's ``worker.games``).
         threads: torch intra-op threads (default: ``worker.threads``).
@@ -159,158 +320,34 @@ def run_worker(
     Returns:
         The final :class:`WorkerStats`.
     """
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    host = socket.gethostname()
-    worker_id = worker_id or f"{host}-{os.getpid()}"
+    stop = retry.StopFlag()
+    worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     keys = Keys(run_id)
     r = connect(redis_url)
-    stats = WorkerStats()
-    last_beat = 0.0  # monotonic time of the last heartbeat
-
-    def heartbeat(state: str, version: int, force: bool = False) -> None:
-        """Write the heartbeat hash, at most every ``stream.heartbeat_s`` unless ``force``."""
-        nonlocal last_beat
-        if not force and time.monotonic() - last_beat < cfg.stream.heartbeat_s:
-            return
-        last_beat = time.monotonic()
-        stats.update_rate()
-        write_worker_heartbeat(
-            r, keys, worker_id,
-            {
-                "host": host, "pid": os.getpid(), "state": state, "version": version,
-                "positions": stats.positions_sent, "games": stats.games_sent,
-                "batches": stats.batches_sent, "positions_played": stats.positions_played,
-                "positions_per_s": round(stats.positions_per_s, 1),
-                "backpressure_s": round(stats.backpressure_s, 2),
-                "discarded_positions": stats.discarded_positions,
-                "games_at_once": n, "last_seen": round(time.time(), 3),
-            },
-            cfg.stream.heartbeat_ttl_s,
-        )
-
-    # --- the run's config (written by the learner) --------------------------------------------
     log.info("worker %s: waiting for the run config at %s", worker_id, keys.config)
     cfg = wait_for_config(r, keys, stop)
     if cfg is None:
-        return stats
-    n = games or cfg.worker.games
-    torch.set_num_threads(threads or cfg.worker.threads)
-    seed = cfg.run.seed + os.getpid() if seed is None else seed
-    rng = torch.Generator().manual_seed(seed)
-    model = build_model(cfg.model)
-    model.eval()
-    watcher = WeightsWatcher(r, keys, cfg.stream.weights_poll_s)
-    producer = Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s)
-
-    # --- never play with random weights: wait for version >= 1 ---------------------------------
-    version = 0
-
-    def maybe_load_weights() -> None:
-        nonlocal version
-        announced = watcher.poll()
-        if announced is None or announced <= version:
-            return
-        try:
-            latest = read_latest_weights(r, keys)
-        except WeightsError as exc:  # wrong sha256: refuse, keep the current weights
-            log.error("worker %s: refused weights: %s", worker_id, exc)
-            return
-        if latest is None or latest[0] <= version:
-            return
-        load_weights_bytes(model, latest[2])
-        version = latest[0]
-        log.info("worker %s: loaded weights version %d", worker_id, version)
-
-    while version < 1:
-        if stop.requested or get_control(r, keys) == "stop":
-            return stats
-        maybe_load_weights()
-        if version < 1:
-            heartbeat("waiting_weights", version)
-            time.sleep(0.1)
-
-    # --- self-play --------------------------------------------------------------------------
-    max_plies = cfg.env.max_plies
-    env = VecEnv(n, max_plies, seed=seed)
-    traj = Trajectories.empty(n, max_plies)
-    outbox: list[tuple[int, int, dict[str, np.ndarray]]] = []  # finished, unsent: (result, reason, chunk)
-    outbox_positions = 0
-    control, control_checked = "run", 0.0
-
-    def read_control() -> str:
-        nonlocal control, control_checked
-        now = time.monotonic()
-        if now - control_checked > 0.25:
-            control, control_checked = get_control(r, keys), now
-        return control
-
-    def send_outbox(wait: bool) -> bool:
-        """Send the finished games as one batch; False when stopped while waiting."""
-        nonlocal outbox, outbox_positions
-        if not outbox:
-            return True
-        chunks = [c for _, _, c in outbox]
-        offsets = np.zeros(len(outbox) + 1, dtype=np.uint32)
-        offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
-        batch = ExperienceBatch(
-            batch_id=producer.next_batch_id(), worker_id=worker_id,
-            **{name: np.concatenate([c[name] for c in chunks]) for name in schema.POSITION.names},
-            game_offsets=offsets,
-            result=np.array([g[0] for g in outbox], dtype=np.int8),
-            reason=np.array([g[1] for g in outbox], dtype=np.uint8),
-        )
-
-        def should_stop() -> bool:
-            # While backpressure holds us, keep obeying control, signals and the heartbeat.
-            heartbeat("backpressure", version)
-            maybe_load_weights()
-            return (not wait) or stop.requested or read_control() == "stop"
-
-        waited0 = producer.waited_s
-        sent = producer.send(batch, should_stop=should_stop)
-        stats.backpressure_s += producer.waited_s - waited0
-        if sent:
-            stats.batches_sent += 1
-            stats.positions_sent += batch.num_positions
-            stats.games_sent += batch.num_games
-            outbox, outbox_positions = [], 0
-        return sent
-
-    while True:
-        if stop.requested or read_control() == "stop":
-            break
-        if control == "pause":
-            heartbeat("paused", version)
-            time.sleep(0.1)  # short sleeps: a pause never blocks a stop
-            continue
-        maybe_load_weights()
-
-        res, finished = selfplay_step(env, model, traj, version, cfg.worker.temperature, rng)
-        stats.positions_played += n
-        for record, chunk in finished:
-            outbox.append((int(record.result), int(record.reason), chunk))
-            outbox_positions += len(chunk["ply"])
-            if cfg.worker.record_games:
-                fields = game_fields(record)
-                fields.update({"worker": worker_id, "version": version})
-                append_game(r, keys, fields, cfg.stream.games_maxlen)
-
-        if outbox_positions >= cfg.stream.batch_positions:
-            send_outbox(wait=True)
-            if max_batches is not None and stats.batches_sent >= max_batches:
-                break
-        heartbeat("playing", version)
-
-    # --- clean shutdown: one last non-waiting send, then count what is left ------------------
-    if outbox:
-        send_outbox(wait=False)
-    discarded = outbox_positions + int(traj.length.sum())
-    stats.discarded_positions += discarded
-    if discarded:
-        r.hincrby(keys.accounting, "worker_discarded_positions", discarded)
-    heartbeat("stopped", version, force=True)
-    log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", worker_id,
-             stats.positions_sent, discarded)
-    return stats
+        return WorkerStats()
+    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed)
+    if not w.wait_for_weights(stop):
+        return w.stats
+    try:
+        while not stop.requested and w.read_control() != "stop":
+            if w.control == "pause":
+                w.heartbeat("paused")
+                time.sleep(0.1)  # short sleeps: a pause never blocks a stop
+                continue
+            w.load_new_weights()
+            w.play_step()
+            if w.outbox_positions >= cfg.stream.batch_positions:
+                w.send(stop)
+                if max_batches is not None and w.stats.batches_sent >= max_batches:
+                    break
+            w.check_server()
+            w.heartbeat("playing")
+        w.shutdown(stop)
+    except retry.TRANSIENT_ERRORS as exc:  # only when stopped during an outage
+        held = w.outbox_positions + int(w.traj.length.sum())
+        log.error("worker %s: stopped while Redis is unreachable (%s); %d positions not sent or counted",
+                  worker_id, exc, held)
+    return w.stats

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import redis
 
 from .codec import ExperienceBatch, encode_batch
-from .retry import TRANSIENT_ERRORS
+from .retry import TRANSIENT_ERRORS, is_oom
 from .keys import Keys
 
 # KEYS: experience, accounting, producers
@@ -87,6 +87,7 @@ class Producer:
         self.seq = 0
         self.waited_s = 0.0
         self.full_waits = 0
+        self.oom_waits = 0
         self.retries = 0
         self._script = r.register_script(_ADMIT_LUA)
 
@@ -98,8 +99,8 @@ class Producer:
              on_wait: Callable[[float], None] | None = None) -> bool:
         """Add ``batch`` (its ``batch_id`` and ``worker_id`` are set here) to the stream.
 
-        Waits while the stream is full (XLEN >= max_backlog) and retries after connection
-        errors, with exponential backoff (10 ms doubling up to ``backoff_max_s``), calling
+        Waits while the stream is full (XLEN >= max_backlog) or the server is (``OOM``: counted in
+        ``oom_waits``), and retries after connection errors, with exponential backoff (10 ms doubling up to ``backoff_max_s``), calling
         ``should_stop()`` at least every 50 ms and ``on_wait(seconds)`` after each wait.
 
         Returns:
@@ -122,6 +123,11 @@ class Producer:
                 status, _ = self._script(keys=[self.keys.experience, self.keys.accounting, self.keys.producers], args=argv)
             except TRANSIENT_ERRORS:
                 self.retries += 1
+                status = -1
+            except redis.ResponseError as exc:
+                if not is_oom(exc):
+                    raise
+                self.oom_waits += 1  # Redis is full: backpressure until the learner frees memory
                 status = -1
             if int(status) in (1, 2):
                 self.seq += 1

@@ -18,6 +18,7 @@ it returns True the failing call raises its connection error instead of retrying
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -127,3 +129,37 @@ class RetryForever(Retry):
         finally:
             if failed:
                 OUTAGES.end(reached)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (installed by the constructor, in the main thread); checked by a
+    process between its steps, and by the retry policy so that a stop during an outage ends the
+    wait (the failing call then raises one of :data:`TRANSIENT_ERRORS`)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+        set_stop_check(lambda: self.requested)
+
+    def __call__(self, signum, frame) -> None:  # signal handler
+        self.requested = True
+
+
+def is_oom(error: BaseException) -> bool:
+    """True for the server's refusal to write because it reached ``maxmemory`` (``OOM ...``),
+    also when it comes wrapped in a script error."""
+    return isinstance(error, OutOfMemoryError) or (isinstance(error, ResponseError) and "OOM" in str(error))
+
+
+def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a Redis write that may be skipped while the server is full: status hashes, heartbeats,
+    capped streams. An ``OOM`` refusal is logged (``what`` names the write) and None returned;
+    every other error is raised."""
+    try:
+        return fn(*args, **kwargs)
+    except ResponseError as exc:
+        if not is_oom(exc):
+            raise
+        log.warning("Redis is full, %s skipped: %s", what, exc)
+        return None
