@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -231,6 +232,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
     torch.set_num_threads(1)
     result["cpu_1_thread"] = bench_device(model, cfg, torch.device("cpu"), args)
@@ -240,6 +242,7 @@ def main(argv=None) -> dict:
         result["cuda_device"] = torch.cuda.get_device_name(dev)
     if not args.no_layout:
         result["layout"] = layout()
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     return result
 

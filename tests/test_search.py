@@ -568,3 +568,26 @@ def test_search_on_cuda(tiny):
     a = dict(zip(ref.moves, ref.prior.tolist()))
     b = dict(zip(r.moves, r.prior.tolist()))
     assert max(abs(a[m] - b[m]) for m in a) < 1e-4
+
+
+def test_failed_forward_pass_drops_the_tree(tiny):
+    model, cfg = tiny
+    calls = {"n": 0}
+
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("out of memory")
+            return self.inner(x)
+
+    s = MCTS(Flaky(), max_plies=cfg.env.max_plies, batch_size=4)
+    with pytest.raises(RuntimeError):
+        s.search(cshogi.Board(), nodes=40)
+    assert s.root is None
+    r = s.search(cshogi.Board(), nodes=40)
+    assert r.total_visits == 40 and r.reused_visits == 0

@@ -89,11 +89,13 @@ Tree storage
     argmax only needs the prefix ``[0, width)`` where ``width`` = last visited index + 2 (an exact
     shortcut, same argmax and same first-index tie-break as a scan of all edges), scanned in a
     Python loop. Measured on this machine (``benchmarks/search.py``, ``layout``: one selection plus
-    the edge updates of a simulation): lists ~2-6 us for prefixes of 4-24 edges, ~16 us for 80,
-    against ~13-16 us at any width for per-node NumPy arrays (NumPy's per-call overhead and slow
-    scalar updates); converting the lists to NumPy for wide prefixes lost at every width up to 200.
-    Whole searches (batch 8-32, a free stand-in network) spent ~60 us per simulation outside the
-    forward pass with lists against ~100-130 us with per-node NumPy arrays.
+    the edge updates of one simulation, 80 edges): lists ~1-3 us for prefixes of 4-24 edges and
+    ~9 us for all 80, per-node NumPy arrays ~8 us at any width up to 48 and ~12 us at 80 (NumPy's
+    per-call overhead and slow scalar updates); converting the lists to NumPy for wide prefixes
+    lost to the Python loop at every width up to 200. Whole searches (4 positions x 2,000
+    simulations, a stand-in network, time outside the forward passes): ~53-59 us per simulation
+    at batch 8-32 with lists against ~100-111 us with a per-node NumPy-array version of this
+    module (both with the cyclic GC paused).
 """
 
 from __future__ import annotations
@@ -394,8 +396,10 @@ class MCTS:
         model: an ``ActorCritic`` (or any module with ``forward(obs (B, 46, 9, 9) float32) ->
             (logits (B, 13527), value (B,))``, value in [-1, 1] for the side to move). Put in eval
             mode; never trained here.
-        device: where the model runs (None: the device of its parameters). Inputs go there;
-            outputs come back to the host once per batch.
+        device: where the model runs (None: the device of its parameters; a different device
+            moves the model there with ``model.to``). Pick it at run time, e.g. with
+            :func:`keisei_stream.rl.model.pick_device`. Inputs go there (from pinned host memory
+            on CUDA); outputs come back to the host once per batch.
         max_plies: the model's training ``env.max_plies`` (plane 43 = ply / max_plies).
         draw_plies: the game length limit of rule 4 (:func:`_game_end`); None = ``max_plies``
             (the training rule), 0 = no limit.
@@ -451,11 +455,12 @@ class MCTS:
             raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha!r}")
         if c_base <= 0 or c_base_root <= 0:
             raise ValueError("c_base and c_base_root must be > 0")
+        p = next(iter(model.parameters()), None)
+        current = p.device if p is not None else torch.device("cpu")
+        self.device = current if device is None else torch.device(device)
+        if self.device != current:
+            model = model.to(self.device)
         self.model = model.eval()
-        if device is None:
-            p = next(iter(model.parameters()), None)
-            device = p.device if p is not None else torch.device("cpu")
-        self.device = torch.device(device)
         self.max_plies = int(max_plies)
         self.draw_plies = self.max_plies if draw_plies is None else int(draw_plies)
         self.batch_size = int(batch_size)
@@ -595,6 +600,10 @@ class MCTS:
             gc.disable()
             try:
                 return self._search(board, ply, nodes, time_limit, stop, info, info_interval)
+            except BaseException:
+                # a failed forward pass (or an interrupt) leaves virtual losses and pending nodes
+                self.reset()
+                raise
             finally:
                 self._stop_event = None
                 if gc_was_enabled:
