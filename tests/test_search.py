@@ -20,6 +20,9 @@ from keisei_stream.play.search import (
     _LeafBatch,
     search_player_from_spec,
 )
+from keisei_stream.play.match import play_game
+from keisei_stream.play.players import RandomPlayer
+from keisei_stream.rl.checkpoint import checkpoint_name, save_checkpoint
 from keisei_stream.rl.model import build_model
 from keisei_stream.shogi import EndReason, VecEnv, encode_observation, legal_moves_and_actions, usi_to_action
 
@@ -524,9 +527,6 @@ def test_bad_limits(tiny):
 
 
 def test_search_player_plays_a_game(tiny):
-    from keisei_stream.play.evaluation import play_game
-    from keisei_stream.play.players import RandomPlayer
-
     model, cfg = tiny
     player = SearchPlayer((model, cfg), nodes=8, batch_size=4, name="s8")
     rec = play_game(player, RandomPlayer(1), max_plies=30, seeds=(0, 1))
@@ -538,8 +538,6 @@ def test_search_player_plays_a_game(tiny):
 
 
 def test_search_player_from_spec(tmp_path, tiny):
-    from keisei_stream.rl.checkpoint import checkpoint_name, save_checkpoint
-
     model, cfg = tiny
     path = save_checkpoint(tmp_path / checkpoint_name(1), model=model, optimizer=None, scheduler=None,
                            version=1, updates=0, config_json=cfg.to_json())

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from keisei_stream.config import Config, ConfigError
-from keisei_stream.play.loaders import resolve_device
+from keisei_stream.config import Config
+from keisei_stream.play.loaders import load_player_model
 from keisei_stream.play.players import STARTPOS, SpecError
-from keisei_stream.rl import checkpoint
 from keisei_stream.shogi import encode_observation, legal_moves_and_actions
 
 
@@ -58,21 +57,7 @@ class ModelPlayer:
 
         self.model: Optional[nn.Module]
         self.config: Config
-        if isinstance(source, tuple):
-            self.model, self.config = source[0], source[1]
-            self.meta: dict = source[2] if len(source) > 2 else {}
-            default_name = "model"
-        else:
-            dev = resolve_device(device)
-            try:
-                self.model, info = checkpoint.load_model_from_checkpoint(source, map_location="cpu")
-            except (checkpoint.CheckpointError, ConfigError) as exc:
-                raise SpecError(str(exc)) from None
-            self.model.to(dev)
-            self.config = info.pop("config")
-            info.pop("config_json")
-            self.meta = info
-            default_name = Path(source).stem
+        self.model, self.config, self.meta, default_name = load_player_model(source, device)
         if temperature < 0 or not math.isfinite(temperature):
             raise SpecError(f"temperature must be >= 0, got {temperature}")
         self.name = name or default_name

@@ -105,13 +105,14 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import cshogi
 import numpy as np
 import torch
 
+from keisei_stream.play.loaders import load_player_model
+from keisei_stream.play.players import STARTPOS
 from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES, EndReason, moves_to_actions
 
 # The vectorised tail of the observation encoder (hands, side to move, ply, repetition and
@@ -120,7 +121,6 @@ from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES, EndReason, moves_to_act
 # loudly here.
 from keisei_stream.shogi.observation import _finish_planes
 
-STARTPOS = "startpos"
 
 #: Defaults (values in [-1, 1]; see the module docstring for the sources and the doubling).
 C_INIT = 2.88
@@ -1026,15 +1026,7 @@ class SearchPlayer:
             torch.set_num_threads(threads)
         if nodes is None and time_limit is None:
             raise ValueError("SearchPlayer needs nodes or time_limit")
-        if isinstance(source, tuple):
-            model, config = source[0], source[1]
-            self.meta: dict = source[2] if len(source) > 2 else {}
-            default = "model"
-        else:
-            from keisei_stream.play.players import load_model_from_checkpoint
-
-            model, config, self.meta = load_model_from_checkpoint(source, device)
-            default = Path(source).stem
+        model, config, self.meta, default = load_player_model(source, device)
         self.config = config
         self.nodes = None if nodes is None else int(nodes)
         self.time_limit = time_limit
