@@ -169,12 +169,12 @@ def test_each_mutation_rejected(kind, make_batch, hostile_entries):
     for fields in entries:
         if kind in MAYBE_VALID:
             try:
-                decode_entry(fields, max_plies=64)
+                decode_entry(fields, max_plies=64, max_version=1000)
             except BadEntry:
                 pass
         else:
             with pytest.raises(BadEntry):
-                decode_entry(fields, max_plies=64)
+                decode_entry(fields, max_plies=64, max_version=1000)
 
 
 def test_specific_reasons(make_batch):
