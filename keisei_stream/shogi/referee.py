@@ -46,7 +46,10 @@ and ``verdict.result(board.turn)`` the game result (+1 Black won, -1 White won, 
 **Random openings** (:func:`random_opening`): k uniformly random legal moves from a start
 position, retried until no position of the opening ended the game and the last one has a legal
 move. VecEnv and evaluation draw from their own ``numpy.random.Generator``; one draw of
-``rng.integers(len(legal))`` per ply, over cshogi's legal-move order.
+``rng.integers(len(legal))`` per ply, over cshogi's legal-move order, exactly as VecEnv always
+did, so seeded self-play is unchanged. (Before this module VecEnv tested the declaration only
+in an opening's last position and evaluation rejected any repetition of its last position; an
+opening is now rejected exactly when the game would have ended during it.)
 
 How each caller uses it
 -----------------------
@@ -81,14 +84,18 @@ after it. For a game recorded from a later ply, occurrences before its first pos
 unknown (the tracker undercounts), so a recorded repetition end may be judged as the next rule in
 the order (``ENTERING_KING``, ``MAX_PLIES`` or ``NONE``); every other judgement is exact::
 
-    tracker = RepetitionTracker(board)
-    verdict = judge(board, 1, ply0, max_plies)          # the first recorded position
-    for each recorded move:
-        if verdict: raise BadEntry("the game had already ended")
-        repetition[t] == repetition_feature(tracker.count(board))   # the recorded plane 44
-        board.push(move); ply += 1
-        verdict = judge(board, tracker.push(board), ply, max_plies)
+    tracker, count = RepetitionTracker(board), 1
+    verdict = judge(board, count, ply0, max_plies)      # the first recorded position
+    for each recorded move (position t, ply[t]):
+        if verdict.reason: raise BadEntry("the game had already ended")
+        recorded repetition[t] == repetition_feature(count)   # plane 44 (exact from ply 0)
+        board.push(move)
+        count = tracker.push(board)
+        verdict = judge(board, count, ply[t] + 1, max_plies)
     ok = (verdict.reason, verdict.result(board.turn)) == (recorded reason, recorded result)
+
+In hot loops test ``verdict.reason`` (an ``IntEnum``, 0 while the game goes on) rather than the
+verdict itself (``Verdict.__bool__`` is a Python call).
 
 No torch, no redis.
 """
