@@ -19,11 +19,11 @@ from keisei_stream.shogi import (
     can_declare,
     judge,
     random_opening,
+    referee,
     repetition_feature,
     usi_to_action,
 )
 from keisei_stream.shogi import env as env_module
-from keisei_stream.shogi import referee
 
 BIG = 10_000  # max_plies that is never reached
 

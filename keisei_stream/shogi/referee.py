@@ -104,7 +104,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional
 
 import cshogi
 import numpy as np
@@ -142,7 +141,7 @@ class EndReason(enum.IntEnum):
         return _LABELS[self]
 
     @classmethod
-    def from_label(cls, text: str) -> "EndReason":
+    def from_label(cls, text: str) -> EndReason:
         """The reason named by ``text``: a :attr:`label` (``"repetition"``), a member name in any
         case (``"REPETITION_DRAW"``, ``"repetition_draw"``) or a decimal code (``"2"``);
         surrounding whitespace is ignored.
@@ -192,7 +191,7 @@ class Verdict:
     def __bool__(self) -> bool:
         return self.reason != EndReason.NONE
 
-    def winner(self, turn: int) -> Optional[int]:
+    def winner(self, turn: int) -> int | None:
         """Colour of the winner (``cshogi.BLACK`` 0 / ``cshogi.WHITE`` 1), ``None`` for a draw or
         no end; ``turn`` is the colour to move in the judged position (``board.turn``)."""
         if self.mover_score == 0:
@@ -223,7 +222,7 @@ def can_declare(board: cshogi.Board) -> bool:
 
 
 def judge(board: cshogi.Board, repetitions: int, ply: int, max_plies: int,
-          has_legal_move: Optional[bool] = None) -> Verdict:
+          has_legal_move: bool | None = None) -> Verdict:
     """Judge ``board``, the position after a move (or a game's starting position).
 
     Rules and their order in the module docstring: checkmate, 4-fold repetition (perpetual check
@@ -285,7 +284,7 @@ class RepetitionTracker:
 
     __slots__ = ("counts",)
 
-    def __init__(self, board: Optional[cshogi.Board] = None):
+    def __init__(self, board: cshogi.Board | None = None):
         #: ``{zobrist key: occurrences}``
         self.counts: dict[int, int] = {} if board is None else {board.zobrist_hash(): 1}
 
@@ -326,7 +325,7 @@ class RepetitionTracker:
 # random openings
 
 
-def random_opening(board: cshogi.Board, plies: int, rng: np.random.Generator, start_sfen: Optional[str] = None,
+def random_opening(board: cshogi.Board, plies: int, rng: np.random.Generator, start_sfen: str | None = None,
                    max_tries: int = 10_000) -> tuple[list[int], RepetitionTracker, list[int]]:
     """Set ``board`` to ``start_sfen`` (``None``: the initial position) and play ``plies``
     uniformly random legal moves, retrying until the game goes on after them.
