@@ -123,7 +123,7 @@ def test_entering_king_game_validated():
     bad = copy.deepcopy(b)
     bad.reason[:] = EndReason.MAX_PLIES
     bad.result[:] = 0
-    with pytest.raises(BadEntry, match="entering-king"):
+    with pytest.raises(BadEntry, match="referee says ENTERING_KING"):
         decode_entry(as_wire(encode_batch(bad)), max_plies=1)
 
 
