@@ -197,23 +197,24 @@ class Consumer:
                 dl["worker"] = vb[:200]
             dl[b"raw:" + kb[:64]] = vb[:DEADLETTER_FIELD_BYTES]
         dl["raw_bytes"] = raw_total
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(self.keys.deadletter, dl, maxlen=self.deadletter_maxlen, approximate=True)
-        pipe.xack(self.keys.experience, self.keys.group, entry_id)
-        pipe.xdel(self.keys.experience, entry_id)
-        pipe.hincrby(self.keys.accounting, "rejected_entries", 1)
-        pipe.hincrby(self.keys.accounting, "rejected_positions", exc.positions)
-        pipe.execute()
+        self._discard(entry_id, "rejected", exc.positions, deadletter=dl)
         self.stats["bad"] += 1
 
     def _drop_duplicate(self, entry_id: str, batch: ExperienceBatch) -> None:
+        self._discard(entry_id, "duplicate", batch.num_positions)
+        self.stats["duplicate"] += 1
+
+    def _discard(self, entry_id: str, what: str, positions: int, deadletter: dict | None = None) -> None:
+        """In one MULTI/EXEC: (dead-letter,) acknowledge and delete the entry, and count it in
+        ``{what}_entries`` / ``{what}_positions``."""
         pipe = self.r.pipeline(transaction=True)
+        if deadletter is not None:
+            pipe.xadd(self.keys.deadletter, deadletter, maxlen=self.deadletter_maxlen, approximate=True)
         pipe.xack(self.keys.experience, self.keys.group, entry_id)
         pipe.xdel(self.keys.experience, entry_id)
-        pipe.hincrby(self.keys.accounting, "duplicate_entries", 1)
-        pipe.hincrby(self.keys.accounting, "duplicate_positions", batch.num_positions)
+        pipe.hincrby(self.keys.accounting, f"{what}_entries", 1)
+        pipe.hincrby(self.keys.accounting, f"{what}_positions", int(positions))
         pipe.execute()
-        self.stats["duplicate"] += 1
 
     # -- acknowledging -----------------------------------------------------------------------
     def ack(self, entries: Iterable[Delivered | str], trained_positions: int, stale_positions: int) -> None:
