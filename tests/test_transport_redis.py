@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-
 from conftest import MAYBE_VALID
+
 from keisei_stream.wire.codec import encode_batch
 from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting, stream_info
-from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_weights
+from keisei_stream.wire.weights import (
+    WeightsError,
+    WeightsWatcher,
+    publish_weights,
+    read_latest_weights,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -237,6 +245,8 @@ import sys, time
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.consumer import Consumer
+import signal
+import subprocess
 r = connect(sys.argv[1])
 c = Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
 got = c.read()
@@ -246,9 +256,6 @@ time.sleep(60)
 
 
 def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make_batch):
-    import signal
-    import subprocess
-    import sys
 
     p = Producer(real_redis, K, "w1", max_backlog=100)
     for i in range(5):
