@@ -9,9 +9,11 @@ import threading
 import time
 
 import pytest
+import redis
 from conftest import MAYBE_VALID
 
 from keisei_stream.wire.codec import encode_batch
+from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
@@ -292,4 +294,38 @@ def test_a_replayed_batch_is_dropped_after_a_learner_restart(real_redis, make_ba
     assert drain(restarted, real_redis, limit_s=5) == []
     acc = read_accounting(real_redis, K)
     assert acc["duplicate_entries"] == 1 and acc["trained_positions"] == b.num_positions
+    assert real_redis.xlen(K.experience) == 0
+
+
+def test_no_acknowledgement_lands_in_a_server_that_lost_the_run(real_redis, make_batch):
+    """The consumer acknowledges only while the run's epoch is the one it knows: after a restart
+    without the data the counts of the old server's entries must not enter the new accounting."""
+    Producer(real_redis, K, "w1", max_backlog=10).send(make_batch(40))
+    c = consumer(real_redis)
+    c.epoch = "e1"
+    real_redis.set(K.epoch, "e1")
+    got = drain(c, real_redis, ack=False, limit_s=5)
+    real_redis.set(K.epoch, "e2")  # what a restart that lost the data looks like to the consumer
+    with pytest.raises(EpochChanged):
+        c.ack(got, trained_positions=40, stale_positions=0)
+    assert read_accounting(real_redis, K)["trained_positions"] == 0 and real_redis.xlen(K.experience) == 1
+    real_redis.set(K.epoch, "e1")
+    c.ack(got, trained_positions=got[0].batch.num_positions, stale_positions=0)
+    assert real_redis.xlen(K.experience) == 0
+
+
+def test_acknowledging_works_at_maxmemory(real_redis, make_batch):
+    """Acknowledging is how a full server gets memory back, so it must run past maxmemory."""
+    p = Producer(real_redis, K, "w1", max_backlog=100)
+    for i in range(5):
+        p.send(make_batch(40, seed=i, batch_id=f"w1:s:{i}"))
+    c = consumer(real_redis, count=16)
+    got = drain(c, real_redis, ack=False, limit_s=5)
+    real_redis.config_set("maxmemory", int(real_redis.info("memory")["used_memory"]) - 10_000)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            real_redis.set("probe", "x")
+        c.ack(got, trained_positions=sum(d.batch.num_positions for d in got), stale_positions=0)
+    finally:
+        real_redis.config_set("maxmemory", "512mb")
     assert real_redis.xlen(K.experience) == 0

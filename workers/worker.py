@@ -289,7 +289,8 @@ class Worker:
         discarded = self.outbox_positions + int(self.traj.length.sum())
         self.stats.discarded_positions += discarded
         if discarded:
-            self.r.hincrby(self.keys.accounting, "worker_discarded_positions", discarded)
+            retry.best_effort("discard count", self.r.hincrby, self.keys.accounting, "worker_discarded_positions",
+                              discarded)
         self.heartbeat("stopped", force=True)
         log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", self.worker_id,
                  self.stats.positions_sent, discarded)

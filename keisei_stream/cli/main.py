@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--duration", type=parse_duration, default=None, help="stop after this long (30m, 1h, 90s)")
     pr.add_argument("--redis", default=None, help="use this Redis instead of a private one")
     pr.add_argument("--run", default=None, help="run id (default: config run.id)")
-    pr.add_argument("--resume", action="store_true", help="the learner continues from the newest checkpoint")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue the run: the learner from its newest checkpoint, the private Redis from its "
+                         "append-only file (the entries still in the stream are trained)")
+    pr.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec",
+                    help="fsync policy of the private Redis's append-only file (README: Reliability)")
+    pr.add_argument("--maxmemory", default="1gb", help="maxmemory of the private Redis (README: sizing maxmemory)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pr.add_argument("--no-live", action="store_true", help="print a status line instead of the live view")
     pr.add_argument("--print-every", type=float, default=30.0, help="seconds between status lines (--no-live)")

@@ -187,6 +187,10 @@ class Recorder:
     _last_flush: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
+        self.ensure_group()
+
+    def ensure_group(self) -> None:
+        """Create the group ``recorders`` on the games stream at id 0 (MKSTREAM); idempotent."""
         try:
             self.r.xgroup_create(self.keys.games, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -194,7 +198,13 @@ class Recorder:
                 raise
 
     def _read(self, start: str) -> list[tuple[str, dict]]:
-        resp = self.r.xreadgroup(GROUP, self.consumer, {self.keys.games: start}, count=1000)
+        try:
+            resp = self.r.xreadgroup(GROUP, self.consumer, {self.keys.games: start}, count=1000)
+        except redis.ResponseError as exc:  # the server restarted without the run's data
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()
+            return []
         return [(as_str(eid), fields) for _stream, entries in resp or [] for eid, fields in entries]
 
     def step(self, force: bool = False) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import redis
 from redis.exceptions import ResponseError
 
+from .atomic import run_atomic
 from .codec import ExperienceBatch, decode_entry, entry_positions
 from .embedded_redis import as_str
 from .keys import Keys
@@ -92,6 +93,7 @@ class Consumer:
         self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0}
         self.decode_s = 0.0  # seconds spent decoding and validating entries (a time share of the learner)
         self.newest_version: int | None = None  # entries claiming a newer model version are rejected
+        self.epoch: str | None = None  # the run's epoch this consumer acknowledges into (set by the learner)
         ensure_group(r, keys)
 
     def reset(self) -> None:
@@ -109,10 +111,23 @@ class Consumer:
         Bad entries and duplicates met on the way are dead-lettered / dropped and acknowledged
         here. Blocks at most ``block_ms`` (default: the constructor's) when nothing is pending.
 
+        A missing group (``NOGROUP``: the server restarted without the run's data) is created
+        again and the read returns nothing; the learner then records what was lost.
+
         Raises:
-            redis.ConnectionError / redis.TimeoutError: when the server is unreachable after the
-                client's own retries (the caller may retry; nothing is lost).
+            redis.ConnectionError / redis.TimeoutError: only when a stop was requested during an
+                outage (otherwise the client waits for the server; nothing is lost).
         """
+        try:
+            return self._read(block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.reset()
+            ensure_group(self.r, self.keys)
+            return []
+
+    def _read(self, block_ms: int | None) -> list[Delivered]:
         if self._own_cursor is not None:
             resp = self.r.xreadgroup(self.keys.group, self.name, {self.keys.experience: self._own_cursor},
                                      count=self.count)
@@ -205,20 +220,23 @@ class Consumer:
         self.stats["duplicate"] += 1
 
     def _discard(self, entry_id: str, what: str, positions: int, deadletter: dict | None = None) -> None:
-        """In one MULTI/EXEC: (dead-letter,) acknowledge and delete the entry, and count it in
+        """Atomically: (dead-letter,) acknowledge and delete the entry, and count it in
         ``{what}_entries`` / ``{what}_positions``."""
-        pipe = self.r.pipeline(transaction=True)
+        k = self.keys
+        cmds: list[tuple] = []
         if deadletter is not None:
-            pipe.xadd(self.keys.deadletter, deadletter, maxlen=self.deadletter_maxlen, approximate=True)
-        pipe.xack(self.keys.experience, self.keys.group, entry_id)
-        pipe.xdel(self.keys.experience, entry_id)
-        pipe.hincrby(self.keys.accounting, f"{what}_entries", 1)
-        pipe.hincrby(self.keys.accounting, f"{what}_positions", int(positions))
-        pipe.execute()
+            flat = [x for kv in deadletter.items() for x in kv]
+            cmds.append(("XADD", k.deadletter, "MAXLEN", "~", self.deadletter_maxlen, "*", *flat))
+        cmds += [("XACK", k.experience, k.group, entry_id), ("XDEL", k.experience, entry_id),
+                 ("HINCRBY", k.accounting, f"{what}_entries", 1),
+                 ("HINCRBY", k.accounting, f"{what}_positions", int(positions))]
+        run_atomic(self.r, self.keys, cmds, self.epoch)
 
     # -- acknowledging -----------------------------------------------------------------------
     def ack(self, entries: Iterable[Delivered | str], trained_positions: int, stale_positions: int) -> None:
-        """Acknowledge and delete ``entries`` after the update that used them, in one MULTI/EXEC.
+        """Acknowledge and delete ``entries`` after the update that used them, atomically (also
+        when Redis is at maxmemory, never into a server that lost the run's data: see
+        :func:`keisei_stream.wire.atomic.run_atomic`).
 
         Adds ``trained_positions`` / ``stale_positions`` to the accounting (their sum should be
         the entries' positions) and the batch ids to ``trained_batches`` (the newest
@@ -226,21 +244,21 @@ class Consumer:
         learner. Idempotent per entry on the server (XACK/XDEL of an acked id are no-ops; counters
         are added again, so do not call twice for the same update).
         """
+        k = self.keys
         entries = list(entries)
         ids = [e.entry_id if isinstance(e, Delivered) else str(e) for e in entries]
         now_ms = int(time.time() * 1000)
-        trained = {e.batch.batch_id: now_ms for e in entries if isinstance(e, Delivered)}
-        pipe = self.r.pipeline(transaction=True)
+        trained = [x for e in entries if isinstance(e, Delivered) for x in (now_ms, e.batch.batch_id)]
+        cmds: list[tuple] = []
         if ids:
-            pipe.xack(self.keys.experience, self.keys.group, *ids)
-            pipe.xdel(self.keys.experience, *ids)
-            pipe.hincrby(self.keys.accounting, "acked_entries", len(ids))
+            cmds += [("XACK", k.experience, k.group, *ids), ("XDEL", k.experience, *ids),
+                     ("HINCRBY", k.accounting, "acked_entries", len(ids))]
         if trained:
-            pipe.zadd(self.keys.trained_batches, trained)
-            pipe.zremrangebyrank(self.keys.trained_batches, 0, -(TRAINED_BATCHES_KEPT + 1))
-        pipe.hincrby(self.keys.accounting, "trained_positions", int(trained_positions))
-        pipe.hincrby(self.keys.accounting, "stale_positions", int(stale_positions))
-        pipe.execute()
+            cmds += [("ZADD", k.trained_batches, *trained),
+                     ("ZREMRANGEBYRANK", k.trained_batches, 0, -(TRAINED_BATCHES_KEPT + 1))]
+        cmds += [("HINCRBY", k.accounting, "trained_positions", int(trained_positions)),
+                 ("HINCRBY", k.accounting, "stale_positions", int(stale_positions))]
+        run_atomic(self.r, self.keys, cmds, self.epoch)
         for i in ids:
             self.in_flight.pop(i, None)
 
