@@ -438,11 +438,11 @@ class Learner:
 
     # ------------------------------------------------------------------------------ 5. housekeeping
     def housekeeping(self, force: bool = False) -> None:
-        """Archive finished games and write the status hash, every ``stream.heartbeat_s``."""
-        if not force and time.monotonic() - self.last_status_t < self.cfg.stream.heartbeat_s:
-            return
+        """Archive finished games (the recorder flushes when due), and write the status hash every
+        ``stream.heartbeat_s``."""
         self.recorder.step(force=force)
-        self.write_status("collecting" if self.held else "waiting")
+        if force or time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s:
+            self.write_status("collecting" if self.held else "waiting")
 
     def write_status(self, state: str) -> None:
         """The ``learner`` hash: state, version, held positions, backlog, outages, last metrics."""

@@ -195,3 +195,12 @@ def test_heartbeats_control_metrics(fake_redis):
 def test_stream_info_without_group(fake_redis):
     info = stream_info(fake_redis, K)
     assert info["length"] == 0 and info["pending"] == 0 and info["deadletter"] == 0
+
+
+def test_a_stopping_producer_still_tries_once(fake_redis, make_batch):
+    """A worker's last send at stop (should_stop already True) adds the batch when there is room,
+    and gives up at once when there is none (the worker then counts the positions as discarded)."""
+    p = Producer(fake_redis, K, "w1", max_backlog=1)
+    assert p.send(make_batch(30, seed=1), should_stop=lambda: True)
+    assert not p.send(make_batch(30, seed=2), should_stop=lambda: True)
+    assert fake_redis.xlen(K.experience) == 1 and p.full_waits == 1

@@ -208,16 +208,20 @@ class Recorder:
         return [(as_str(eid), fields) for _stream, entries in resp or [] for eid, fields in entries]
 
     def step(self, force: bool = False) -> int:
-        """Read new game entries and flush when due (or ``force``). Returns the games archived now."""
-        items = self._read("0") if self._pending_first else []
-        if not items:
-            self._pending_first = False
-            items = self._read(">")
-        seen = {eid for eid, _ in self._buffer}
-        # a pending entry trimmed from the stream comes back without fields: acknowledge it only
-        self._buffer += [(eid, row_from_fields(eid, f) if f else None) for eid, f in items if eid not in seen]
-        if self._pending_first:  # pending entries re-read at "0" until all are acknowledged
-            force = True
+        """Read new game entries (with ``force``: all there are) and flush when due (or ``force``).
+        Returns the games archived now."""
+        while True:
+            items = self._read("0") if self._pending_first else []
+            if not items:
+                self._pending_first = False
+                items = self._read(">")
+            seen = {eid for eid, _ in self._buffer}
+            # a pending entry trimmed from the stream comes back without fields: acknowledge it only
+            self._buffer += [(eid, row_from_fields(eid, f) if f else None) for eid, f in items if eid not in seen]
+            if self._pending_first:  # pending entries re-read at "0" until all are acknowledged
+                force = True
+            if not (force and items) or self._pending_first:
+                break
         due = force or len(self._buffer) >= self.flush_games or time.monotonic() - self._last_flush >= self.flush_s
         if not due or not self._buffer:
             return 0
