@@ -265,7 +265,7 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
     keys = Keys("t1")
     r.set(keys.config, cfg.to_json())
     assert follow.latest_rating(r, "t1") is None

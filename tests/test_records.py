@@ -122,7 +122,7 @@ def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     from keisei_stream.wire.keys import Keys
 
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
     keys = Keys("g1")
     for seed in range(3):
         rec = play_game(RandomPlayer(seed), RandomPlayer(seed + 1), max_plies=50)

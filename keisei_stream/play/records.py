@@ -25,7 +25,8 @@ KIF 詰み / CSA %TORYO; resign -> 投了 / %TORYO; repetition -> 千日手 / %S
 illegal move, crash -> 反則負け or 反則勝ち / %ILLEGAL_MOVE or %{+,-}ILLEGAL_ACTION; timeout ->
 切れ負け / %TIME_UP; entering king -> 入玉勝ち / %KACHI; max plies -> 持将棋 / %MAX_MOVES.
 
-The ``keisei games export|show|list`` command reads games with :func:`read_stream_games` /
+The ``keisei games export|show|list`` command reads games with :func:`read_stream_games`,
+:func:`read_archive_games` (the run's durable archive, :mod:`keisei_stream.wire.archive`) or
 :func:`read_eval_games` and writes them with :func:`export_games` / :func:`to_svg`.
 """
 
@@ -43,6 +44,7 @@ from cshogi import CSA, KIF
 
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
 from keisei_stream.wire import status
+from keisei_stream.wire.archive import read_newest
 from keisei_stream.wire.keys import Keys
 
 #: lower-case reason names used in exports (:data:`keisei_stream.play.match.REASONS`; EndReason names map onto them).
@@ -346,12 +348,52 @@ def read_stream_games(r, run: str, count: int = 10) -> list[Game]:
     Raises:
         redis.RedisError: Redis unreachable.
     """
+    return games_from_entries(status.read_stream(r, Keys(run).games, count))
+
+
+def games_from_entries(entries: Iterable[tuple[str, dict]]) -> list[Game]:
+    """:class:`Game` s of ``games`` stream entries ``(entry id, fields)`` (as
+    :func:`keisei_stream.wire.status.read_stream` returns them), in order; the id becomes the
+    game's id with ``-`` written ``_``; a bad entry is skipped with a line on stderr."""
     games = []
-    for eid, fields in status.read_stream(r, Keys(run).games, count):
+    for eid, fields in entries:
         try:
             games.append(game_from_fields(fields, eid.replace("-", "_")))
         except RecordError as exc:
             print(f"skipping games entry {eid}: {exc}", file=sys.stderr)
+    return games
+
+
+def game_from_archive_row(row: dict) -> Game:
+    """:class:`Game` from one row of the run's game archive (:func:`keisei_stream.wire.archive.read_archive`):
+    the same id (``-`` written ``_``), names and ``meta`` (``worker``, ``version``) as the
+    ``games`` stream entry it was archived from (:func:`game_from_fields`).
+
+    Raises:
+        RecordError: as :func:`parse_game_fields` (bad reason, SFEN or move).
+    """
+    fields = {"start_sfen": row.get("start", "startpos"), "moves": row.get("moves", ""),
+              "result": row.get("result", "0") or "0", "reason": row.get("reason", "NONE") or "NONE",
+              "opening_plies": row.get("opening_plies", "0") or "0"}
+    # empty worker/version columns mean the stream entry had no such field
+    fields.update({k: row[k] for k in ("worker", "version") if row.get(k)})
+    return game_from_fields(fields, str(row.get("id", "game")).replace("-", "_"))
+
+
+def read_archive_games(directory: str | Path, count: Optional[int] = None, before: Optional[str] = None) -> list[Game]:
+    """The newest ``count`` games (all when None) of a run's game archive (``runs/{run}/games``)
+    older than the ``games`` stream entry id ``before`` (no bound when None), oldest first; a bad
+    row is skipped with a line on stderr. An absent directory holds no games.
+
+    Raises:
+        OSError: a chunk cannot be read.
+    """
+    games = []
+    for row in read_newest(directory, count, before):
+        try:
+            games.append(game_from_archive_row(row))
+        except RecordError as exc:
+            print(f"skipping archived game {row.get('id')}: {exc}", file=sys.stderr)
     return games
 
 
