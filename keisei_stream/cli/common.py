@@ -75,7 +75,7 @@ def find_redis(args: argparse.Namespace, timeout: float = PROBE_TIMEOUT_S) -> Ru
     if not url:
         f = url_file(run_dir(args))
         if not f.exists():
-            return RunRedis(None, None, f"no --redis given and no {f} (a local run removes it when it stops)")
+            return RunRedis(None, None, f"no --redis given and no {f}: the run has stopped, or never ran here")
         url = f.read_text().strip()
     try:
         probe = embedded_redis.connect(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout,

@@ -186,8 +186,8 @@ def render_stopped(st: dict) -> Group:
     since when, and what it left on disk."""
     f = st["files"]
     arch, ev = f["games_archive"], f["eval"]
-    lines = [f"[bold]run {st['run']} is stopped[/bold]: stopped at {st['stopped_at']} ({_ago(st['stopped_ago_s'])} ago); "
-             f"its Redis is gone, this is the final status saved in {st['saved_status']}",
+    lines = [f"[bold]run {st['run']} is stopped[/bold] (stopped at {st['stopped_at']}, {_ago(st['stopped_ago_s'])} ago; "
+             f"its Redis is gone): final status from {st['saved_status']}",
              f"checkpoint: {f['checkpoint'] or '-'} ({f['checkpoints']} kept)",
              f"games archive: {arch['dir']} ({arch['chunks']} chunk(s), {arch['bytes']} bytes)"
              f" - keisei games list|show|export --run {st['run']} read it",
