@@ -345,6 +345,7 @@ class Learner:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
                             self.cfg.stream.weights_keep)
             self.publish_due = False
+            self.consumer.newest_version = self.version  # entries claiming newer versions are hostile
         except redis.ResponseError as exc:
             if not retry.is_oom(exc):
                 raise

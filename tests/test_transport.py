@@ -116,7 +116,9 @@ def test_bad_entries_go_to_deadletter(fake_redis, make_batch):
     assert first[b"worker"] == b"evil" and b"reason" in first and b"entry_id" in first
     assert len(first[b"raw:d"]) == DEADLETTER_FIELD_BYTES and int(first[b"raw_bytes"]) > 100_000
     acc = read_accounting(fake_redis, K)
-    assert acc["rejected_entries"] == 2 and acc["rejected_positions"] == 7
+    # counted by what was decoded (nothing here), never by the claim n=7, which is only recorded
+    assert acc["rejected_entries"] == 2 and acc["rejected_positions"] == 0
+    assert first[b"claimed_positions"] == b"7" and first[b"decoded_positions"] == b"0"
     assert fake_redis.xlen(K.experience) == 1  # only the good, unacknowledged one
     assert stream_info(fake_redis, K)["deadletter"] == 2
 

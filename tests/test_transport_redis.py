@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-
 from conftest import MAYBE_VALID
+
 from keisei_stream.wire.codec import encode_batch
 from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting, stream_info
-from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_weights
+from keisei_stream.wire.weights import (
+    WeightsError,
+    WeightsWatcher,
+    publish_weights,
+    read_latest_weights,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -151,6 +159,7 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
     good.batch_id = "good:0:0"
     real_redis.xadd(K.experience, encode_batch(good))
     c = consumer(real_redis, count=64)
+    c.newest_version = 1000  # what the learner sets: its newest published version
     got = drain(c, real_redis, limit_s=60)
     sent = [k for k, f in entries if f]  # an empty field map cannot be XADDed
     accepted = [d for d in got if d.batch.batch_id != "good:0:0"]
@@ -161,6 +170,9 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
     # everything not accepted (only MAYBE_VALID kinds can be) was dead-lettered or a duplicate
     assert dead + acc["duplicate_entries"] + len(accepted) == len(sent)
     assert dead >= sum(1 for k in sent if k not in MAYBE_VALID)  # decoding precedes dedup
+    # rejected positions are what was decoded, never an entry's claim (n_huge claims 10^11)
+    real_positions = make_batch(120, max_plies=64, seed=3).num_positions
+    assert acc["rejected_positions"] <= dead * real_positions
     assert real_redis.xlen(K.experience) == 0
     reasons = {f[b"reason"].split(b":")[0] for _, f in real_redis.xrange(K.deadletter, count=2000)}
     assert len(reasons) > 10
@@ -233,6 +245,8 @@ import sys, time
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.consumer import Consumer
+import signal
+import subprocess
 r = connect(sys.argv[1])
 c = Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
 got = c.read()
@@ -242,9 +256,6 @@ time.sleep(60)
 
 
 def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make_batch):
-    import signal
-    import subprocess
-    import sys
 
     p = Producer(real_redis, K, "w1", max_backlog=100)
     for i in range(5):
@@ -266,3 +277,19 @@ def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make
     acc = read_accounting(real_redis, K)
     assert balanced(acc) and acc["trained_positions"] == acc["produced_positions"]
     assert stream_info(real_redis, K)["length"] == 0
+
+
+def test_a_replayed_batch_is_dropped_after_a_learner_restart(real_redis, make_batch):
+    """The in-memory duplicate window dies with the learner; the trained batch ids kept in Redis
+    (``trained_batches``) still recognise a batch replayed by a client afterwards."""
+    b = make_batch(60, seed=5, batch_id="w9:sess:0")
+    fields = encode_batch(b)
+    real_redis.xadd(K.experience, fields)
+    first = consumer(real_redis, name="L1")
+    assert len(drain(first, real_redis, limit_s=10)) == 1  # trained and acknowledged
+    real_redis.xadd(K.experience, fields)  # the same bytes again, e.g. a hostile or buggy client
+    restarted = consumer(real_redis, name="L1")  # fresh process: empty in-memory window
+    assert drain(restarted, real_redis, limit_s=5) == []
+    acc = read_accounting(real_redis, K)
+    assert acc["duplicate_entries"] == 1 and acc["trained_positions"] == b.num_positions
+    assert real_redis.xlen(K.experience) == 0
