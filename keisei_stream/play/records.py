@@ -8,7 +8,8 @@
     result         "1" Black won, "-1" White won, "0" draw
     result_str     "1-0" | "0-1" | "1/2-1/2"
     reason         EndReason name: CHECKMATE, REPETITION_DRAW, PERPETUAL_CHECK, ENTERING_KING,
-                   MAX_PLIES, ILLEGAL, RESIGN, TIMEOUT
+                   MAX_PLIES, ILLEGAL, RESIGN, TIMEOUT, CRASH (read back with
+                   ``EndReason.from_label``, which also takes labels and codes)
     plies          number of moves
     opening_plies  how many of the first moves were random opening moves
     ...            anything else the writer adds (worker, version, black, white, time) is kept
@@ -46,16 +47,6 @@ from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_s
 from keisei_stream.wire import status
 from keisei_stream.wire.archive import read_newest
 from keisei_stream.wire.keys import Keys
-
-#: lower-case reason names used in exports (:data:`keisei_stream.play.match.REASONS`; EndReason names map onto them).
-_ENDREASON_TO_NAME = {
-    "CHECKMATE": "checkmate", "REPETITION_DRAW": "repetition", "PERPETUAL_CHECK": "perpetual_check",
-    "ENTERING_KING": "entering_king", "MAX_PLIES": "max_plies", "ILLEGAL": "illegal", "RESIGN": "resign",
-    "TIMEOUT": "timeout", "NONE": "unknown",
-}
-_NAME_TO_ENDREASON = {v: k for k, v in _ENDREASON_TO_NAME.items()}
-_NAME_TO_ENDREASON["crash"] = "ILLEGAL"
-
 
 class RecordError(ValueError):
     """A game record's fields are missing, malformed, or its moves are not legal."""
@@ -110,13 +101,10 @@ def parse_game_fields(fields: dict) -> GameRecord:
     if result not in (-1, 0, 1):
         raise RecordError(f"bad result {result}")
     reason_text = f.get("reason", "NONE")
-    try:
-        reason = EndReason(int(reason_text)) if reason_text.isdigit() else EndReason[reason_text.upper()]
-    except (KeyError, ValueError):
-        name = _NAME_TO_ENDREASON.get(reason_text.lower())
-        if name is None:
-            raise RecordError(f"unknown reason {reason_text!r}") from None
-        reason = EndReason[name]
+    try:  # a name (CHECKMATE), a label (checkmate) or a code (1): the one vocabulary of EndReason
+        reason = EndReason.from_label(reason_text)
+    except ValueError:
+        raise RecordError(f"unknown reason {reason_text!r}") from None
     _replay(start, moves)
     try:
         opening = int(f.get("opening_plies", "0"))
@@ -170,7 +158,7 @@ def _replay(start: str, moves: list[str]) -> cshogi.Board:
 @dataclass
 class Game:
     """A game for export/display: ``start_sfen`` (full SFEN), ``moves`` (USI), ``result`` (+1/-1/0
-    for Black), ``reason`` (lower-case name: checkmate, repetition, perpetual_check, entering_king,
+    for Black), ``reason`` (an ``EndReason.label``: checkmate, repetition, perpetual_check, entering_king,
     max_plies, illegal, resign, timeout, crash, unknown), ``black``/``white`` names, ``id``, ``meta``."""
 
     start_sfen: str
@@ -195,7 +183,7 @@ class Game:
 def game_from_record(record: GameRecord, *, id: str = "game", black: str = "black", white: str = "white",
                      meta: Optional[dict] = None) -> Game:
     """:class:`Game` from a ``GameRecord``."""
-    reason = _ENDREASON_TO_NAME.get(EndReason(record.reason).name, "unknown")
+    reason = EndReason(record.reason).label
     return Game(record.start_sfen, list(record.moves), int(record.result), reason, black, white, id, dict(meta or {}))
 
 
