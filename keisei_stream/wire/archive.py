@@ -100,6 +100,25 @@ def read_archive(directory: str | Path) -> Iterator[dict[str, str]]:
         yield from _read_chunk(path)
 
 
+def read_newest(directory: str | Path, count: int | None = None, before: str | None = None) -> list[dict[str, str]]:
+    """The newest ``count`` archived games (every one when None) whose stream id is older than
+    ``before`` (no bound when None), oldest first.
+
+    Chunks are read from the newest back, only as far as needed (ids only grow from one chunk to
+    the next), so the newest few games of a long run cost one chunk's decompression.
+    """
+    if count is not None and count <= 0:
+        return []
+    bound = _id_key(before) if before else None
+    picked: list[dict[str, str]] = []
+    for path in reversed(chunks(directory)):
+        rows = [row for row in _read_chunk(path) if bound is None or _id_key(row["id"]) < bound]
+        picked = rows + picked
+        if count is not None and len(picked) >= count:
+            return picked[-count:]
+    return picked
+
+
 @dataclass
 class GameArchive:
     """Appends game rows to the chunk files of ``directory`` (see the module docstring).
