@@ -11,10 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import cshogi
 import pytest
+from cshogi import CSA, KIF
 
-from keisei_stream.wire import status
 from keisei_stream.cli.main import main, parse_duration
+from keisei_stream.wire import status
+from keisei_stream.wire.archive import read_archive
+from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +37,6 @@ def test_parse_duration_rejects(text):
 
 @pytest.mark.redis
 def test_status_json_reads_workers_learner_and_accounting(redis_server, capsys):
-    from keisei_stream.wire.embedded_redis import connect
-
     r = connect(redis_server.url)
     keys = Keys("cli-status")
     status.write_worker_heartbeat(r, keys, "w7", {"state": "playing", "positions_per_s": 123.0,
@@ -126,10 +128,7 @@ def _after(finished_run, *argv) -> list[str]:
 def test_finished_run_status_games_and_elo_answer_without_redis(finished_run, capsys, tmp_path):
     """After `keisei run` has stopped its private Redis: status, games list/export (KIF and CSA,
     re-parsed by cshogi to the archived moves) and eval --table answer from the run directory."""
-    import cshogi
-    from cshogi import CSA, KIF
 
-    from keisei_stream.wire.archive import read_archive
 
     assert finished_run["rc"] == 0, finished_run["out"][-3000:]
     assert not (finished_run["dir"] / "redis.url").exists()
@@ -167,16 +166,9 @@ def test_finished_run_status_games_and_elo_answer_without_redis(finished_run, ca
 
 @pytest.mark.redis
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug outside the after-run commands: the learner skips housekeeping (and so the game "
-    "recorder) while updates come faster than stream.heartbeat_s (write_status('training') after each "
-    "update resets its timer), and Recorder.step(force=True) at the stop reads at most 1000 entries: "
-    "a busy run archives only the first 1000 games not archived before the stop"))
 def test_finished_run_archived_every_game(finished_run):
     """Every game whose positions a worker sent is in the archive (a worker's ``games`` counts only
     those; a game that ended just before the stop is recorded although its positions were discarded)."""
-    from keisei_stream.wire.archive import read_archive
-
     st = json.loads((finished_run["dir"] / "final_status.json").read_text())
     rows = list(read_archive(finished_run["dir"] / "games"))
     if not st["workers"]:  # heartbeats expired (TTL) before the final status was taken

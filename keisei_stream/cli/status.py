@@ -191,7 +191,7 @@ def render_stopped(st: dict) -> Group:
              f"checkpoint: {f['checkpoint'] or '-'} ({f['checkpoints']} kept)",
              f"games archive: {arch['dir']} ({arch['chunks']} chunk(s), {arch['bytes']} bytes)"
              f" - keisei games list|show|export --run {st['run']} read it",
-             f"evaluation: " + (f"{ev['dir']} ({ev['entries'] or 0} match entries, {ev['versions'] or 0} versions)"
+             "evaluation: " + (f"{ev['dir']} ({ev['entries'] or 0} match entries, {ev['versions'] or 0} versions)"
                                 f" - keisei eval --table --run {st['run']} reads it"
                                 if ev["entries"] is not None or ev["versions"] is not None else "none saved")]
     if f["tensorboard"]:
