@@ -8,7 +8,8 @@
 - ``keisei eval`` (:mod:`keisei_stream.cli.eval`): a match, the Elo table, or ``--follow`` a run;
 - ``keisei usi`` (:mod:`keisei_stream.cli.usi`): the policy as a USI engine on stdin/stdout;
 - ``keisei games`` (:mod:`keisei_stream.cli.games`): export, show or list recorded games (from
-  the ``games`` stream and the run's archive on disk).
+  the ``games`` stream and the run's archive on disk);
+- ``keisei users`` (:mod:`keisei_stream.cli.users`): the run's least-privilege Redis users.
 
 Each command module has ``command(args) -> int`` (the exit code).
 """
@@ -147,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--svg", default=None, help="also write the board as an SVG file")
     ls = gsub.add_parser("list", help="table of the newest games", description=games_doc)
     common(ls)
+
+    pa = sub.add_parser("users", help="create the run's least-privilege Redis users (worker, learner, evaluator, "
+                        "monitor) on a server and print their URLs")
+    pa.add_argument("--redis", required=True, help="URL of a user allowed to run ACL SETUSER (the server's admin)")
+    pa.add_argument("--run", required=True, help="run id")
+    pa.add_argument("--url", default=None, help="the URL the processes will use (default: --redis without its user)")
+    pa.add_argument("--rules", action="store_true", help="only print the ACL SETUSER rules (for redis-cli); "
+                    "connect to nothing")
     return p
 
 

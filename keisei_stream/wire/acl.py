@@ -101,15 +101,21 @@ def create_users(r: Any, run: str, passwords: dict[str, str] | None = None) -> d
     return out
 
 
+def strip_user(url: str) -> str:
+    """``url`` without its ``user:password@`` part."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0] or (scheme == "unix" and "@" in rest):
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
 def user_url(url: str, user: str, password: str) -> str:
     """``url`` with ``user:password@`` put in (replacing any userinfo it had).
 
     ``redis://host:6379/0`` -> ``redis://user:pw@host:6379/0``; ``unix:///path/redis.sock`` ->
     ``unix://user:pw@/path/redis.sock`` (the form redis-py parses for unix sockets).
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    if "://" not in url:
         raise ValueError(f"not a Redis URL: {url!r}")
-    if "@" in rest.split("/", 1)[0] or (scheme == "unix" and "@" in rest):
-        rest = rest.split("@", 1)[1]
+    scheme, _, rest = strip_user(url).partition("://")
     return f"{scheme}://{user}:{password}@{rest}"
