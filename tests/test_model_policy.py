@@ -16,7 +16,9 @@ from keisei_stream.rl.policy import (
     masked_logits,
     sample_actions,
 )
-from keisei_stream.shogi import VecEnv
+from keisei_stream.rl.inputs import compact_nbytes, expand_inputs
+from keisei_stream.shogi import VecEnv, encode_positions, encode_positions_compact
+from tests.helpers import random_positions
 
 
 def _real_masks(n_positions: int) -> np.ndarray:
@@ -149,3 +151,23 @@ def test_never_samples_illegal_actions_few_legal():
     for _ in range(200):
         actions, _ = sample_actions(logits, m, 1.0, gen)
         assert bool(m[torch.arange(m.shape[0]), actions].all())
+
+
+def test_compact_inputs_expand_to_the_dense_ones():
+    """The learner ships compact inputs (bit-packed pieces, scalar planes, legal action indices) and
+    builds the dense observation and mask on the device: exactly encode_positions's, in < 2 KB."""
+    boards = random_positions(300, seed=11)
+    hcp = np.zeros((len(boards), 32), dtype=np.uint8)
+    for i, b in enumerate(boards):
+        b.to_hcp(hcp[i])
+    rng = np.random.default_rng(0)
+    ply = rng.integers(0, 256, len(boards))
+    repetition = rng.integers(0, 3, len(boards))
+    obs, mask = encode_positions(hcp, ply, repetition, 256)
+    compact = encode_positions_compact(hcp, ply, repetition, 256)
+    got_obs, got_mask = expand_inputs(compact, "cpu")
+    assert torch.equal(got_obs, torch.from_numpy(obs)) and torch.equal(got_mask, torch.from_numpy(mask))
+    per_position = compact_nbytes(compact) / len(boards)
+    assert per_position <= 2048, per_position
+    counts = compact["counts"].astype(np.int64)
+    assert (360 + 2 * counts + 2).max() <= 2048  # the worst position here, bound as documented

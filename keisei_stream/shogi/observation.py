@@ -63,11 +63,16 @@ def _fill_mask(mask: np.ndarray, moves: np.ndarray, counts: np.ndarray, turn: np
     ``turn (P,)`` side to move. Returns ``(M,) int64`` actions. ``mask`` is cleared first.
     """
     rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    keys = (turn.astype(np.int64)[rows] << _MOVE_KEY_BITS) | (moves.astype(np.int64) & _MOVE_KEY_MASK)
-    actions = _MOVE_TO_ACTION[keys]
+    actions = _actions(moves, rows, turn)
     mask[...] = False
     mask.reshape(-1)[rows * NUM_ACTIONS + actions] = True
     return actions
+
+
+def _actions(moves: np.ndarray, rows: np.ndarray, turn: np.ndarray) -> np.ndarray:
+    """``(M,) int64`` actions of the flat cshogi ``moves``; ``rows (M,)`` their positions' indices."""
+    keys = (turn.astype(np.int64)[rows] << _MOVE_KEY_BITS) | (moves.astype(np.int64) & _MOVE_KEY_MASK)
+    return _MOVE_TO_ACTION[keys]
 
 
 def _check_max_plies(max_plies: int) -> int:
@@ -132,6 +137,21 @@ def _check_hcp(hcp: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(hcp)
 
 
+def _check_inputs(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray,
+                  max_plies: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``(max_plies, hcp, ply, repetition)`` of P positions (see :func:`encode_positions`)."""
+    max_plies = _check_max_plies(max_plies)
+    hcp = _check_hcp(hcp)
+    p = hcp.shape[0]
+    ply = np.asarray(ply)
+    repetition = np.asarray(repetition)
+    if ply.shape != (p,) or repetition.shape != (p,):
+        raise ValueError(f"ply and repetition must have shape ({p},), got {ply.shape} and {repetition.shape}")
+    if p and (ply.min() < 0 or repetition.min() < 0 or repetition.max() > 2):
+        raise ValueError("ply must be >= 0 and repetition in 0..2")
+    return max_plies, hcp, ply, repetition
+
+
 def encode_positions(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray, max_plies: int,
                      out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rebuild observations and legal masks from compact positions (the learner's inputs).
@@ -160,15 +180,8 @@ def encode_positions(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray, m
     Speed: one reused ``cshogi.Board``; per position ``set_hcp`` + cshogi's plane writer + the
     legal move list, then every array operation vectorised over P (about 4 us/position here).
     """
-    max_plies = _check_max_plies(max_plies)
-    hcp = _check_hcp(hcp)
+    max_plies, hcp, ply, repetition = _check_inputs(hcp, ply, repetition, max_plies)
     p = hcp.shape[0]
-    ply = np.asarray(ply)
-    repetition = np.asarray(repetition)
-    if ply.shape != (p,) or repetition.shape != (p,):
-        raise ValueError(f"ply and repetition must have shape ({p},), got {ply.shape} and {repetition.shape}")
-    if p and (ply.min() < 0 or repetition.min() < 0 or repetition.max() > 2):
-        raise ValueError("ply must be >= 0 and repetition in 0..2")
     if out is None:
         obs = np.zeros((p, NUM_PLANES, 9, 9), dtype=np.float32)
         mask = np.empty((p, NUM_ACTIONS), dtype=bool)
@@ -180,6 +193,17 @@ def encode_positions(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray, m
             raise ValueError("out must be (obs (>=P, 46, 9, 9) float32, mask (>=P, 13527) bool), C-contiguous")
         obs, mask = obs[:p], mask[:p]
         obs[:, :28] = 0.0
+    moves, counts, turn = _planes_and_moves(hcp, ply, repetition, max_plies, obs)
+    _fill_mask(mask, moves, counts, turn)
+    return obs, mask
+
+
+def _planes_and_moves(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray, max_plies: int,
+                      obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Write the planes of P checked positions into ``obs (P, 46, 9, 9) float32`` (planes 0-27 zero);
+    returns their legal moves ``(M,) int64`` (cshogi codes, back to back), ``counts (P,) int64``
+    and ``turn (P,) int64``."""
+    p = hcp.shape[0]
     hands = np.empty((p, 14), dtype=np.int64)
     turn = np.empty(p, dtype=np.int64)
     counts = np.empty(p, dtype=np.int64)
@@ -202,5 +226,37 @@ def encode_positions(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray, m
         extend(board.legal_moves)
         counts[i] = len(moves) - n0
     _finish_planes(obs, hands, turn, ply, repetition, max_plies)
-    _fill_mask(mask, np.array(moves, dtype=np.int64), counts, turn)
-    return obs, mask
+    return np.array(moves, dtype=np.int64), counts, turn
+
+
+#: Planes 0-27 (pieces) are 0/1 on every square; planes 28-45 are one value over the whole board.
+PIECE_PLANES = 28
+SCALAR_PLANES = NUM_PLANES - PIECE_PLANES
+
+
+def encode_positions_compact(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray,
+                             max_plies: int) -> dict[str, np.ndarray]:
+    """The learner's inputs in a compact form to ship to the device, where
+    :func:`keisei_stream.rl.inputs.expand_inputs` rebuilds exactly :func:`encode_positions`'s
+    ``(obs, mask)``.
+
+    Args: as :func:`encode_positions`.
+
+    Returns:
+        ``pieces (P, 284) uint8``: planes 0-27 bit-packed (``np.packbits``, big-endian bit order,
+        28 x 81 = 2268 bits); ``scalars (P, 18) float32``: the value of planes 28-45;
+        ``actions (M,) int16``: the legal actions of all positions back to back;
+        ``counts (P,) int16``: legal actions per position. About 360 + 2 x (legal moves) bytes per
+        position (at most ~1.6 KB; the dense pair is 28.4 KB).
+
+    Raises:
+        ValueError: as :func:`encode_positions`.
+    """
+    max_plies, hcp, ply, repetition = _check_inputs(hcp, ply, repetition, max_plies)
+    p = hcp.shape[0]
+    obs = np.zeros((p, NUM_PLANES, 9, 9), dtype=np.float32)
+    moves, counts, turn = _planes_and_moves(hcp, ply, repetition, max_plies, obs)
+    actions = _actions(moves, np.repeat(np.arange(p, dtype=np.int64), counts), turn)
+    return {"pieces": np.packbits(obs[:, :PIECE_PLANES].reshape(p, -1) > 0.5, axis=1),
+            "scalars": np.ascontiguousarray(obs[:, PIECE_PLANES:, 0, 0]),
+            "actions": actions.astype(np.int16), "counts": counts.astype(np.int16)}
