@@ -12,12 +12,21 @@ import sys
 import time
 
 import pytest
+from rich.console import Console
 
+from keisei_stream.cli.status import collect_status, render_status
 from keisei_stream.wire import status
 from keisei_stream.wire.embedded_redis import connect, start_redis
 from keisei_stream.wire.keys import Keys
 from tests.procs import (
-    ROOT, TINY, assert_accounting_balances, start_learner, start_worker, stop_all, wait_for, weights_version,
+    ROOT,
+    TINY,
+    assert_accounting_balances,
+    start_learner,
+    start_worker,
+    stop_all,
+    wait_for,
+    weights_version,
 )
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -94,6 +103,11 @@ def test_a_restart_that_lost_the_data_is_detected_reported_and_survived(tmp_path
     assert loss["old_epoch"] != loss["new_epoch"] and "accounting_before" in loss
     wait_for(lambda: weights_version(r, keys) >= v + 2, 120, "versions after the restart", procs)
     assert r.get(keys.config) is not None  # re-published
+    shown = collect_status(r, run)
+    assert shown["losses"] and shown["losses"][0]["new_epoch"] == loss["new_epoch"]
+    console = Console(width=200, record=True)
+    console.print(render_status(shown))
+    assert "data lost to Redis restarts" in console.export_text()
     stop_all(r, keys, [worker], learner)
     assert_accounting_balances(r, keys)  # the new server's accounting holds only its own entries
 

@@ -37,7 +37,8 @@ def collect_status(r, run_id: str) -> dict:
         ``run``, ``control``, ``workers`` (list of heartbeat dicts plus ``age_s``, seconds since
         last seen), ``learner``, ``stream``, ``accounting`` (dicts as wire.status reads them),
         ``settled_positions``, ``unsettled_positions`` (ints), ``rating``
-        (:func:`keisei_stream.play.follow.latest_rating`, or None).
+        (:func:`keisei_stream.play.follow.latest_rating`, or None), ``losses`` (the newest 20
+        entries of the ``losses`` stream: Redis restarts that lost the run's data).
 
     Raises:
         redis.RedisError: Redis unreachable.
@@ -59,9 +60,10 @@ def collect_status(r, run_id: str) -> dict:
     produced = acc.get("produced_positions", 0)
     settled = (acc.get("trained_positions", 0) + acc.get("stale_positions", 0)
                + acc.get("rejected_positions", 0) + acc.get("duplicate_positions", 0))
+    losses = [fields for _id, fields in status.read_stream(r, keys.losses, 20)]
     return {"run": run_id, "control": control, "workers": workers, "learner": learner,
             "stream": stream, "accounting": acc, "settled_positions": settled,
-            "unsettled_positions": produced - settled, "rating": rating}
+            "unsettled_positions": produced - settled, "rating": rating, "losses": losses}
 
 
 def render_status(st: dict, stopped: bool = False) -> Group:
@@ -109,6 +111,19 @@ def render_status(st: dict, stopped: bool = False) -> Group:
                str(a.get("duplicate_positions", 0)), str(st["unsettled_positions"]),
                str(a.get("worker_discarded_positions", 0)))
     parts = [wt, lt, at]
+    if ln.get("redis_outages") not in (None, "0"):
+        parts.append(f"Redis outages seen by the learner: {ln.get('redis_outages')} "
+                     f"({float(ln.get('redis_outage_s', 0)):.1f} s in all)")
+    if st.get("losses"):
+        ls = Table(title="data lost to Redis restarts (losses stream)", title_justify="left")
+        for col in ("time", "detected by", "version", "unread positions lost", "held positions kept", "new epoch"):
+            ls.add_column(col, justify="right")
+        for e in st["losses"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e.get("time", 0) or 0)))
+            ls.add_row(when, str(e.get("detected_by", "")), str(e.get("version", "")),
+                       str(e.get("unread_positions_lost", "")), str(e.get("held_positions_kept", "")),
+                       str(e.get("new_epoch", "")))
+        parts.append(ls)
     if st.get("rating"):
         rt = Table(title="latest rating (random mover = 0)", title_justify="left")
         for k in st["rating"]:
