@@ -10,11 +10,15 @@ Protocol: USI (http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description)
   option keeping its value. Values take effect at the next ``isready`` / ``go``;
 - ``isready`` -> loads the model (once; again after a ``Device`` change) and warms it up ->
   ``readyok``; during a search, ``readyok`` at once;
-- ``usinewgame`` (drops the tree, re-seeds), ``gameover ...`` (ends a ponder search without an
-  answer), ``quit``;
+- ``usinewgame`` (drops the tree, re-seeds), ``gameover ...`` (ends a ponder search, which
+  answers: cshogi's client waits for that ``bestmove``), ``quit`` (stops a search, which answers);
 - ``position startpos|sfen <sfen> [moves m1 m2 ...]``: replayed with cshogi (an illegal move
   stops the replay and is reported as ``info string``);
-- ``go``: the search runs in a worker thread; the main thread keeps reading commands.
+- ``go``: the search runs in a worker thread; the main thread keeps reading commands. A command
+  that needs the engine idle (``go``, ``usinewgame``, ``gameover``, end of input) waits for a
+  search with limits to end and answer, so commands piped in at once are all answered; a ``go``
+  during a ponder/infinite search (the GUI forgot ``stop``) ends it without an answer (its move
+  would read as the answer to the new ``go``).
 
   * ``go nodes N``: N simulations; ``go`` alone or ``go depth D``: ``Nodes`` simulations;
   * ``go btime B wtime W [binc I winc J] [byoyomi Y]`` and ``go movetime T``: a time budget
@@ -359,7 +363,10 @@ class UsiEngine:
 
     # -- output
     def send(self, line: str) -> None:
-        """Write one answer line to ``out`` (and ``log``), flushed; safe from any thread."""
+        """Write one answer line to ``out`` (and ``log``), flushed; safe from any thread. Line
+        breaks inside (a multi-line error message) become spaces: one answer, one line."""
+        if "\n" in line or "\r" in line:
+            line = " ".join(part.strip() for part in line.splitlines() if part.strip())
         with self._out_lock:
             self.out.write(line + "\n")
             self.out.flush()
@@ -442,7 +449,7 @@ class UsiEngine:
             elif cmd == "setoption":
                 self._setoption(args)
             elif cmd == "usinewgame":
-                self._end_job(discard=True)
+                self._end_job("finish")
                 if self.mcts is not None:
                     self.mcts.reset()
                 self._reseed()
@@ -454,14 +461,14 @@ class UsiEngine:
             elif cmd == "go":
                 self._go(args, t_received)
             elif cmd == "stop":
-                self._end_job(discard=False)
+                self._end_job("stop")
             elif cmd == "ponderhit":
                 self._ponderhit(t_received)
             elif cmd == "quit":
-                self._end_job(discard=True)
+                self._end_job("stop")
                 return False
             elif cmd == "gameover":
-                self._end_job(discard=True)
+                self._end_job("finish")
             # anything else (debug, register, unknown): ignored, as the protocol suggests
         except EngineError:
             raise
@@ -472,8 +479,8 @@ class UsiEngine:
         return True
 
     def close(self) -> None:
-        """End a running search without answering (end of input)."""
-        self._end_job(discard=True)
+        """End of input: a search with limits runs to its end and answers; ponder/infinite stop."""
+        self._end_job("finish")
 
     def _setoption(self, args: list[str]) -> None:
         if "name" not in args:
@@ -539,9 +546,7 @@ class UsiEngine:
         if args and args[0] == "mate":
             self.send("checkmate notimplemented")
             return
-        # a go while a search runs breaks the protocol (the GUI sends stop first); that search's
-        # move is for another position, so it is never sent
-        self._end_job(discard=True)
+        self._end_job("replace")
         params, problems = parse_go(args)
         for p in problems:
             self.send(f"info string {p}")
@@ -568,21 +573,36 @@ class UsiEngine:
                 return
             self._limits(job.params, t_received, job.board, job.limits)
 
-    def _end_job(self, discard: bool) -> None:
-        """Stop the running search and wait for it; its ``bestmove`` is sent (``stop``) or
-        dropped (``discard``: gameover, quit, usinewgame, a new go)."""
+    def _end_job(self, how: str) -> None:
+        """End the current search (if any) and wait for its thread.
+
+        ``how``:
+
+        - ``"stop"`` (stop, quit): it stops after the batch in flight and its ``bestmove`` is sent;
+        - ``"finish"`` (gameover, usinewgame, end of input): a search with limits runs to its
+          limits and answers (commands piped in at once); a ponder/infinite search stops and
+          answers (cshogi's client, like YaneuraOu, expects a ``bestmove`` after a ``gameover``
+          during ponder);
+        - ``"replace"`` (a ``go`` while a search runs): as ``"finish"``, except that a
+          ponder/infinite search (the GUI forgot ``stop``, breaking the protocol) is never
+          answered: its move is for another position and would read as the new ``go``'s answer.
+        """
         job = self._job
         if job is None:
             return
         with self._lock:
-            if discard:
-                job.discard = True
-            job.hold = False
-            job.stop.set()
-            if job.answer is not None:
-                if not job.discard:
-                    self.send(job.answer)
-                job.answer = None
+            if job.hold:
+                if how == "replace":
+                    job.discard = True
+                    job.answer = None
+                else:
+                    job.hold = False
+                    if job.answer is not None:
+                        self.send(job.answer)
+                        job.answer = None
+                job.stop.set()
+            elif how == "stop":
+                job.stop.set()
         if job.thread is not None:
             job.thread.join()
         self._job = None
