@@ -436,6 +436,9 @@ def test_cli_errors(ckpt, tmp_path):
     p = subprocess.run(engine_cmd(bad), input="usi\nisready\nquit\n", capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stdout.splitlines()[-1].startswith("info string error: cannot load")
+    p = subprocess.run(engine_cmd(ckpt, "--device", "tpu"), input="usi\nisready\nquit\n", capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "unknown device" in p.stdout.splitlines()[-1]
 
 
 def test_clock_is_never_exceeded_over_pipes(ckpt):

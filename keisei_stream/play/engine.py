@@ -394,6 +394,8 @@ class UsiEngine:
                 model, cfg, meta, _ = load_player_model(self.checkpoint, v["Device"])
             except SpecError as exc:
                 raise EngineError(str(exc)) from None
+            except Exception as exc:  # e.g. torch's own errors for a device it cannot use
+                raise EngineError(f"{type(exc).__name__}: {exc}") from None
             self.player = ModelPlayer((model, cfg, meta), seed=v["Seed"], threads=None)
             self.mcts = None
             self._loaded["Device"] = v["Device"]
