@@ -444,7 +444,7 @@ def test_cli_errors(ckpt, tmp_path):
 def test_clock_is_never_exceeded_over_pipes(ckpt):
     """A game of 30 plies against itself over pipes, the clock kept like a server's (the time from
     writing ``go`` to reading ``bestmove``): Black on 1,500 ms + 100 ms/move (Fischer), White on
-    0 + 300 ms byoyomi, the default ByoyomiMargin (300 ms, cut to half for White's 300 ms)."""
+    0 + 600 ms byoyomi (300 ms searched), the default ByoyomiMargin of 300 ms."""
     p = subprocess.Popen(engine_cmd(ckpt, "--batch-size", "4"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True, bufsize=1)
 
@@ -474,10 +474,10 @@ def test_clock_is_never_exceeded_over_pipes(ckpt):
             send("position startpos" + (" moves " + " ".join(moves) if moves else ""))
             t = time.perf_counter()
             send(f"go btime {int(clock['b'])} wtime {int(clock['w'])} binc 100 winc 0 byoyomi "
-                 + ("0" if side == "b" else "300"))
+                 + ("0" if side == "b" else "600"))
             best = wait("bestmove")[1]
             ms = (time.perf_counter() - t) * 1000
-            allowed = clock[side] + (300 if side == "w" else 0)
+            allowed = clock[side] + (600 if side == "w" else 0)
             used.append((side, round(ms), round(allowed)))
             assert ms < allowed, used
             if side == "b":
