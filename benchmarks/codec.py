@@ -26,7 +26,7 @@ from keisei_stream.shogi import encode_positions
 from keisei_stream.wire import codec, schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.games
-from tests.games import random_games_batch  # noqa: E402 - needs the line above
+from tests.games import benchmark_batches  # noqa: E402 - needs the line above
 
 
 def _fields(batch):
@@ -51,14 +51,7 @@ def main() -> None:
     ap.add_argument("--max-plies", type=int, default=256)
     args = ap.parse_args()
 
-    rng = np.random.default_rng(0)
-    batches = []
-    for i in range(args.batches):
-        b = random_games_batch(args.positions, max_plies=args.max_plies, num_games=8, seed=i)
-        b.value = rng.uniform(-1, 1, b.num_positions).astype(np.float32)
-        b.log_prob = (b.log_prob - rng.exponential(0.5, b.num_positions)).astype(np.float32)
-        b.batch_id = f"bench:{i:08x}:{i}"
-        batches.append(b)
+    batches = benchmark_batches(args.batches, args.positions, max_plies=args.max_plies, num_games=8)
     total = sum(b.num_positions for b in batches)
     encoded = [_fields(b) for b in batches]
     wire = sum(codec.wire_bytes(f) for f in encoded)

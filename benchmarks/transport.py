@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from keisei_stream.shogi import encode_positions
 from keisei_stream.wire import codec
@@ -30,7 +29,7 @@ from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.games
-from tests.games import random_games_batch  # noqa: E402 - needs the line above
+from tests.games import benchmark_batches  # noqa: E402 - needs the line above
 
 
 def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
@@ -82,13 +81,7 @@ def main() -> None:
     ap.add_argument("--max-plies", type=int, default=256)
     args = ap.parse_args()
 
-    rng = np.random.default_rng(0)
-    batches = []
-    for i in range(args.batches):
-        b = random_games_batch(args.positions, max_plies=args.max_plies, num_games=4, seed=i)
-        b.value = rng.uniform(-1, 1, b.num_positions).astype(np.float32)
-        b.log_prob = (b.log_prob - rng.exponential(0.5, b.num_positions)).astype(np.float32)
-        batches.append(b)
+    batches = benchmark_batches(args.batches, args.positions, max_plies=args.max_plies, num_games=4)
     per_round = sum(b.num_positions for b in batches)
     encoded = [codec.encode_batch(b) for b in batches]
 

@@ -6,15 +6,15 @@ version; then the loop repeats five named steps until SIGTERM/SIGINT:
 
 1. :meth:`Learner.receive`: read entries from the consumer group (own pending first, then entries
    claimed from dead learners, then new ones); bad entries are dead-lettered by the consumer.
-2. :meth:`Learner.ready_updates`: split what is held into updates of about
+2. :meth:`Learner.check_server`: after a Redis outage, detect a restart that lost data (the run's
+   ``epoch`` key is gone or changed): recreate the group, re-publish config and weights, record a
+   ``losses`` entry, and never acknowledge the old server's entries into the new accounting.
+3. :meth:`Learner.ready_updates`: split what is held into updates of about
    ``ppo.samples_per_update`` positions, or take all of it once the backlog is full and nothing new
    can arrive (so the run always makes progress, whatever the share of stale positions).
-3. :meth:`Learner.update`: per game GAE, drop positions older than ``max_policy_lag``, rebuild
+4. :meth:`Learner.update`: per game GAE, drop positions older than ``max_policy_lag``, rebuild
    observations and masks, one decoupled-PPO update, acknowledge (which frees Redis memory),
    publish the next version, metrics to every sink, checkpoint.
-4. :meth:`Learner.check_server`: after a Redis outage, detect a restart that lost data (the run's
-   ``epoch`` key is gone or changed): recreate the group, re-publish config and weights, record a
-   ``losses`` entry.
 5. :meth:`Learner.housekeeping`: archive finished games, write the ``learner`` status hash.
 
 On a stop it drains the stream into the last updates, acknowledges, checkpoints and exits. Every
@@ -52,6 +52,7 @@ from keisei_stream.shogi import EndReason, encode_positions
 from keisei_stream.wire import retry
 from keisei_stream.wire.archive import GameArchive, Recorder
 from keisei_stream.wire.codec import ExperienceBatch, concat_batches
+from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.consumer import Consumer, Delivered, ensure_group
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
@@ -175,6 +176,7 @@ class Learner:
     updates: int = 0
     epoch: str = ""
     held: list[Delivered] = field(default_factory=list)
+    updating: list[Delivered] = field(default_factory=list)  # the entries of the update in progress
     orphans: set[str] = field(default_factory=set)  # held entry ids of a Redis server that lost its data
     trained: int = 0
     stale: int = 0
@@ -241,15 +243,21 @@ class Learner:
         return lrn
 
     def claim_epoch(self) -> str:
-        """The run's epoch on this server: the existing one, or a new random one if the key is missing."""
+        """The run's epoch on this server: the existing one, or a new random one if the key is
+        missing; the consumer acknowledges only into it."""
         self.r.set(self.keys.epoch, secrets.token_hex(8), nx=True)
-        return self.r.get(self.keys.epoch).decode()
+        self.consumer.epoch = self.r.get(self.keys.epoch).decode()
+        return self.consumer.epoch
 
     # ------------------------------------------------------------------------------ 1. receive
     def receive(self) -> None:
         """Read the next entries into :attr:`held`; notes whether the backlog is full with nothing new."""
         t0, d0 = time.monotonic(), self.consumer.decode_s
-        delivered = self.consumer.read()
+        try:
+            delivered = self.consumer.read()
+        except EpochChanged:  # a rejected entry could not be counted: the server lost the run's data
+            self.recover_lost_server(None)
+            delivered = []
         decode = self.consumer.decode_s - d0
         self.seconds["decode"] += decode
         self.seconds["wait"] += time.monotonic() - t0 - decode
@@ -284,6 +292,7 @@ class Learner:
         metrics, checkpoint. Positions older than ``max_policy_lag`` versions are counted as
         stale, not trained; an update whose every minibatch was non-finite publishes nothing."""
         cfg = self.cfg
+        self.updating = entries
         b = concat_batches([d.batch for d in entries])
         values = b.value.astype(np.float32)
         advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
@@ -314,8 +323,10 @@ class Learner:
             self.skipped_updates += 1
             log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)", n_keep)
 
+        self.check_server()  # an outage during the update may have been a restart: never ack into it blindly
         t0 = time.monotonic()
         self.acknowledge(entries, n_keep, n_stale)
+        self.updating = []
         self.seconds["ack"] += time.monotonic() - t0
         if stepped:
             self.version += 1
@@ -335,7 +346,11 @@ class Learner:
             share = sum(d.batch.num_positions for d in live) / max(1, sum(d.batch.num_positions for d in entries))
             trained, stale = round(trained * share), round(stale * share)
             self.orphans -= {d.entry_id for d in entries}
-        self.consumer.ack(live, trained_positions=trained, stale_positions=stale)
+        try:
+            self.consumer.ack(live, trained_positions=trained, stale_positions=stale)
+        except EpochChanged:  # the server restarted without our data while we trained on it
+            self.recover_lost_server(None)
+            self.orphans -= {d.entry_id for d in entries}
 
     def publish(self) -> None:
         """Publish the current weights as :attr:`version`; when Redis is full, try again next loop."""
@@ -343,10 +358,13 @@ class Learner:
         data = weights_to_bytes(self.model, self.cfg.stream.weights_dtype)
         try:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
-                            self.cfg.stream.weights_keep)
+                            self.cfg.stream.weights_keep, epoch=self.epoch or None)
             self.publish_due = False
+            self.consumer.newest_version = self.version  # entries claiming newer versions are hostile
+        except EpochChanged:  # the server lost the run's data: recovering publishes again
+            self.recover_lost_server(None)
         except redis.ResponseError as exc:
-            if not retry.is_oom(exc):
+            if not retry.is_oom(exc):  # full and no flagged scripts (Redis < 7): try again next loop
                 raise
             if not self.publish_due:
                 log.warning("Redis is full, version %d not yet published (retrying): %s", self.version, exc)
@@ -398,8 +416,9 @@ class Learner:
         entries (held ones are still trained: their data is in memory)."""
         old_epoch = self.epoch
         self.epoch = self.claim_epoch()
-        held_positions = sum(d.batch.num_positions for d in self.held)
-        self.orphans |= {d.entry_id for d in self.held}
+        held = self.held + self.updating
+        held_positions = sum(d.batch.num_positions for d in held)
+        self.orphans |= {d.entry_id for d in held}
         self.consumer.reset()
         ensure_group(self.r, self.keys)
         write_config(self.r, self.keys, self.cfg.to_json())
@@ -410,7 +429,7 @@ class Learner:
                      - before.get("duplicate_positions", 0) - held_positions)
         fields = {"time": round(time.time(), 3), "detected_by": self.consumer_name, "old_epoch": old_epoch,
                   "new_epoch": self.epoch, "found_epoch": found_epoch or "", "version": self.version,
-                  "held_entries_kept": len(self.held), "held_positions_kept": held_positions,
+                  "held_entries_kept": len(held), "held_positions_kept": held_positions,
                   "unread_positions_lost": unread, "accounting_before": json.dumps(before)}
         retry.best_effort("losses entry", append_losses, self.r, self.keys, fields)
         log.error("Redis lost the run's data (epoch %s -> %s): config and weights v%d re-published; "
@@ -419,11 +438,11 @@ class Learner:
 
     # ------------------------------------------------------------------------------ 5. housekeeping
     def housekeeping(self, force: bool = False) -> None:
-        """Archive finished games and write the status hash, every ``stream.heartbeat_s``."""
-        if not force and time.monotonic() - self.last_status_t < self.cfg.stream.heartbeat_s:
-            return
+        """Archive finished games (the recorder flushes when due), and write the status hash every
+        ``stream.heartbeat_s``."""
         self.recorder.step(force=force)
-        self.write_status("collecting" if self.held else "waiting")
+        if force or time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s:
+            self.write_status("collecting" if self.held else "waiting")
 
     def write_status(self, state: str) -> None:
         """The ``learner`` hash: state, version, held positions, backlog, outages, last metrics."""
@@ -491,11 +510,11 @@ def run_learner(
     try:
         while not stop.requested:
             lrn.receive()
+            lrn.check_server()
             for entries in lrn.ready_updates():
                 lrn.update(entries)
             if max_updates is not None and lrn.updates - first_update >= max_updates:
                 break
-            lrn.check_server()
             lrn.housekeeping()
         if stop.requested:
             lrn.drain()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import sys
@@ -20,19 +21,28 @@ from pathlib import Path
 # oversubscribed threads made the torch tests 6x slower. Subprocesses inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest
+import cshogi  # noqa: E402 - after the thread setting above
+import fakeredis  # noqa: E402
+import lz4.block  # noqa: E402
+import msgpack  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from keisei_stream.shogi import legal_mask  # noqa: E402 - after the path setting above
+from keisei_stream.wire.codec import encode_batch  # noqa: E402
+from keisei_stream.wire.embedded_redis import connect, start_redis  # noqa: E402
+from tests.games import random_games_batch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op torch thread in the test process (small nets gain nothing from more; on a
     loaded 2-core machine oversubscribed threads made the torch tests ~5x slower)."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -42,8 +52,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real server for the whole test session (unix socket, no persistence)."""
-    from keisei_stream.wire.embedded_redis import start_redis
-
     run_dir = tmp_path_factory.mktemp("redis")
     server = start_redis(run_dir, maxmemory="512mb")
     try:
@@ -55,8 +63,6 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def real_redis(redis_server):
     """A client on the session server, database flushed before the test."""
-    from keisei_stream.wire.embedded_redis import connect
-
     r = connect(redis_server.url)
     r.flushall()
     try:
@@ -68,8 +74,6 @@ def real_redis(redis_server):
 @pytest.fixture
 def fake_redis():
     """A fakeredis client (bytes responses, Lua enabled)."""
-    import fakeredis
-
     server = fakeredis.FakeServer()
     r = fakeredis.FakeRedis(server=server, decode_responses=False)
     yield r
@@ -78,8 +82,6 @@ def fake_redis():
 
 @functools.lru_cache(maxsize=64)
 def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int, opening_plies: int):
-    from tests.games import random_games_batch
-
     return random_games_batch(num_positions, max_plies=max_plies, num_games=num_games, seed=seed,
                               opening_plies=opening_plies)
 
@@ -88,10 +90,6 @@ def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int,
 def make_batch():
     """``make_batch(num_positions, max_plies=64, seed=0, num_games=8, opening_plies=0,
     worker_id="w0", batch_id=None, version=1) -> ExperienceBatch`` (a fresh copy each call)."""
-    import copy
-
-    import numpy as np
-
     def factory(num_positions: int = 200, max_plies: int = 64, seed: int = 0, num_games: int = 8,
                 opening_plies: int = 0, worker_id: str = "w0", batch_id: str | None = None, version: int = 1):
         b = copy.deepcopy(_cached_batch(num_positions, max_plies, seed, num_games, opening_plies))
@@ -107,10 +105,6 @@ def make_batch():
 
 def _mutations():
     """Hostile rewrites of a good entry: name -> fn(fields, payload, rng) -> fields (bytes -> bytes)."""
-    import lz4.block
-    import msgpack
-    import numpy as np
-
     def pack(payload, fields, **override):
         out = dict(fields)
         out[b"d"] = lz4.block.compress(msgpack.packb(payload, use_bin_type=True), store_size=True)
@@ -148,10 +142,6 @@ def _mutations():
         return pack({**p, "hcp": h.tobytes()}, f)
 
     def illegal_action(f, p, rng):
-        import cshogi
-
-        from keisei_stream.shogi import legal_mask
-
         hcp = np.frombuffer(p["hcp"], np.uint8).reshape(-1, 32)
 
         def fn(a):
@@ -197,6 +187,9 @@ def _mutations():
         "nan_logp": lambda f, p, rng: pack(arr_set(p, "log_prob", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), np.nan)), f),
         "inf_value": lambda f, p, rng: pack(arr_set(p, "value", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), np.inf)), f),
         "value_out_of_range": lambda f, p, rng: pack(arr_set(p, "value", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), 1.5)), f),
+        "absurd_logp": lambda f, p, rng: pack(arr_set(p, "log_prob", "<f4", lambda a: a.__setitem__(slice(None), -1000.0)), f),
+        "future_version": lambda f, p, rng: {**pack(arr_set(p, "version", "<u4", lambda a: a.__setitem__(slice(None), 4_000_000_000)), f),
+                                             b"v": b"4000000000"},
         "positive_logp": lambda f, p, rng: pack(arr_set(p, "log_prob", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), 0.5)), f),
         "action_out_of_range": lambda f, p, rng: pack(arr_set(p, "action", "<u2", lambda a: a.__setitem__(int(rng.integers(a.size)), 60000)), f),
         "illegal_action": illegal_action,
@@ -228,12 +221,6 @@ def hostile_entries(make_batch):
     a good entry (``d`` ``w`` ``v`` ``n`` ``s`` as bytes), cycling through :data:`MUTATIONS`.
     Every one must be rejected (a few random ones, e.g. ``flip_payload_bytes``, might by chance
     remain valid; the kinds in ``ALWAYS_BAD`` never do)."""
-    import lz4.block
-    import msgpack
-    import numpy as np
-
-    from keisei_stream.wire.codec import encode_batch
-
     def factory(count: int, seed: int = 0):
         batch = make_batch(120, max_plies=64, seed=seed)
         good = {k.encode(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in encode_batch(batch).items()}

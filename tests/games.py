@@ -61,3 +61,18 @@ def random_games_batch(num_positions: int, *, max_plies: int = 256, num_games: i
         result=np.array([gm[1] for gm in games], np.int8),
         reason=np.array([gm[2] for gm in games], np.uint8),
     )
+
+
+def benchmark_batches(count: int, positions: int, *, max_plies: int, num_games: int) -> list[ExperienceBatch]:
+    """``count`` batches of :func:`random_games_batch` (seeds 0..count-1) with realistic,
+    incompressible float columns: values uniform in [-1, 1] and log-probabilities below the
+    uniform policy's by an exponential(0.5) amount (what the codec and transport benchmarks send)."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for i in range(count):
+        b = random_games_batch(positions, max_plies=max_plies, num_games=num_games, seed=i)
+        b.value = rng.uniform(-1, 1, b.num_positions).astype(np.float32)
+        b.log_prob = (b.log_prob - rng.exponential(0.5, b.num_positions)).astype(np.float32)
+        b.batch_id = f"bench:{i:08x}:{i}"
+        batches.append(b)
+    return batches

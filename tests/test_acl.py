@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from keisei_stream.cli.main import main
 from keisei_stream.wire import acl
 from keisei_stream.wire import consumer as C
 from keisei_stream.wire import producer as P
@@ -109,3 +110,18 @@ def test_user_url():
     assert acl.user_url("redis://:old@h:6379/0", "u", "p") == "redis://u:p@h:6379/0"
     assert acl.user_url("unix:///tmp/r.sock", "u", "p") == "unix://u:p@/tmp/r.sock"
     assert acl.user_url("rediss://h:6380", "u", "p") == "rediss://u:p@h:6380"
+
+
+def test_keisei_users_creates_working_users(real_redis, redis_server, capsys):
+    assert main(["users", "--redis", redis_server.url, "--run", "cliusers"]) == 0
+    lines = dict(line.split()[0:3:2] for line in capsys.readouterr().out.splitlines())
+    assert set(lines) == set(acl.ROLES)
+    w = connect(lines["worker"])
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        w.set("keisei:cliusers:control", "stop")
+    assert w.get("keisei:cliusers:config") is None  # reading is allowed
+    w.close()
+    assert main(["users", "--rules", "--redis", "unused", "--run", "cliusers"]) == 0
+    assert capsys.readouterr().out.count("ACL SETUSER keisei-cliusers-") == len(acl.ROLES)
+    for role in acl.ROLES:
+        real_redis.execute_command("ACL", "DELUSER", acl.username("cliusers", role))

@@ -71,3 +71,12 @@ def test_appending_after_a_crash_keeps_every_game_readable(tmp_path):
     b = GameArchive(tmp_path)
     assert b.append([{**row, "id": "3-0"}, {**row, "id": "4-0"}]) == 2
     assert [r["id"] for r in read_archive(tmp_path)] == ["1-0", "2-0", "3-0", "4-0"]
+
+
+@pytest.mark.redis
+def test_a_forced_step_archives_every_game_in_the_stream(real_redis, tmp_path):
+    for i in range(2500):  # more than one read (1000 entries) holds
+        real_redis.xadd(K.games, _game(i))
+    rec = Recorder(real_redis, K, GameArchive(tmp_path / "games"), flush_s=3600)
+    assert rec.step(force=True) == 2500
+    assert len(list(read_archive(tmp_path / "games"))) == 2500

@@ -259,13 +259,13 @@ def _publish(r, keys, model, version):
     return publish_weights(r, keys, version, weights_to_bytes(model), "float32", keep=4)
 
 
-def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
+def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch, tmp_path):
     fakeredis = pytest.importorskip("fakeredis")
     from keisei_stream.wire.keys import Keys
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
     keys = Keys("t1")
     r.set(keys.config, cfg.to_json())
     assert follow.latest_rating(r, "t1") is None
@@ -281,7 +281,7 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
         make_player("redis:fake://#t1@sha256:abc")
     with pytest.raises(SpecError):
         make_player("redis:fake://#t1@7")
-    n = follow.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False)
+    n = follow.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False, runs_dir=tmp_path)
     assert n == 1
     entries = r.xrange(keys.eval)
     assert [e[1][b"opponent"] for e in entries] == [b"random", b"greedy"]
@@ -298,6 +298,79 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch):
     _publish(r, keys, model, 3)
     r.set(keys.control, "stop")
     assert follow.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False) == 0
+    # the saved files: one line per eval entry, the Elo table, the Elo curve in TensorBoard
+    lines = [json.loads(x) for x in (tmp_path / "t1" / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [(x["version"], x["opponent"]) for x in lines] == [(2, "random"), (2, "greedy")]
+    assert [x["id"] for x in lines] == [e[0].decode() for e in entries]
+    assert lines[0]["sha256"] == sha and lines[0]["games"] == 2 and isinstance(lines[0]["score"], float)
+    assert lines[0]["wins"] + lines[0]["losses"] + lines[0]["draws"] == 2
+    saved = json.loads((tmp_path / "t1" / "eval" / "elo_table.json").read_text())
+    assert saved["run"] == "t1" and saved["last_version"] == 2 and "greedy" in saved["anchors"]
+    assert saved["versions"] == follow.elo_table(r, "t1")
+    assert follow.saved_latest_rating(tmp_path / "t1" / "eval")["version"] == 2
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "t1" / "tensorboard"))
+    acc.Reload()
+    assert {"elo/random", "elo/greedy", "elo/combined", "score/greedy"} <= set(acc.Tags()["scalars"])
+    assert [(e.step, e.value) for e in acc.Scalars("elo/random")] == [(2, pytest.approx(lines[0]["rating"]))]
+
+
+def _rating(version: int, elo: float) -> dict:
+    return {"version": version, "elo": elo, "elo_lo": elo - 50, "elo_hi": None, "games": 4, "time": 0.0,
+            "matches": {"random": {"wins": 3, "losses": 1, "draws": 0, "score": 0.75, "elo": elo,
+                                   "elo_lo": elo - 50, "elo_hi": None, "anchor": 0.0}}}
+
+
+def test_eval_table_without_redis_reads_the_saved_table(tmp_path, monkeypatch, capsys):
+    """`keisei eval --table` after the run's Redis is gone: the saved table; with a Redis, its
+    versions joined with those only the file still has (a resumed run with a fresh Redis)."""
+    fakeredis = pytest.importorskip("fakeredis")
+
+    assert cli_main(["eval", "--table", "--run", "gone", "--runs-dir", str(tmp_path)]) == 1
+    assert "no Elo table" in capsys.readouterr().err
+    r = fakeredis.FakeRedis()
+    r.hset(follow.elo_key("gone"), mapping={"v:00000001": json.dumps(_rating(1, 10.0)),
+                                            "anchor:greedy": json.dumps({"elo": 80.0, "elo_lo": 40.0, "elo_hi": 120.0})})
+    files = follow.EvalFiles(tmp_path / "gone", "gone", tensorboard=False)
+    files.save_table(r)
+    r.flushall()  # a new Redis: the table lives on in the file
+    r.hset(follow.elo_key("gone"), "v:00000003", json.dumps(_rating(3, 30.0)))
+    data = files.save_table(r, _rating(3, 30.0))
+    assert [v["version"] for v in data["versions"]] == [1, 3] and data["anchors"]["greedy"]["elo"] == 80.0
+    assert cli_main(["eval", "--table", "--run", "gone", "--runs-dir", str(tmp_path)]) == 0
+    cap = capsys.readouterr()
+    assert "2 evaluated version(s) saved in" in cap.err and "no --redis given" in cap.err
+    assert "10.0" in cap.out and "30.0" in cap.out and "random: 3-1-0" in cap.out
+    r.flushall()
+    r.hset(follow.elo_key("gone"), "v:00000004", json.dumps(_rating(4, 40.0)))
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    assert cli_main(["eval", "--table", "--run", "gone", "--runs-dir", str(tmp_path), "--redis", "fake://"]) == 0
+    cap = capsys.readouterr()
+    assert "from the Redis at fake:// and 2 version(s) saved" in cap.err
+    assert all(x in cap.out for x in ("10.0", "30.0", "40.0"))
+
+
+def test_eval_files_without_tensorboard_warn_and_still_save(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from rich.console import Console
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
+    out = io.StringIO()
+    files = follow.EvalFiles(tmp_path / "x", "x", console=Console(file=out, width=200))
+    fields = {"version": 5, "opponent": "checkpoint:/a/b.pt", "games": 2, "wins": 2, "losses": 0, "draws": 0,
+              "score": "1.0000", "elo": "inf", "elo_lo": "12.500", "elo_hi": "inf", "los": "0.9", "rating": "inf",
+              "rating_lo": "12.500", "rating_hi": "inf", "time": "1.5"}
+    line = files.add_entry(b"1-0", "ab" * 32, fields)
+    files.add_entry("2-0", "ab" * 32, fields)
+    assert out.getvalue().count("tensorboard is not installed") == 1
+    assert line["elo"] is None and line["elo_lo"] == 12.5 and line["version"] == 5 and line["id"] == "1-0"
+    assert len((tmp_path / "x" / "eval" / "eval.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "x" / "tensorboard").exists()
+    assert follow._tag("checkpoint:/a/b.pt") == "checkpoint__a_b.pt"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,7 +420,7 @@ def test_redis_version_with_search(tiny, monkeypatch):
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
     keys = Keys("t2")
     r.set(keys.config, cfg.to_json())
     _publish(r, keys, model, 3)

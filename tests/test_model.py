@@ -12,13 +12,14 @@ from keisei_stream.config import ModelConfig, load_config
 from keisei_stream.rl.model import (
     NUM_ACTIONS,
     ActorCritic,
+    PointerPolicyHead,
     build_model,
     count_parameters,
     maybe_compile,
     pick_device,
 )
 from keisei_stream.rl.policy import act
-
+from keisei_stream.shogi import usi_to_action
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -61,8 +62,6 @@ def test_shipped_configs_build(name, head):
 def test_pointer_head_scores_match_the_action_layout():
     """Board action (from, to, promote) scores <q_from, k_to>/sqrt(d) of the promote pair; drops
     (piece, to) read drop plane ``piece`` at ``to``. Checked through usi_to_action."""
-    from keisei_stream.rl.model import PointerPolicyHead
-    from keisei_stream.shogi import usi_to_action
 
     torch.manual_seed(0)
     head = PointerPolicyHead(8, 4).eval()

@@ -16,15 +16,11 @@ from keisei_stream.rl.policy import (
     masked_logits,
     sample_actions,
 )
+from keisei_stream.shogi import VecEnv
 
 
-
-def _real_masks(n_positions: int) -> np.ndarray | None:
-    """Legal masks of positions from random self-play with keisei_stream.shogi (None if not built)."""
-    try:
-        from keisei_stream.shogi import VecEnv
-    except ImportError:
-        return None
+def _real_masks(n_positions: int) -> np.ndarray:
+    """Legal masks of positions from random self-play with keisei_stream.shogi."""
     env = VecEnv(16, max_plies=80, seed=3)
     gen = torch.Generator().manual_seed(3)
     masks = []
@@ -48,9 +44,8 @@ def _random_masks(n_positions: int, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def position_masks() -> np.ndarray:
-    """500 legal masks: real positions when keisei_stream.shogi is available, else random masks."""
-    masks = _real_masks(500)
-    return masks if masks is not None else _random_masks(500, np.random.default_rng(0))
+    """500 legal masks of real positions (random self-play)."""
+    return _real_masks(500)
 
 
 @pytest.mark.parametrize("temperature,total", [(1.0, 100_000), (0.5, 20_000), (2.0, 20_000)])

@@ -20,8 +20,6 @@ from keisei_stream.rl.ppo import (
     ppo_update,
 )
 
-
-
 G, L = 0.9, 0.8  # gamma, lambda used in the hand computations (gamma * lambda = 0.72)
 
 
@@ -285,8 +283,6 @@ def test_ppo_update_cuda_bf16():
 def test_model_is_the_same_function_in_training_and_inference_mode():
     """The behaviour policy (worker, inference) and the policy PPO trains must agree: with BatchNorm
     they did not (minibatch statistics), which stalled training with huge KL at the first step."""
-    from keisei_stream.config import ModelConfig
-    from keisei_stream.rl.model import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(channels=16, blocks=2, se=True, value_hidden=16))

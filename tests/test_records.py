@@ -122,7 +122,7 @@ def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     from keisei_stream.wire.keys import Keys
 
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url: r)
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
     keys = Keys("g1")
     for seed in range(3):
         rec = play_game(RandomPlayer(seed), RandomPlayer(seed + 1), max_plies=50)
@@ -141,3 +141,102 @@ def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     assert cli_main(["games", "show", "--redis", "fake://", "--run", "g1"]) == 0
     assert "self-play" in capsys.readouterr().out
     assert cli_main(["games", "list", "--redis", "fake://", "--run", "empty"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the run's game archive (runs/{run}/games) as a source for `keisei games`
+
+
+def _selfplay_fields(seed: int, plies: int = 40) -> dict:
+    rec = play_game(RandomPlayer(seed), RandomPlayer(seed + 50), max_plies=plies)
+    reason = {"max_plies": EndReason.MAX_PLIES, "checkmate": EndReason.CHECKMATE,
+              "repetition": EndReason.REPETITION_DRAW}.get(rec["reason"], EndReason.PERPETUAL_CHECK)
+    gr = GameRecord(STARTING_SFEN, rec["moves"], rec["result"], reason, rec["plies"], opening_plies=2)
+    return game_fields(gr, worker=f"w{seed % 2}", version=seed)
+
+
+def _archive(run_dir, entries) -> None:
+    """Archive ``(entry_id, fields)`` as the learner's recorder does."""
+    from keisei_stream.wire.archive import GameArchive, row_from_fields
+
+    GameArchive(run_dir / "games", games_per_chunk=3).append([row_from_fields(eid, f) for eid, f in entries])
+
+
+def test_archive_rows_become_the_same_games_as_stream_entries(tmp_path):
+    entries = [(f"{1000 + i}-0", _selfplay_fields(i)) for i in range(7)]
+    _archive(tmp_path / "r", entries)
+    games = records.read_archive_games(tmp_path / "r" / "games")
+    from_stream = records.games_from_entries([(eid, {k: str(v) for k, v in f.items()}) for eid, f in entries])
+    assert [g.id for g in games] == [f"{1000 + i}_0" for i in range(7)]
+    for a, s in zip(games, from_stream):
+        assert (a.id, a.moves, a.result, a.reason, a.black, a.meta) == (s.id, s.moves, s.result, s.reason, s.black, s.meta)
+    assert games[3].meta == {"worker": "w1", "version": "3"} and games[3].black == "self-play v3"
+    # the newest N, and those older than a stream id, reading chunks from the newest back
+    assert [g.id for g in records.read_archive_games(tmp_path / "r" / "games", 2)] == ["1005_0", "1006_0"]
+    assert [g.id for g in records.read_archive_games(tmp_path / "r" / "games", 2, before="1004-0")] == ["1002_0", "1003_0"]
+    assert records.read_archive_games(tmp_path / "nothing") == []
+    # a row whose reason names the EndReason vocabulary in lower case reads too (one mapping, records.py)
+    row = {"id": "1-0", "result": "1", "reason": "checkmate", "start": "8k/9/8P/9/9/9/9/9/K8 b G 1",
+           "moves": "G*1b", "opening_plies": "0", "worker": "", "version": ""}
+    g = records.game_from_archive_row(row)
+    assert g.reason == "checkmate" and g.meta == {} and g.start_sfen == "8k/9/8P/9/9/9/9/9/K8 b G 1"
+    with pytest.raises(RecordError):
+        records.game_from_archive_row({**row, "moves": "G*1b G*1b"})
+
+
+def test_cli_games_on_a_stopped_run_reads_the_archive(tmp_path, capsys):
+    """No Redis at all: list/show/export answer from runs/{run}/games; exports re-parse to the same moves."""
+    entries = [(f"{2000 + i}-0", _selfplay_fields(i, plies=60)) for i in range(12)]
+    _archive(tmp_path / "done", entries)
+    base = ["--run", "done", "--runs-dir", str(tmp_path)]
+    assert cli_main(["games", "list", *base, "--count", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "2011_0" in out and "2007_0" in out and "2006_0" not in out and "from the archive" in out
+    for fmt, parse in (("kif", lambda p: KIF.Parser.parse_file(str(p)).moves),
+                       ("csa", lambda p: CSA.Parser.parse_file(str(p))[0].moves)):
+        out_dir = tmp_path / fmt
+        assert cli_main(["games", "export", *base, "--all", "--format", fmt, "--out", str(out_dir)]) == 0
+        files = sorted(out_dir.glob(f"*.{fmt}"))
+        assert len(files) == 12
+        for f, (eid, fields) in zip(files, entries):
+            assert f.stem == eid.replace("-", "_")
+            assert _usi_moves(parse(f)) == fields["moves"].split()
+    assert cli_main(["games", "show", *base, "--index", "0", "--ply", "5"]) == 0
+    assert "after 5 plies" in capsys.readouterr().out
+    # a killed run leaves a redis.url that nothing answers: the archive still answers, quickly
+    (tmp_path / "done" / "redis.url").write_text(f"unix://{tmp_path}/gone.sock\n")
+    assert cli_main(["games", "list", *base, "--count", "3"]) == 0
+    assert "does not answer" in capsys.readouterr().out
+    # --source stream insists on Redis; an unknown run has neither
+    assert cli_main(["games", "list", *base, "--source", "stream"]) == 1
+    assert cli_main(["games", "list", "--run", "never", "--runs-dir", str(tmp_path)]) == 1
+    assert "no game archive" in capsys.readouterr().err
+
+
+def test_cli_games_auto_joins_stream_and_archive_without_duplicates(tmp_path, monkeypatch, capsys):
+    """A live run: the newest games from the capped stream, older ones from the archive; the archive
+    lags the stream (not yet flushed) and overlaps it; every game once, in order."""
+    fakeredis = pytest.importorskip("fakeredis")
+    from keisei_stream.wire.keys import Keys
+
+    r = fakeredis.FakeRedis()
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    keys = Keys("live")
+    entries = [(f"{3000 + i}-0", _selfplay_fields(i, plies=30)) for i in range(10)]
+    for eid, f in entries[6:]:  # the capped stream still holds the newest 4
+        r.xadd(keys.games, f, id=eid)
+    _archive(tmp_path / "live", entries[:8])  # the archive holds the oldest 8 (2 also in the stream)
+    base = ["--redis", "fake://", "--run", "live", "--runs-dir", str(tmp_path)]
+    ids = lambda out: [line.split("│")[2].strip() for line in out.splitlines() if "_0 " in line]
+    assert cli_main(["games", "list", *base, "--count", "3"]) == 0
+    out = capsys.readouterr().out
+    assert ids(out) == ["3007_0", "3008_0", "3009_0"] and "from the games stream" in out
+    assert cli_main(["games", "list", *base, "--count", "7"]) == 0
+    assert ids(capsys.readouterr().out) == [f"{3000 + i}_0" for i in range(3, 10)]
+    assert cli_main(["games", "list", *base, "--all"]) == 0
+    out = capsys.readouterr().out
+    assert ids(out) == [f"{3000 + i}_0" for i in range(10)] and "6 from the archive" in out
+    assert cli_main(["games", "list", *base, "--all", "--source", "stream"]) == 0
+    assert ids(capsys.readouterr().out) == [f"{3000 + i}_0" for i in range(6, 10)]
+    assert cli_main(["games", "list", *base, "--all", "--source", "archive"]) == 0
+    assert ids(capsys.readouterr().out) == [f"{3000 + i}_0" for i in range(8)]

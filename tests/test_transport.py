@@ -116,7 +116,9 @@ def test_bad_entries_go_to_deadletter(fake_redis, make_batch):
     assert first[b"worker"] == b"evil" and b"reason" in first and b"entry_id" in first
     assert len(first[b"raw:d"]) == DEADLETTER_FIELD_BYTES and int(first[b"raw_bytes"]) > 100_000
     acc = read_accounting(fake_redis, K)
-    assert acc["rejected_entries"] == 2 and acc["rejected_positions"] == 7
+    # counted by what was decoded (nothing here), never by the claim n=7, which is only recorded
+    assert acc["rejected_entries"] == 2 and acc["rejected_positions"] == 0
+    assert first[b"claimed_positions"] == b"7" and first[b"decoded_positions"] == b"0"
     assert fake_redis.xlen(K.experience) == 1  # only the good, unacknowledged one
     assert stream_info(fake_redis, K)["deadletter"] == 2
 
@@ -193,3 +195,12 @@ def test_heartbeats_control_metrics(fake_redis):
 def test_stream_info_without_group(fake_redis):
     info = stream_info(fake_redis, K)
     assert info["length"] == 0 and info["pending"] == 0 and info["deadletter"] == 0
+
+
+def test_a_stopping_producer_still_tries_once(fake_redis, make_batch):
+    """A worker's last send at stop (should_stop already True) adds the batch when there is room,
+    and gives up at once when there is none (the worker then counts the positions as discarded)."""
+    p = Producer(fake_redis, K, "w1", max_backlog=1)
+    assert p.send(make_batch(30, seed=1), should_stop=lambda: True)
+    assert not p.send(make_batch(30, seed=2), should_stop=lambda: True)
+    assert fake_redis.xlen(K.experience) == 1 and p.full_waits == 1

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-
+import redis
 from conftest import MAYBE_VALID
+
 from keisei_stream.wire.codec import encode_batch
+from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting, stream_info
-from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_weights
+from keisei_stream.wire.weights import (
+    WeightsError,
+    WeightsWatcher,
+    publish_weights,
+    read_latest_weights,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -151,6 +161,7 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
     good.batch_id = "good:0:0"
     real_redis.xadd(K.experience, encode_batch(good))
     c = consumer(real_redis, count=64)
+    c.newest_version = 1000  # what the learner sets: its newest published version
     got = drain(c, real_redis, limit_s=60)
     sent = [k for k, f in entries if f]  # an empty field map cannot be XADDed
     accepted = [d for d in got if d.batch.batch_id != "good:0:0"]
@@ -161,6 +172,9 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
     # everything not accepted (only MAYBE_VALID kinds can be) was dead-lettered or a duplicate
     assert dead + acc["duplicate_entries"] + len(accepted) == len(sent)
     assert dead >= sum(1 for k in sent if k not in MAYBE_VALID)  # decoding precedes dedup
+    # rejected positions are what was decoded, never an entry's claim (n_huge claims 10^11)
+    real_positions = make_batch(120, max_plies=64, seed=3).num_positions
+    assert acc["rejected_positions"] <= dead * real_positions
     assert real_redis.xlen(K.experience) == 0
     reasons = {f[b"reason"].split(b":")[0] for _, f in real_redis.xrange(K.deadletter, count=2000)}
     assert len(reasons) > 10
@@ -233,6 +247,8 @@ import sys, time
 from keisei_stream.wire.embedded_redis import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.consumer import Consumer
+import signal
+import subprocess
 r = connect(sys.argv[1])
 c = Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
 got = c.read()
@@ -242,9 +258,6 @@ time.sleep(60)
 
 
 def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make_batch):
-    import signal
-    import subprocess
-    import sys
 
     p = Producer(real_redis, K, "w1", max_backlog=100)
     for i in range(5):
@@ -266,3 +279,53 @@ def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make
     acc = read_accounting(real_redis, K)
     assert balanced(acc) and acc["trained_positions"] == acc["produced_positions"]
     assert stream_info(real_redis, K)["length"] == 0
+
+
+def test_a_replayed_batch_is_dropped_after_a_learner_restart(real_redis, make_batch):
+    """The in-memory duplicate window dies with the learner; the trained batch ids kept in Redis
+    (``trained_batches``) still recognise a batch replayed by a client afterwards."""
+    b = make_batch(60, seed=5, batch_id="w9:sess:0")
+    fields = encode_batch(b)
+    real_redis.xadd(K.experience, fields)
+    first = consumer(real_redis, name="L1")
+    assert len(drain(first, real_redis, limit_s=10)) == 1  # trained and acknowledged
+    real_redis.xadd(K.experience, fields)  # the same bytes again, e.g. a hostile or buggy client
+    restarted = consumer(real_redis, name="L1")  # fresh process: empty in-memory window
+    assert drain(restarted, real_redis, limit_s=5) == []
+    acc = read_accounting(real_redis, K)
+    assert acc["duplicate_entries"] == 1 and acc["trained_positions"] == b.num_positions
+    assert real_redis.xlen(K.experience) == 0
+
+
+def test_no_acknowledgement_lands_in_a_server_that_lost_the_run(real_redis, make_batch):
+    """The consumer acknowledges only while the run's epoch is the one it knows: after a restart
+    without the data the counts of the old server's entries must not enter the new accounting."""
+    Producer(real_redis, K, "w1", max_backlog=10).send(make_batch(40))
+    c = consumer(real_redis)
+    c.epoch = "e1"
+    real_redis.set(K.epoch, "e1")
+    got = drain(c, real_redis, ack=False, limit_s=5)
+    real_redis.set(K.epoch, "e2")  # what a restart that lost the data looks like to the consumer
+    with pytest.raises(EpochChanged):
+        c.ack(got, trained_positions=40, stale_positions=0)
+    assert read_accounting(real_redis, K)["trained_positions"] == 0 and real_redis.xlen(K.experience) == 1
+    real_redis.set(K.epoch, "e1")
+    c.ack(got, trained_positions=got[0].batch.num_positions, stale_positions=0)
+    assert real_redis.xlen(K.experience) == 0
+
+
+def test_acknowledging_works_at_maxmemory(real_redis, make_batch):
+    """Acknowledging is how a full server gets memory back, so it must run past maxmemory."""
+    p = Producer(real_redis, K, "w1", max_backlog=100)
+    for i in range(5):
+        p.send(make_batch(40, seed=i, batch_id=f"w1:s:{i}"))
+    c = consumer(real_redis, count=16)
+    got = drain(c, real_redis, ack=False, limit_s=5)
+    real_redis.config_set("maxmemory", int(real_redis.info("memory")["used_memory"]) - 10_000)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            real_redis.set("probe", "x")
+        c.ack(got, trained_positions=sum(d.batch.num_positions for d in got), stale_positions=0)
+    finally:
+        real_redis.config_set("maxmemory", "512mb")
+    assert real_redis.xlen(K.experience) == 0

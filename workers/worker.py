@@ -235,13 +235,15 @@ class Worker:
             reason=np.array([g[1] for g in self.outbox], dtype=np.uint8),
         )
 
-        def should_stop() -> bool:  # while backpressure holds us: control, signals, heartbeat, weights
-            self.heartbeat("backpressure")
-            self.load_new_weights()
+        def should_stop() -> bool:  # asked before each wait: a stop ends it, ``wait=False`` tries once
             return (not wait) or stop.requested or self.read_control() == "stop"
 
+        def on_wait(_seconds: float) -> None:  # while backpressure holds us: heartbeat, new weights
+            self.heartbeat("backpressure")
+            self.load_new_weights()
+
         waited0 = self.producer.waited_s
-        sent = self.producer.send(batch, should_stop=should_stop)
+        sent = self.producer.send(batch, should_stop=should_stop, on_wait=on_wait)
         self.stats.backpressure_s += self.producer.waited_s - waited0
         if sent:
             self.stats.batches_sent += 1
@@ -289,7 +291,8 @@ class Worker:
         discarded = self.outbox_positions + int(self.traj.length.sum())
         self.stats.discarded_positions += discarded
         if discarded:
-            self.r.hincrby(self.keys.accounting, "worker_discarded_positions", discarded)
+            retry.best_effort("discard count", self.r.hincrby, self.keys.accounting, "worker_discarded_positions",
+                              discarded)
         self.heartbeat("stopped", force=True)
         log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", self.worker_id,
                  self.stats.positions_sent, discarded)

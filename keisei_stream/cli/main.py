@@ -4,10 +4,12 @@
   ``--redis``, the learner, N workers) with a live status view and a clean stop on Ctrl-C or at
   ``--duration``;
 - ``keisei status`` (:mod:`keisei_stream.cli.status`): one table from Redis: workers, learner,
-  stream, position accounting, latest rating;
+  stream, position accounting, latest rating; a stopped run's saved final status;
 - ``keisei eval`` (:mod:`keisei_stream.cli.eval`): a match, the Elo table, or ``--follow`` a run;
 - ``keisei usi`` (:mod:`keisei_stream.cli.usi`): the policy as a USI engine on stdin/stdout;
-- ``keisei games`` (:mod:`keisei_stream.cli.games`): export, show or list recorded games.
+- ``keisei games`` (:mod:`keisei_stream.cli.games`): export, show or list recorded games (from
+  the ``games`` stream and the run's archive on disk);
+- ``keisei users`` (:mod:`keisei_stream.cli.users`): the run's least-privilege Redis users.
 
 Each command module has ``command(args) -> int`` (the exit code).
 """
@@ -51,16 +53,24 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--duration", type=parse_duration, default=None, help="stop after this long (30m, 1h, 90s)")
     pr.add_argument("--redis", default=None, help="use this Redis instead of a private one")
     pr.add_argument("--run", default=None, help="run id (default: config run.id)")
-    pr.add_argument("--resume", action="store_true", help="the learner continues from the newest checkpoint")
+    pr.add_argument("--resume", action="store_true",
+                    help="continue the run: the learner from its newest checkpoint, the private Redis from its "
+                         "append-only file (the entries still in the stream are trained)")
+    pr.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec",
+                    help="fsync policy of the private Redis's append-only file (README: Reliability)")
+    pr.add_argument("--maxmemory", default="1gb", help="maxmemory of the private Redis (README: sizing maxmemory)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pr.add_argument("--no-live", action="store_true", help="print a status line instead of the live view")
     pr.add_argument("--print-every", type=float, default=30.0, help="seconds between status lines (--no-live)")
     pr.add_argument("--learner-stop-timeout", type=float, default=300.0)
 
-    ps = sub.add_parser("status", help="workers, learner, stream and accounting of a run")
+    ps = sub.add_parser("status", help="workers, learner, stream and accounting of a run",
+                        description="The live status from the run's Redis; when that does not answer (a "
+                        "finished local run), the final status `keisei run` saved, marked stopped with its time.")
     ps.add_argument("--redis", default=None, help="Redis URL (default: the one of a local `keisei run`)")
     ps.add_argument("--run", default="quickstart", help="run id")
-    ps.add_argument("--runs-dir", default="runs")
+    ps.add_argument("--runs-dir", default="runs", help="the runs directory (default runs): a local run's "
+                    "Redis URL, and the final status RUNS_DIR/RUN/final_status.json shown once the run has stopped")
     ps.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     ps.add_argument("--interval", type=float, default=2.0)
     ps.add_argument("--json", action="store_true", help="print the data as JSON")
@@ -102,14 +112,19 @@ examples:
     pe.add_argument("--json", default=None, metavar="OUT", help="write the result (with every game) as JSON")
     pe.add_argument("--no-progress", action="store_true", help="no progress bar")
     pe.add_argument("--follow", action="store_true", help="continuously evaluate a run's weights versions")
-    pe.add_argument("--table", action="store_true", help="print the run's Elo-over-versions table and exit")
+    pe.add_argument("--table", action="store_true", help="print the run's Elo-over-versions table and exit "
+                    "(from Redis, else from the table --follow saved in RUNS_DIR/RUN/eval)")
     pe.add_argument("--run", default="quickstart", help="run id (--follow / --table)")
     pe.add_argument("--redis", default=None, help="Redis URL (--follow / --table; default: the local run's)")
-    pe.add_argument("--runs-dir", default="runs", help="where a local `keisei run` records its Redis URL")
+    pe.add_argument("--runs-dir", default="runs", help="the runs directory (default runs): where a local "
+                    "`keisei run` records its Redis URL; --follow saves RUNS_DIR/RUN/eval/eval.jsonl, "
+                    "RUNS_DIR/RUN/eval/elo_table.json and TensorBoard scalars elo/OPPONENT in RUNS_DIR/RUN/tensorboard; "
+                    "--table reads the saved table when the run's Redis does not answer")
     pe.add_argument("--every", type=int, default=None, help="--follow: every K-th version (default config)")
     pe.add_argument("--opponents", nargs="+", default=None, help="--follow: opponent specs (default config)")
     pe.add_argument("--poll-s", type=float, default=5.0, help="--follow: seconds between polls")
     pe.add_argument("--max-evals", type=int, default=None, help="--follow: stop after this many evaluations")
+    pe.add_argument("--no-tensorboard", action="store_true", help="--follow: no TensorBoard scalars")
 
     pu = sub.add_parser(
         "usi", help="the trained network with tree search as a USI engine on stdin/stdout",
@@ -131,27 +146,48 @@ examples:
     pu.add_argument("--threads", type=int, default=1, help="torch intra-op threads (USI option Threads; default 1)")
     pu.add_argument("--log", default=None, help="append the protocol dialogue to this file")
 
-    pg = sub.add_parser("games", help="export or show recorded games")
+    games_doc = ("A run's games come from the `games` stream in its Redis (capped at stream.games_maxlen, gone "
+                 "with the private Redis when `keisei run` ends) and from its archive runs/{run}/games "
+                 "(every self-play game, written by the learner about 10 s after the game ends, kept after "
+                 "the run). --source auto (default): the newest games from the stream while the run's Redis "
+                 "answers, older ones (--count beyond the stream, --all) from the archive; when Redis does not "
+                 "answer (a finished run), the archive alone. --source stream|archive: only that one.")
+    pg = sub.add_parser("games", help="export, show or list recorded games (live or finished runs)",
+                        description=games_doc)
     gsub = pg.add_subparsers(dest="games_command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--redis", default=None, help="Redis URL (default: the local run's)")
+        q.add_argument("--redis", default=None, help="Redis URL (default: the local run's, recorded in "
+                       "RUNS_DIR/RUN/redis.url while it runs)")
         q.add_argument("--run", default="quickstart", help="run id")
-        q.add_argument("--runs-dir", default="runs", help="where a local `keisei run` records its Redis URL")
+        q.add_argument("--runs-dir", default="runs", help="the runs directory: a local run's Redis URL and "
+                       "its game archive RUNS_DIR/RUN/games (default: runs)")
+        q.add_argument("--source", choices=("auto", "stream", "archive"), default="auto",
+                       help="auto (default): the stream while Redis answers, the archive for older games "
+                       "or a finished run; stream: Redis only; archive: the files only")
         q.add_argument("--eval-json", default=None, help="read the games of a `keisei eval --json` file instead")
         q.add_argument("--count", type=int, default=10, help="newest N games (default 10)")
+        q.add_argument("--all", action="store_true", help="every game the sources hold (overrides --count)")
 
-    e = gsub.add_parser("export", help="write games as KIF, CSA or USI")
+    e = gsub.add_parser("export", help="write games as KIF, CSA or USI", description=games_doc)
     common(e)
     e.add_argument("--format", choices=EXPORT_FORMATS, default="kif")
     e.add_argument("--out", required=True, help="output directory")
-    s = gsub.add_parser("show", help="print one game's board and moves; optionally SVG")
+    s = gsub.add_parser("show", help="print one game's board and moves; optionally SVG", description=games_doc)
     common(s)
     s.add_argument("--index", type=int, default=-1, help="which of the listed games (default -1: the newest)")
     s.add_argument("--ply", type=int, default=None, help="show the board after this many moves (default: the end)")
     s.add_argument("--svg", default=None, help="also write the board as an SVG file")
-    ls = gsub.add_parser("list", help="table of the newest games")
+    ls = gsub.add_parser("list", help="table of the newest games", description=games_doc)
     common(ls)
+
+    pa = sub.add_parser("users", help="create the run's least-privilege Redis users (worker, learner, evaluator, "
+                        "monitor) on a server and print their URLs")
+    pa.add_argument("--redis", required=True, help="URL of a user allowed to run ACL SETUSER (the server's admin)")
+    pa.add_argument("--run", required=True, help="run id")
+    pa.add_argument("--url", default=None, help="the URL the processes will use (default: --redis without its user)")
+    pa.add_argument("--rules", action="store_true", help="only print the ACL SETUSER rules (for redis-cli); "
+                    "connect to nothing")
     return p
 
 

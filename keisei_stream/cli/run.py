@@ -1,5 +1,6 @@
-"""``keisei run``: a whole local run in one command: a private Redis (unless ``--redis``), the
-learner and N workers as child processes (``python -m learner``, ``python -m workers``, logs in
+"""``keisei run``: a whole local run in one command: a private, persistent Redis with least-privilege
+users (unless ``--redis``), the learner and N workers as child processes (``python -m learner`` as
+the run's ``learner`` user, ``python -m workers`` as its ``worker`` user; logs in
 ``{run.dir}/{run.id}/logs``), a live status view, and a clean stop."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from rich.live import Live
 from keisei_stream.cli.common import make_console, url_file
 from keisei_stream.cli.status import collect_status, render_status
 from keisei_stream.config import ConfigError, load_config
-from keisei_stream.wire import embedded_redis, status
+from keisei_stream.wire import acl, embedded_redis, status
 from keisei_stream.wire.keys import Keys
 
 
@@ -45,6 +47,33 @@ def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
             pass
 
 
+def start_private_redis(run_dir: Path, run_id: str, args: argparse.Namespace, console) -> tuple:
+    """The run's private Redis: persistent (append-only file in ``run_dir/appendonlydir`` with
+    ``args.appendfsync``), with one ACL user per role (:mod:`keisei_stream.wire.acl`; passwords in
+    ``run_dir/redis-users.json``, mode 600). A run started without ``--resume`` begins from an empty
+    server (the previous append-only file is removed); with ``--resume`` the server loads it, so
+    the stream, its pending entries and the accounting are back.
+
+    Returns:
+        ``(server, admin_url, learner_url, worker_url)``.
+    """
+    aof = run_dir / "appendonlydir"
+    if aof.exists() and not args.resume:
+        console.print(f"starting fresh: removing the previous run's Redis data in {aof} (--resume continues it)")
+        shutil.rmtree(aof)
+    server = embedded_redis.start_redis(run_dir, maxmemory=args.maxmemory, appendonly=True,
+                                        appendfsync=args.appendfsync)
+    admin = embedded_redis.connect(server.url)
+    passwords = acl.create_users(admin, run_id)
+    admin.close()
+    users = run_dir / "redis-users.json"
+    users.touch(mode=0o600)
+    users.write_text(json.dumps({acl.username(run_id, role): pw for role, pw in passwords.items()}, indent=2))
+    learner_url = acl.user_url(server.url, acl.username(run_id, "learner"), passwords["learner"])
+    worker_url = acl.user_url(server.url, acl.username(run_id, "worker"), passwords["worker"])
+    return server, server.url, learner_url, worker_url
+
+
 def command(args: argparse.Namespace) -> int:
     """``keisei run``: start the run, show its status until ``--duration``, Ctrl-C, SIGTERM or
     the learner's exit, then stop it in order (workers, then the learner).
@@ -67,18 +96,16 @@ def command(args: argparse.Namespace) -> int:
     n_workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
 
     server = None
-    if args.redis:
-        url = args.redis
-    else:
-        server = embedded_redis.start_redis(run_dir)
-        url = server.url
+    learner_url = worker_url = url = args.redis
+    if not args.redis:
+        server, url, learner_url, worker_url = start_private_redis(run_dir, run_id, args, console)
     url_file(run_dir).write_text(url + "\n")
     r = embedded_redis.connect(url)
     keys = Keys(run_id)
     status.set_control(r, keys, "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
-    learner_cmd = [py, "-m", "learner", "--config", str(args.config), "--redis", url, "--run", run_id]
+    learner_cmd = [py, "-m", "learner", "--config", str(args.config), "--redis", learner_url, "--run", run_id]
     for ov in args.overrides:
         learner_cmd += ["--set", ov]
     if args.resume:
@@ -89,7 +116,7 @@ def command(args: argparse.Namespace) -> int:
                                stderr=subprocess.STDOUT, env=env, preexec_fn=_child_preexec)
     workers = []
     for i in range(n_workers):
-        cmd = [py, "-m", "workers", "--redis", url, "--run", run_id, "--id", f"w{i}"]
+        cmd = [py, "-m", "workers", "--redis", worker_url, "--run", run_id, "--id", f"w{i}"]
         if args.games:
             cmd += ["--games", str(args.games)]
         workers.append(subprocess.Popen(cmd, stdout=open(logs / f"worker-w{i}.out", "ab"),

@@ -1,20 +1,33 @@
 """``keisei status``: one view of a run from Redis: workers, learner, stream, position
-accounting and the latest rating (once, ``--watch``, or ``--json``)."""
+accounting and the latest rating (once, ``--watch``, or ``--json``).
+
+When the run's Redis does not answer (a finished local run: ``keisei run`` stops its private Redis
+and removes ``redis.url``), the final status that ``keisei run`` saved in
+``runs/{run}/final_status.json`` is shown instead, marked as stopped with the time it stopped (the
+file's modification time) and what the run left on disk.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
+from pathlib import Path
+from typing import Optional
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from keisei_stream.cli.common import make_console, resolve_redis
-from keisei_stream.play.follow import latest_rating
-from keisei_stream.wire import embedded_redis, status
+from keisei_stream.cli.common import find_redis, make_console, run_dir
+from keisei_stream.play.follow import ELO_TABLE, EVAL_LOG, latest_rating, saved_elo_table, saved_latest_rating
+from keisei_stream.wire import archive, status
 from keisei_stream.wire.keys import Keys
+
+#: the file ``keisei run`` writes at its end (:mod:`keisei_stream.cli.run`), read back here
+FINAL_STATUS = "final_status.json"
 
 
 def collect_status(r, run_id: str) -> dict:
@@ -51,13 +64,15 @@ def collect_status(r, run_id: str) -> dict:
             "unsettled_positions": produced - settled, "rating": rating}
 
 
-def render_status(st: dict) -> Group:
-    """A rich renderable (tables) of :func:`collect_status`'s data."""
-    wt = Table(title=f"run {st['run']}  (control: {st['control']})", title_justify="left")
+def render_status(st: dict, stopped: bool = False) -> Group:
+    """A rich renderable (tables) of :func:`collect_status`'s data; ``stopped``: the data is a
+    stopped run's saved final status (no worker is alive)."""
+    state = "stopped, final status" if stopped else f"control: {st['control']}"
+    wt = Table(title=f"run {st['run']}  ({state})", title_justify="left")
     for col in ("worker", "state", "alive", "positions/s", "games", "positions", "version", "backpressure s", "host:pid"):
         wt.add_column(col, justify="right" if col not in ("worker", "state", "host:pid") else "left")
     for w in st["workers"]:  # read_workers sorts them by id
-        alive = "yes" if w.get("age_s", 1e9) < 10 else f"? {w.get('age_s')}s"
+        alive = "no (stopped)" if stopped else "yes" if w.get("age_s", 1e9) < 10 else f"? {w.get('age_s')}s"
         wt.add_row(str(w.get("id")), str(w.get("state", "")), alive, str(w.get("positions_per_s", "")),
                    str(w.get("games", "")), str(w.get("positions", "")), str(w.get("version", "")),
                    str(w.get("backpressure_s", "")), f"{w.get('host', '')}:{w.get('pid', '')}")
@@ -103,12 +118,111 @@ def render_status(st: dict) -> Group:
     return Group(*parts)
 
 
+def saved_files(run_path: Path) -> dict:
+    """What a run keeps in its directory after it stops (sizes in bytes; cheap: no archive is
+    decompressed): ``checkpoint`` (newest ``ckpt_*.pt`` or None), ``checkpoints``,
+    ``games_archive`` ``{dir, chunks, bytes}``, ``eval`` ``{dir, entries, versions}`` (counts from
+    ``eval.jsonl`` and ``elo_table.json``, None when absent), ``tensorboard`` (dir or None)."""
+    ckpts = sorted((run_path / "checkpoints").glob("ckpt_*.pt"))
+    arch = run_path / "games"
+    chunk_files = archive.chunks(arch)
+    ev = run_path / "eval"
+    entries = versions = None
+    if (ev / EVAL_LOG).exists():
+        with open(ev / EVAL_LOG, "rb") as fh:
+            entries = sum(1 for line in fh if line.strip())
+    if (ev / ELO_TABLE).exists():
+        try:
+            versions = len(saved_elo_table(ev))
+        except (OSError, ValueError):
+            versions = None
+    tb = run_path / "tensorboard"
+    return {"checkpoint": str(ckpts[-1]) if ckpts else None, "checkpoints": len(ckpts),
+            "games_archive": {"dir": str(arch), "chunks": len(chunk_files),
+                              "bytes": sum(p.stat().st_size for p in chunk_files)},
+            "eval": {"dir": str(ev), "entries": entries, "versions": versions},
+            "tensorboard": str(tb) if tb.is_dir() else None}
+
+
+def saved_status(run_path: Path) -> Optional[dict]:
+    """The final status a stopped local run saved (``final_status.json``, written by ``keisei run``
+    at its end), with ``stopped: True``, ``stopped_at`` (local time, ISO 8601, from the file's
+    modification time), ``stopped_at_unix``, ``stopped_ago_s``, ``saved_status`` (the file) and
+    ``files`` (:func:`saved_files`); the newest saved rating (``eval/elo_table.json``) fills
+    ``rating`` when the file has none. None when there is no such file.
+
+    Raises:
+        ValueError: the file is not JSON.
+    """
+    path = run_path / FINAL_STATUS
+    if not path.exists():
+        return None
+    st = json.loads(path.read_text())
+    mtime = path.stat().st_mtime
+    st.update({"stopped": True,
+               "stopped_at": datetime.datetime.fromtimestamp(mtime).astimezone().isoformat(timespec="seconds"),
+               "stopped_at_unix": round(mtime, 3), "stopped_ago_s": round(time.time() - mtime),
+               "saved_status": str(path), "files": saved_files(run_path)})
+    if st.get("rating"):
+        try:  # seconds since the evaluation, counted until now rather than until the stop
+            st["rating"]["age_s"] = round(float(st["rating"]["age_s"]) + st["stopped_ago_s"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    else:
+        try:
+            st["rating"] = saved_latest_rating(run_path / "eval")
+        except (OSError, ValueError, KeyError, TypeError):
+            st["rating"] = None
+    return st
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} days"
+
+
+def render_stopped(st: dict) -> Group:
+    """:func:`render_status` of a saved final status under a line saying that the run is stopped,
+    since when, and what it left on disk."""
+    f = st["files"]
+    arch, ev = f["games_archive"], f["eval"]
+    lines = [f"[bold]run {st['run']} is stopped[/bold] (stopped at {st['stopped_at']}, {_ago(st['stopped_ago_s'])} ago; "
+             f"its Redis is gone): final status from {st['saved_status']}",
+             f"checkpoint: {f['checkpoint'] or '-'} ({f['checkpoints']} kept)",
+             f"games archive: {arch['dir']} ({arch['chunks']} chunk(s), {arch['bytes']} bytes)"
+             f" - keisei games list|show|export --run {st['run']} read it",
+             "evaluation: " + (f"{ev['dir']} ({ev['entries'] or 0} match entries, {ev['versions'] or 0} versions)"
+                                f" - keisei eval --table --run {st['run']} reads it"
+                                if ev["entries"] is not None or ev["versions"] is not None else "none saved")]
+    if f["tensorboard"]:
+        lines.append(f"tensorboard: tensorboard --logdir {f['tensorboard']}")
+    return Group(*[Text.from_markup(x) if i == 0 else Text(x) for i, x in enumerate(lines)],
+                 render_status(st, stopped=True))
+
+
 def command(args: argparse.Namespace) -> int:
-    """``keisei status``: returns 0 (Ctrl-C ends ``--watch``)."""
-    r = embedded_redis.connect(resolve_redis(args))
+    """``keisei status``: returns 0, 1 when neither the run's Redis nor its saved final status is
+    there (Ctrl-C ends ``--watch``)."""
     console = make_console()
+    rr = find_redis(args)
+    if rr.client is None:
+        try:
+            st = saved_status(run_dir(args))
+        except ValueError as exc:
+            st, why = None, f"{run_dir(args) / FINAL_STATUS} is not readable JSON ({exc})"
+        else:
+            why = f"no saved final status at {run_dir(args) / FINAL_STATUS}"
+        if st is None:
+            Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {rr.why}, and {why}", highlight=False)
+            return 1
+        if args.json:
+            print(json.dumps(st, default=str, indent=2))
+        else:
+            console.print(render_stopped(st))
+        return 0
+    r = rr.client
     if args.json:
-        print(json.dumps(collect_status(r, args.run), default=str, indent=2))
+        print(json.dumps({"stopped": False, **collect_status(r, args.run)}, default=str, indent=2))
         return 0
     if not args.watch:
         console.print(render_status(collect_status(r, args.run)))

@@ -19,13 +19,34 @@ the uniformly random mover is 0:
 - ``latest``: the same JSON for the newest evaluated version; ``last_version``: that version.
 
 :func:`latest_rating` reads it for ``keisei status``.
+
+**Saved files** (:class:`EvalFiles`; ``follow(..., runs_dir=...)``, which ``keisei eval --follow``
+passes as ``--runs-dir``): the ``eval`` stream and the Elo hash live in the run's Redis, which a
+local run stops at its end, so the follower also keeps them in the run directory
+``{runs_dir}/{run}/``:
+
+- ``eval/eval.jsonl``: one JSON line per ``eval`` stream entry (appended after the ``XADD``):
+  ``id`` (the stream entry id), ``run``, ``sha256`` and the entry's fields as numbers
+  (``version, games, wins, losses, draws`` int; ``score, elo, elo_lo, elo_hi, los, rating,
+  rating_lo, rating_hi, time`` float, an infinite bound written as null: ``*_lo`` null is
+  -inf, ``*_hi`` null is +inf);
+- ``eval/elo_table.json``: ``{"run", "updated", "last_version", "anchors": {spec: anchor},
+  "versions": [rating, ...]}`` (the Elo hash's content, versions sorted), rewritten atomically
+  after each evaluated version; versions already in the file and no longer in Redis (a resumed
+  run with a fresh Redis) are kept; :func:`saved_elo_table` reads it;
+- ``tensorboard/``: scalars ``elo/{opponent}`` (the version's rating from that match, random = 0),
+  ``score/{opponent}`` and ``elo/combined`` at step = version, next to the learner's event files
+  (optional dependency: skipped with a warning when TensorBoard is not installed).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rich.console import Console
@@ -42,6 +63,11 @@ from keisei_stream.wire.keys import Keys
 def elo_key(run: str) -> str:
     """``keisei:{run}:elo``: the hash holding the Elo-over-versions table (module docstring)."""
     return Keys(run).prefix + "elo"
+
+
+#: files the follower keeps in ``{runs_dir}/{run}/eval`` (module docstring)
+EVAL_LOG = "eval.jsonl"
+ELO_TABLE = "elo_table.json"
 
 
 def _fmt(x: float) -> str:
@@ -90,7 +116,8 @@ def get_anchor(r, run: str, opponent: str, *, games: int, processes: int, openin
 
 def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg: Config, *, games: int,
                      opponents: Sequence[str], processes: int, opening_plies: int, temperature: float, device: str,
-                     seed: int = 0, progress: bool = True, console: Optional[Console] = None) -> dict:
+                     seed: int = 0, progress: bool = True, console: Optional[Console] = None,
+                     files: Optional["EvalFiles"] = None) -> dict:
     """Evaluate one weights version (pinned by ``sha256``) against each opponent, append to the
     ``eval`` stream and update the Elo hash (module docstring).
 
@@ -102,6 +129,7 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg: Conf
             matches' settings (:func:`keisei_stream.play.match.play_match`); the match against
             an opponent uses ``seed + version``, its anchor match ``seed + 1``.
         console: where each match's summary line is printed (None: nowhere).
+        files: where each entry and the Elo table are also saved (None: Redis only).
 
     Returns:
         the version's rating, as stored under ``v:{version:08d}``: ``version``, ``elo``,
@@ -128,7 +156,9 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg: Conf
                   "elo": _fmt(res.elo), "elo_lo": _fmt(res.elo_lo), "elo_hi": _fmt(res.elo_hi),
                   "los": f"{res.los:.4f}", "rating": _fmt(rating[0]), "rating_lo": _fmt(rating[1]),
                   "rating_hi": _fmt(rating[2]), "time": f"{time.time():.3f}"}
-        status.append_eval(r, keys, fields, cfg.stream.eval_maxlen)
+        entry_id = status.append_eval(r, keys, fields, cfg.stream.eval_maxlen)
+        if files is not None:
+            files.add_entry(entry_id, sha256, fields)
         matches[opp] = {"wins": res.wins, "losses": res.losses, "draws": res.draws, "score": res.score,
                         "elo": res.elo, "elo_lo": res.elo_lo, "elo_hi": res.elo_hi, "anchor": anchor["elo"]}
         if console is not None:
@@ -138,6 +168,8 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg: Conf
               "matches": matches, "time": time.time()}
     text = json.dumps(_jsonable(rating))
     r.hset(elo_key(run), mapping={f"v:{version:08d}": text, "latest": text, "last_version": version})
+    if files is not None:
+        files.save_table(r, rating)
     return rating
 
 
@@ -155,7 +187,15 @@ def latest_rating(r, run: str) -> Optional[dict]:
     raw = r.hget(elo_key(run), "latest")
     if not raw:
         return None
-    d = json.loads(raw)
+    return rating_summary(json.loads(raw))
+
+
+def rating_summary(d: dict) -> dict:
+    """:func:`latest_rating`'s flat dict of one version's rating (as stored under ``v:*``).
+
+    Raises:
+        KeyError, TypeError, ValueError: not such a rating.
+    """
     vs = ", ".join(f"{k} {100 * v['score']:.0f}%" for k, v in d.get("matches", {}).items())
     return {"version": d["version"], "elo": round(d["elo"], 1),
             "95% interval": f"[{d['elo_lo']:.0f}, {d['elo_hi']:.0f}]" if d.get("elo_lo") is not None else "-",
@@ -171,6 +211,143 @@ def elo_table(r, run: str) -> list[dict]:
         if k.startswith("v:"):
             out.append(json.loads(v))
     return sorted(out, key=lambda d: d["version"])
+
+
+class EvalFiles:
+    """The follower's saved files in a run directory (module docstring): ``eval/eval.jsonl``,
+    ``eval/elo_table.json`` and TensorBoard scalars in ``tensorboard/``.
+
+    Args:
+        run_dir: ``{runs_dir}/{run}``. run: the run id.
+        tensorboard: write TensorBoard scalars (when the package is installed).
+        console: where a missing TensorBoard is reported (once).
+    """
+
+    def __init__(self, run_dir: str | Path, run: str, tensorboard: bool = True, console: Optional[Console] = None):
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "eval"
+        self.run = run
+        self.console = console
+        self._tb_wanted = tensorboard
+        self._tb = None
+
+    def _writer(self):
+        if not self._tb_wanted:
+            return None
+        if self._tb is None:
+            try:  # optional dependency (extra "tensorboard"); imported only when a scalar is written
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb_wanted = False
+                if self.console is not None:
+                    self.console.print("[yellow]tensorboard is not installed: no Elo curve in TensorBoard "
+                                       "(pip install tensorboard); eval.jsonl and elo_table.json are still written[/yellow]")
+                return None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), filename_suffix=".eval")
+        return self._tb
+
+    def add_entry(self, entry_id: Any, sha256: str, fields: dict) -> dict:
+        """Append one ``eval`` stream entry (its ``fields`` as written) to ``eval.jsonl`` and its
+        scalars to TensorBoard; returns the line's data."""
+        ints = ("version", "games", "wins", "losses", "draws")
+        line: dict[str, Any] = {"id": embedded_redis.as_str(entry_id), "run": self.run, "sha256": sha256}
+        for k, v in fields.items():
+            if k in ints:
+                line[k] = int(v)
+            elif k == "opponent":
+                line[k] = str(v)
+            else:
+                x = float(v)
+                line[k] = None if math.isinf(x) else x
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / EVAL_LOG, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+        tb = self._writer()
+        if tb is not None:
+            tag = _tag(line["opponent"])
+            if line.get("rating") is not None:
+                tb.add_scalar(f"elo/{tag}", line["rating"], line["version"])
+            tb.add_scalar(f"score/{tag}", line["score"], line["version"])
+            tb.flush()
+        return line
+
+    def save_table(self, r, rating: Optional[dict] = None) -> dict:
+        """Rewrite ``elo_table.json`` from the Elo hash (merged with the versions the file already
+        has) and add ``rating`` (the version just evaluated) as ``elo/combined`` to TensorBoard.
+        Returns the file's data."""
+        anchors, versions = {}, {}
+        old = load_saved(self.dir)
+        if old:
+            anchors.update(old.get("anchors", {}))
+            versions.update({int(v["version"]): v for v in old.get("versions", [])})
+        for k, v in (r.hgetall(elo_key(self.run)) or {}).items():
+            k = embedded_redis.as_str(k)
+            if k.startswith("anchor:"):
+                anchors[k[len("anchor:"):]] = json.loads(v)
+            elif k.startswith("v:"):
+                d = json.loads(v)
+                versions[int(d["version"])] = d
+        data = {"run": self.run, "updated": time.time(), "last_version": max(versions, default=0),
+                "anchors": anchors, "versions": [versions[k] for k in sorted(versions)]}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / (ELO_TABLE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.dir / ELO_TABLE)
+        tb = self._writer()
+        if tb is not None and rating is not None and rating.get("elo") is not None:
+            tb.add_scalar("elo/combined", rating["elo"], rating["version"])
+            tb.flush()
+        return data
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _tag(opponent: str) -> str:
+    """A TensorBoard tag part for an opponent spec (``checkpoint:/a/b.pt`` -> ``checkpoint__a_b.pt``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", opponent.strip())[:80] or "opponent"
+
+
+def load_saved(eval_dir: str | Path) -> Optional[dict]:
+    """The content of ``{eval_dir}/elo_table.json`` (:class:`EvalFiles`), None when absent.
+
+    Raises:
+        ValueError: not JSON; OSError: unreadable.
+    """
+    path = Path(eval_dir) / ELO_TABLE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def saved_elo_table(eval_dir: str | Path) -> list[dict]:
+    """The saved Elo table's versions (rows as :func:`elo_table` returns them), sorted by version;
+    empty when there is no saved table.
+
+    Raises:
+        ValueError: not JSON; OSError: unreadable.
+    """
+    data = load_saved(eval_dir) or {}
+    return sorted(data.get("versions", []), key=lambda d: d["version"])
+
+
+def saved_latest_rating(eval_dir: str | Path) -> Optional[dict]:
+    """:func:`latest_rating` from the saved Elo table (its newest version), None when there is none.
+
+    Raises:
+        ValueError, KeyError, TypeError, OSError: an unreadable or malformed file.
+    """
+    rows = saved_elo_table(eval_dir)
+    return rating_summary(rows[-1]) if rows else None
+
+
+def merge_tables(saved: list[dict], live: list[dict]) -> list[dict]:
+    """Rows of both tables by version, ``live`` winning, sorted by version."""
+    by_version = {int(d["version"]): d for d in saved}
+    by_version.update({int(d["version"]): d for d in live})
+    return [by_version[k] for k in sorted(by_version)]
 
 
 def render_elo_table(rows: list[dict]) -> Table:
@@ -190,13 +367,14 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
            opponents: Optional[Sequence[str]] = None, processes: Optional[int] = None,
            opening_plies: Optional[int] = None, temperature: Optional[float] = None, device: str = "cpu",
            poll_s: float = 5.0, max_evals: Optional[int] = None, seed: int = 0, progress: bool = True,
-           stop_on_control: bool = True) -> int:
+           stop_on_control: bool = True, runs_dir: Optional[str | Path] = None, tensorboard: bool = True) -> int:
     """Watch a run's weights and evaluate every K-th version (module docstring).
 
     Settings default to the run's config (``eval.*``) read from Redis, waiting (polling every
     ``poll_s`` seconds) until the run has one; the explicit arguments win. Resumes after the
     Elo hash's ``last_version``. A version whose weights cannot be loaded is skipped with a
-    message. Progress goes to stderr.
+    message. Progress goes to stderr. With ``runs_dir``, every entry and the Elo table are also
+    saved in ``{runs_dir}/{run}`` (:class:`EvalFiles`; ``tensorboard``: the Elo curve too).
 
     Returns:
         the number of versions evaluated; it stops after ``max_evals`` evaluations, on Ctrl-C, or
@@ -221,8 +399,10 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
     opening_plies = cfg.eval.opening_plies if opening_plies is None else opening_plies
     temperature = cfg.eval.temperature if temperature is None else temperature
     last = int(r.hget(elo_key(run), "last_version") or 0)
+    files = EvalFiles(Path(runs_dir) / run, run, tensorboard, console) if runs_dir is not None else None
     console.print(f"following run {run}: every {every} versions, {games} games vs {opponents}, "
-                  f"last evaluated version {last}")
+                  f"last evaluated version {last}"
+                  + (f"; saving to {files.dir}" if files is not None else ""), highlight=False)
     done = 0
     try:
         while max_evals is None or done < max_evals:
@@ -234,7 +414,7 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
                         evaluate_version(r, url, run, v, latest["sha256"], cfg, games=games, opponents=opponents,
                                          processes=processes, opening_plies=opening_plies,
                                          temperature=temperature, device=device, seed=seed,
-                                         progress=progress, console=console)
+                                         progress=progress, console=console, files=files)
                     except SpecError as exc:  # e.g. the blob was pruned before it was loaded
                         console.print(f"[yellow]version {v} skipped: {exc}[/yellow]")
                     else:
@@ -247,4 +427,7 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
             time.sleep(poll_s)
     except KeyboardInterrupt:
         pass
+    finally:
+        if files is not None:
+            files.close()
     return done

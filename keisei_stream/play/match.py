@@ -45,12 +45,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from keisei_stream.play import elo as elo_math
 from keisei_stream.play.players import STARTPOS, Player, PlayerError
 from keisei_stream.play.specs import make_player, parse_spec
-from keisei_stream.shogi import validate_sfen
+from keisei_stream.shogi import EndReason, RepetitionTracker, can_declare, judge, validate_sfen
+from keisei_stream.shogi import random_opening as referee_opening
 
-#: Reasons a game ends (strings in records). ``timeout``/``crash``/``illegal``/``resign`` are losses
-#: of the player concerned.
-REASONS = ("checkmate", "repetition", "perpetual_check", "entering_king", "max_plies",
-           "illegal", "resign", "timeout", "crash")
+#: Reasons a game ends (labels in records), derived from EndReason: ``timeout``/``crash``/``illegal``/
+#: ``resign`` are losses of the player concerned.
+REASONS = tuple(r.label for r in EndReason if r != EndReason.NONE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,26 +71,23 @@ def random_opening(plies: int, seed: int, start_sfen: str = STARTPOS, max_tries:
     Raises:
         ValueError: if no such opening is found in ``max_tries`` attempts.
     """
-    rng = np.random.default_rng(seed)
-    for _ in range(max_tries):
-        board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
-        moves: list[str] = []
-        ok = True
-        for _ in range(plies):
-            legal = np.fromiter(board.legal_moves, dtype=np.uint32)
-            if len(legal) == 0:
-                ok = False
-                break
-            m = int(legal[rng.integers(len(legal))])
-            moves.append(cshogi.move_to_usi(m))
-            board.push(m)
-        if ok and not board.is_game_over() and not board.is_nyugyoku() and board.is_draw() == cshogi.NOT_REPETITION:
-            return moves
-    raise ValueError(f"no playable {plies}-ply random opening found")
+    board = cshogi.Board()
+    moves, _, _ = referee_opening(board, plies, np.random.default_rng(seed),
+                                   None if start_sfen == STARTPOS else start_sfen, max_tries)
+    return [cshogi.move_to_usi(m) for m in moves]
 
 
 def _opp(color: int) -> int:
     return 1 - color
+
+
+def _failure(exc: PlayerError) -> EndReason:
+    """A player's failure as an end reason (``timeout``, ``illegal``; anything else is a crash)."""
+    try:
+        reason = EndReason.from_label(exc.reason)
+    except ValueError:
+        return EndReason.CRASH
+    return reason if reason in (EndReason.ILLEGAL, EndReason.TIMEOUT, EndReason.CRASH) else EndReason.CRASH
 
 
 def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen: str = STARTPOS,
@@ -115,7 +112,7 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
     if start_sfen != STARTPOS:
         start_sfen = validate_sfen(start_sfen)  # cshogi aborts on some malformed SFENs
     board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
-    counts: dict[int, int] = {board.zobrist_hash(): 1}
+    tracker = RepetitionTracker(board)
     moves: list[str] = []
     for mv in opening:
         m = board.move_from_usi(mv)
@@ -123,43 +120,34 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
             raise ValueError(f"opening move {mv!r} is not legal")
         board.push(m)
         moves.append(mv)
-        k = board.zobrist_hash()
-        counts[k] = counts.get(k, 0) + 1
+        tracker.push(board)
     players = (black, white)
     winner: Optional[int] = None
-    reason, detail = "", ""
+    reason, detail = EndReason.NONE, ""
     for color, (p, s) in enumerate(zip(players, seeds)):
         try:
             p.new_game(start_sfen, list(opening), s)
         except PlayerError as exc:  # an engine that cannot start (or hangs at start) loses
             if not reason:
-                winner, reason, detail = _opp(color), exc.reason if exc.reason in REASONS else "crash", exc.message
-    while not reason:
+                winner, reason, detail = _opp(color), _failure(exc), exc.message
+    verdict = judge(board, tracker.count(board), len(moves), max_plies)
+    while not reason and not verdict:
         side = board.turn
-        if board.is_game_over():  # no legal move (only reachable from a mated start position)
-            winner, reason = _opp(side), "checkmate"
-            break
-        if board.is_nyugyoku():
-            winner, reason = side, "entering_king"
-            break
-        if len(moves) >= max_plies:
-            reason = "max_plies"
-            break
         player = players[side]
         try:
             choice = player.choose(board, len(moves))
         except PlayerError as exc:
-            winner, reason, detail = _opp(side), exc.reason if exc.reason in REASONS else "crash", exc.message
+            winner, reason, detail = _opp(side), _failure(exc), exc.message
             break
         if isinstance(choice, str):
             if choice == "resign":
-                winner, reason = _opp(side), "resign"
+                winner, reason = _opp(side), EndReason.RESIGN
                 break
-            if choice == "win":
-                if board.is_nyugyoku():
-                    winner, reason = side, "entering_king"
+            if choice == "win":  # the referee declares as soon as it is possible, so this is late
+                if can_declare(board):
+                    winner, reason = side, EndReason.ENTERING_KING
                 else:
-                    winner, reason, detail = _opp(side), "illegal", "entering-king declaration not valid"
+                    winner, reason, detail = _opp(side), EndReason.ILLEGAL, "entering-king declaration not valid"
                 break
             try:
                 m = board.move_from_usi(choice)
@@ -170,24 +158,13 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
             m = int(choice)
             usi = cshogi.move_to_usi(m) if m else str(choice)
         if not m or not board.is_legal(m):
-            winner, reason, detail = _opp(side), "illegal", f"illegal move {usi!r}"
+            winner, reason, detail = _opp(side), EndReason.ILLEGAL, f"illegal move {usi!r}"
             break
         board.push(m)
         moves.append(cshogi.move_to_usi(m))
-        k = board.zobrist_hash()
-        counts[k] = counts.get(k, 0) + 1
-        if board.is_game_over():
-            winner, reason = side, "checkmate"
-            break
-        if counts[k] >= 4:
-            d = board.is_draw()
-            if d == cshogi.REPETITION_WIN:  # the side to move was checked perpetually
-                winner, reason = board.turn, "perpetual_check"
-            elif d == cshogi.REPETITION_LOSE:
-                winner, reason = _opp(board.turn), "perpetual_check"
-            else:
-                reason = "repetition"
-            break
+        verdict = judge(board, tracker.push(board), len(moves), max_plies)
+    if not reason:
+        winner, reason = verdict.winner(board.turn), verdict.reason
     result = 0 if winner is None else (1 if winner == cshogi.BLACK else -1)
     for color, p in enumerate(players):
         go = getattr(p, "game_over", None)
@@ -196,7 +173,7 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
     return {
         "start_sfen": start_sfen, "opening_plies": len(opening), "moves": moves, "plies": len(moves),
         "result": result, "winner": None if winner is None else ("black" if winner == cshogi.BLACK else "white"),
-        "reason": reason, "detail": detail,
+        "reason": reason.label, "detail": detail,
     }
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from keisei_stream.config import Config
 from keisei_stream.play.loaders import load_player_model
 from keisei_stream.play.players import STARTPOS, SpecError
-from keisei_stream.shogi import encode_observation, legal_moves_and_actions
+from keisei_stream.shogi import RepetitionTracker, encode_observation, legal_moves_and_actions, repetition_feature
 
 
 class ModelPlayer:
@@ -67,32 +67,26 @@ class ModelPlayer:
         self.model.eval()
         self.max_plies = int(self.config.env.max_plies)
         self.generator = torch.Generator().manual_seed(seed)
-        self._counts: dict[int, int] = {}
+        self._tracker = RepetitionTracker()
 
     def new_game(self, start_sfen: str = STARTPOS, moves: Sequence[str] = (), seed: Optional[int] = None) -> None:
         """Forget the last game's positions, count those of the opening ``moves`` (for the
         repetition plane), and reseed the sampling generator with ``seed`` (if given)."""
-        self._counts = {}
+        self._tracker = RepetitionTracker()
         if seed is not None:
             self.generator.manual_seed(seed)
         # count the positions before each opening move; the position after the opening is
         # counted by choose() when it is this player's turn there
         b = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
         for mv in moves:
-            self._seen(b)
+            self._tracker.push(b)
             b.push_usi(mv)
-
-    def _seen(self, board: cshogi.Board) -> int:
-        key = board.zobrist_hash()
-        n = self._counts.get(key, 0)
-        self._counts[key] = n + 1
-        return n
 
     def choose(self, board: cshogi.Board, ply: int) -> Union[str, int]:
         """The policy's move (cshogi move code), or ``"resign"`` without a legal move."""
         # a position repeats with the same side to move, i.e. at this player's turns only, so
         # counting here (plus the opening in new_game) sees every earlier occurrence.
-        repetition = min(self._seen(board), 2)
+        repetition = repetition_feature(self._tracker.push(board))
         move, _ = self.policy_move(board, ply, repetition)
         return move
 

@@ -8,7 +8,8 @@
     result         "1" Black won, "-1" White won, "0" draw
     result_str     "1-0" | "0-1" | "1/2-1/2"
     reason         EndReason name: CHECKMATE, REPETITION_DRAW, PERPETUAL_CHECK, ENTERING_KING,
-                   MAX_PLIES, ILLEGAL, RESIGN, TIMEOUT
+                   MAX_PLIES, ILLEGAL, RESIGN, TIMEOUT, CRASH (read back with
+                   ``EndReason.from_label``, which also takes labels and codes)
     plies          number of moves
     opening_plies  how many of the first moves were random opening moves
     ...            anything else the writer adds (worker, version, black, white, time) is kept
@@ -25,7 +26,8 @@ KIF 詰み / CSA %TORYO; resign -> 投了 / %TORYO; repetition -> 千日手 / %S
 illegal move, crash -> 反則負け or 反則勝ち / %ILLEGAL_MOVE or %{+,-}ILLEGAL_ACTION; timeout ->
 切れ負け / %TIME_UP; entering king -> 入玉勝ち / %KACHI; max plies -> 持将棋 / %MAX_MOVES.
 
-The ``keisei games export|show|list`` command reads games with :func:`read_stream_games` /
+The ``keisei games export|show|list`` command reads games with :func:`read_stream_games`,
+:func:`read_archive_games` (the run's durable archive, :mod:`keisei_stream.wire.archive`) or
 :func:`read_eval_games` and writes them with :func:`export_games` / :func:`to_svg`.
 """
 
@@ -43,17 +45,8 @@ from cshogi import CSA, KIF
 
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
 from keisei_stream.wire import status
+from keisei_stream.wire.archive import read_newest
 from keisei_stream.wire.keys import Keys
-
-#: lower-case reason names used in exports (:data:`keisei_stream.play.match.REASONS`; EndReason names map onto them).
-_ENDREASON_TO_NAME = {
-    "CHECKMATE": "checkmate", "REPETITION_DRAW": "repetition", "PERPETUAL_CHECK": "perpetual_check",
-    "ENTERING_KING": "entering_king", "MAX_PLIES": "max_plies", "ILLEGAL": "illegal", "RESIGN": "resign",
-    "TIMEOUT": "timeout", "NONE": "unknown",
-}
-_NAME_TO_ENDREASON = {v: k for k, v in _ENDREASON_TO_NAME.items()}
-_NAME_TO_ENDREASON["crash"] = "ILLEGAL"
-
 
 class RecordError(ValueError):
     """A game record's fields are missing, malformed, or its moves are not legal."""
@@ -108,13 +101,10 @@ def parse_game_fields(fields: dict) -> GameRecord:
     if result not in (-1, 0, 1):
         raise RecordError(f"bad result {result}")
     reason_text = f.get("reason", "NONE")
-    try:
-        reason = EndReason(int(reason_text)) if reason_text.isdigit() else EndReason[reason_text.upper()]
-    except (KeyError, ValueError):
-        name = _NAME_TO_ENDREASON.get(reason_text.lower())
-        if name is None:
-            raise RecordError(f"unknown reason {reason_text!r}") from None
-        reason = EndReason[name]
+    try:  # a name (CHECKMATE), a label (checkmate) or a code (1): the one vocabulary of EndReason
+        reason = EndReason.from_label(reason_text)
+    except ValueError:
+        raise RecordError(f"unknown reason {reason_text!r}") from None
     _replay(start, moves)
     try:
         opening = int(f.get("opening_plies", "0"))
@@ -168,7 +158,7 @@ def _replay(start: str, moves: list[str]) -> cshogi.Board:
 @dataclass
 class Game:
     """A game for export/display: ``start_sfen`` (full SFEN), ``moves`` (USI), ``result`` (+1/-1/0
-    for Black), ``reason`` (lower-case name: checkmate, repetition, perpetual_check, entering_king,
+    for Black), ``reason`` (an ``EndReason.label``: checkmate, repetition, perpetual_check, entering_king,
     max_plies, illegal, resign, timeout, crash, unknown), ``black``/``white`` names, ``id``, ``meta``."""
 
     start_sfen: str
@@ -193,7 +183,7 @@ class Game:
 def game_from_record(record: GameRecord, *, id: str = "game", black: str = "black", white: str = "white",
                      meta: Optional[dict] = None) -> Game:
     """:class:`Game` from a ``GameRecord``."""
-    reason = _ENDREASON_TO_NAME.get(EndReason(record.reason).name, "unknown")
+    reason = EndReason(record.reason).label
     return Game(record.start_sfen, list(record.moves), int(record.result), reason, black, white, id, dict(meta or {}))
 
 
@@ -346,12 +336,52 @@ def read_stream_games(r, run: str, count: int = 10) -> list[Game]:
     Raises:
         redis.RedisError: Redis unreachable.
     """
+    return games_from_entries(status.read_stream(r, Keys(run).games, count))
+
+
+def games_from_entries(entries: Iterable[tuple[str, dict]]) -> list[Game]:
+    """:class:`Game` s of ``games`` stream entries ``(entry id, fields)`` (as
+    :func:`keisei_stream.wire.status.read_stream` returns them), in order; the id becomes the
+    game's id with ``-`` written ``_``; a bad entry is skipped with a line on stderr."""
     games = []
-    for eid, fields in status.read_stream(r, Keys(run).games, count):
+    for eid, fields in entries:
         try:
             games.append(game_from_fields(fields, eid.replace("-", "_")))
         except RecordError as exc:
             print(f"skipping games entry {eid}: {exc}", file=sys.stderr)
+    return games
+
+
+def game_from_archive_row(row: dict) -> Game:
+    """:class:`Game` from one row of the run's game archive (:func:`keisei_stream.wire.archive.read_archive`):
+    the same id (``-`` written ``_``), names and ``meta`` (``worker``, ``version``) as the
+    ``games`` stream entry it was archived from (:func:`game_from_fields`).
+
+    Raises:
+        RecordError: as :func:`parse_game_fields` (bad reason, SFEN or move).
+    """
+    fields = {"start_sfen": row.get("start", "startpos"), "moves": row.get("moves", ""),
+              "result": row.get("result", "0") or "0", "reason": row.get("reason", "NONE") or "NONE",
+              "opening_plies": row.get("opening_plies", "0") or "0"}
+    # empty worker/version columns mean the stream entry had no such field
+    fields.update({k: row[k] for k in ("worker", "version") if row.get(k)})
+    return game_from_fields(fields, str(row.get("id", "game")).replace("-", "_"))
+
+
+def read_archive_games(directory: str | Path, count: Optional[int] = None, before: Optional[str] = None) -> list[Game]:
+    """The newest ``count`` games (all when None) of a run's game archive (``runs/{run}/games``)
+    older than the ``games`` stream entry id ``before`` (no bound when None), oldest first; a bad
+    row is skipped with a line on stderr. An absent directory holds no games.
+
+    Raises:
+        OSError: a chunk cannot be read.
+    """
+    games = []
+    for row in read_newest(directory, count, before):
+        try:
+            games.append(game_from_archive_row(row))
+        except RecordError as exc:
+            print(f"skipping archived game {row.get('id')}: {exc}", file=sys.stderr)
     return games
 
 

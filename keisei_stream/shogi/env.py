@@ -1,30 +1,21 @@
 """Vectorised self-play environment: N cshogi boards stepped together, array outputs.
 
-Game end rules, checked in this order after every move (cshogi supplies every rule):
+End rules: after every move each game is judged by :func:`.referee.judge` (checkmate, 4-fold
+repetition with perpetual check, entering-king declaration, ``max_plies``; the rules, their order
+and their sources are in :mod:`.referee`). The reward is the verdict's ``mover_score``: +1 / -1 / 0
+for the player who just moved. Repetitions are counted per game by a
+:class:`.referee.RepetitionTracker`.
 
-1. the side to move has no legal move -> ``CHECKMATE``: the last mover wins (+1). cshogi never
-   generates an uchifuzume (pawn-drop mate), so such a mate cannot arise.
-2. the position occurs for the 4th time in the game (sennichite; positions compared by cshogi's
-   Zobrist key, which includes hands and side to move) -> ``cshogi.Board.is_draw()`` tells who, if
-   anyone, gave check on every move of the last cycle: ``REPETITION_WIN`` (the side to move wins:
-   the last mover checked throughout) -> ``PERPETUAL_CHECK``, last mover -1; ``REPETITION_LOSE``
-   (the side to move was the checker) -> ``PERPETUAL_CHECK``, last mover +1; anything else ->
-   ``REPETITION_DRAW`` (0). ``is_draw`` alone fires at the first repetition (search rule), so the
-   4-fold count is kept here per game in a dict of Zobrist keys.
-3. the side to move can declare an entering-king win (``Board.is_nyugyoku()``, the CSA 27-point
-   rule) -> ``ENTERING_KING``: the side to move wins, the last mover gets -1.
-4. ``ply == max_plies`` -> ``MAX_PLIES``, draw (0).
-
-Openings: with ``opening_plies = k`` each new game first plays k uniformly random legal moves (a
-start that ended the game is retried). Choice made here: :attr:`GameRecord.start_sfen` is the
-real start (the initial position) and :attr:`GameRecord.moves` holds all moves, the k random ones
-first (:attr:`GameRecord.opening_plies` says how many); plies count from the real start, so plane
-43 and ``max_plies`` count the opening moves too.
+Openings: with ``opening_plies = k`` each new game first plays k uniformly random legal moves
+(:func:`.referee.random_opening`: a start during which the game ended is retried). Choice made
+here: :attr:`GameRecord.start_sfen` is the real start (the initial position) and
+:attr:`GameRecord.moves` holds all moves, the k random ones first (:attr:`GameRecord.opening_plies`
+says how many); plies count from the real start, so plane 43 and ``max_plies`` count the opening
+moves too.
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass, field
 
@@ -33,8 +24,9 @@ import numpy as np
 
 from .actions import NUM_ACTIONS, _ACTION_USI
 from .observation import NUM_PLANES, _check_max_plies, _fill_mask, _finish_planes
+from .referee import STARTING_SFEN, EndReason, GameRecord, RepetitionTracker, judge, random_opening, repetition_feature
 
-STARTING_SFEN = cshogi.STARTING_SFEN
+__all__ = ["STARTING_SFEN", "EndReason", "GameRecord", "StepResult", "VecEnv", "validate_sfen"]
 
 _SFEN_RANK = re.compile(r"^(?:[1-9]|\+?[PLNSBRplnsbr]|[GKgk])+$")
 _SFEN_HAND = re.compile(r"^(?:-|(?:(?:1[0-8]|[2-9])?[PLNSGBRplnsgbr])+)$")
@@ -94,64 +86,6 @@ def validate_sfen(sfen: str) -> str:
     return f"{board} {side} {hand} {int(move)}"
 
 
-class EndReason(enum.IntEnum):
-    """Why a game ended (``uint8`` on the wire). 6-8 are used by evaluation only."""
-
-    NONE = 0
-    CHECKMATE = 1
-    REPETITION_DRAW = 2
-    PERPETUAL_CHECK = 3
-    ENTERING_KING = 4
-    MAX_PLIES = 5
-    ILLEGAL = 6
-    RESIGN = 7
-    TIMEOUT = 8
-
-
-@dataclass
-class GameRecord:
-    """A finished game.
-
-    Attributes:
-        start_sfen: SFEN of the game's real start (before any random opening moves).
-        moves: every move in USI, opening moves included.
-        result: +1 Black won, -1 White won, 0 draw.
-        reason: why it ended.
-        plies: number of moves (``len(moves)``).
-        opening_plies: how many of the first moves were random opening moves.
-    """
-
-    start_sfen: str
-    moves: list[str]
-    result: int
-    reason: EndReason
-    plies: int
-    opening_plies: int = 0
-
-    def to_usi_position(self) -> str:
-        """USI ``position`` command replaying the game: ``"position sfen <sfen> moves m1 m2 ..."``
-        (``"position startpos moves ..."`` when the game started from the initial position)."""
-        head = "position startpos" if self.start_sfen == STARTING_SFEN else f"position sfen {self.start_sfen}"
-        return f"{head} moves {' '.join(self.moves)}" if self.moves else head
-
-    def result_str(self) -> str:
-        """``"1-0"`` (Black won), ``"0-1"`` (White won) or ``"1/2-1/2"``."""
-        return {1: "1-0", -1: "0-1"}.get(self.result, "1/2-1/2")
-
-    def to_dict(self) -> dict[str, str | int]:
-        """Flat, JSON/Redis-friendly fields: ``start_sfen``, ``moves`` (space-separated USI),
-        ``result`` (int), ``result_str``, ``reason`` (name), ``plies``, ``opening_plies``."""
-        return {
-            "start_sfen": self.start_sfen,
-            "moves": " ".join(self.moves),
-            "result": int(self.result),
-            "result_str": self.result_str(),
-            "reason": EndReason(self.reason).name,
-            "plies": int(self.plies),
-            "opening_plies": int(self.opening_plies),
-        }
-
-
 @dataclass
 class StepResult:
     """Outcome of :meth:`VecEnv.step` for N games.
@@ -196,8 +130,8 @@ class VecEnv:
         self._obs_rows = [self._obs[i] for i in range(n)]
         self._mask = np.zeros((n, NUM_ACTIONS), dtype=bool)
         self._ply = [0] * n
-        self._rep = [0] * n
-        self._counts: list[dict[int, int]] = [{} for _ in range(n)]
+        self._reps = [1] * n  # occurrences of each game's current position (plane 44 via repetition_feature)
+        self._trackers = [RepetitionTracker() for _ in range(n)]
         self._history: list[list[int]] = [[] for _ in range(n)]
         self._start_sfen = [STARTING_SFEN] * n
         self._opening = [0] * n
@@ -212,30 +146,14 @@ class VecEnv:
     def _new_game(self, i: int, sfen: str | None = None) -> list[int]:
         """Reset game ``i`` (random opening unless ``sfen`` is given); returns its legal moves."""
         board = self.boards[i]
-        while True:
-            if sfen is None:
-                board.reset()
-            else:
-                board.set_sfen(sfen)
-            self._start_sfen[i] = STARTING_SFEN if sfen is None else board.sfen()
-            self._history[i] = history = []
-            self._counts[i] = counts = {board.zobrist_hash(): 1}
-            legal = list(board.legal_moves)
-            k = self.opening_plies if sfen is None else 0
-            for _ in range(k):
-                if not legal:
-                    break
-                m = legal[int(self._rng.integers(len(legal)))]
-                board.push(m)
-                history.append(m)
-                key = board.zobrist_hash()
-                counts[key] = counts.get(key, 0) + 1
-                legal = list(board.legal_moves)
-            if legal and max(counts.values()) < 4 and not board.is_nyugyoku():
-                break
+        k = self.opening_plies if sfen is None else 0
+        history, tracker, legal = random_opening(board, k, self._rng, sfen)
+        self._start_sfen[i] = STARTING_SFEN if sfen is None else board.sfen()  # k == 0 with an SFEN
+        self._history[i] = history
+        self._trackers[i] = tracker
         self._ply[i] = len(history)
         self._opening[i] = len(history)
-        self._rep[i] = min(counts[board.zobrist_hash()] - 1, 2)
+        self._reps[i] = tracker.count(board)
         return legal
 
     def reset_game(self, index: int, sfen: str | None = None) -> None:
@@ -243,16 +161,16 @@ class VecEnv:
         (ply 0, no random opening; used by tests and evaluation), else as a fresh game.
 
         Raises:
-            ValueError: bad index, or ``sfen`` rejected by :func:`validate_sfen` / without legal
-                moves.
+            ValueError: bad index, or ``sfen`` rejected by :func:`validate_sfen` / already over
+                (no legal move, or the side to move can declare an entering-king win).
         """
         if not 0 <= index < self.num_games:
             raise ValueError(f"game index out of range: {index!r}")
         if sfen is not None:
             sfen = validate_sfen(sfen)
             probe = cshogi.Board(sfen)
-            if len(probe.legal_moves) == 0:
-                raise ValueError(f"no legal move in {sfen!r}")
+            if judge(probe, 1, 0, self.max_plies):
+                raise ValueError(f"the game is already over in {sfen!r}")
         self._new_game(index, sfen)
         self._build([list(b.legal_moves) for b in self.boards])
 
@@ -277,7 +195,8 @@ class VecEnv:
             turns.append(t)
             hands.append(black + white if t == 0 else white + black)
         self._turn = turn = np.array(turns, dtype=np.int64)
-        _finish_planes(obs, np.array(hands, dtype=np.int64), turn, np.array(self._ply), np.array(self._rep), self.max_plies)
+        _finish_planes(obs, np.array(hands, dtype=np.int64), turn, np.array(self._ply),
+                       repetition_feature(np.array(self._reps)), self.max_plies)
         counts = np.fromiter(map(len, legal), dtype=np.int64, count=n)
         flat: list[int] = []
         for moves in legal:
@@ -302,7 +221,7 @@ class VecEnv:
         hcp = np.empty((self.num_games, 32), dtype=np.uint8)
         for i, board in enumerate(self.boards):
             board.to_hcp(hcp[i])
-        return (hcp, np.array(self._ply, dtype=np.uint16), np.array(self._rep, dtype=np.uint8),
+        return (hcp, np.array(self._ply, dtype=np.uint16), repetition_feature(np.array(self._reps)).astype(np.uint8),
                 self._turn.astype(np.uint8))
 
     def legal_actions(self, index: int) -> np.ndarray:
@@ -346,42 +265,24 @@ class VecEnv:
         reason = np.zeros(n, dtype=np.uint8)
         finished: list[GameRecord] = []
         legal_all: list[list[int]] = []
-        boards, history, counts_all, ply, rep = self.boards, self._history, self._counts, self._ply, self._rep
+        boards, history, trackers, ply, reps = self.boards, self._history, self._trackers, self._ply, self._reps
         max_plies = self.max_plies
         for i in range(n):
             board = boards[i]
-            mover = board.turn
             board.push(moves[i])
             history[i].append(moves[i])
             p = ply[i] + 1
             ply[i] = p
             legal = list(board.legal_moves)
-            why = 0
-            if not legal:
-                why, r = 1, 1.0
-            else:
-                key = board.zobrist_hash()
-                counts = counts_all[i]
-                c = counts.get(key, 0) + 1
-                counts[key] = c
-                rep[i] = c - 1 if c < 3 else 2
-                if c >= 4:
-                    d = board.is_draw()
-                    if d == cshogi.REPETITION_WIN:
-                        why, r = 3, -1.0
-                    elif d == cshogi.REPETITION_LOSE:
-                        why, r = 3, 1.0
-                    else:
-                        why, r = 2, 0.0
-                elif board.is_nyugyoku():
-                    why, r = 4, -1.0
-                elif p >= max_plies:
-                    why, r = 5, 0.0
-            if why:
-                reward[i] = r
-                reason[i] = why
-                finished.append(self._record(i, int(r) if mover == cshogi.BLACK else -int(r), EndReason(why)))
+            c = trackers[i].push(board)
+            verdict = judge(board, c, p, max_plies, bool(legal))
+            if verdict.reason:
+                reward[i] = verdict.mover_score
+                reason[i] = verdict.reason
+                finished.append(self._record(i, verdict.result(board.turn), verdict.reason))
                 legal = self._new_game(i)
+            else:
+                reps[i] = c
             legal_all.append(legal)
         self._build(legal_all)
         return StepResult(reward=reward, done=reason != 0, reason=reason, finished=finished)

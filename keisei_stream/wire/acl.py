@@ -5,7 +5,8 @@ Roles (users are named ``keisei-{run}-{role}``):
 * ``worker``: add experience through the admission script (``EVALSHA``/``EVAL`` of it, and the
   ``XLEN``/``XADD``/``HGET``/``HSET``/``HINCRBY`` the script runs on ``experience``,
   ``producers`` and ``accounting``), write heartbeats (``workers:*``) and game records
-  (``games``), read ``config``, ``control`` and the weights, subscribe to the weights channel.
+  (``games``), read ``config``, ``control``, ``epoch`` and the weights, subscribe to the weights
+  channel.
   Nothing else: no write to weights, config, control or the learner's hash, no consumer-group
   command (``XGROUP``, ``XREADGROUP``, ``XACK``, ``XAUTOCLAIM``), no ``XDEL``/``XTRIM``/``DEL``,
   no key outside the run.
@@ -58,7 +59,7 @@ def role_rules(keys: Keys, role: str) -> list[str]:
             "+xadd", "+xlen", "+hget", "+hset", "+hincrby", "+pexpire", "+expire", "+multi", "+exec",
             "+get", "+hgetall", "+hmget", "+subscribe", "+unsubscribe",
             f"~{keys.experience}", f"~{keys.producers}", f"~{keys.accounting}", f"~{p}workers:*", f"~{keys.games}",
-            f"%R~{keys.config}", f"%R~{keys.control}", f"%R~{p}weights:*",
+            f"%R~{keys.config}", f"%R~{keys.control}", f"%R~{keys.epoch}", f"%R~{p}weights:*",
             f"&{keys.weights_channel}",
         ]
     if role == "learner":
@@ -100,15 +101,21 @@ def create_users(r: Any, run: str, passwords: dict[str, str] | None = None) -> d
     return out
 
 
+def strip_user(url: str) -> str:
+    """``url`` without its ``user:password@`` part."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0] or (scheme == "unix" and "@" in rest):
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
 def user_url(url: str, user: str, password: str) -> str:
     """``url`` with ``user:password@`` put in (replacing any userinfo it had).
 
     ``redis://host:6379/0`` -> ``redis://user:pw@host:6379/0``; ``unix:///path/redis.sock`` ->
     ``unix://user:pw@/path/redis.sock`` (the form redis-py parses for unix sockets).
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    if "://" not in url:
         raise ValueError(f"not a Redis URL: {url!r}")
-    if "@" in rest.split("/", 1)[0] or (scheme == "unix" and "@" in rest):
-        rest = rest.split("@", 1)[1]
+    scheme, _, rest = strip_user(url).partition("://")
     return f"{scheme}://{user}:{password}@{rest}"

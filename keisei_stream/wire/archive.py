@@ -100,6 +100,25 @@ def read_archive(directory: str | Path) -> Iterator[dict[str, str]]:
         yield from _read_chunk(path)
 
 
+def read_newest(directory: str | Path, count: int | None = None, before: str | None = None) -> list[dict[str, str]]:
+    """The newest ``count`` archived games (every one when None) whose stream id is older than
+    ``before`` (no bound when None), oldest first.
+
+    Chunks are read from the newest back, only as far as needed (ids only grow from one chunk to
+    the next), so the newest few games of a long run cost one chunk's decompression.
+    """
+    if count is not None and count <= 0:
+        return []
+    bound = _id_key(before) if before else None
+    picked: list[dict[str, str]] = []
+    for path in reversed(chunks(directory)):
+        rows = [row for row in _read_chunk(path) if bound is None or _id_key(row["id"]) < bound]
+        picked = rows + picked
+        if count is not None and len(picked) >= count:
+            return picked[-count:]
+    return picked
+
+
 @dataclass
 class GameArchive:
     """Appends game rows to the chunk files of ``directory`` (see the module docstring).
@@ -187,6 +206,10 @@ class Recorder:
     _last_flush: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
+        self.ensure_group()
+
+    def ensure_group(self) -> None:
+        """Create the group ``recorders`` on the games stream at id 0 (MKSTREAM); idempotent."""
         try:
             self.r.xgroup_create(self.keys.games, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -194,20 +217,30 @@ class Recorder:
                 raise
 
     def _read(self, start: str) -> list[tuple[str, dict]]:
-        resp = self.r.xreadgroup(GROUP, self.consumer, {self.keys.games: start}, count=1000)
+        try:
+            resp = self.r.xreadgroup(GROUP, self.consumer, {self.keys.games: start}, count=1000)
+        except redis.ResponseError as exc:  # the server restarted without the run's data
+            if "NOGROUP" not in str(exc):
+                raise
+            self.ensure_group()
+            return []
         return [(as_str(eid), fields) for _stream, entries in resp or [] for eid, fields in entries]
 
     def step(self, force: bool = False) -> int:
-        """Read new game entries and flush when due (or ``force``). Returns the games archived now."""
-        items = self._read("0") if self._pending_first else []
-        if not items:
-            self._pending_first = False
-            items = self._read(">")
-        seen = {eid for eid, _ in self._buffer}
-        # a pending entry trimmed from the stream comes back without fields: acknowledge it only
-        self._buffer += [(eid, row_from_fields(eid, f) if f else None) for eid, f in items if eid not in seen]
-        if self._pending_first:  # pending entries re-read at "0" until all are acknowledged
-            force = True
+        """Read new game entries (with ``force``: all there are) and flush when due (or ``force``).
+        Returns the games archived now."""
+        while True:
+            items = self._read("0") if self._pending_first else []
+            if not items:
+                self._pending_first = False
+                items = self._read(">")
+            seen = {eid for eid, _ in self._buffer}
+            # a pending entry trimmed from the stream comes back without fields: acknowledge it only
+            self._buffer += [(eid, row_from_fields(eid, f) if f else None) for eid, f in items if eid not in seen]
+            if self._pending_first:  # pending entries re-read at "0" until all are acknowledged
+                force = True
+            if not (force and items) or self._pending_first:
+                break
         due = force or len(self._buffer) >= self.flush_games or time.monotonic() - self._last_flush >= self.flush_s
         if not due or not self._buffer:
             return 0

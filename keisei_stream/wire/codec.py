@@ -47,6 +47,10 @@ MAX_COMPRESSED_BYTES = 64 << 20
 MAX_ID_CHARS = 200
 #: ``log_prob`` may exceed 0 by this much (float32 rounding of log-softmax of a forced move).
 LOG_PROB_TOLERANCE = 1e-4
+#: Smallest behaviour log-probability accepted. A sampled move has probability below e^-40
+#: (4e-18) with a chance under 600 * 4e-18 per position (at most ~600 legal moves), so no real
+#: worker sends one in any run; a poisoned value would otherwise blow up the importance weight.
+MIN_LOG_PROB = -40.0
 #: ``|value|`` may exceed 1 by this much (float32 rounding).
 VALUE_TOLERANCE = 1e-6
 
@@ -201,7 +205,8 @@ def entry_positions(fields: Mapping[Any, Any]) -> int:
     return 0
 
 
-def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool = True) -> ExperienceBatch:
+def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool = True,
+                 max_version: int | None = None) -> ExperienceBatch:
     """Decode and validate one stream entry.
 
     Args:
@@ -214,6 +219,8 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
             repetition game must end in a repetition (games starting at ply 0), and no other game
             may end in a position without legal moves (about 3 us per position). Without it the
             positions are still checked to be well-formed HCPs that cshogi can load safely.
+        max_version: the newest model version published so far; an entry claiming a newer one
+            (field ``v``) is rejected (None: not checked).
 
     Returns:
         The :class:`ExperienceBatch` (owned, writable, native-endian arrays).
@@ -223,20 +230,21 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
             wrong schema, lz4 errors, a claimed decompressed size above ``56 * n + 2624`` bytes
             (refused before allocating), msgpack errors, missing/extra/mistyped map keys, array byte
             lengths inconsistent with ``n`` and the game offsets, non-monotone offsets,
-            actions >= 13527, non-finite or positive log-probabilities, values outside [-1, 1],
+            actions >= 13527, non-finite log-probabilities or outside [``MIN_LOG_PROB``, 0],
+            values outside [-1, 1], a version newer than ``max_version``,
             versions inconsistent with ``v``, non-consecutive plies, plies >= ``max_plies``,
             results inconsistent with the end reason, malformed positions, and (``check_legal``)
             illegal actions or inconsistent positions.
     """
     try:
-        return _decode(fields, max_plies, check_legal)
+        return _decode(fields, max_plies, check_legal, max_version)
     except BadEntry:
         raise
     except Exception as exc:  # noqa: BLE001 - last line of defence: hostile input never crashes
         raise BadEntry(f"undecodable entry: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
-def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool) -> ExperienceBatch:
+def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_version: int | None) -> ExperienceBatch:
     if not isinstance(fields, Mapping):
         raise BadEntry(f"fields of type {type(fields).__name__}")
     if len(fields) > 16:
@@ -256,6 +264,8 @@ def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool) -> Exp
     if n == 0:
         raise BadEntry("field n: empty batch")
     v = _parse_uint(f[b"v"], "v", 0xFFFFFFFF)
+    if max_version is not None and v > max_version:
+        raise BadEntry(f"field v: version {v} is newer than the newest published ({max_version})")
     try:
         worker = f[b"w"].decode("utf-8")
     except UnicodeDecodeError:
@@ -305,13 +315,17 @@ def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool) -> Exp
         arrays[name] = arr.reshape((count, *col.shape)) if col.shape else arr
 
     batch = ExperienceBatch(batch_id=batch_id, worker_id=worker, **arrays)
-    _check_values(batch, v, max_plies)
-    if check_legal:
-        replay_check(batch, max_plies)
-    else:
-        ok = validate_hcp(batch.hcp)
-        if not ok.all():
-            raise BadEntry(f"hcp: malformed position at index {int(np.flatnonzero(~ok)[0])}")
+    try:
+        _check_values(batch, v, max_plies)
+        if check_legal:
+            replay_check(batch, max_plies)
+        else:
+            ok = validate_hcp(batch.hcp)
+            if not ok.all():
+                raise BadEntry(f"hcp: malformed position at index {int(np.flatnonzero(~ok)[0])}")
+    except BadEntry as exc:
+        exc.positions = n  # decoded, then found bad: these positions are what the entry held
+        raise
     return batch
 
 
@@ -348,6 +362,8 @@ def _check_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
         raise BadEntry("log_prob: not finite")
     if float(lp.max()) > LOG_PROB_TOLERANCE:
         raise BadEntry(f"log_prob: {float(lp.max()):.3g} > 0")
+    if float(lp.min()) < MIN_LOG_PROB:
+        raise BadEntry(f"log_prob: {float(lp.min()):.3g} < {MIN_LOG_PROB} (no policy samples such a move)")
     val = b.value
     if not np.isfinite(val).all():
         raise BadEntry("value: not finite")
@@ -417,7 +433,7 @@ def wire_bytes(fields: Mapping[Any, Any]) -> int:
 
 
 __all__ = [
-    "MAX_POSITIONS", "MAX_COMPRESSED_BYTES", "MAX_ID_CHARS", "LOG_PROB_TOLERANCE", "VALUE_TOLERANCE",
+    "MAX_POSITIONS", "MAX_COMPRESSED_BYTES", "MAX_ID_CHARS", "LOG_PROB_TOLERANCE", "MIN_LOG_PROB", "VALUE_TOLERANCE",
     "SELF_PLAY_REASONS", "ExperienceBatch", "encode_batch", "decode_entry", "entry_positions",
     "concat_batches", "wire_bytes",
 ]

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 import redis
 from redis.exceptions import ResponseError
 
+from .atomic import run_atomic
 from .codec import ExperienceBatch, decode_entry, entry_positions
 from .embedded_redis import as_str
 from .keys import Keys
@@ -28,6 +29,9 @@ from .schema import BadEntry
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
 DEADLETTER_FIELD_BYTES = 4096
+#: Batch ids remembered in Redis (``trained_batches``) to drop replays across learner restarts:
+#: about 60 bytes each, so at most ~6 MB; covers the last 100,000 batches (~10^8 positions).
+TRAINED_BATCHES_KEPT = 100_000
 
 
 @dataclass
@@ -88,6 +92,8 @@ class Consumer:
         self._next_claim = 0.0
         self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0}
         self.decode_s = 0.0  # seconds spent decoding and validating entries (a time share of the learner)
+        self.newest_version: int | None = None  # entries claiming a newer model version are rejected
+        self.epoch: str | None = None  # the run's epoch this consumer acknowledges into (set by the learner)
         ensure_group(r, keys)
 
     def reset(self) -> None:
@@ -105,10 +111,23 @@ class Consumer:
         Bad entries and duplicates met on the way are dead-lettered / dropped and acknowledged
         here. Blocks at most ``block_ms`` (default: the constructor's) when nothing is pending.
 
+        A missing group (``NOGROUP``: the server restarted without the run's data) is created
+        again and the read returns nothing; the learner then records what was lost.
+
         Raises:
-            redis.ConnectionError / redis.TimeoutError: when the server is unreachable after the
-                client's own retries (the caller may retry; nothing is lost).
+            redis.ConnectionError / redis.TimeoutError: only when a stop was requested during an
+                outage (otherwise the client waits for the server; nothing is lost).
         """
+        try:
+            return self._read(block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.reset()
+            ensure_group(self.r, self.keys)
+            return []
+
+    def _read(self, block_ms: int | None) -> list[Delivered]:
         if self._own_cursor is not None:
             resp = self.r.xreadgroup(self.keys.group, self.name, {self.keys.experience: self._own_cursor},
                                      count=self.count)
@@ -154,14 +173,16 @@ class Consumer:
                 continue
             t0 = time.monotonic()
             try:
-                batch = decode_entry(fields, max_plies=self.max_plies, check_legal=self.check_legal)
+                batch = decode_entry(fields, max_plies=self.max_plies, check_legal=self.check_legal,
+                                     max_version=self.newest_version)
             except BadEntry as exc:
-                self._reject(entry_id, fields, exc.reason)
+                self._reject(entry_id, fields, exc)
                 continue
             finally:
                 self.decode_s += time.monotonic() - t0
-            if batch.batch_id in self._seen and self._seen[batch.batch_id] != entry_id:
-                self._drop_duplicate(entry_id, batch)
+            if (batch.batch_id in self._seen and self._seen[batch.batch_id] != entry_id) or \
+                    self.r.zscore(self.keys.trained_batches, batch.batch_id) is not None:
+                self._drop_duplicate(entry_id, batch)  # a client retry, or a replay of a trained batch
                 continue
             self._remember(batch.batch_id, entry_id)
             self.in_flight[entry_id] = batch.num_positions
@@ -174,8 +195,11 @@ class Consumer:
         while len(self._seen) > self.dedup_window:
             self._seen.pop(next(iter(self._seen)))
 
-    def _reject(self, entry_id: str, fields: Mapping[Any, Any], reason: str) -> None:
-        dl: dict[str, Any] = {"reason": reason, "entry_id": entry_id, "consumer": self.name}
+    def _reject(self, entry_id: str, fields: Mapping[Any, Any], exc: BadEntry) -> None:
+        """Dead-letter the entry with its reason; count it, and the positions actually decoded from
+        it (``exc.positions``, never the entry's own claim ``n``, which is only recorded)."""
+        dl: dict[str, Any] = {"reason": exc.reason, "entry_id": entry_id, "consumer": self.name,
+                              "decoded_positions": exc.positions, "claimed_positions": entry_positions(fields)}
         raw_total = 0
         for i, (k, v) in enumerate(fields.items()):
             if i >= 16:
@@ -188,42 +212,53 @@ class Consumer:
                 dl["worker"] = vb[:200]
             dl[b"raw:" + kb[:64]] = vb[:DEADLETTER_FIELD_BYTES]
         dl["raw_bytes"] = raw_total
-        n = entry_positions(fields)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(self.keys.deadletter, dl, maxlen=self.deadletter_maxlen, approximate=True)
-        pipe.xack(self.keys.experience, self.keys.group, entry_id)
-        pipe.xdel(self.keys.experience, entry_id)
-        pipe.hincrby(self.keys.accounting, "rejected_entries", 1)
-        pipe.hincrby(self.keys.accounting, "rejected_positions", n)
-        pipe.execute()
+        self._discard(entry_id, "rejected", exc.positions, deadletter=dl)
         self.stats["bad"] += 1
 
     def _drop_duplicate(self, entry_id: str, batch: ExperienceBatch) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xack(self.keys.experience, self.keys.group, entry_id)
-        pipe.xdel(self.keys.experience, entry_id)
-        pipe.hincrby(self.keys.accounting, "duplicate_entries", 1)
-        pipe.hincrby(self.keys.accounting, "duplicate_positions", batch.num_positions)
-        pipe.execute()
+        self._discard(entry_id, "duplicate", batch.num_positions)
         self.stats["duplicate"] += 1
+
+    def _discard(self, entry_id: str, what: str, positions: int, deadletter: dict | None = None) -> None:
+        """Atomically: (dead-letter,) acknowledge and delete the entry, and count it in
+        ``{what}_entries`` / ``{what}_positions``."""
+        k = self.keys
+        cmds: list[tuple] = []
+        if deadletter is not None:
+            flat = [x for kv in deadletter.items() for x in kv]
+            cmds.append(("XADD", k.deadletter, "MAXLEN", "~", self.deadletter_maxlen, "*", *flat))
+        cmds += [("XACK", k.experience, k.group, entry_id), ("XDEL", k.experience, entry_id),
+                 ("HINCRBY", k.accounting, f"{what}_entries", 1),
+                 ("HINCRBY", k.accounting, f"{what}_positions", int(positions))]
+        run_atomic(self.r, self.keys, cmds, self.epoch)
 
     # -- acknowledging -----------------------------------------------------------------------
     def ack(self, entries: Iterable[Delivered | str], trained_positions: int, stale_positions: int) -> None:
-        """Acknowledge and delete ``entries`` after the update that used them, in one MULTI/EXEC.
+        """Acknowledge and delete ``entries`` after the update that used them, atomically (also
+        when Redis is at maxmemory, never into a server that lost the run's data: see
+        :func:`keisei_stream.wire.atomic.run_atomic`).
 
         Adds ``trained_positions`` / ``stale_positions`` to the accounting (their sum should be
-        the entries' positions). Idempotent per entry on the server (XACK/XDEL of an acked id
-        are no-ops; counters are added again, so do not call twice for the same update).
+        the entries' positions) and the batch ids to ``trained_batches`` (the newest
+        :data:`TRAINED_BATCHES_KEPT`), so a replay of a trained batch is dropped even by a restarted
+        learner. Idempotent per entry on the server (XACK/XDEL of an acked id are no-ops; counters
+        are added again, so do not call twice for the same update).
         """
+        k = self.keys
+        entries = list(entries)
         ids = [e.entry_id if isinstance(e, Delivered) else str(e) for e in entries]
-        pipe = self.r.pipeline(transaction=True)
+        now_ms = int(time.time() * 1000)
+        trained = [x for e in entries if isinstance(e, Delivered) for x in (now_ms, e.batch.batch_id)]
+        cmds: list[tuple] = []
         if ids:
-            pipe.xack(self.keys.experience, self.keys.group, *ids)
-            pipe.xdel(self.keys.experience, *ids)
-            pipe.hincrby(self.keys.accounting, "acked_entries", len(ids))
-        pipe.hincrby(self.keys.accounting, "trained_positions", int(trained_positions))
-        pipe.hincrby(self.keys.accounting, "stale_positions", int(stale_positions))
-        pipe.execute()
+            cmds += [("XACK", k.experience, k.group, *ids), ("XDEL", k.experience, *ids),
+                     ("HINCRBY", k.accounting, "acked_entries", len(ids))]
+        if trained:
+            cmds += [("ZADD", k.trained_batches, *trained),
+                     ("ZREMRANGEBYRANK", k.trained_batches, 0, -(TRAINED_BATCHES_KEPT + 1))]
+        cmds += [("HINCRBY", k.accounting, "trained_positions", int(trained_positions)),
+                 ("HINCRBY", k.accounting, "stale_positions", int(stale_positions))]
+        run_atomic(self.r, self.keys, cmds, self.epoch)
         for i in ids:
             self.in_flight.pop(i, None)
 

@@ -101,6 +101,8 @@ class Keys:
     learner = _Key("learner", "Hash: learner status.")
     accounting = _Key("accounting", "Hash of position counters (:data:`ACCOUNTING_FIELDS`).")
     producers = _Key("producers", 'Hash ``worker_id -> "session:seq"`` of the last batch each producer added.')
+    trained_batches = _Key("trained_batches", "Sorted set of the batch ids acknowledged (score: unix ms), the newest "
+                                              "TRAINED_BATCHES_KEPT: a replayed batch is dropped even after a learner restart.")
     epoch = _Key("epoch", "String: random id the learner writes when the run's data is new on this server; "
                           "missing or changed after an outage means the server lost the data.")
 

@@ -99,13 +99,14 @@ class Producer:
              on_wait: Callable[[float], None] | None = None) -> bool:
         """Add ``batch`` (its ``batch_id`` and ``worker_id`` are set here) to the stream.
 
-        Waits while the stream is full (XLEN >= max_backlog) or the server is (``OOM``: counted in
-        ``oom_waits``), and retries after connection errors, with exponential backoff (10 ms doubling up to ``backoff_max_s``), calling
-        ``should_stop()`` at least every 50 ms and ``on_wait(seconds)`` after each wait.
+        Tries once, then waits while the stream is full (XLEN >= max_backlog) or the server is
+        (``OOM``: counted in ``oom_waits``), and retries after connection errors, with exponential
+        backoff (10 ms doubling up to ``backoff_max_s``), calling ``should_stop()`` before and at
+        least every 50 ms during each wait and ``on_wait(seconds)`` after it.
 
         Returns:
             True once the batch is in the stream (exactly once, even across retries);
-            False when ``should_stop()`` said stop first: the batch was not added (or, if a
+            False when ``should_stop()`` said stop before it got in: the batch was not added (or, if a
             connection broke after the server added it, a later ``send`` of the same batch
             is recognised and not added twice), the caller keeps it.
         """
@@ -117,8 +118,6 @@ class Producer:
             argv += [k, v]
         delay = 0.01
         while True:
-            if should_stop is not None and should_stop():
-                return False
             try:
                 status, _ = self._script(keys=[self.keys.experience, self.keys.accounting, self.keys.producers], args=argv)
             except TRANSIENT_ERRORS:
@@ -134,6 +133,8 @@ class Producer:
                 return True
             if int(status) == 0:
                 self.full_waits += 1
+            if should_stop is not None and should_stop():
+                return False
             t0 = time.monotonic()
             stopped = _sleep_interruptible(delay, should_stop)
             waited = time.monotonic() - t0

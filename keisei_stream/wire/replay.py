@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import cshogi
 import numpy as np
 
-from keisei_stream.shogi import EndReason
+from keisei_stream.shogi import EndReason, RepetitionTracker, judge, repetition_feature
 # (2, 13527) uint16: low 15 bits of the cshogi move code of each action, per side to move; the
 # shogi layer's own table, so that replay and self-play can never disagree on an action.
 from keisei_stream.shogi.actions import _ACTION_TO_KEY
@@ -139,16 +139,14 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
     """Replay every game with cshogi and check it against the recorded data.
 
     For each game: the first position must pass :func:`validate_hcp` and the side not to move
-    must not be in check; then for every position the action must be among cshogi's legal moves
-    of the replayed board, and the replayed board's HCP must equal the recorded one. Repetition
-    counts are recomputed from Zobrist keys the way ``keisei_stream.shogi.VecEnv`` does (earlier
-    occurrences in the game, capped at 2; a 4th occurrence ends the game): they must match
-    exactly for games recorded from ply 0 and may only be larger otherwise (occurrences before the
-    first recorded position are unknown). After the last move: CHECKMATE needs no legal reply and
-    every other reason needs one; ENTERING_KING needs ``is_nyugyoku()``, and no earlier position nor
-    a MAX_PLIES end may allow it (``VecEnv`` ends the game by declaration first); for games recorded from
-    ply 0, REPETITION_DRAW / PERPETUAL_CHECK need a 4th occurrence (PERPETUAL_CHECK with the
-    winner that ``is_draw()`` gives), and the other reasons must not have one.
+    must not be in check; then the game is replayed move by move under the one referee
+    (:func:`keisei_stream.shogi.judge` with a :class:`~keisei_stream.shogi.RepetitionTracker`, as
+    ``VecEnv`` plays): every action must be among cshogi's legal moves of the replayed board, the
+    replayed board's HCP must equal the recorded one, the game must not have ended before its last
+    move, and after it the referee's verdict (reason and result) must be the recorded one.
+    Repetition features must match the replay exactly for games recorded from ply 0 and may only be
+    larger otherwise (occurrences before the first recorded position are unknown, so a recorded
+    repetition end is then accepted where the referee sees none).
 
     Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch.
 
@@ -176,6 +174,7 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
     flipped = np.empty(1, dtype=cshogi.HuffmanCodedPos)
     reasons = batch.reason.tolist()
     results = batch.result.tolist()
+    plies = batch.ply.tolist()
     full_history = (batch.ply[starts] == 0).tolist()
     for g in range(batch.num_games):
         s, e = int(off[g]), int(off[g + 1])
@@ -185,55 +184,35 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
         if board.is_check():
             raise BadEntry(f"game {g}: the side not to move is in check at the start")
         board.set_hcp(hv[s:s + 1])
-        counts: dict[int, int] = {}
+        tracker = RepetitionTracker(board)
+        legal = list(board.legal_moves)
+        c = 1
+        verdict = judge(board, c, plies[s], max_plies, bool(legal))
         for t in range(s, e):
+            if verdict.reason:
+                raise BadEntry(f"position {t}: the game had already ended ({verdict.reason.name})")
             board.to_hcp(replayed[t:t + 1])
-            key = board.zobrist_hash()
-            c = counts.get(key, 0) + 1
-            counts[key] = c
-            if c >= 4:
-                raise BadEntry(f"position {t}: 4th occurrence, the game should have ended")
-            rep[t] = c - 1
+            rep[t] = c
             mv = board.move_from_move16(move_keys[t])
-            if mv not in list(board.legal_moves):
+            if mv not in legal:
                 raise BadEntry(f"action {int(batch.action[t])} at position {t} is not legal")
             board.push(mv)
-            if t < e - 1 and board.is_nyugyoku():
-                raise BadEntry(f"position {t + 1}: an entering-king declaration was possible, "
-                               "the game should have ended")
-        has_reply = any(True for _ in board.legal_moves)
-        reason = reasons[g]
-        if reason == EndReason.CHECKMATE:
-            if has_reply:
-                raise BadEntry(f"game {g}: CHECKMATE but the last move does not mate")
+            legal = list(board.legal_moves)
+            c = tracker.push(board)
+            verdict = judge(board, c, plies[t] + 1, max_plies, bool(legal))
+        want = EndReason(reasons[g])
+        if verdict.reason == want and verdict.result(board.turn) == results[g]:
             continue
-        if not has_reply:
-            raise BadEntry(f"game {g}: no legal reply after the last move but reason {reason}")
-        if reason == EndReason.ENTERING_KING and not board.is_nyugyoku():
-            raise BadEntry(f"game {g}: ENTERING_KING but no entering-king declaration is possible")
-        if reason == EndReason.MAX_PLIES and board.is_nyugyoku():  # VecEnv checks the declaration first
-            raise BadEntry(f"game {g}: MAX_PLIES but an entering-king declaration was possible")
-        if full_history[g]:
-            fourfold = counts.get(board.zobrist_hash(), 0) + 1 >= 4
-            if reason in (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK):
-                if not fourfold:
-                    raise BadEntry(f"game {g}: repetition end without a 4th occurrence")
-                d = board.is_draw()
-                if reason == EndReason.PERPETUAL_CHECK:
-                    mover = 1 if turn[e - 1] == 0 else -1
-                    # REPETITION_WIN: the side to move wins (the last mover gave perpetual check).
-                    want = {cshogi.REPETITION_WIN: -mover, cshogi.REPETITION_LOSE: mover}.get(d)
-                    if want is None or results[g] != want:
-                        raise BadEntry(f"game {g}: PERPETUAL_CHECK inconsistent with the repetition")
-                elif d in (cshogi.REPETITION_WIN, cshogi.REPETITION_LOSE):
-                    raise BadEntry(f"game {g}: REPETITION_DRAW but the repetition was perpetual check")
-            elif fourfold:
-                raise BadEntry(f"game {g}: reason {reason} but the last move repeats a position 4 times")
+        if (not full_history[g] and want in (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
+                and verdict.reason in (EndReason.NONE, EndReason.ENTERING_KING, EndReason.MAX_PLIES)):
+            continue  # occurrences before the first recorded position are unknown
+        raise BadEntry(f"game {g}: recorded {want.name} result {results[g]}, the referee says "
+                       f"{verdict.reason.name} result {verdict.result(board.turn)}")
     rows = replayed.view(np.uint8).reshape(p, 32)
     if not np.array_equal(rows, hcp):
         bad = np.flatnonzero((rows != hcp).any(axis=1))[0]
         raise BadEntry(f"position {int(bad)} is not the previous position after its action")
-    computed = np.minimum(np.array(rep, dtype=np.int64), 2)
+    computed = repetition_feature(np.array(rep, dtype=np.int64))
     recorded = batch.repetition.astype(np.int64)
     exact = np.repeat(np.array(full_history, dtype=bool), np.diff(off))
     if ((exact & (recorded != computed)) | (~exact & (recorded < computed))).any():

@@ -126,6 +126,11 @@ class RetryForever(Retry):
             result = super().call_with_retry(do, on_failure, is_retryable, with_failure_count=True)
             reached = True
             return result
+        except TRANSIENT_ERRORS:
+            raise  # gave up (a stop was requested): the server was not reached
+        except Exception:
+            reached = True  # the server answered, with an error of the command's own (e.g. NOGROUP)
+            raise
         finally:
             if failed:
                 OUTAGES.end(reached)
@@ -157,9 +162,18 @@ def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     capped streams. An ``OOM`` refusal is logged (``what`` names the write) and None returned;
     every other error is raised."""
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except ResponseError as exc:
         if not is_oom(exc):
             raise
-        log.warning("Redis is full, %s skipped: %s", what, exc)
+        if what not in _skipping:  # one line when skipping starts, one when it ends
+            _skipping.add(what)
+            log.warning("Redis is full (%s): %s skipped until it has room", exc, what)
         return None
+    if what in _skipping:
+        _skipping.discard(what)
+        log.warning("Redis has room again: %s written", what)
+    return result
+
+
+_skipping: set[str] = set()

@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from .atomic import run_atomic
 from .embedded_redis import as_str
 from .retry import TRANSIENT_ERRORS
 from .keys import Keys
@@ -26,45 +27,38 @@ class WeightsError(RuntimeError):
     """The weights blob is missing or its SHA-256 does not match ``weights:latest``."""
 
 
-def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype: str, keep: int) -> str:
+def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype: str, keep: int,
+                    epoch: str | None = None) -> str:
     """Publish weights ``data`` (safetensors bytes) as ``version``; returns its SHA-256 (hex).
 
-    Order: blobs beyond the newest ``keep - 1`` are deleted first (never the one ``weights:latest``
-    names), so a server near ``maxmemory`` frees a blob before it is asked to store one; then
-    ``SET weights:blob:{sha}``; then in one MULTI/EXEC ``HSET weights:latest`` (version, sha256,
-    bytes, dtype, created = unix seconds) and ``ZADD weights:index``; then ``PUBLISH weights
-    <version>``; then blobs beyond the newest ``keep`` are deleted (never the one just published).
+    In one atomic script (:func:`keisei_stream.wire.atomic.run_atomic`): delete the blobs beyond
+    the newest ``keep - 1`` (never the one ``weights:latest`` names), ``SET weights:blob:{sha}``,
+    ``HSET weights:latest`` (version, sha256, bytes, dtype, created = unix seconds) and ``ZADD
+    weights:index``; then ``PUBLISH weights <version>``. A blob is freed before one is stored, so a
+    server at ``maxmemory`` takes the new weights too (the script may pass the limit by the
+    difference of two blobs), and only while the run's ``epoch`` is ``epoch`` (when given).
 
     Raises:
         ValueError: ``keep < 1`` or ``version < 0``.
-        redis.exceptions.OutOfMemoryError: the server is full even after pruning (nothing of this
-            version was published; the caller may try again once memory is free).
+        keisei_stream.wire.atomic.EpochChanged: the server lost the run's data (nothing published).
+        redis.exceptions.OutOfMemoryError: full, and the server runs no flagged scripts (Redis < 7).
     """
     if keep < 1 or version < 0:
         raise ValueError("keep must be >= 1 and version >= 0")
     sha = hashlib.sha256(data).hexdigest()
     latest = r.hget(keys.weights_latest, "sha256")
-    _prune(r, keys, keep - 1, protect={sha, as_str(latest) if latest is not None else ""})
-    r.set(keys.weights_blob(sha), data)
-    pipe = r.pipeline(transaction=True)
-    pipe.hset(keys.weights_latest, mapping={"version": int(version), "sha256": sha, "bytes": len(data),
-                                            "dtype": dtype, "created": f"{time.time():.3f}"})
-    pipe.zadd(keys.weights_index, {sha: int(version)})
-    pipe.execute()
-    r.publish(keys.weights_channel, str(int(version)))
-    _prune(r, keys, keep, protect={sha})
-    return sha
-
-
-def _prune(r: redis.Redis, keys: Keys, keep: int, protect: set[str]) -> None:
-    """Delete the blobs (and index entries) beyond the newest ``keep`` by version, except ``protect``."""
-    old = r.zrange(keys.weights_index, 0, -(keep + 1)) if keep > 0 else r.zrange(keys.weights_index, 0, -1)
-    old = [s for s in old if as_str(s) not in protect]
+    indexed = r.zrange(keys.weights_index, 0, -keep)  # all but the newest keep - 1
+    old = [as_str(s) for s in indexed if as_str(s) not in {sha, as_str(latest) if latest is not None else ""}]
+    cmds: list[tuple] = []
     if old:
-        pipe = r.pipeline(transaction=True)
-        pipe.delete(*[keys.weights_blob(as_str(s)) for s in old])
-        pipe.zrem(keys.weights_index, *old)
-        pipe.execute()
+        cmds += [("DEL", *[keys.weights_blob(s) for s in old]), ("ZREM", keys.weights_index, *old)]
+    cmds += [("SET", keys.weights_blob(sha), data),
+             ("HSET", keys.weights_latest, "version", int(version), "sha256", sha, "bytes", len(data),
+              "dtype", dtype, "created", f"{time.time():.3f}"),
+             ("ZADD", keys.weights_index, int(version), sha)]
+    run_atomic(r, keys, cmds, epoch)
+    r.publish(keys.weights_channel, str(int(version)))
+    return sha
 
 
 def read_latest_info(r: redis.Redis, keys: Keys) -> dict[str, Any] | None:
