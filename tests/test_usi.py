@@ -90,8 +90,7 @@ def eng(ckpt):
     out = Out()
     e = UsiEngine(str(ckpt), out, batch_size=4)
     e.handle("setoption name InfoInterval value 100")
-    e.handle("setoption name ByoyomiMargin value 100")
-    e.handle("isready")
+    e.handle("isready")  # ByoyomiMargin: the default 300 ms
     assert out.text()[-1] == "readyok"
     yield e, out
     e.close()
@@ -155,35 +154,35 @@ def test_go_movetime(eng):
     e, out = eng
     e.handle("position startpos")
     t = time.perf_counter()
-    e.handle("go movetime 400")  # 400 ms - ByoyomiMargin 100
+    e.handle("go movetime 600")  # 600 ms - ByoyomiMargin 300
     _, tb, _ = out.wait("bestmove")
-    assert 0.25 <= tb - t < 0.4
+    assert 0.25 <= tb - t < 0.6
 
 
 def test_go_byoyomi_stays_within_byoyomi(eng):
     e, out = eng
     e.handle("position startpos moves 7g7f 3c3d")
     t = time.perf_counter()
-    e.handle("go btime 0 wtime 0 byoyomi 500")
+    e.handle("go btime 0 wtime 0 byoyomi 600")  # 600 ms - ByoyomiMargin 300
     i, tb, _ = out.wait("bestmove")
-    assert 0.3 <= tb - t < 0.5
+    assert 0.25 <= tb - t < 0.6
     assert out.count("info depth") >= 3  # every InfoInterval (100 ms) and at the end
 
 
 def test_go_btime_wtime_uses_the_side_to_moves_clock(eng):
     e, out = eng
-    # White to move at move 2: 3000 / (14 + 28) + 0 = 71 ms; Black's 100 ms is not White's
+    # White to move at move 2: 3000 / (14 + 28) + 0 = 71 ms (Black's 100 ms would give 2 ms)
     e.handle("position startpos moves 7g7f")
     t = time.perf_counter()
     e.handle("go btime 100 wtime 3000 binc 0 winc 0")
     i, tb, _ = out.wait("bestmove")
-    assert 0.04 <= tb - t < 0.3
+    assert 0.04 <= tb - t < 1.0  # far within White's 3 s
     # no time left at all (and no byoyomi): the network's move without search, at once
     n = len(out.lines)
     t = time.perf_counter()
     e.handle("go btime 0 wtime 0")
     _, tb, best = out.wait("bestmove", after=n)
-    assert tb - t < 0.2 and legal_after(["7g7f"], best.split()[1])
+    assert tb - t < 0.5 and legal_after(["7g7f"], best.split()[1])
 
 
 def test_time_budget():
@@ -248,13 +247,13 @@ def test_infinite_holds_the_answer_when_the_search_ends_by_itself(eng):
 def test_ponder_then_ponderhit_uses_the_budget_from_ponderhit(eng):
     e, out = eng
     e.handle("position startpos moves 7g7f 3c3d")
-    e.handle("go ponder btime 0 wtime 0 byoyomi 500")
+    e.handle("go ponder btime 0 wtime 0 byoyomi 600")
     time.sleep(0.5)
     assert out.count("bestmove") == 0
     t_hit = time.perf_counter()
     e.handle("ponderhit")
     _, tb, best = out.wait("bestmove")
-    assert 0.3 <= tb - t_hit < 0.5  # 500 ms byoyomi - 100 ms margin, counted from ponderhit
+    assert 0.25 <= tb - t_hit < 0.6  # 600 ms byoyomi - 300 ms margin, counted from ponderhit
     assert legal_after(["7g7f", "3c3d"], best.split()[1])
 
 
@@ -266,7 +265,7 @@ def test_ponder_then_stop(eng):
     assert out.count("bestmove") == 0
     t = time.perf_counter()
     e.handle("stop")
-    assert out.count("bestmove") == 1 and time.perf_counter() - t < 0.5
+    assert out.count("bestmove") == 1 and time.perf_counter() - t < 1.0
 
 
 def test_ponderhit_after_a_node_limit_is_met(eng):
