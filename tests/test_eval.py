@@ -298,7 +298,6 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch, tmp_path):
     _publish(r, keys, model, 3)
     r.set(keys.control, "stop")
     assert follow.follow("fake://", "t1", max_evals=1, poll_s=0.01, progress=False) == 0
-
     # the saved files: one line per eval entry, the Elo table, the Elo curve in TensorBoard
     lines = [json.loads(x) for x in (tmp_path / "t1" / "eval" / "eval.jsonl").read_text().splitlines()]
     assert [(x["version"], x["opponent"]) for x in lines] == [(2, "random"), (2, "greedy")]
@@ -372,3 +371,61 @@ def test_eval_files_without_tensorboard_warn_and_still_save(tmp_path, monkeypatc
     assert len((tmp_path / "x" / "eval" / "eval.jsonl").read_text().splitlines()) == 2
     assert not (tmp_path / "x" / "tensorboard").exists()
     assert follow._tag("checkpoint:/a/b.pt") == "checkpoint__a_b.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# searching players: search:PATH;nodes=N, checkpoint/redis specs with nodes=
+
+
+def test_search_specs(tiny):
+    from keisei_stream.play.search import SearchPlayer
+
+    cfg, _, path = tiny
+    ps = parse_spec(f"search:{path};nodes=8;batch_size=4")
+    assert ps.kind == "search" and ps.body == str(path) and ps.options == {"nodes": "8", "batch_size": "4"}
+    with pytest.raises(SpecError):
+        parse_spec("search:")
+    p = make_player(f"search:{path};nodes=8;batch_size=4")
+    assert isinstance(p, SearchPlayer) and p.nodes == 8 and p.mcts.batch_size == 4
+    assert p.name == "ckpt_00000001+search8" and p.mcts.max_plies == cfg.env.max_plies
+    assert make_player(f"search:{path}").nodes == 800  # the default
+    q = make_player(f"checkpoint:{path};nodes=4;name=s4")  # a model spec with nodes= searches
+    assert isinstance(q, SearchPlayer) and q.nodes == 4 and q.name == "s4"
+    t = make_player(f"search:{path};time_limit=0.05")
+    assert t.nodes is None and t.time_limit == 0.05
+    assert make_player(f"search:{path};nodes=4", temperature=0.5).mcts.temperature == 0.5
+    assert not isinstance(make_player(f"checkpoint:{path}"), SearchPlayer)
+    for bad in (f"search:{path};bogus=1", f"search:{path};nodes=many", f"search:{path};batch_size=0",
+                "search:/nonexistent/ckpt.pt;nodes=4"):
+        with pytest.raises(SpecError):
+            make_player(bad)
+
+
+def test_search_against_raw_policy_match_and_cli(tiny, capsys):
+    _, _, path = tiny
+    res = play_match(f"search:{path};nodes=8;batch_size=4", f"checkpoint:{path}", games=2, max_plies=30,
+                     opening_plies=2, progress=False)
+    assert res.games == 2 and res.name_a == "ckpt_00000001+search8" and res.name_b == "ckpt_00000001"
+    assert not {"illegal", "crash", "timeout"} & set(res.reasons)
+    rc = cli_main(["eval", "--player", f"search:{path};nodes=4;batch_size=4", "--opponent", f"checkpoint:{path}",
+                   "--games", "2", "--max-plies", "20", "--no-progress"])
+    assert rc == 0 and "ckpt_00000001+search4 vs ckpt_00000001: " in capsys.readouterr().out
+    assert cli_main(["eval", "--player", f"search:{path};nodes=x", "--games", "2", "--no-progress"]) == 2
+
+
+def test_redis_version_with_search(tiny, monkeypatch):
+    fakeredis = pytest.importorskip("fakeredis")
+    from keisei_stream.play.search import SearchPlayer
+    from keisei_stream.wire.keys import Keys
+
+    cfg, model, _ = tiny
+    r = fakeredis.FakeRedis()
+    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    keys = Keys("t2")
+    r.set(keys.config, cfg.to_json())
+    _publish(r, keys, model, 3)
+    p = make_player("redis:fake://#t2@3;nodes=6;batch_size=2")
+    assert isinstance(p, SearchPlayer) and p.name == "t2@v3+search6" and p.meta["version"] == 3
+    assert p.choose(cshogi.Board(), 0) in set(cshogi.Board().legal_moves)
+    raw = make_player("redis:fake://#t2@3")
+    assert raw.name == "t2@v3" and not isinstance(raw, SearchPlayer)

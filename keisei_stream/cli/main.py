@@ -75,10 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--interval", type=float, default=2.0)
     ps.add_argument("--json", action="store_true", help="print the data as JSON")
 
-    pe = sub.add_parser("eval", help="play a match and report score and Elo")
+    pe = sub.add_parser(
+        "eval", help="play a match and report score and Elo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Play a match between two players and report score and Elo (95 %% interval).",
+        epilog="""player specs (options after ';'):
+  random | greedy
+  checkpoint:PATH[;temperature=T][;device=D][;name=N]       the raw policy: one forward pass a move
+  redis:URL#RUN@VERSION|latest|sha256:HEX[;temperature=T]    a run's weights version, raw policy
+  search:PATH[;nodes=N][;batch_size=B][;time_limit=S]...     PUCT tree search, N simulations a move
+                                                             (default 800; any MCTS keyword)
+  redis:URL#RUN@VERSION;nodes=N[;...]                        that version with tree search
+  checkpoint:PATH;nodes=N                                    same as search:PATH;nodes=N
+  usi:CMD[;go=go byoyomi 1000][;option.K=V][;timeout=S]      an external USI engine
+
+examples:
+  raw policy against its own search (both strengths of one checkpoint):
+    keisei eval --player "search:runs/quickstart/checkpoints/ckpt_00000100.pt;nodes=800" \\
+      --opponent checkpoint:runs/quickstart/checkpoints/ckpt_00000100.pt --games 100 --opening-plies 8
+  a Redis version with search against the same version's raw policy:
+    keisei eval --player "redis:redis://host:6379/0#quickstart@120;nodes=200" \\
+      --opponent "redis:redis://host:6379/0#quickstart@120" --games 100 --processes 2""")
     pe.add_argument("--checkpoint", default=None, help="player A is this checkpoint (same as --player checkpoint:FILE)")
-    pe.add_argument("--player", default=None, help="player A spec: random | greedy | checkpoint:PATH | "
-                    "redis:URL#RUN@VERSION|latest | usi:CMD;go=...;option.K=V;timeout=S")
+    pe.add_argument("--player", default=None, help="player A spec (below): random | greedy | checkpoint:PATH | "
+                    "redis:URL#RUN@VERSION|latest | search:PATH;nodes=N | redis:...;nodes=N | "
+                    "usi:CMD;go=...;option.K=V;timeout=S")
     pe.add_argument("--opponent", default="random", help="player B spec (default: random)")
     pe.add_argument("--games", type=int, default=None, help="games (default 100; --follow: config eval.games)")
     pe.add_argument("--opening-plies", type=int, default=None, help="random opening plies (same for both colours)")
@@ -105,13 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--max-evals", type=int, default=None, help="--follow: stop after this many evaluations")
     pe.add_argument("--no-tensorboard", action="store_true", help="--follow: no TensorBoard scalars")
 
-    pu = sub.add_parser("usi", help="the trained policy as a USI engine on stdin/stdout")
+    pu = sub.add_parser(
+        "usi", help="the trained network with tree search as a USI engine on stdin/stdout",
+        description="Serve the USI protocol on stdin/stdout: a PUCT tree search over the checkpoint's "
+        "network (go nodes / movetime / byoyomi / btime wtime binc winc / infinite / ponder, with "
+        "stop and ponderhit), or one forward pass per move with --nodes 0. USI options: Nodes, "
+        "BatchSize, Threads, Device, USI_Ponder, USI_Hash, ByoyomiMargin, MateSearchPlies, "
+        "InfoInterval, Temperature, Seed (a bad value is answered with 'info string' and ignored).")
     pu.add_argument("--checkpoint", required=True, help="checkpoint file (ckpt_*.pt)")
-    pu.add_argument("--temperature", type=float, default=0.0, help="0 = argmax (default); USI option Temperature")
-    pu.add_argument("--device", default="cpu", help="cpu | cuda | auto (USI option Device)")
+    pu.add_argument("--nodes", type=int, default=800,
+                    help="simulations per move when go gives no limit; 0 = no search, one forward pass "
+                    "per move (USI option Nodes; default 800)")
+    pu.add_argument("--batch-size", type=int, default=16, help="leaves per forward pass (USI option BatchSize)")
+    pu.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = best move (default); > 0 samples (USI option Temperature)")
+    pu.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (USI option Device)")
     pu.add_argument("--seed", type=int, default=0, help="sampling seed (USI option Seed)")
     pu.add_argument("--name", default=None, help="id name (default: keisei-stream <checkpoint stem>)")
-    pu.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: fastest per move)")
+    pu.add_argument("--threads", type=int, default=1, help="torch intra-op threads (USI option Threads; default 1)")
     pu.add_argument("--log", default=None, help="append the protocol dialogue to this file")
 
     games_doc = ("A run's games come from the `games` stream in its Redis (capped at stream.games_maxlen, gone "

@@ -315,6 +315,21 @@ class SearchResult:
         return self.pv[1] if len(self.pv) > 1 else None
 
 
+@dataclass
+class SearchLimits:
+    """The limits of a running search, read after every simulation and every batch, so another
+    thread may change them while :meth:`MCTS.search` runs (USI ``ponderhit``: the search started
+    without limits gets its time budget from that moment). Plain attribute writes; no lock needed.
+
+    Attributes:
+        nodes: simulations of this :meth:`MCTS.search` call to run, or None (no node limit).
+        deadline: ``time.perf_counter()`` value at which the search ends, or None (no time limit).
+    """
+
+    nodes: Optional[int] = None
+    deadline: Optional[float] = None
+
+
 # ------------------------------------------------------------------------------------------------
 # leaf batch
 
@@ -562,7 +577,7 @@ class MCTS:
     def search(self, board: cshogi.Board, *, ply: Optional[int] = None, nodes: Optional[int] = None,
                time_limit: Optional[float] = None, stop_event: Optional[threading.Event] = None,
                info: Optional[Callable[[SearchResult], None]] = None,
-               info_interval: float = 1.0) -> SearchResult:
+               info_interval: float = 1.0, limits: Optional[SearchLimits] = None) -> SearchResult:
         """Search ``board`` and return the move to play.
 
         Args:
@@ -576,6 +591,8 @@ class MCTS:
             stop_event: stops the search after the current batch when set (thread-safe);
                 :meth:`stop` sets it too.
             info: called every ``info_interval`` seconds with the partial result (USI ``info``).
+            limits: a :class:`SearchLimits` the caller keeps and may change from another thread
+                while the search runs, instead of ``nodes`` / ``time_limit`` (give one or the other).
 
         Returns:
             :class:`SearchResult`.
@@ -584,7 +601,13 @@ class MCTS:
             ValueError: no limit at all (no ``nodes``, ``time_limit`` or ``stop_event``), or a
                 negative one.
         """
-        if nodes is None and time_limit is None and stop_event is None:
+        if limits is not None:
+            if nodes is not None or time_limit is not None:
+                raise ValueError("give limits or nodes/time_limit, not both")
+            nodes = limits.nodes
+            if nodes is None and limits.deadline is None and stop_event is None:
+                raise ValueError("search needs nodes, a deadline or a stop_event")
+        elif nodes is None and time_limit is None and stop_event is None:
             raise ValueError("search needs nodes, time_limit or a stop_event")
         if nodes is not None and (int(nodes) != nodes or nodes < 0):
             raise ValueError(f"nodes must be an integer >= 0, got {nodes!r}")
@@ -599,7 +622,11 @@ class MCTS:
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
-                return self._search(board, ply, nodes, time_limit, stop, info, info_interval)
+                if limits is None:
+                    t_start = time.perf_counter()
+                    limits = SearchLimits(None if nodes is None else int(nodes),
+                                          None if time_limit is None else t_start + float(time_limit))
+                return self._search(board, ply, limits, stop, info, info_interval)
             except BaseException:
                 # a failed forward pass (or an interrupt) leaves virtual losses and pending nodes
                 self.reset()
@@ -609,9 +636,8 @@ class MCTS:
                 if gc_was_enabled:
                     gc.enable()
 
-    def _search(self, board, ply, nodes, time_limit, stop, info, info_interval) -> SearchResult:
+    def _search(self, board, ply, limits: SearchLimits, stop, info, info_interval) -> SearchResult:
         t0 = time.perf_counter()
-        deadline = None if time_limit is None else t0 + float(time_limit)
         history = board.history
         ply = len(history) if ply is None else int(ply)
         legal = list(board.legal_moves)
@@ -660,17 +686,18 @@ class MCTS:
         self._counts = counts
         self._ply0 = ply
         next_info = t0 + info_interval
-        target = None if nodes is None else int(nodes)
         batch = self._batch
         bs = self.batch_size
         max_collisions = bs // 2
         stopped = False
         while True:
+            target = limits.nodes
             if target is not None and stats.sims >= target:
                 break
             if stop.is_set():
                 stopped = True
                 break
+            deadline = limits.deadline
             if deadline is not None and time.perf_counter() >= deadline:
                 break
             if root.n_sum >= self.max_tree_visits:
@@ -679,6 +706,7 @@ class MCTS:
             queued: list[tuple[Node, list]] = []
             collisions = 0
             while len(queued) < bs:
+                target = limits.nodes
                 if target is not None and stats.sims + len(queued) >= target:
                     break
                 if root.n_sum >= self.max_tree_visits:
@@ -1030,7 +1058,7 @@ class SearchPlayer:
         self.config = config
         self.nodes = None if nodes is None else int(nodes)
         self.time_limit = time_limit
-        self.name = name or f"{default}+search{self.nodes if self.nodes is not None else ''}"
+        self.name = name or f"{default}+search{self.nodes if self.nodes is not None else f'{time_limit}s'}"
         search_options.setdefault("max_plies", int(config.env.max_plies))
         self.mcts = MCTS(model, None, seed=seed, **search_options)
         self.last_result: Optional[SearchResult] = None
@@ -1063,10 +1091,13 @@ _SPEC_FLOAT = ("time_limit", "c_init", "c_base", "c_init_root", "c_base_root", "
 _SPEC_BOOL = ("leaf_mate_in_1", "reuse_tree", "amp")
 
 
-def search_player_from_spec(body: str, options: dict, *, seed: int = 0, device: str = "cpu") -> SearchPlayer:
+def search_player_from_spec(body: Union[str, tuple], options: dict, *, seed: int = 0,
+                            device: str = "cpu") -> SearchPlayer:
     """Build a :class:`SearchPlayer` from a parsed spec ``search:PATH;nodes=N;...`` (body = PATH,
-    options = the ``key=value`` pairs; ``device`` and ``name`` as for checkpoint players, every
-    :class:`MCTS` keyword accepted). For :func:`keisei_stream.play.players.make_player`.
+    or a loaded ``(model, config, meta)`` for ``redis:...;nodes=N``; options = the ``key=value``
+    pairs; ``device`` and ``name`` as for checkpoint players, every :class:`MCTS` keyword
+    accepted; ``time_limit`` without ``nodes`` searches for that many seconds a move). For
+    :func:`keisei_stream.play.specs.make_player`.
 
     Raises:
         ValueError: unknown option or unparsable value.
@@ -1091,4 +1122,6 @@ def search_player_from_spec(body: str, options: dict, *, seed: int = 0, device: 
         except ValueError as exc:
             raise ValueError(f"search player option {k}={v!r}: {exc}") from None
     kw.setdefault("seed", seed)
+    if "time_limit" in kw and "nodes" not in kw:
+        kw["nodes"] = None
     return SearchPlayer(body, device=dev, name=name, **kw)

@@ -6,9 +6,21 @@ live objects::
     random | greedy
     checkpoint:PATH[;temperature=T][;device=D][;name=N]
     redis:URL#RUN@VERSION|latest|sha256:HEX[;temperature=T][;device=D][;name=N]
+    search:PATH[;nodes=N][;batch_size=B][;time_limit=S][;...][;device=D][;name=N]
+    redis:URL#RUN@VERSION|latest|sha256:HEX;nodes=N[;batch_size=B][;...]
     usi:COMMAND LINE[;go=go byoyomi 1000][;timeout=S][;option.NAME=VALUE]...[;cwd=DIR][;name=N]
 
 Options are separated by ``;``; the USI command line is split with :func:`shlex.split`.
+
+Model players play the raw policy (one forward pass per move: ``temperature`` 0 = argmax, > 0
+samples ``softmax(logits / T)``) unless they search: ``search:PATH`` always does (``nodes``
+default 800), and a ``checkpoint:`` or ``redis:`` spec does when it has ``nodes=`` or
+``time_limit=``. A searching player is a :class:`keisei_stream.play.search.SearchPlayer` (PUCT
+tree search, ``nodes`` simulations per move, the tree kept between the moves of a game); every
+keyword of :func:`keisei_stream.play.search.search_player_from_spec` is accepted (``nodes``,
+``time_limit``, ``batch_size``, ``c_init``, ``mate_search_plies``, ``temperature`` = sampling in
+proportion to ``visits ** (1 / T)``, ...). So one match can compare a version's raw policy
+(``redis:URL#RUN@12``) with its searched strength (``redis:URL#RUN@12;nodes=200``).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from keisei_stream.play.usi_client import UsiEnginePlayer
 
 @dataclass
 class PlayerSpec:
-    """A parsed spec string: ``kind`` in random/greedy/checkpoint/redis/usi, ``body`` and options."""
+    """A parsed spec string: ``kind`` in random/greedy/checkpoint/redis/search/usi, ``body`` and options."""
 
     kind: str
     body: str = ""
@@ -54,11 +66,12 @@ def parse_spec(spec: str) -> PlayerSpec:
     if kind in ("random", "greedy"):
         if body:
             raise SpecError(f"player spec {spec!r}: {kind} takes no argument")
-    elif kind in ("checkpoint", "redis", "usi"):
+    elif kind in ("checkpoint", "redis", "search", "usi"):
         if not body.strip():
             raise SpecError(f"player spec {spec!r}: {kind}: needs an argument")
     else:
-        raise SpecError(f"unknown player kind {kind!r} in {spec!r} (random, greedy, checkpoint:, redis:, usi:)")
+        raise SpecError(f"unknown player kind {kind!r} in {spec!r} "
+                        "(random, greedy, checkpoint:, redis:, search:, usi:)")
     return PlayerSpec(kind, body.strip(), opts, spec)
 
 
@@ -99,24 +112,27 @@ def make_player(spec: str, *, seed: int = 0, temperature: float = 0.0, device: s
         return RandomPlayer(seed, name or "random")
     if ps.kind == "greedy":
         return GreedyPlayer(seed, name or "greedy")
-    if ps.kind in ("checkpoint", "redis"):
+    if ps.kind in ("checkpoint", "redis", "search"):
         try:
             temp = float(o.get("temperature", temperature))
         except ValueError:
             raise SpecError(f"bad temperature in {spec!r}") from None
         dev = o.get("device", device)
+        searching = ps.kind == "search" or "nodes" in o or "time_limit" in o
         # imported here, not at the top: torch (about 2 s to import) is loaded only when a model
         # player is built, so matches between random, greedy and USI players, and each of their
         # worker processes, start without it
         from keisei_stream.play import loaders, model_player
 
-        if ps.kind == "checkpoint":
-            return model_player.ModelPlayer(ps.body, temperature=temp, device=dev, name=name, seed=seed)
-        url, run, version = parse_redis_body(ps.body)
-        model, cfg, meta = loaders.load_model_from_redis(url, run, version, dev)
-        default = f"{run}@v{meta['version']}" if meta.get("version") is not None else f"{run}@{meta['sha256'][:12]}"
-        return model_player.ModelPlayer((model, cfg, meta), temperature=temp, device=dev, name=name or default,
-                                        seed=seed)
+        source, default = ps.body, None
+        if ps.kind == "redis":
+            url, run, version = parse_redis_body(ps.body)
+            model, cfg, meta = loaders.load_model_from_redis(url, run, version, dev)
+            source = (model, cfg, meta)
+            default = f"{run}@v{meta['version']}" if meta.get("version") is not None else f"{run}@{meta['sha256'][:12]}"
+        if searching:
+            return _search_player(spec, source, o, default, seed=seed, temperature=temp, device=dev)
+        return model_player.ModelPlayer(source, temperature=temp, device=dev, name=name or default, seed=seed)
     # usi
     setopts = {k[len("option."):]: v for k, v in o.items() if k.startswith("option.")}
     unknown = [k for k in o if not k.startswith("option.") and k not in ("go", "timeout", "name", "cwd")]
@@ -128,3 +144,23 @@ def make_player(spec: str, *, seed: int = 0, temperature: float = 0.0, device: s
         raise SpecError(f"bad timeout in {spec!r}") from None
     return UsiEnginePlayer(ps.body, setopts, go=o.get("go", "go byoyomi 1000"), timeout_s=timeout,
                            name=name, cwd=o.get("cwd"))
+
+
+def _search_player(spec: str, source, options: dict, default_name, *, seed: int, temperature: float, device: str):
+    """A :class:`keisei_stream.play.search.SearchPlayer` for a ``search:`` spec, or a model spec
+    with ``nodes=`` / ``time_limit=`` (``source``: a path or a loaded ``(model, config, meta)``)."""
+    from keisei_stream.play.search import search_player_from_spec
+
+    opts = dict(options)
+    opts["temperature"] = str(temperature)
+    if "nodes" not in opts and "time_limit" not in opts:
+        opts["nodes"] = "800"
+    if default_name is not None and "name" not in opts:
+        limit = f"search{opts['nodes']}" if "nodes" in opts else f"search{opts['time_limit']}s"
+        opts["name"] = f"{default_name}+{limit}"
+    try:
+        return search_player_from_spec(source, opts, seed=seed, device=device)
+    except SpecError:
+        raise
+    except ValueError as exc:
+        raise SpecError(f"player spec {spec!r}: {exc}") from None
