@@ -50,9 +50,8 @@ Simulations and visit counts (the convention the tests assert)
     the one that evaluated it, so a child with ``n`` visits has ``n - 1`` visits below it.
 
 Terminal positions (valued exactly, never by the network)
-    The rules of training (:meth:`keisei_stream.shogi.env.VecEnv.step`), checked after every move
-    in the same order with the same cshogi calls, in :func:`_game_end` (a private stand-in for the
-    shared referee, to be swapped for it):
+    The rules of training, checked after every move by the one referee
+    (:func:`keisei_stream.shogi.judge`, through :func:`_game_end`), in its order:
 
     1. no legal move: checkmate, the side to move lost (-1);
     2. the position occurs for the 4th time in the game (cshogi Zobrist key; occurrences counted
@@ -102,6 +101,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -113,7 +113,7 @@ import torch
 
 from keisei_stream.play.loaders import load_player_model
 from keisei_stream.play.players import STARTPOS
-from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES, EndReason, moves_to_actions
+from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES, EndReason, judge, moves_to_actions
 
 # The vectorised tail of the observation encoder (hands, side to move, ply, repetition and
 # constant planes, plus the piece-plane permutation), shared with VecEnv. Private to the shogi
@@ -136,15 +136,13 @@ DIRICHLET_EPSILON = 0.25
 
 
 # ------------------------------------------------------------------------------------------------
-# game end (REFEREE STAND-IN)
+# game end
 
 
 def _game_end(board: cshogi.Board, num_legal: int, occurrences: int, ply: int,
               draw_plies: int) -> Optional[tuple[EndReason, float]]:
-    """REFEREE STAND-IN -- replace with the shared referee function once it lands.
-
-    Whether the game is over in ``board`` (the move into it was just played), with the training
-    rules of :meth:`keisei_stream.shogi.env.VecEnv.step`, same cshogi calls, same order.
+    """Whether the game is over in ``board`` (the move into it was just played), judged by the
+    one referee of training and matches (:func:`keisei_stream.shogi.judge`).
 
     Args:
         board: the position, with the game's moves in its history (``is_draw`` looks back).
@@ -157,20 +155,8 @@ def _game_end(board: cshogi.Board, num_legal: int, occurrences: int, ply: int,
         None if the game goes on, else ``(reason, value)`` with ``value`` in {-1, 0, +1} for the
         **side to move** of ``board``.
     """
-    if num_legal == 0:
-        return EndReason.CHECKMATE, -1.0
-    if occurrences >= 4:
-        d = board.is_draw()
-        if d == cshogi.REPETITION_WIN:
-            return EndReason.PERPETUAL_CHECK, 1.0
-        if d == cshogi.REPETITION_LOSE:
-            return EndReason.PERPETUAL_CHECK, -1.0
-        return EndReason.REPETITION_DRAW, 0.0
-    if board.is_nyugyoku():
-        return EndReason.ENTERING_KING, 1.0
-    if draw_plies and ply >= draw_plies:
-        return EndReason.MAX_PLIES, 0.0
-    return None
+    verdict = judge(board, occurrences, ply, draw_plies or sys.maxsize, num_legal > 0)
+    return (verdict.reason, float(-verdict.mover_score)) if verdict else None
 
 
 #: ``Node.reason`` of a leaf won by ``leaf_mate_in_1`` (not a game end yet: the mate is one ply on).
