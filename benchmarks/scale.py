@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -53,7 +53,7 @@ from keisei_stream.wire.status import read_accounting, read_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repository root, for tests.games
-from tests.games import benchmark_batches  # noqa: E402 - needs the line above
+from tests.games import benchmark_batches  # needs the line above
 
 PLAYING = ("playing", "backpressure")
 
@@ -123,7 +123,7 @@ def run_point(w: int, games: int, seconds: float, config: str, sets: list[str], 
     if exact:
         cmd += ["--duration", f"{seconds:g}s"]
     load0 = os.getloadavg()[0]
-    out = open(log_dir / f"keisei-run-{run_id}.out", "wb")
+    out = open(log_dir / f"keisei-run-{run_id}.out", "wb")  # noqa: SIM115 - closed after the run
     t_launch = time.time()
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -143,7 +143,7 @@ def run_point(w: int, games: int, seconds: float, config: str, sets: list[str], 
         try:
             p.poll()
             control = as_str(r.get(keys.control) or b"run")
-        except Exception:  # the server is stopping with the run
+        except (redis.RedisError, OSError):  # the server is stopping with the run
             break
         now = time.time()
         if t_open is None and (p.playing() >= w or now - t_launch > warmup_timeout):
@@ -173,7 +173,9 @@ def run_point(w: int, games: int, seconds: float, config: str, sets: list[str], 
 
     # per-update metrics
     ms = [(t, m) for t, m in p.metrics]
-    f = lambda m, k: float(m.get(k, 0) or 0)  # noqa: E731
+    def f(m: dict[str, str], k: str) -> float:
+        return float(m.get(k, 0) or 0)
+
     tp = [f(m, "trained_positions") for _, m in ms]
     lag_mean = [f(m, "policy_lag_mean") for _, m in ms]
     lag_max = [f(m, "policy_lag_max") for _, m in ms]
@@ -190,7 +192,7 @@ def run_point(w: int, games: int, seconds: float, config: str, sets: list[str], 
 
     # backpressure: per worker, the heartbeat's backpressure_s increase over the window
     bp = 0.0
-    for wid, pts in p.bp_at.items():
+    for pts in p.bp_at.values():
         inside = [(t, v) for t, v in pts if t_open - 2.5 <= t <= t_close + 2.5]
         if len(inside) >= 2:
             bp += inside[-1][1] - inside[0][1]
