@@ -76,7 +76,9 @@ class PPOConfig(_Section):
     target_kl: Optional[float] = Field(0.03, gt=0, description="stop the epochs early past this approx KL; null = never")
     normalize_advantages: bool = Field(True, description="normalise advantages per minibatch to mean 0, std 1")
     samples_per_update: int = Field(4096, ge=1, description="positions gathered before one PPO update")
-    max_policy_lag: int = Field(4, ge=0, description="positions from versions older than current - lag are dropped")
+    max_policy_lag: int = Field(32, ge=0, description="positions from versions older than current - lag are dropped "
+                                                     "(counted as stale); younger ones are corrected by the truncated "
+                                                     "importance weight of decoupled PPO")
 
 
 class StreamConfig(_Section):

@@ -143,14 +143,18 @@ def command(args: argparse.Namespace) -> int:
                 update()
 
         if args.no_live or not console.is_terminal:
-            def update():
+            last_print = [-1e9]
+
+            def update():  # a line every --print-every seconds; the loop checks the duration every 2 s
+                if time.monotonic() - last_print[0] < args.print_every:
+                    return
+                last_print[0] = time.monotonic()
                 st = collect_status(r, run_id)
                 ln = st["learner"]
                 console.print(f"[{time.monotonic() - t0:7.0f}s] version {ln.get('version', '-')} "
                               f"updates {ln.get('updates', '-')} backlog {st['stream'].get('backlog', '-')} "
                               f"produced {st['accounting'].get('produced_positions', 0)} "
                               f"trained {st['accounting'].get('trained_positions', 0)}", highlight=False)
-                time.sleep(max(0.0, args.print_every - 2.0))
             loop(update)
         else:
             with Live(render_status(collect_status(r, run_id)), console=console, refresh_per_second=1) as live:
