@@ -412,7 +412,7 @@ class Learner:
         self.last_metrics = metrics
         if stepped:
             self.sinks.emit(self.updates, self.version, metrics, console_line(self.version, self.updates, metrics))
-        self.write_status("training")
+        self.write_status("training", backlog=int(metrics["backlog"]))
 
     def checkpoint(self) -> Path:
         """Save ``ckpt_{version}.pt`` (atomic) and prune old ones."""
@@ -471,14 +471,16 @@ class Learner:
         if force or time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s:
             self.write_status("collecting" if self.held else "waiting")
 
-    def write_status(self, state: str) -> None:
-        """The ``learner`` hash: state, version, held positions, backlog, outages, last metrics."""
+    def write_status(self, state: str, backlog: int | None = None) -> None:
+        """The ``learner`` hash: state, version, held positions, backlog (``XLEN``, unless the caller
+        just read it), outages, last metrics."""
         self.last_status_t = time.monotonic()
         self.last_accounting = read_accounting(self.r, self.keys)
         fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer_name,
                   "device": str(self.device), "epoch": self.epoch,
                   "held_positions": sum(d.batch.num_positions for d in self.held),
-                  "backlog": self.r.xlen(self.keys.experience), "games_archived": self.recorder.archived,
+                  "backlog": self.r.xlen(self.keys.experience) if backlog is None else backlog,
+                  "games_archived": self.recorder.archived,
                   "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
         fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
         retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)

@@ -67,7 +67,7 @@ from typing import IO, Any, Callable, Optional
 
 import cshogi
 
-from keisei_stream.shogi import validate_sfen
+from keisei_stream.shogi import RepetitionTracker, repetition_feature, validate_sfen
 
 ENGINE_NAME = "keisei-stream"
 AUTHOR = "keisei-stream contributors"
@@ -515,12 +515,11 @@ class UsiEngine:
     def _repetition(self) -> int:
         """Earlier occurrences (0..2) of the current position in the game given by ``position``."""
         b = cshogi.Board() if self.start == "startpos" else cshogi.Board(self.start)
-        key, n = self.board.zobrist_hash(), 0
+        tracker = RepetitionTracker()
         for mv in self.moves:
-            if b.zobrist_hash() == key:
-                n += 1
+            tracker.push(b)
             b.push_usi(mv)
-        return min(n, 2)
+        return repetition_feature(tracker.count(self.board) + 1)
 
     # -- search jobs
     def _searching(self) -> bool:

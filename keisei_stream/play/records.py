@@ -45,15 +45,12 @@ from cshogi import CSA, KIF
 
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
 from keisei_stream.wire import status
+from keisei_stream.wire.embedded_redis import as_str
 from keisei_stream.wire.archive import read_newest
 from keisei_stream.wire.keys import Keys
 
 class RecordError(ValueError):
     """A game record's fields are missing, malformed, or its moves are not legal."""
-
-
-def _s(x: Any) -> str:
-    return x.decode("utf-8", "replace") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,7 +81,7 @@ def parse_game_fields(fields: dict) -> GameRecord:
     Raises:
         RecordError: missing fields, unknown reason, bad SFEN, illegal or malformed move.
     """
-    f = {_s(k): _s(v) for k, v in fields.items()}
+    f = {as_str(k): as_str(v) for k, v in fields.items()}
     if "usi" in f and "moves" not in f:
         start, moves = _parse_position_line(f["usi"])
     else:
@@ -195,11 +192,11 @@ def game_from_fields(fields: dict, entry_id: str = "game") -> Game:
         RecordError: as :func:`parse_game_fields`.
     """
     rec = parse_game_fields(fields)
-    f = {_s(k): _s(v) for k, v in fields.items()}
+    f = {as_str(k): as_str(v) for k, v in fields.items()}
     known = {"start_sfen", "moves", "usi", "result", "result_str", "reason", "plies", "opening_plies"}
     meta = {k: v for k, v in f.items() if k not in known}
     who = f"self-play v{meta['version']}" if "version" in meta else "self-play"
-    return game_from_record(rec, id=_s(entry_id), black=meta.get("black", who), white=meta.get("white", who), meta=meta)
+    return game_from_record(rec, id=as_str(entry_id), black=meta.get("black", who), white=meta.get("white", who), meta=meta)
 
 
 def game_from_eval(rec: dict) -> Game:
