@@ -196,7 +196,6 @@ class Learner:
     epoch: str = ""
     held: list[Delivered] = field(default_factory=list)
     updating: list[Delivered] = field(default_factory=list)  # the entries of the update in progress
-    orphans: set[str] = field(default_factory=set)  # held entry ids of a Redis server that lost its data
     trained: int = 0
     stale: int = 0
     skipped_updates: int = 0
@@ -352,7 +351,8 @@ class Learner:
 
         self.check_server()  # an outage during the update may have been a restart: never ack into it blindly
         t0 = time.monotonic()
-        self.acknowledge(entries, n_keep, n_stale)
+        entry_of = np.repeat(np.arange(len(entries)), [d.batch.num_positions for d in entries])
+        self.acknowledge(entries, np.bincount(entry_of, weights=keep, minlength=len(entries)).astype(np.int64))
         self.updating = []
         self.seconds["ack"] += time.monotonic() - t0
         if stepped:
@@ -365,19 +365,20 @@ class Learner:
         if stepped and self.updates % cfg.learner.checkpoint_every == 0:
             self.checkpoint()
 
-    def acknowledge(self, entries: list[Delivered], trained: int, stale: int) -> None:
-        """XACK + XDEL the entries with the accounting; entries of a server that lost its data are
-        not acknowledged there (their counts would corrupt the new server's accounting)."""
-        live = [d for d in entries if d.entry_id not in self.orphans]
-        if len(live) < len(entries):
-            share = sum(d.batch.num_positions for d in live) / max(1, sum(d.batch.num_positions for d in entries))
-            trained, stale = round(trained * share), round(stale * share)
-            self.orphans -= {d.entry_id for d in entries}
+    def acknowledge(self, entries: list[Delivered], kept: np.ndarray) -> None:
+        """XACK + XDEL the entries with the accounting (``kept``: ``(len(entries),)`` int, the
+        positions of each entry trained on; the rest were stale). Entries read from a server that
+        has since lost the run's data (another epoch) are not acknowledged: their counts would
+        corrupt the new server's accounting."""
+        live = np.array([d.epoch == self.epoch for d in entries], dtype=bool)
+        sizes = np.array([d.batch.num_positions for d in entries], dtype=np.int64)
+        trained = int(kept[live].sum())
+        stale = int(sizes[live].sum()) - trained
         try:
-            self.consumer.ack(live, trained_positions=trained, stale_positions=stale)
+            self.consumer.ack([d for d, ok in zip(entries, live) if ok], trained_positions=trained,
+                              stale_positions=stale)
         except EpochChanged:  # the server restarted without our data while we trained on it
             self.recover_lost_server(None)
-            self.orphans -= {d.entry_id for d in entries}
 
     def publish(self) -> None:
         """Publish the current weights as :attr:`version`; when Redis is full, try again next loop."""
@@ -442,10 +443,8 @@ class Learner:
         the consumer group, re-publish config and weights, and never acknowledge the old server's
         entries (held ones are still trained: their data is in memory)."""
         old_epoch = self.epoch
-        self.epoch = self.claim_epoch()
-        held = self.held + self.updating
-        held_positions = sum(d.batch.num_positions for d in held)
-        self.orphans |= {d.entry_id for d in held}
+        self.epoch = self.claim_epoch()  # entries read before (held or in an update) keep the old one
+        held, held_positions = len(self.consumer.in_flight), sum(self.consumer.in_flight.values())
         self.consumer.reset()
         ensure_group(self.r, self.keys)
         write_config(self.r, self.keys, self.cfg.to_json())
@@ -456,7 +455,7 @@ class Learner:
                      - before.get("duplicate_positions", 0) - held_positions)
         fields = {"time": round(time.time(), 3), "detected_by": self.consumer_name, "old_epoch": old_epoch,
                   "new_epoch": self.epoch, "found_epoch": found_epoch or "", "version": self.version,
-                  "held_entries_kept": len(held), "held_positions_kept": held_positions,
+                  "held_entries_kept": held, "held_positions_kept": held_positions,
                   "unread_positions_lost": unread, "accounting_before": json.dumps(before)}
         retry.best_effort("losses entry", append_losses, self.r, self.keys, fields)
         log.error("Redis lost the run's data (epoch %s -> %s): config and weights v%d re-published; "

@@ -98,3 +98,33 @@ def test_oversized_held_data_is_split_into_bounded_updates(real_redis, redis_ser
     acc = read_accounting(real_redis, keys)
     assert acc["trained_positions"] + acc["stale_positions"] == acc["produced_positions"] == sum(sizes)
     lrn.close()
+
+
+def test_entries_read_before_the_server_lost_its_data_are_never_counted_in_the_new_one(
+        real_redis, redis_server, tmp_path, make_batch):
+    """Regression (a CI failure): with two updates ready, the server lost the run's data during
+    the first; the second update's entries, read from the old server but in neither ``held`` nor
+    ``updating``, were acknowledged into the new server's accounting (trained > produced there)."""
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "amnesia", "stream.max_backlog=16")
+    keys = Keys("amnesia")
+    _fill(real_redis, keys, make_batch, 12, games=1, version=1)
+    _receive_all(lrn)
+    groups = lrn.ready_updates()
+    assert len(groups) >= 2
+    real_redis.flushall()  # the restart without persistence, as the learner sees it
+    lrn.recover_lost_server(None)
+    for g in groups + lrn.ready_updates(force=True):
+        lrn.update(g)  # trained (their data is in memory), never acknowledged into the new server
+    acc = read_accounting(real_redis, keys)
+    assert acc.get("trained_positions", 0) == acc.get("stale_positions", 0) == acc.get("produced_positions", 0) == 0
+    loss = real_redis.xrange(keys.losses)[-1][1]
+    assert int(loss[b"held_positions_kept"]) == sum(d.batch.num_positions for g in groups for d in g) + \
+        sum(d.batch.num_positions for d in lrn.held)
+    # entries read from the new server are acknowledged there
+    sizes = _fill(real_redis, keys, make_batch, 4, games=2, version=lrn.version)
+    _receive_all(lrn)
+    for g in lrn.ready_updates(force=True):
+        lrn.update(g)
+    acc = read_accounting(real_redis, keys)
+    assert acc["trained_positions"] + acc["stale_positions"] == acc["produced_positions"] == sum(sizes)
+    lrn.close()

@@ -36,10 +36,13 @@ TRAINED_BATCHES_KEPT = 100_000
 
 @dataclass
 class Delivered:
-    """One good entry handed to the learner: its stream id and the decoded batch."""
+    """One good entry handed to the learner: its stream id, the decoded batch, and the run's epoch
+    it was read in (:attr:`Consumer.epoch`): it may be acknowledged only into that epoch, never
+    into a server that restarted without the run's data since."""
 
     entry_id: str
     batch: ExperienceBatch
+    epoch: str | None = None
 
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:
@@ -187,7 +190,7 @@ class Consumer:
             self._remember(batch.batch_id, entry_id)
             self.in_flight[entry_id] = batch.num_positions
             self.stats["good"] += 1
-            good.append(Delivered(entry_id, batch))
+            good.append(Delivered(entry_id, batch, self.epoch))
         return good
 
     def _remember(self, batch_id: str, entry_id: str) -> None:
