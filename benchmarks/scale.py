@@ -1,8 +1,8 @@
-"""Scale-out benchmark: W worker processes against one learner rank, and what one Redis carries.
+"""Scale-out benchmark: W worker processes against 1 or more learner ranks, and what one Redis carries.
 
-Part 1 (``--workers 1,2,4,8,16``): for each W, one whole local run (``python -m keisei_stream.cli
-run``: private Redis with ACL users and AOF everysec, one learner, W workers of ``--games`` games
-each) in a temporary run directory. This script reads the run's Redis (admin URL from
+Part 1 (``--workers 1,2,4,8,16``, ``--learners 1,2``): for each L and W, one whole local run
+(``python -m keisei_stream.cli run``: private Redis with ACL users and AOF everysec, L learner
+ranks under torchrun when L > 1, W workers of ``--games`` games each) in a temporary run directory. This script reads the run's Redis (admin URL from
 ``{run.dir}/{run.id}/redis.url``) about once a second while it runs: the ``accounting`` hash, the
 ``metrics`` stream (one entry per update, its id = the time the version was published), the
 workers' heartbeat hashes and ``weights:latest``. The measurement window opens when every worker's
@@ -111,13 +111,13 @@ class Poller:
 
 
 def run_point(w: int, games: int, seconds: float, config: str, sets: list[str], base: Path, exact: bool,
-              warmup_timeout: float, log_dir: Path) -> dict:
-    """One keisei run with ``w`` workers; the figures of its measurement window."""
-    run_id = f"scale{w}"
+              warmup_timeout: float, log_dir: Path, learners: int = 1) -> dict:
+    """One keisei run with ``w`` workers and ``learners`` learner ranks; the figures of its measurement window."""
+    run_id = f"scale{w}" if learners == 1 else f"scale{w}x{learners}l"
     run_dir = base / run_id
     cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", config, "--workers", str(w),
            "--games", str(games), "--no-live", "--print-every", "60", "--set", f"run.dir={base}",
-           "--set", f"run.id={run_id}"]
+           "--set", f"run.id={run_id}", "--learners", str(learners)]
     for s in sets:
         cmd += ["--set", s]
     if exact:
@@ -354,6 +354,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="1,2,4,8,16", help="comma-separated worker counts ('' skips part 1)")
     ap.add_argument("--games", type=int, default=8, help="games per worker")
+    ap.add_argument("--learners", default="1", help="comma-separated learner rank counts (torchrun, gloo on CPU)")
     ap.add_argument("--seconds", type=float, default=45.0, help="measurement window per point")
     ap.add_argument("--exact-duration", action="store_true",
                     help="pass --duration SECONDS to keisei run (counted from its start) instead of stopping "
@@ -374,16 +375,18 @@ def main() -> None:
         base = Path(args.keep).resolve() if args.keep else Path(tmpd)
         base.mkdir(parents=True, exist_ok=True)
         points = []
-        for w in [int(x) for x in args.workers.split(",") if x.strip()]:
-            pt = run_point(w, args.games, args.seconds, args.config, args.sets, base, args.exact_duration,
-                           args.warmup_timeout, base)
-            points.append(pt)
-            print(json.dumps(pt), file=sys.stderr, flush=True)
-        if points:
-            w1 = next((pt for pt in points if pt["workers"] == 1), points[0])
-            for pt in points:
-                b = w1["produced_positions_per_s"]
-                pt["speedup_vs_w1"] = round(pt["produced_positions_per_s"] / b, 2) if b else None
+        for n_learners in [int(x) for x in args.learners.split(",") if x.strip()]:
+            for w in [int(x) for x in args.workers.split(",") if x.strip()]:
+                pt = run_point(w, args.games, args.seconds, args.config, args.sets, base, args.exact_duration,
+                               args.warmup_timeout, base, learners=n_learners)
+                pt["learners"] = n_learners
+                points.append(pt)
+                print(json.dumps(pt), file=sys.stderr, flush=True)
+        for pt in points:  # the baseline: W = 1 (or the fewest workers) with as many learner ranks
+            same = [q for q in points if q["learners"] == pt["learners"]]
+            w1 = next((q for q in same if q["workers"] == 1), same[0])
+            b = w1["produced_positions_per_s"]
+            pt["speedup_vs_w1"] = round(pt["produced_positions_per_s"] / b, 2) if b else None
         out["points"] = points
         if args.capacity_entries > 0:
             out["redis_capacity"] = capacity(args.capacity_entries, args.batch_positions, args.max_plies, Path(tmpd),

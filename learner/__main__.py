@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
-    p.add_argument("--consumer", default="learner-0", help="consumer name in the group (stable across restarts)")
+    p.add_argument("--consumer", default=None,
+                   help="consumer name in the group, stable across restarts (default learner-0; under torchrun "
+                        "with several ranks NAME-RANK, default learner-RANK)")
     p.add_argument("--max-updates", type=int, default=None, help="stop after this many updates")
     p.add_argument("--quiet", action="store_true", help="no per-update console line")
     p.add_argument("--log-level", default="INFO")

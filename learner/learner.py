@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -37,8 +38,10 @@ import numpy as np
 import redis
 import torch
 from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
 
 from keisei_stream.config import Config
+from keisei_stream.rl import distributed
 from keisei_stream.rl.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -104,20 +107,21 @@ class MetricsSinks:
     Args:
         cfg: the run config (``learner.tensorboard``, ``learner.wandb``...). r, keys: the run's Redis.
         run_dir: ``runs/{run}`` (TensorBoard writes to ``tensorboard/`` in it). quiet: no console line.
+        primary: rank 0 of several learners (or the only one); the other ranks only log the line.
     """
 
-    def __init__(self, cfg: Config, r: redis.Redis, keys: Keys, run_dir: Path, quiet: bool):
-        self.cfg, self.r, self.keys = cfg, r, keys
-        self.console = None if quiet else Console()
+    def __init__(self, cfg: Config, r: redis.Redis, keys: Keys, run_dir: Path, quiet: bool, primary: bool = True):
+        self.cfg, self.r, self.keys, self.primary = cfg, r, keys, primary
+        self.console = None if quiet or not primary else Console()
         self.tb = self.wandb = None
-        if cfg.learner.tensorboard:
+        if cfg.learner.tensorboard and primary:
             try:  # optional dependency (extra "tensorboard")
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
-        if cfg.learner.wandb:
+        if cfg.learner.wandb and primary:
             try:  # optional dependency, not installed by default
                 import wandb
 
@@ -128,6 +132,9 @@ class MetricsSinks:
 
     def emit(self, step: int, version: int, metrics: dict[str, float], line: str) -> None:
         """Send ``metrics`` of update ``step`` (publishing ``version``) everywhere; ``line`` to the console/log."""
+        log.info(line)
+        if not self.primary:
+            return
         fields = {"version": version, "updates": step, **metrics}
         retry.best_effort("metrics entry", append_metrics, self.r, self.keys, fields, self.cfg.stream.metrics_maxlen)
         if self.tb is not None:
@@ -136,7 +143,6 @@ class MetricsSinks:
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        log.info(line)
         if self.console is not None:
             self.console.print(line, highlight=False)
 
@@ -191,6 +197,8 @@ class Learner:
     recorder: Recorder
     sinks: MetricsSinks
     consumer_name: str
+    rank: int = 0  # of ``world`` data-parallel learners (keisei_stream.rl.distributed); rank 0 publishes
+    world: int = 1
     version: int = 1
     updates: int = 0
     epoch: str = ""
@@ -208,17 +216,30 @@ class Learner:
     last_checkpoint: Path | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_accounting: dict[str, int] = field(default_factory=dict)
+    rank_trained: list[int] = field(default_factory=list)  # positions trained by each rank (several ranks)
+    failed: bool = False  # a distributed collective failed: exit without a checkpoint (torchrun restarts)
 
     # ------------------------------------------------------------------------------ start
     @classmethod
-    def start(cls, cfg: Config, redis_url: str, *, consumer_name: str, resume: bool, quiet: bool) -> "Learner":
+    def start(cls, cfg: Config, redis_url: str, *, consumer_name: str | None, resume: bool, quiet: bool) -> "Learner":
         """Run directory, model and optimiser (from the newest checkpoint on ``resume``), Redis
-        (config, epoch), the first published version."""
+        (config, epoch), the first published version.
+
+        Under torchrun (``WORLD_SIZE > 1``) this process is one rank of a data-parallel learner:
+        it joins the process group, takes rank 0's whole training state (model, optimiser,
+        scheduler, version), reads the group as consumer ``{consumer_name}-{rank}``, and trains a
+        ``DistributedDataParallel`` wrapper; only rank 0 writes config, weights, status and
+        checkpoints. A group restarted by torchrun always resumes."""
+        device = distributed.init_from_env(pick_device(cfg.learner.device), cfg.learner.dist_timeout_s)
+        rank, world = distributed.rank(), distributed.world_size()
+        resume = resume or distributed.restarted()
+        consumer_name = f"{consumer_name or 'learner'}-{rank}" if world > 1 else consumer_name or "learner-0"
         run_dir = Path(cfg.run.dir) / cfg.run.id
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "logs").mkdir(exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        handler = logging.FileHandler(run_dir / "logs" / "learner.log")
+        if rank == 0:
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        handler = logging.FileHandler(run_dir / "logs" / ("learner.log" if rank == 0 else f"learner-rank{rank}.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
 
@@ -226,38 +247,53 @@ class Learner:
             torch.set_num_threads(cfg.learner.threads)
         torch.manual_seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)
-        device = pick_device(cfg.learner.device)
         model = build_model(cfg.model).to(device)
         optimizer = make_optimizer(model, cfg.ppo)
         scheduler = make_scheduler(optimizer, cfg.ppo)
+        keys = Keys(cfg.run.id)
+        r = connect(redis_url)
         version, updates = 1, 0
-        if resume:
-            path = latest_checkpoint(run_dir / "checkpoints")
+        if rank == 0:
+            path = latest_checkpoint(run_dir / "checkpoints") if resume else None
             if path is not None:
                 info = load_checkpoint(path, model, optimizer, scheduler, map_location=device)
                 version, updates = int(info["version"]), int(info["updates"])
                 log.info("resumed from %s (version %d, %d updates)", path, version, updates)
-            else:
+            elif resume:
                 log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+            latest = r.hget(keys.weights_latest, "version")
+            if latest is not None and int(latest) >= version:
+                version = int(latest) + 1  # versions only grow: workers load only newer versions
 
-        keys = Keys(cfg.run.id)
-        r = connect(redis_url)
-        latest = r.hget(keys.weights_latest, "version")
-        if latest is not None and int(latest) >= version:
-            version = int(latest) + 1  # versions only grow: workers load only newer versions
+        def save(f):
+            save_checkpoint(f, model=model, optimizer=optimizer, scheduler=scheduler, version=version,
+                            updates=updates, config_json=cfg.to_json())
+
+        def load(f):
+            nonlocal version, updates
+            info = load_checkpoint(f, model, optimizer, scheduler, map_location=device)
+            version, updates = int(info["version"]), int(info["updates"])
+
+        distributed.broadcast_state(save, load)  # every rank starts from rank 0's state
+        train_model: torch.nn.Module = model
+        if world > 1:
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
         consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
                             count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
                             deadletter_maxlen=cfg.stream.deadletter_maxlen)
         recorder = Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name)
         lrn = cls(cfg=cfg, r=r, keys=keys, run_dir=run_dir, device=device, model=model,
-                  train_model=maybe_compile(model, cfg.model), optimizer=optimizer, scheduler=scheduler,
-                  consumer=consumer, recorder=recorder, sinks=MetricsSinks(cfg, r, keys, run_dir, quiet),
-                  consumer_name=consumer_name, version=version, updates=updates)
+                  train_model=maybe_compile(train_model, cfg.model), optimizer=optimizer, scheduler=scheduler,
+                  consumer=consumer, recorder=recorder,
+                  sinks=MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0),
+                  consumer_name=consumer_name, rank=rank, world=world, version=version, updates=updates)
         lrn.epoch = lrn.claim_epoch()
-        write_config(r, keys, cfg.to_json())
+        if rank == 0:
+            write_config(r, keys, cfg.to_json())
         lrn.publish()
-        log.info("learner %s: %d parameters on %s, published version %d (epoch %s)", consumer_name,
-                 count_parameters(model), device, lrn.version, lrn.epoch)
+        log.info("learner %s (rank %d of %d, pid %d): %d parameters on %s, version %d (epoch %s)", consumer_name, rank,
+                 world, os.getpid(), count_parameters(model), device, lrn.version, lrn.epoch)
         return lrn
 
     def claim_epoch(self) -> str:
@@ -279,7 +315,8 @@ class Learner:
         decode = self.consumer.decode_s - d0
         self.seconds["decode"] += decode
         self.seconds["wait"] += time.monotonic() - t0 - decode
-        self.held += delivered
+        # entries another learner claimed while this one stalled past claim_idle_ms are its now
+        self.held = [d for d in self.held if d.entry_id in self.consumer.in_flight] + delivered
         # Workers add only while fewer than max_backlog entries are unacknowledged: when this
         # learner read nothing new and the stream is at the limit, no more data can come.
         self.backlog_full = bool(self.held) and not delivered and \
@@ -289,8 +326,14 @@ class Learner:
     def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
         """The held entries that make updates now, in groups of about ``samples_per_update``
         positions (whole entries, in arrival order); the remainder stays held unless ``force`` or
-        the backlog is full (then it is one more, smaller update)."""
-        target = self.cfg.ppo.samples_per_update
+        the backlog is full (then it is one more, smaller update).
+
+        With several learner ranks each update takes ``samples_per_update / ranks`` positions from
+        every rank, and the ranks agree (one collective) on how many updates to make: as many as
+        the rank with the fewest full groups has, or, once some rank is forced or sees a full
+        backlog, as many as it takes for every rank to train all it holds (a rank that runs out
+        takes part with an empty group)."""
+        target = max(1, self.cfg.ppo.samples_per_update // self.world)
         groups, group, n = [], [], 0
         for d in self.held:
             group.append(d)
@@ -298,11 +341,25 @@ class Learner:
             if n >= target:
                 groups.append(group)
                 group, n = [], 0
-        if group and (force or self.backlog_full):
+        flush = force or self.backlog_full
+        if self.world > 1:
+            every = groups + ([group] if group else [])
+            fewest_full, most, flushing = distributed.all_reduce([-len(groups), len(every), float(flush)], op="max")
+            if flushing:
+                return every + [[] for _ in range(int(most) - len(every))]
+            count = int(-fewest_full)
+            self.held = [d for g in groups[count:] for d in g] + group
+            return groups[:count]
+        if group and flush:
             groups.append(group)
             group = []
         self.held = group
         return groups
+
+    def agree_to_stop(self, requested: bool) -> bool:
+        """True when this process, or with several learner ranks any rank, was asked to stop (one
+        collective: all ranks leave the loop together)."""
+        return bool(distributed.all_reduce([float(requested)], op="max")[0])
 
     # ------------------------------------------------------------------------------ 3. update
     def update(self, entries: list[Delivered]) -> None:
@@ -319,10 +376,12 @@ class Learner:
         keep = filter_stale(versions, self.version, cfg.ppo.max_policy_lag)
         n_keep, n_stale = int(keep.sum()), int((~keep).sum())
         metrics: dict[str, float] = {}
-        if n_keep:
+        # with several ranks, all train together when any holds a fresh position (one collective)
+        keep_all = n_keep if self.world == 1 else int(distributed.all_reduce([n_keep])[0])
+        if keep_all:
             t0 = time.monotonic()
             positions = (b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
-            if self.device.type == "cpu":  # no copy to make: the dense arrays directly (2x faster here)
+            if self.device.type == "cpu" or not n_keep:  # CPU: the dense arrays directly (2x faster here)
                 obs, mask = (torch.from_numpy(a) for a in encode_positions(*positions))
                 input_bytes = obs.numel() * 4 + mask.numel()
             else:  # compact inputs cross to the device (~0.5 KB a position instead of 28.4 KB dense)
@@ -342,12 +401,14 @@ class Learner:
             self.seconds["rebuild"] += t1 - t0
             self.seconds["train"] += t2 - t1
             lag = self.version - versions[keep]
-            metrics.update({"policy_lag_mean": float(lag.mean()), "policy_lag_max": float(lag.max()),
-                            "input_bytes_per_position": input_bytes / n_keep})
-        stepped = bool(n_keep) and metrics.get("minibatches", 0.0) > 0
-        if n_keep and not stepped:
+            lag_sum, n_all = distributed.all_reduce([float(lag.sum()), float(n_keep)])
+            (lag_max,) = distributed.all_reduce([float(lag.max()) if n_keep else -1e9], op="max")
+            metrics.update({"policy_lag_mean": lag_sum / n_all, "policy_lag_max": lag_max,
+                            "input_bytes_per_position": input_bytes / max(n_keep, 1)})
+        stepped = bool(keep_all) and metrics.get("minibatches", 0.0) > 0
+        if keep_all and not stepped:
             self.skipped_updates += 1
-            log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)", n_keep)
+            log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)", keep_all)
 
         self.check_server()  # an outage during the update may have been a restart: never ack into it blindly
         t0 = time.monotonic()
@@ -361,6 +422,11 @@ class Learner:
             self.publish()
         self.trained += n_keep
         self.stale += n_stale
+        if self.world > 1:
+            self.rank_trained = distributed.all_gather_int(self.trained)
+            if stepped and cfg.learner.check_sync_every and self.updates % cfg.learner.check_sync_every == 0:
+                log.info("update %d version %d params sha256 %s", self.updates, self.version,
+                         distributed.check_in_sync(self.model))
         self.record(b, metrics, n_keep, n_stale, stepped)
         if stepped and self.updates % cfg.learner.checkpoint_every == 0:
             self.checkpoint()
@@ -370,6 +436,8 @@ class Learner:
         positions of each entry trained on; the rest were stale). Entries read from a server that
         has since lost the run's data (another epoch) are not acknowledged: their counts would
         corrupt the new server's accounting."""
+        if not entries:  # a rank with nothing in this distributed update
+            return
         live = np.array([d.epoch == self.epoch for d in entries], dtype=bool)
         sizes = np.array([d.batch.num_positions for d in entries], dtype=np.int64)
         trained = int(kept[live].sum())
@@ -381,7 +449,10 @@ class Learner:
             self.recover_lost_server(None)
 
     def publish(self) -> None:
-        """Publish the current weights as :attr:`version`; when Redis is full, try again next loop."""
+        """Publish the current weights as :attr:`version` (rank 0 only: every rank holds the same);
+        when Redis is full, try again next loop."""
+        if self.rank != 0:
+            return
         t0 = time.monotonic()
         data = weights_to_bytes(self.model, self.cfg.stream.weights_dtype)
         try:
@@ -404,6 +475,9 @@ class Learner:
         now = time.monotonic()
         elapsed = max(now - self.last_update_t, 1e-9)
         metrics.update(game_stats(b))
+        if self.world > 1:  # the positions of every rank
+            n_keep, n_stale = (int(x) for x in distributed.all_reduce([n_keep, n_stale]))
+            metrics["ranks"] = float(self.world)
         metrics.update({"trained_positions": float(n_keep), "stale_positions": float(n_stale),
                         "samples_per_s": n_keep / elapsed, "backlog": float(self.r.xlen(self.keys.experience)),
                         "skipped_updates": float(self.skipped_updates), **retry.OUTAGES.fields()})
@@ -416,7 +490,9 @@ class Learner:
         self.write_status("training", backlog=int(metrics["backlog"]))
 
     def checkpoint(self) -> Path:
-        """Save ``ckpt_{version}.pt`` (atomic) and prune old ones."""
+        """Save ``ckpt_{version}.pt`` (atomic) and prune old ones (rank 0 only)."""
+        if self.rank != 0:
+            return self.run_dir / "checkpoints" / checkpoint_name(self.version)
         path = self.run_dir / "checkpoints" / checkpoint_name(self.version)
         save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                         version=self.version, updates=self.updates, config_json=self.cfg.to_json(),
@@ -447,7 +523,8 @@ class Learner:
         held, held_positions = len(self.consumer.in_flight), sum(self.consumer.in_flight.values())
         self.consumer.reset()
         ensure_group(self.r, self.keys)
-        write_config(self.r, self.keys, self.cfg.to_json())
+        if self.rank == 0:
+            write_config(self.r, self.keys, self.cfg.to_json())
         self.publish()
         before = self.last_accounting
         unread = max(0, before.get("produced_positions", 0) - before.get("trained_positions", 0)
@@ -466,14 +543,19 @@ class Learner:
     def housekeeping(self, force: bool = False) -> None:
         """Archive finished games (the recorder flushes when due), and write the status hash every
         ``stream.heartbeat_s``."""
+        if self.rank != 0:  # rank 0 archives the games and writes the status of all ranks
+            return
         self.recorder.step(force=force)
         if force or time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s:
             self.write_status("collecting" if self.held else "waiting")
 
     def write_status(self, state: str, backlog: int | None = None) -> None:
         """The ``learner`` hash: state, version, held positions, backlog (``XLEN``, unless the caller
-        just read it), outages, last metrics."""
+        just read it), outages, last metrics; with several ranks, rank 0 writes it for all of them
+        (``ranks``, ``rank_trained_positions``)."""
         self.last_status_t = time.monotonic()
+        if self.rank != 0:
+            return
         self.last_accounting = read_accounting(self.r, self.keys)
         fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer_name,
                   "device": str(self.device), "epoch": self.epoch,
@@ -481,6 +563,8 @@ class Learner:
                   "backlog": self.r.xlen(self.keys.experience) if backlog is None else backlog,
                   "games_archived": self.recorder.archived,
                   "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
+        if self.world > 1:
+            fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
         fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
         retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
 
@@ -495,8 +579,11 @@ class Learner:
                 break
 
     def close(self) -> LearnerResult:
-        """Final checkpoint (unless the last update wrote it), status and sinks."""
-        if self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.version):
+        """Final checkpoint (unless the last update wrote it, or a learner rank failed: the group
+        restarts from the last one), status and sinks; leaves the process group."""
+        if self.failed:
+            log.error("a learner rank failed: no final checkpoint (torchrun restarts from %s)", self.last_checkpoint)
+        elif self.last_checkpoint is None or self.last_checkpoint.name != checkpoint_name(self.version):
             self.checkpoint()
         try:
             self.housekeeping(force=True)
@@ -510,6 +597,8 @@ class Learner:
         for handler in [h for h in log.handlers if getattr(h, "baseFilename", "").startswith(run_dir)]:
             log.removeHandler(handler)  # the run's log file (a test may start several learners in one process)
             handler.close()
+        if not self.failed:
+            distributed.shutdown()
         return LearnerResult(self.version, self.updates, self.trained, self.stale, self.last_checkpoint)
 
 
@@ -518,7 +607,7 @@ def run_learner(
     redis_url: str,
     *,
     resume: bool = False,
-    consumer_name: str = "learner-0",
+    consumer_name: str | None = None,
     max_updates: int | None = None,
     quiet: bool = False,
 ) -> LearnerResult:
@@ -528,8 +617,9 @@ def run_learner(
         cfg: the resolved run config (``cfg.run.id`` names the keys and the run directory).
         redis_url: ``redis://...``, ``rediss://...`` or ``unix:///path/redis.sock``.
         resume: continue from the newest checkpoint in ``runs/{run}/checkpoints`` (versions continue).
-        consumer_name: consumer name in the group ``learners``; keep it stable across restarts so a
-            restarted learner re-reads its own pending entries first.
+        consumer_name: consumer name in the group ``learners`` (default ``learner-0``; with several
+            ranks ``{name}-{rank}``, default ``learner-{rank}``); keep it stable across restarts so
+            a restarted learner re-reads its own pending entries first.
         max_updates: stop after this many updates in this process (tests).
         quiet: no per-update console line.
 
@@ -540,7 +630,10 @@ def run_learner(
     lrn = Learner.start(cfg, redis_url, consumer_name=consumer_name, resume=resume, quiet=quiet)
     first_update = lrn.updates
     try:
-        while not stop.requested:
+        while True:
+            if lrn.agree_to_stop(stop.requested):  # with several ranks: a stop of any rank stops all
+                lrn.drain()
+                break
             lrn.receive()
             lrn.check_server()
             for entries in lrn.ready_updates():
@@ -548,12 +641,16 @@ def run_learner(
             if max_updates is not None and lrn.updates - first_update >= max_updates:
                 break
             lrn.housekeeping()
-        if stop.requested:
-            lrn.drain()
         for entries in lrn.ready_updates(force=True):
             lrn.update(entries)
     except retry.TRANSIENT_ERRORS as exc:  # only when stopped during an outage
         log.warning("stopped while Redis is unreachable (%s); what is held stays pending in the stream", exc)
+    except Exception as exc:
+        if lrn.world > 1:  # a rank died or hung: exit, no checkpoint of a half-done update; torchrun restarts all
+            lrn.failed = True
+            log.error("learner rank %d of %d failed (%s: %s); exiting for torchrun to restart the group",
+                      lrn.rank, lrn.world, type(exc).__name__, exc)
+        raise
     finally:
         result = lrn.close()
     return result

@@ -62,3 +62,13 @@ def assert_accounting_balances(r, keys):
     assert settled == produced, f"accounting does not balance: {acc}"
     assert acc.get("rejected_positions", 0) == 0, acc
     return acc
+
+
+def start_learner_ranks(url, run, run_dir, ranks, *extra, restarts=2):
+    """``ranks`` data-parallel learners under torchrun (as ``keisei run --learners`` starts them),
+    in a new session so a test can signal the agent alone."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           "--max-restarts", str(restarts), "-m", "learner", "--config", str(TINY), "--redis", url,
+           "--set", f"run.id={run}", "--set", f"run.dir={run_dir}", "--quiet", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(run_dir / f"torchrun-{run}.log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)

@@ -174,3 +174,21 @@ def test_finished_run_archived_every_game(finished_run):
     if not st["workers"]:  # heartbeats expired (TTL) before the final status was taken
         pytest.skip("no worker heartbeat in the final status")
     assert len(rows) >= sum(int(w.get("games", 0)) for w in st["workers"]), (len(rows), st["workers"])
+
+
+def test_keisei_run_starts_several_learner_ranks_under_torchrun():
+    """``--learners 2``: the learner command is torchrun's, with the restarts and the stop
+    timeout, and the run id as an override (torchrun's parser would take ``--run``)."""
+    from keisei_stream.cli.run import learner_command
+
+    args = argparse.Namespace(learners=2, learner_restarts=5, learner_stop_timeout=120.0, config="c.yaml",
+                              overrides=["ppo.epochs=2"], resume=True)
+    cmd = learner_command(args, "redis://u:p@h:1/0", "r1")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--max-restarts") + 1] == "5"
+    assert cmd[cmd.index("--shutdown-timeout") + 1] == "120"
+    tail = cmd[cmd.index("learner") - 1:]
+    assert tail[:2] == ["-m", "learner"] and "--run" not in tail and "run.id=r1" in tail and "ppo.epochs=2" in tail
+    assert tail[-1] == "--resume"
+    one = learner_command(argparse.Namespace(**{**vars(args), "learners": 1}), "redis://h", "r1")
+    assert one[1:3] == ["-m", "learner"]

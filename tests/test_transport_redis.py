@@ -329,3 +329,32 @@ def test_acknowledging_works_at_maxmemory(real_redis, make_batch):
     finally:
         real_redis.config_set("maxmemory", "512mb")
     assert real_redis.xlen(K.experience) == 0
+
+
+def test_an_entry_two_learners_trained_is_counted_once(real_redis, make_batch):
+    """The holder stalls past claim_idle_ms, a second learner claims and acknowledges the entry,
+    then the holder acknowledges it too: counted once, the second acknowledgement is visible."""
+    b = make_batch(40, seed=2)
+    Producer(real_redis, K, "w1", max_backlog=100).send(b)
+    holder, other = consumer(real_redis, "L1", claim_idle_ms=200), consumer(real_redis, "L2", claim_idle_ms=200)
+    got = holder.read()
+    time.sleep(0.3)  # the holder stalls (a long update, a pause)
+    other._next_claim = 0.0
+    claimed = other.read()
+    assert [d.entry_id for d in claimed] == [got[0].entry_id]
+    other.ack(claimed, b.num_positions, 0)
+    holder.ack(got, b.num_positions, 0)  # its update finished after all
+    acc = read_accounting(real_redis, K)
+    assert acc["trained_positions"] == acc["produced_positions"] == b.num_positions
+    assert acc["acked_entries"] == 1 and acc["double_acks"] == 1 and balanced(acc)
+
+
+def test_a_holder_that_lost_its_entries_to_a_claim_forgets_them(real_redis, make_batch):
+    Producer(real_redis, K, "w1", max_backlog=100).send(make_batch(40, seed=3))
+    holder, other = consumer(real_redis, "L1", claim_idle_ms=200), consumer(real_redis, "L2", claim_idle_ms=200)
+    got = holder.read()
+    time.sleep(0.3)
+    other._next_claim = 0.0
+    assert len(other.read()) == 1
+    holder.read(block_ms=10)  # its keep-alive finds the entry owned by L2
+    assert got[0].entry_id not in holder.in_flight and holder.stats["lost_to_claims"] == 1

@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pr.add_argument("--no-live", action="store_true", help="print a status line instead of the live view")
     pr.add_argument("--print-every", type=float, default=30.0, help="seconds between status lines (--no-live)")
-    pr.add_argument("--learner-stop-timeout", type=float, default=300.0)
+    pr.add_argument("--learner-stop-timeout", type=float, default=300.0,
+                    help="seconds the learner has to drain, update and checkpoint at the stop")
+    pr.add_argument("--learners", type=int, default=1,
+                    help="data-parallel learner ranks (torch.distributed; > 1 starts them with torchrun)")
+    pr.add_argument("--learner-restarts", type=int, default=3,
+                    help="with --learners > 1: times torchrun restarts the ranks after one fails (--max-restarts)")
 
     ps = sub.add_parser("status", help="workers, learner, stream and accounting of a run",
                         description="The live status from the run's Redis; when that does not answer (a "

@@ -105,12 +105,8 @@ def command(args: argparse.Namespace) -> int:
     status.set_control(r, keys, "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
-    learner_cmd = [py, "-m", "learner", "--config", str(args.config), "--redis", learner_url, "--run", run_id]
-    for ov in args.overrides:
-        learner_cmd += ["--set", ov]
-    if args.resume:
-        learner_cmd.append("--resume")
-    console.print(f"keisei run [bold]{run_id}[/bold]: Redis {url}, 1 learner + {n_workers} workers, "
+    learner_cmd = learner_command(args, learner_url, run_id)
+    console.print(f"keisei run [bold]{run_id}[/bold]: Redis {url}, {args.learners} learner(s) + {n_workers} workers, "
                   f"logs in {logs}" + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
     learner = subprocess.Popen(learner_cmd, stdout=open(logs / "learner.out", "ab"),
                                stderr=subprocess.STDOUT, env=env, preexec_fn=_child_preexec)
@@ -188,6 +184,7 @@ def command(args: argparse.Namespace) -> int:
             (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
         except Exception as exc:
             console.print(f"[yellow]final status unavailable: {exc}[/yellow]")
+        learner_state = _learner_state(url, run_id)
         if server is not None:
             server.stop()
             url_file(run_dir).unlink(missing_ok=True)
@@ -197,6 +194,36 @@ def command(args: argparse.Namespace) -> int:
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     console.print(f"checkpoint: {ckpt}")
-    return 0 if learner.returncode == 0 else 1
+    # torchrun exits 1 when it is stopped by a signal, even after its ranks stopped cleanly: rank 0
+    # then wrote the learner state "stopped"
+    clean = learner.returncode == 0 or (args.learners > 1 and learner_state == "stopped")
+    return 0 if clean else 1
+
+
+def learner_command(args: argparse.Namespace, learner_url: str, run_id: str) -> list[str]:
+    """``python -m learner ...``, or with ``--learners N > 1`` the same under torchrun: N ranks on
+    this machine (``--standalone``), restarted together up to ``--learner-restarts`` times when
+    one fails (they resume from the newest checkpoint), given ``--learner-stop-timeout`` seconds
+    to stop cleanly on SIGTERM."""
+    py = sys.executable
+    cmd = [py, "-m", "learner"]
+    if args.learners > 1:
+        cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.learners),
+               "--max-restarts", str(args.learner_restarts), "--shutdown-timeout", str(int(args.learner_stop_timeout)),
+               "-m", "learner"]
+    # the run id as an override: torchrun's parser would take "--run" for its own "--run-path"
+    cmd += ["--config", str(args.config), "--redis", learner_url, "--set", f"run.id={run_id}"]
+    for ov in args.overrides:
+        cmd += ["--set", ov]
+    if args.resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def _learner_state(url: str, run_id: str) -> str | None:
+    try:
+        return status.read_learner_status(embedded_redis.connect(url), Keys(run_id)).get("state")
+    except Exception:  # the Redis is gone: the state is unknown
+        return None
 
 

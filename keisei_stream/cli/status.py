@@ -111,6 +111,10 @@ def render_status(st: dict, stopped: bool = False) -> Group:
                str(a.get("duplicate_positions", 0)), str(st["unsettled_positions"]),
                str(a.get("worker_discarded_positions", 0)))
     parts = [wt, lt, at]
+    if ln.get("ranks"):
+        parts.append(f"learner ranks: {ln['ranks']} (positions trained by each: {ln.get('rank_trained_positions', '-')})")
+    if int(a.get("double_acks", 0) or 0):
+        parts.append(f"entries trained by two learners (one stalled past claim_idle_ms), counted once: {a['double_acks']}")
     if ln.get("redis_outages") not in (None, "0"):
         parts.append(f"Redis outages seen by the learner: {ln.get('redis_outages')} "
                      f"({float(ln.get('redis_outage_s', 0)):.1f} s in all)")

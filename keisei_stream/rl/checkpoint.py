@@ -23,7 +23,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_checkpoint(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -117,16 +117,16 @@ def save_checkpoint(
     """Write everything needed to resume training exactly, atomically (tmp file + ``os.replace``).
 
     Args:
-        path: target file (by convention ``runs/{run}/checkpoints/ckpt_{version:08d}.pt``).
+        path: target file (by convention ``runs/{run}/checkpoints/ckpt_{version:08d}.pt``), or
+            an open binary file (written as is: how rank 0 hands its state to the other learner ranks).
         model: the model (a ``torch.compile`` wrapper is unwrapped).
         optimizer, scheduler: their state dicts are stored (None allowed).
         version: model version; updates: PPO updates done; config_json: the resolved run config.
         extra: small dict of primitives (str/int/float/bool/None/lists/dicts/tensors).
 
     Returns:
-        The path written.
+        The path written (the file object, for a file).
     """
-    path = Path(path)
     state = {
         "format": FORMAT,
         "model": unwrap(model).state_dict(),
@@ -138,18 +138,22 @@ def save_checkpoint(
         "extra": dict(extra) if extra is not None else None,
         "rng": _rng_state(),
     }
+    if hasattr(path, "write"):
+        torch.save(state, path)
+        return path
+    path = Path(path)
     _atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The raw checkpoint dict, loaded with ``torch.load(weights_only=True)``.
 
     Raises:
         CheckpointError: missing/unreadable file or not a keisei checkpoint.
     """
     try:
-        state = torch.load(Path(path), map_location=map_location, weights_only=True)
+        state = torch.load(path if hasattr(path, "read") else Path(path), map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {path} does not exist") from exc
     except Exception as exc:  # corrupt zip, unpickling refused, ...
@@ -160,7 +164,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_checkpoint(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
@@ -170,7 +174,7 @@ def load_checkpoint(
     """Restore a checkpoint into ``model`` (and optimizer, scheduler, RNG states).
 
     Args:
-        path: a file written by :func:`save_checkpoint`.
+        path: a file written by :func:`save_checkpoint` (a path or an open binary file).
         model: a model of the same architecture (strict state-dict match).
         optimizer, scheduler: restored when given (and stored).
         map_location: where tensors are loaded (the model's device is kept by ``load_state_dict``).

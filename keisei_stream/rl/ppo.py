@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from keisei_stream.config import PPOConfig
+from keisei_stream.rl import distributed
 from keisei_stream.rl.policy import log_prob_entropy
 
 BATCH_KEYS = ("obs", "mask", "action", "log_prob", "value", "advantage", "return")
@@ -167,11 +168,43 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: PPOConfig) -> torch.op
 # ----------------------------------------------------------------------------------------------
 # The update
 # ----------------------------------------------------------------------------------------------
-def _explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
-    var = float(target.var(unbiased=False))
-    if var == 0.0:
+def _variance_sums(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """``[n, sum(t), sum(t^2), sum(t-p), sum((t-p)^2)]`` (float64): explained variance from sums
+    that add up over ranks."""
+    t, e = target.double(), (target - pred).double()
+    return [float(t.numel()), float(t.sum()), float((t * t).sum()), float(e.sum()), float((e * e).sum())]
+
+
+def _explained_variance_from_sums(sums: list[float]) -> float:
+    """``1 - Var(t - p) / Var(t)`` (population variances) from :func:`_variance_sums`; NaN when
+    ``Var(t) == 0``."""
+    n, st, st2, se, se2 = sums
+    var_t = st2 / n - (st / n) ** 2 if n else 0.0
+    if var_t <= 1e-12:
         return float("nan")
-    return 1.0 - float((target - pred).var(unbiased=False)) / var
+    return 1.0 - (se2 / n - (se / n) ** 2) / var_t
+
+
+def _minibatches(sizes: list[int], rank: int, mb: int) -> tuple[list[int], list[int]]:
+    """Split every rank's positions into the same number of minibatches.
+
+    Args:
+        sizes: positions held by each rank (``[n]`` on one rank). rank: this rank.
+        mb: the global minibatch size (positions).
+
+    Returns:
+        ``(bounds, global_sizes)``: this rank's minibatch ``j`` is positions
+        ``bounds[j]:bounds[j+1]`` of its shuffled batch; ``global_sizes[j]`` is minibatch ``j``'s
+        size summed over all ranks. On one rank: consecutive slices of ``mb`` (the last shorter).
+        On several: ``ceil(sum(sizes) / mb)`` minibatches, each rank's share split evenly (a
+        rank may hold none of a minibatch).
+    """
+    if len(sizes) == 1:
+        bounds = [*range(0, sizes[0], mb), sizes[0]]
+        return bounds, [b - a for a, b in zip(bounds, bounds[1:])]
+    k = max(1, math.ceil(sum(sizes) / mb))
+    per_rank = [np.linspace(0, n, k + 1).round().astype(np.int64) for n in sizes]
+    return per_rank[rank].tolist(), np.sum([np.diff(b) for b in per_rank], axis=0).tolist()
 
 
 def ppo_update(
@@ -239,11 +272,14 @@ def ppo_update(
     if missing:
         raise ValueError(f"batch is missing {missing}")
     n = int(batch["action"].shape[0])
-    if n == 0:
-        raise ValueError("empty batch")
     for k in BATCH_KEYS:
         if int(batch[k].shape[0]) != n:
             raise ValueError(f"batch[{k!r}] has {batch[k].shape[0]} rows, expected {n}")
+    world = distributed.world_size()
+    sizes = distributed.all_gather_int(n)  # every rank's positions (one collective when distributed)
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("empty batch")
     device = torch.device(device)
     nb = device.type == "cuda"
     obs = batch["obs"].to(device, torch.float32, non_blocking=nb)
@@ -253,10 +289,17 @@ def ppo_update(
     old_value = batch["value"].to(device, torch.float32, non_blocking=nb)
     returns = batch["return"].to(device, torch.float32, non_blocking=nb)
     adv = batch["advantage"].to(device, torch.float32, non_blocking=nb)
-    if cfg.normalize_advantages and n > 1:
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    if cfg.normalize_advantages and total > 1:
+        if world == 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        else:  # over the whole distributed batch: the same normalisation as on one rank
+            s1, s2 = distributed.all_reduce([float(adv.double().sum()), float((adv.double() ** 2).sum())])
+            mean = s1 / total
+            std = math.sqrt(max(s2 - total * mean * mean, 0.0) / (total - 1))
+            adv = (adv - mean) / (std + 1e-8)
     use_amp = bool(amp) and device.type == "cuda"
-    mb = min(cfg.minibatch_size, n)
+    mb = min(cfg.minibatch_size, total)
+    local_bounds, global_sizes = _minibatches(sizes, distributed.rank(), mb)
 
     def forward(idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -273,72 +316,86 @@ def ppo_update(
             logits, _ = forward(idx)
             start_logp[idx], _ = log_prob_entropy(logits, mask[idx], actions[idx])
         lr_ = start_logp - old_logp
-        kl_behaviour = float(((lr_.exp() - 1) - lr_).mean())
         is_weight_raw = lr_.exp()
         is_weight = is_weight_raw.clamp(max=cfg.is_weight_clip)
-        is_stats = {"is_weight_mean": float(is_weight_raw.mean()), "is_weight_max": float(is_weight_raw.max()),
-                    # cut by more than float noise (1e-4 relative), so fresh data reports 0
-                    "is_weight_truncated": float((is_weight_raw > cfg.is_weight_clip * (1 + 1e-4)).float().mean())}
+        # cut by more than float noise (1e-4 relative), so fresh data reports 0
+        cut = is_weight_raw > cfg.is_weight_clip * (1 + 1e-4)
+        kl_b, w_sum, w_cut = distributed.all_reduce([float(((is_weight_raw - 1) - lr_).sum()),
+                                                     float(is_weight_raw.sum()), float(cut.sum())])
+        (w_max,) = distributed.all_reduce([float(is_weight_raw.max()) if n else 0.0], op="max")
+        is_stats = {"is_weight_mean": w_sum / total, "is_weight_max": w_max, "is_weight_truncated": w_cut / total}
 
     lr_now = float(optimizer.param_groups[0]["lr"])
-    sums = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
-    steps, skipped, epochs_run, approx_kl, stop = 0, 0, 0, 0.0, False
+    sums = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction"), 0.0)  # over positions
+    grad_norm_sum, stepped_positions, steps, skipped, epochs_run, approx_kl, stop = 0.0, 0, 0, 0, 0, 0.0, False
     for _ in range(cfg.epochs):
         epochs_run += 1
         perm = torch.randperm(n).to(device)
-        for s in range(0, n, mb):
-            idx = perm[s:s + mb]
-            logits, value = forward(idx)
-            logp, ent = log_prob_entropy(logits, mask[idx], actions[idx])
-            with torch.no_grad():
-                d = logp - start_logp[idx]
-                approx_kl = float(((d.exp() - 1) - d).mean())
+        for j, m_global in enumerate(global_sizes):
+            idx = perm[local_bounds[j]:local_bounds[j + 1]]
+            denom = m_global / world  # the rank-averaged gradient is the gradient of the global mean
+            if idx.numel():
+                logits, value = forward(idx)
+                logp, ent = log_prob_entropy(logits, mask[idx], actions[idx])
+                with torch.no_grad():
+                    d = logp - start_logp[idx]
+                    kl_sum = float(((d.exp() - 1) - d).sum())
+                ratio = torch.exp(logp - start_logp[idx])
+                a = adv[idx]
+                surrogate = torch.min(ratio * a, ratio.clamp(1.0 - cfg.clip_epsilon, 1.0 + cfg.clip_epsilon) * a)
+                pg_i = -is_weight[idx] * surrogate
+                ret = returns[idx]
+                if cfg.value_clip is not None:
+                    v_old = old_value[idx]
+                    v_clipped = v_old + (value - v_old).clamp(-cfg.value_clip, cfg.value_clip)
+                    v_i = 0.5 * torch.max((value - ret) ** 2, (v_clipped - ret) ** 2)
+                else:
+                    v_i = 0.5 * (value - ret) ** 2
+                loss = (pg_i.sum() + cfg.value_coef * v_i.sum() - cfg.entropy_coef * ent.sum()) / denom
+            else:  # this rank holds no position of this minibatch: a zero loss keeps DDP's collectives in step
+                logits, value = model(obs.new_zeros((1, *obs.shape[1:])))
+                loss, kl_sum = 0.0 * (logits.float().sum() + value.float().sum()), 0.0
+            kl_all, bad = distributed.all_reduce([kl_sum, 0.0 if bool(torch.isfinite(loss)) else 1.0])
+            approx_kl = kl_all / m_global
             if cfg.target_kl is not None and approx_kl > cfg.target_kl:
                 stop = True
                 break
-            ratio = torch.exp(logp - start_logp[idx])
-            a = adv[idx]
-            surrogate = torch.min(ratio * a, ratio.clamp(1.0 - cfg.clip_epsilon, 1.0 + cfg.clip_epsilon) * a)
-            pg = -(is_weight[idx] * surrogate).mean()
-            ret = returns[idx]
-            if cfg.value_clip is not None:
-                v_old = old_value[idx]
-                v_clipped = v_old + (value - v_old).clamp(-cfg.value_clip, cfg.value_clip)
-                v_loss = 0.5 * torch.max((value - ret) ** 2, (v_clipped - ret) ** 2).mean()
-            else:
-                v_loss = 0.5 * ((value - ret) ** 2).mean()
-            entropy = ent.mean()
-            loss = pg + cfg.value_coef * v_loss - cfg.entropy_coef * entropy
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if bad:  # a poisoned or degenerate minibatch on some rank: never let it reach the weights
+                skipped += 1
+                continue
+            loss.backward()  # under DDP: gradients averaged over the ranks here
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not (torch.isfinite(loss) and torch.isfinite(gn)):
-                # a poisoned or degenerate minibatch: never let a non-finite step reach the weights
+            if not torch.isfinite(gn):  # the same averaged gradients on every rank: the same decision
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
             optimizer.step()
             steps += 1
-            with torch.no_grad():
-                sums["policy_loss"] += float(pg)
-                sums["value_loss"] += float(v_loss)
-                sums["entropy"] += float(entropy)
-                sums["clip_fraction"] += float(((ratio - 1.0).abs() > cfg.clip_epsilon).float().mean())
-                sums["grad_norm"] += float(gn)
+            stepped_positions += m_global
+            grad_norm_sum += float(gn)
+            if idx.numel():
+                with torch.no_grad():
+                    sums["policy_loss"] += float(pg_i.sum())
+                    sums["value_loss"] += float(v_i.sum())
+                    sums["entropy"] += float(ent.sum())
+                    sums["clip_fraction"] += float(((ratio - 1.0).abs() > cfg.clip_epsilon).sum())
         if stop:
             break
     if scheduler is not None:
         scheduler.step()
-    metrics = {k: (v / steps if steps else float("nan")) for k, v in sums.items()}
+    totals = distributed.all_reduce([*sums.values(), *_variance_sums(old_value, returns)])
+    metrics = {k: (v / stepped_positions if steps else float("nan")) for k, v in zip(sums, totals)}
     metrics.update({
+        "grad_norm": grad_norm_sum / steps if steps else float("nan"),
         "approx_kl": approx_kl,
-        "approx_kl_behaviour": kl_behaviour,
+        "approx_kl_behaviour": kl_b / total,
         **is_stats,
-        "explained_variance": _explained_variance(old_value, returns),
+        "explained_variance": _explained_variance_from_sums(totals[len(sums):]),
         "learning_rate": lr_now,
         "epochs_run": float(epochs_run),
         "minibatches": float(steps),
         "nonfinite_minibatches": float(skipped),
-        "samples": float(n),
+        "samples": float(total),
     })
     return metrics

@@ -21,6 +21,11 @@ from .retry import is_oom
 # Runs the commands given in ARGV[2:] (each as: argument count, command, arguments...) atomically,
 # but only while the run's epoch (KEYS[1]) is still ARGV[1] ('' = not checked): acknowledgements and
 # counts meant for a server that lost the run's data must never land in the restarted one.
+#
+# One pseudo-command, ACK_COUNTED stream group accounting id trained stale, acknowledges one entry
+# and counts its positions only if that XACK acknowledged it (it was still pending): an entry that
+# two learners both held (one stalled past claim_idle_ms, the other claimed it) is counted once,
+# and the second acknowledgement only increments ``double_acks``.
 _ATOMIC_BODY = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EPOCH the run epoch changed: the server lost the run data')
@@ -28,7 +33,19 @@ end
 local i = 2
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
+  if ARGV[i + 1] == 'ACK_COUNTED' then
+    local stream, group, acc, id = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    if redis.call('XACK', stream, group, id) == 1 then
+      redis.call('XDEL', stream, id)
+      redis.call('HINCRBY', acc, 'acked_entries', 1)
+      redis.call('HINCRBY', acc, 'trained_positions', ARGV[i + 6])
+      redis.call('HINCRBY', acc, 'stale_positions', ARGV[i + 7])
+    else
+      redis.call('HINCRBY', acc, 'double_acks', 1)
+    end
+  else
+    redis.call(unpack(ARGV, i + 1, i + n))
+  end
   i = i + n + 1
 end
 return 1
@@ -43,7 +60,8 @@ class EpochChanged(RuntimeError):
 
 
 def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None) -> None:
-    """Run ``cmds`` (tuples: command, arguments) atomically in one script, only while the run's
+    """Run ``cmds`` (tuples: command, arguments; or ``("ACK_COUNTED", stream, group, accounting,
+    id, trained, stale)``, see above) atomically in one script, only while the run's
     ``epoch`` key still holds ``epoch`` (None: not checked); past ``maxmemory`` when the server is full.
 
     Raises:

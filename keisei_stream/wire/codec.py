@@ -407,13 +407,14 @@ def _check_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
 
 
 def concat_batches(batches: list[ExperienceBatch]) -> ExperienceBatch:
-    """Join batches into one (offsets shifted; ``batch_id`` / ``worker_id`` of the first joined by ``+``).
+    """Join batches into one (offsets shifted; ``batch_id`` / ``worker_id`` joined by ``+``).
 
-    Raises:
-        ValueError: for an empty list.
+    An empty list gives a batch of 0 positions and 0 games (a learner rank that holds nothing
+    still takes part in a distributed update).
     """
     if not batches:
-        raise ValueError("no batches")
+        return ExperienceBatch("", "", **{name: np.zeros((col.rows(0, 0), *col.shape), col.native)
+                                          for name, col in COLUMNS.items()})
     if len(batches) == 1:
         return batches[0]
     arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in COLUMNS if name != GAME_OFFSETS}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import redis
 from redis.exceptions import ResponseError
@@ -93,7 +93,8 @@ class Consumer:
         self._own_cursor: str | None = "0"  # None once our own pending list was re-read
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
-        self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0}
+        self._next_keep_alive = 0.0
+        self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0, "lost_to_claims": 0}
         self.decode_s = 0.0  # seconds spent decoding and validating entries (a time share of the learner)
         self.newest_version: int | None = None  # entries claiming a newer model version are rejected
         self.epoch: str | None = None  # the run's epoch this consumer acknowledges into (set by the learner)
@@ -131,6 +132,7 @@ class Consumer:
             return []
 
     def _read(self, block_ms: int | None) -> list[Delivered]:
+        self.keep_alive()
         if self._own_cursor is not None:
             resp = self.r.xreadgroup(self.keys.group, self.name, {self.keys.experience: self._own_cursor},
                                      count=self.count)
@@ -236,34 +238,93 @@ class Consumer:
         run_atomic(self.r, self.keys, cmds, self.epoch)
 
     # -- acknowledging -----------------------------------------------------------------------
-    def ack(self, entries: Iterable[Delivered | str], trained_positions: int, stale_positions: int) -> None:
+    def ack(self, entries: Iterable[Delivered | str], trained_positions: int | Sequence[int],
+            stale_positions: int | Sequence[int]) -> None:
         """Acknowledge and delete ``entries`` after the update that used them, atomically (also
         when Redis is at maxmemory, never into a server that lost the run's data: see
         :func:`keisei_stream.wire.atomic.run_atomic`).
 
-        Adds ``trained_positions`` / ``stale_positions`` to the accounting (their sum should be
-        the entries' positions) and the batch ids to ``trained_batches`` (the newest
-        :data:`TRAINED_BATCHES_KEPT`), so a replay of a trained batch is dropped even by a restarted
-        learner. Idempotent per entry on the server (XACK/XDEL of an acked id are no-ops; counters
-        are added again, so do not call twice for the same update).
+        Counts each entry's trained and stale positions in the accounting only if this
+        acknowledgement is the one that removed it from the group's pending entries: an entry two
+        learners held (one stalled past ``claim_idle_ms`` and another claimed it) is counted once
+        (the second acknowledgement increments ``double_acks``). Adds the batch ids to
+        ``trained_batches`` (the newest :data:`TRAINED_BATCHES_KEPT`), so a replay of a trained
+        batch is dropped even by a restarted learner.
+
+        Args:
+            entries: what the update used (``Delivered``, or bare ids: then counted as given).
+            trained_positions, stale_positions: per entry (sequences, in ``entries`` order), or
+                totals, assigned to the entries in order (trained first).
         """
         k = self.keys
         entries = list(entries)
         ids = [e.entry_id if isinstance(e, Delivered) else str(e) for e in entries]
+        trained, stale = _per_entry(entries, trained_positions, stale_positions)
         now_ms = int(time.time() * 1000)
-        trained = [x for e in entries if isinstance(e, Delivered) for x in (now_ms, e.batch.batch_id)]
-        cmds: list[tuple] = []
-        if ids:
-            cmds += [("XACK", k.experience, k.group, *ids), ("XDEL", k.experience, *ids),
-                     ("HINCRBY", k.accounting, "acked_entries", len(ids))]
-        if trained:
-            cmds += [("ZADD", k.trained_batches, *trained),
+        batch_ids = [x for e in entries if isinstance(e, Delivered) for x in (now_ms, e.batch.batch_id)]
+        cmds: list[tuple] = [("ACK_COUNTED", k.experience, k.group, k.accounting, i, t, s)
+                             for i, t, s in zip(ids, trained, stale)]
+        if batch_ids:
+            cmds += [("ZADD", k.trained_batches, *batch_ids),
                      ("ZREMRANGEBYRANK", k.trained_batches, 0, -(TRAINED_BATCHES_KEPT + 1))]
-        cmds += [("HINCRBY", k.accounting, "trained_positions", int(trained_positions)),
-                 ("HINCRBY", k.accounting, "stale_positions", int(stale_positions))]
-        run_atomic(self.r, self.keys, cmds, self.epoch)
+        if cmds:
+            run_atomic(self.r, self.keys, cmds, self.epoch)
         for i in ids:
             self.in_flight.pop(i, None)
+
+    def keep_alive(self, force: bool = False) -> None:
+        """Reset the idle time of the entries this consumer holds (``XCLAIM ... JUSTID`` of the
+        ones it still owns, in one script, at most every ``claim_idle_ms / 4``), so that no other
+        learner claims an entry only because this one held it long (waiting to fill an update).
+        Entries another consumer claimed meanwhile (this one stalled past ``claim_idle_ms``) are
+        forgotten: they are no longer in :attr:`in_flight`, and the learner drops them."""
+        now = time.monotonic()
+        if not self.in_flight or (not force and now < self._next_keep_alive):
+            return
+        self._next_keep_alive = now + self.claim_idle_ms / 4000.0
+        ids = list(self.in_flight)
+        kept = set()
+        for s in range(0, len(ids), 500):
+            kept |= {as_str(x) for x in self.r.eval(_KEEP_ALIVE_LUA, 1, self.keys.experience, self.keys.group,
+                                                     self.name, *ids[s:s + 500])}
+        for i in ids:
+            if i not in kept:
+                self.in_flight.pop(i, None)
+                self.stats["lost_to_claims"] += 1
+
+
+def _per_entry(entries: list, trained: int | Sequence[int], stale: int | Sequence[int]) -> tuple[list[int], list[int]]:
+    """Per-entry trained and stale positions: given per entry, or totals assigned in order."""
+    if not isinstance(trained, int) and not isinstance(stale, int):
+        return [int(x) for x in trained], [int(x) for x in stale]
+    t_left, s_left = int(trained), int(stale)
+    t_out, s_out = [], []
+    for e in entries:
+        n = e.batch.num_positions if isinstance(e, Delivered) else t_left + s_left
+        t = min(n, t_left)
+        s_ = min(n - t, s_left)
+        t_left, s_left = t_left - t, s_left - s_
+        t_out.append(t)
+        s_out.append(s_)
+    if t_out:  # what could not be assigned (counts above the entries' positions) stays visible
+        t_out[-1] += t_left
+        s_out[-1] += s_left
+    return t_out, s_out
+
+
+# Reset the idle time of ARGV[3..] in group ARGV[1] for consumer ARGV[2], only for the entries it
+# still owns; returns those ids (the others were claimed by another consumer).
+_KEEP_ALIVE_LUA = """
+local kept = {}
+for j = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[j], ARGV[j], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[j], 'JUSTID')
+    kept[#kept + 1] = ARGV[j]
+  end
+end
+return kept
+"""
 
 
 def _stream_entries(resp: Any) -> list[tuple[Any, Any]]:

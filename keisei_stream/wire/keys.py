@@ -30,6 +30,7 @@ ACCOUNTING_FIELDS: tuple[str, ...] = (
     "duplicate_positions",
     "duplicate_entries",
     "acked_entries",
+    "double_acks",
 )
 
 _RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
