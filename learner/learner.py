@@ -12,10 +12,11 @@ version; then the loop repeats five named steps until SIGTERM/SIGINT:
 3. :meth:`Learner.ready_updates`: split what is held into updates of about
    ``ppo.samples_per_update`` positions, or take all of it once the backlog is full and nothing new
    can arrive (so the run always makes progress, whatever the share of stale positions).
-4. :meth:`Learner.update`: per game GAE, drop positions older than ``max_policy_lag``, rebuild
-   observations and masks (on a GPU: compact on the host, dense on the device), one decoupled-PPO
-   update, acknowledge (which frees Redis memory), publish the next version, metrics to every sink,
-   checkpoint.
+4. :meth:`Learner.update`: per game GAE, drop positions older than ``max_policy_lag``, then in
+   the training thread rebuild observations and masks (on a GPU: compact on the host, dense on
+   the device) and one decoupled-PPO update, while this thread reads and decodes the next entries
+   (:meth:`Learner.prefetch_while`); acknowledge (which frees Redis memory), publish the next
+   version, metrics to every sink, checkpoint.
 5. :meth:`Learner.housekeeping`: archive finished games, write the ``learner`` status hash.
 
 On a stop it drains the stream into the last updates, acknowledges, checkpoints and exits. Every
@@ -30,6 +31,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +87,11 @@ log = logging.getLogger("keisei.learner")
 
 #: Seconds a stopping learner keeps reading the stream into its last updates.
 DRAIN_S = 60.0
-#: Time shares reported per update (seconds since the previous update, by activity).
+#: Time shares reported per update (seconds since the previous update, by activity). Decoding
+#: the next entries overlaps training (:meth:`Learner.prefetch_while`), so the shares can sum above 1.
 PHASES = ("wait", "decode", "rebuild", "train", "ack", "publish")
+#: XREADGROUP BLOCK (ms) of the reads made while an update trains.
+PREFETCH_BLOCK_MS = 20
 
 
 @dataclass
@@ -195,6 +200,7 @@ class Learner:
     scheduler: Any
     consumer: Consumer
     recorder: Recorder
+    trainer: ThreadPoolExecutor  # one thread: rebuild + PPO, while the main thread reads ahead
     sinks: MetricsSinks
     consumer_name: str
     rank: int = 0  # of ``world`` data-parallel learners (keisei_stream.rl.distributed); rank 0 publishes
@@ -286,6 +292,7 @@ class Learner:
         lrn = cls(cfg=cfg, r=r, keys=keys, run_dir=run_dir, device=device, model=model,
                   train_model=maybe_compile(train_model, cfg.model), optimizer=optimizer, scheduler=scheduler,
                   consumer=consumer, recorder=recorder,
+                  trainer=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"),
                   sinks=MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0),
                   consumer_name=consumer_name, rank=rank, world=world, version=version, updates=updates)
         lrn.epoch = lrn.claim_epoch()
@@ -304,17 +311,21 @@ class Learner:
         return self.consumer.epoch
 
     # ------------------------------------------------------------------------------ 1. receive
-    def receive(self) -> None:
-        """Read the next entries into :attr:`held`; notes whether the backlog is full with nothing new."""
+    def receive(self, block_ms: int | None = None, training: bool = False) -> None:
+        """Read the next entries into :attr:`held`; notes whether the backlog is full with nothing
+        new. ``training``: called by :meth:`prefetch_while` (its time is not waiting, and a lost
+        server is handled after the update, which must not publish half-trained weights)."""
         t0, d0 = time.monotonic(), self.consumer.decode_s
         try:
-            delivered = self.consumer.read()
+            delivered = self.consumer.read(block_ms)
         except EpochChanged:  # a rejected entry could not be counted: the server lost the run's data
-            self.recover_lost_server(None)
+            if not training:  # after the update: check_server sees the outage that came with it
+                self.recover_lost_server(None)
             delivered = []
         decode = self.consumer.decode_s - d0
         self.seconds["decode"] += decode
-        self.seconds["wait"] += time.monotonic() - t0 - decode
+        if not training:
+            self.seconds["wait"] += time.monotonic() - t0 - decode
         # entries another learner claimed while this one stalled past claim_idle_ms are its now
         self.held = [d for d in self.held if d.entry_id in self.consumer.in_flight] + delivered
         # Workers add only while fewer than max_backlog entries are unacknowledged: when this
@@ -379,27 +390,10 @@ class Learner:
         # with several ranks, all train together when any holds a fresh position (one collective)
         keep_all = n_keep if self.world == 1 else int(distributed.all_reduce([n_keep])[0])
         if keep_all:
-            t0 = time.monotonic()
-            positions = (b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
-            if self.device.type == "cpu" or not n_keep:  # CPU: the dense arrays directly (2x faster here)
-                obs, mask = (torch.from_numpy(a) for a in encode_positions(*positions))
-                input_bytes = obs.numel() * 4 + mask.numel()
-            else:  # compact inputs cross to the device (~0.5 KB a position instead of 28.4 KB dense)
-                compact = encode_positions_compact(*positions)
-                obs, mask = expand_inputs(compact, self.device)
-                input_bytes = compact_nbytes(compact)
-            batch = {
-                "obs": obs, "mask": mask,
-                "action": torch.from_numpy(b.action[keep].astype(np.int64)),
-                "log_prob": torch.from_numpy(b.log_prob[keep]), "value": torch.from_numpy(values[keep]),
-                "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep]),
-            }
-            t1 = time.monotonic()
-            metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
-                                 cfg.learner.amp)
-            t2 = time.monotonic()
-            self.seconds["rebuild"] += t1 - t0
-            self.seconds["train"] += t2 - t1
+            # rebuild + PPO in the training thread; meanwhile this thread reads and decodes the next entries
+            job = self.trainer.submit(self.train, b, keep, values, advantages, returns)
+            self.prefetch_while(job)
+            metrics, input_bytes = job.result()
             lag = self.version - versions[keep]
             lag_sum, n_all = distributed.all_reduce([float(lag.sum()), float(n_keep)])
             (lag_max,) = distributed.all_reduce([float(lag.max()) if n_keep else -1e9], op="max")
@@ -430,6 +424,48 @@ class Learner:
         self.record(b, metrics, n_keep, n_stale, stepped)
         if stepped and self.updates % cfg.learner.checkpoint_every == 0:
             self.checkpoint()
+
+    def train(self, b: ExperienceBatch, keep: np.ndarray, values: np.ndarray, advantages: np.ndarray,
+              returns: np.ndarray) -> tuple[dict[str, float], int]:
+        """Rebuild the kept positions' inputs and run one decoupled-PPO update (in the training
+        thread: it alone touches the model until it returns). Returns the metrics and the input
+        bytes that crossed to the device."""
+        cfg, n_keep = self.cfg, int(keep.sum())
+        t0 = time.monotonic()
+        positions = (b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
+        if self.device.type == "cpu" or not n_keep:  # CPU: the dense arrays directly (2x faster here)
+            obs, mask = (torch.from_numpy(a) for a in encode_positions(*positions))
+            input_bytes = obs.numel() * 4 + mask.numel()
+        else:  # compact inputs cross to the device (~0.5 KB a position instead of 28.4 KB dense)
+            compact = encode_positions_compact(*positions)
+            obs, mask = expand_inputs(compact, self.device)
+            input_bytes = compact_nbytes(compact)
+        batch = {
+            "obs": obs, "mask": mask,
+            "action": torch.from_numpy(b.action[keep].astype(np.int64)),
+            "log_prob": torch.from_numpy(b.log_prob[keep]), "value": torch.from_numpy(values[keep]),
+            "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep]),
+        }
+        t1 = time.monotonic()
+        metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
+                             cfg.learner.amp)
+        self.seconds["rebuild"] += t1 - t0
+        self.seconds["train"] += time.monotonic() - t1
+        return metrics, input_bytes
+
+    def prefetch_while(self, job: Future) -> None:
+        """While ``job`` trains, read, decode and validate the next entries into :attr:`held` (at
+        least one read; short blocking reads, so the update's end is not delayed). Only this thread
+        touches the consumer and Redis meanwhile, only the training thread the model."""
+        while True:
+            n = len(self.held)
+            self.receive(block_ms=PREFETCH_BLOCK_MS, training=True)
+            if job.done():
+                return
+            if len(self.held) == n:
+                wait([job], timeout=PREFETCH_BLOCK_MS / 1000)
+                if job.done():
+                    return
 
     def acknowledge(self, entries: list[Delivered], kept: np.ndarray) -> None:
         """XACK + XDEL the entries with the accounting (``kept``: ``(len(entries),)`` int, the
@@ -591,6 +627,7 @@ class Learner:
         except retry.TRANSIENT_ERRORS as exc:
             log.warning("Redis unreachable at stop, final status not written: %s", exc)
         self.sinks.close()
+        self.trainer.shutdown()
         log.info("learner stopped at version %d after %d updates; checkpoint %s", self.version, self.updates,
                  self.last_checkpoint)
         run_dir = str(self.run_dir.resolve())

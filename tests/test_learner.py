@@ -128,3 +128,24 @@ def test_entries_read_before_the_server_lost_its_data_are_never_counted_in_the_n
     acc = read_accounting(real_redis, keys)
     assert acc["trained_positions"] + acc["stale_positions"] == acc["produced_positions"] == sum(sizes)
     lrn.close()
+
+
+def test_the_next_entries_are_read_and_decoded_while_an_update_trains(real_redis, redis_server, tmp_path, make_batch):
+    """Prefetch: the main thread reads (and validates) what arrived while the training thread
+    runs the update, so the next update does not wait for them."""
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "prefetch", "stream.max_backlog=16")
+    keys = Keys("prefetch")
+    _fill(real_redis, keys, make_batch, 6, games=1, version=1)
+    _receive_all(lrn)
+    groups = lrn.ready_updates()
+    assert groups and not real_redis.xlen(keys.experience) - sum(len(g) for g in groups) - len(lrn.held)
+    p = Producer(real_redis, keys, "w1", max_backlog=100)
+    later = [make_batch(1, num_games=1, seed=100 + i, worker_id="w1", version=1) for i in range(3)]
+    for b in later:
+        assert p.send(b)
+    before = {d.entry_id for d in lrn.held}
+    lrn.update(groups[0])  # no receive() call: only the prefetch can have read the new entries
+    new = [d for d in lrn.held if d.entry_id not in before]
+    assert sorted(d.batch.batch_id for d in new) == sorted(b.batch_id for b in later)
+    assert lrn.consumer.decode_s > 0
+    lrn.close()
