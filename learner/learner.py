@@ -26,6 +26,7 @@ writes the final checkpoint.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -271,16 +272,17 @@ class Learner:
             if latest is not None and int(latest) >= version:
                 version = int(latest) + 1  # versions only grow: workers load only newer versions
 
-        def save(f):
-            save_checkpoint(f, model=model, optimizer=optimizer, scheduler=scheduler, version=version,
-                            updates=updates, config_json=cfg.to_json())
-
-        def load(f):
-            nonlocal version, updates
-            info = load_checkpoint(f, model, optimizer, scheduler, map_location=device)
-            version, updates = int(info["version"]), int(info["updates"])
-
-        distributed.broadcast_state(save, load)  # every rank starts from rank 0's state
+        if world > 1:  # every rank starts from rank 0's whole state: model, optimiser moments, scheduler, version
+            state = None
+            if rank == 0:
+                buf = io.BytesIO()
+                save_checkpoint(buf, model=model, optimizer=optimizer, scheduler=scheduler, version=version,
+                                updates=updates, config_json=cfg.to_json())
+                state = buf.getvalue()
+            state = distributed.broadcast_bytes(state)
+            if rank != 0:
+                info = load_checkpoint(io.BytesIO(state), model, optimizer, scheduler, map_location=device)
+                version, updates = int(info["version"]), int(info["updates"])
         train_model: torch.nn.Module = model
         if world > 1:
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import hashlib
-import io
 import os
 import signal
 
@@ -127,22 +126,6 @@ def broadcast_bytes(data: bytes | None) -> bytes:
         buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, src=0)
     return bytes(buf.cpu().numpy())
-
-
-def broadcast_state(save, load) -> None:
-    """Make every rank's training state rank 0's: rank 0 serialises with ``save(file)``
-    (``torch.save`` of tensors and primitives), the others ``load(file)`` it (``torch.load(
-    weights_only=True)``). Model, optimiser moments, scheduler and version then match exactly."""
-    if world_size() == 1:
-        return
-    data = None
-    if rank() == 0:
-        f = io.BytesIO()
-        save(f)
-        data = f.getvalue()
-    data = broadcast_bytes(data)
-    if rank() != 0:
-        load(io.BytesIO(data))
 
 
 def params_digest(model: nn.Module) -> str:
