@@ -183,12 +183,12 @@ def test_keisei_run_starts_several_learner_ranks_under_torchrun():
 
     args = argparse.Namespace(learners=2, learner_restarts=5, learner_stop_timeout=120.0, config="c.yaml",
                               overrides=["ppo.epochs=2"], resume=True)
-    cmd = learner_command(args, "redis://u:p@h:1/0", "r1")
+    cmd = learner_command(args, "r1")
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--max-restarts") + 1] == "5"
     assert cmd[cmd.index("--shutdown-timeout") + 1] == "120"
     tail = cmd[cmd.index("learner") - 1:]
     assert tail[:2] == ["-m", "learner"] and "--run" not in tail and "run.id=r1" in tail and "ppo.epochs=2" in tail
-    assert tail[-1] == "--resume"
-    one = learner_command(argparse.Namespace(**{**vars(args), "learners": 1}), "redis://h", "r1")
+    assert tail[-1] == "--resume" and "--redis" not in cmd  # the URL (with a password) goes in the environment
+    one = learner_command(argparse.Namespace(**{**vars(args), "learners": 1}), "r1")
     assert one[1:3] == ["-m", "learner"]

@@ -105,18 +105,18 @@ def command(args: argparse.Namespace) -> int:
     status.set_control(r, keys, "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
-    learner_cmd = learner_command(args, learner_url, run_id)
+    learner_cmd = learner_command(args, run_id)
     console.print(f"keisei run [bold]{run_id}[/bold]: Redis {url}, {args.learners} learner(s) + {n_workers} workers, "
                   f"logs in {logs}" + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
-    learner = subprocess.Popen(learner_cmd, stdout=open(logs / "learner.out", "ab"),
-                               stderr=subprocess.STDOUT, env=env, preexec_fn=_child_preexec)
+    learner = subprocess.Popen(learner_cmd, stdout=open(logs / "learner.out", "ab"), stderr=subprocess.STDOUT,
+                               env=dict(env, KEISEI_REDIS=learner_url), preexec_fn=_child_preexec)
     workers = []
     for i in range(n_workers):
-        cmd = [py, "-m", "workers", "--redis", worker_url, "--run", run_id, "--id", f"w{i}"]
+        cmd = [py, "-m", "workers", "--run", run_id, "--id", f"w{i}"]  # the URL (a password) in the environment
         if args.games:
             cmd += ["--games", str(args.games)]
         workers.append(subprocess.Popen(cmd, stdout=open(logs / f"worker-w{i}.out", "ab"),
-                                        stderr=subprocess.STDOUT, env=env,
+                                        stderr=subprocess.STDOUT, env=dict(env, KEISEI_REDIS=worker_url),
                                         preexec_fn=_child_preexec))
     t0 = time.monotonic()
 
@@ -200,11 +200,12 @@ def command(args: argparse.Namespace) -> int:
     return 0 if clean else 1
 
 
-def learner_command(args: argparse.Namespace, learner_url: str, run_id: str) -> list[str]:
+def learner_command(args: argparse.Namespace, run_id: str) -> list[str]:
     """``python -m learner ...``, or with ``--learners N > 1`` the same under torchrun: N ranks on
     this machine (``--standalone``), restarted together up to ``--learner-restarts`` times when
     one fails (they resume from the newest checkpoint), given ``--learner-stop-timeout`` seconds
-    to stop cleanly on SIGTERM."""
+    to stop cleanly on SIGTERM. The Redis URL is not on the command line (it holds a password):
+    ``keisei run`` passes it in the environment variable ``KEISEI_REDIS``."""
     py = sys.executable
     cmd = [py, "-m", "learner"]
     if args.learners > 1:
@@ -212,7 +213,7 @@ def learner_command(args: argparse.Namespace, learner_url: str, run_id: str) -> 
                "--max-restarts", str(args.learner_restarts), "--shutdown-timeout", str(int(args.learner_stop_timeout)),
                "-m", "learner"]
     # the run id as an override: torchrun's parser would take "--run" for its own "--run-path"
-    cmd += ["--config", str(args.config), "--redis", learner_url, "--set", f"run.id={run_id}"]
+    cmd += ["--config", str(args.config), "--set", f"run.id={run_id}"]  # the URL: KEISEI_REDIS, see command()
     for ov in args.overrides:
         cmd += ["--set", ov]
     if args.resume:
