@@ -75,6 +75,9 @@ class PPOConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     target_kl: Optional[float] = Field(0.03, gt=0, description="stop the epochs early past this approx KL; null = never")
     normalize_advantages: bool = Field(True, description="normalise advantages per minibatch to mean 0, std 1")
+    recompute_values: bool = Field(True, description="GAE advantages and returns from the values of the model at the "
+                                   "start of the update (as IMPALA's V-trace uses the learner's values), not from the "
+                                   "stale values the workers recorded")
     samples_per_update: int = Field(4096, ge=1, description="positions gathered before one PPO update")
     max_policy_lag: int = Field(32, ge=0, description="positions from versions older than current - lag are dropped "
                                                      "(counted as stale); younger ones are corrected by the truncated "

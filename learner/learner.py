@@ -66,6 +66,7 @@ from keisei_stream.rl.ppo import (
     make_optimizer,
     make_scheduler,
     ppo_update,
+    proximal_pass,
 )
 from keisei_stream.shogi import EndReason, encode_positions, encode_positions_compact
 from keisei_stream.wire import retry
@@ -382,9 +383,6 @@ class Learner:
         cfg = self.cfg
         self.updating = entries
         b = concat_batches([d.batch for d in entries])
-        values = b.value.astype(np.float32)
-        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
-                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
         versions = b.version.astype(np.int64)
         keep = filter_stale(versions, self.version, cfg.ppo.max_policy_lag)
         n_keep, n_stale = int(keep.sum()), int((~keep).sum())
@@ -393,7 +391,7 @@ class Learner:
         keep_all = n_keep if self.world == 1 else int(distributed.all_reduce([n_keep])[0])
         if keep_all:
             # rebuild + PPO in the training thread; meanwhile this thread reads and decodes the next entries
-            job = self.trainer.submit(self.train, b, keep, values, advantages, returns)
+            job = self.trainer.submit(self.train, b, keep)
             self.prefetch_while(job)
             metrics, input_bytes = job.result()
             lag = self.version - versions[keep]
@@ -427,14 +425,21 @@ class Learner:
         if stepped and self.updates % cfg.learner.checkpoint_every == 0:
             self.checkpoint()
 
-    def train(self, b: ExperienceBatch, keep: np.ndarray, values: np.ndarray, advantages: np.ndarray,
-              returns: np.ndarray) -> tuple[dict[str, float], int]:
-        """Rebuild the kept positions' inputs and run one decoupled-PPO update (in the training
-        thread: it alone touches the model until it returns). Returns the metrics and the input
-        bytes that crossed to the device."""
+    def train(self, b: ExperienceBatch, keep: np.ndarray) -> tuple[dict[str, float], int]:
+        """GAE, the rebuild of the inputs and one decoupled-PPO update on the ``keep`` positions of
+        ``b`` (in the training thread: it alone touches the model until it returns). Returns the
+        metrics and the input bytes that crossed to the device.
+
+        With ``ppo.recompute_values`` (default) the advantages and returns come from the values of
+        the model as it is at the start of the update (one no-grad pass over every position of
+        the games, which also gives the proximal log-probabilities PPO needs), not from the values
+        the workers recorded up to ``max_policy_lag`` versions ago: IMPALA's V-trace targets are
+        built from the learner's values too (Espeholt et al. 2018, arXiv:1802.01561, sec. 4.1).
+        """
         cfg, n_keep = self.cfg, int(keep.sum())
         t0 = time.monotonic()
-        positions = (b.hcp[keep], b.ply[keep], b.repetition[keep], cfg.env.max_plies)
+        rows = keep if not cfg.ppo.recompute_values else np.ones_like(keep)  # the pass needs every position
+        positions = (b.hcp[rows], b.ply[rows], b.repetition[rows], cfg.env.max_plies)
         if self.device.type == "cpu" or not n_keep:  # CPU: the dense arrays directly (2x faster here)
             obs, mask = (torch.from_numpy(a) for a in encode_positions(*positions))
             input_bytes = obs.numel() * 4 + mask.numel()
@@ -442,17 +447,30 @@ class Learner:
             compact = encode_positions_compact(*positions)
             obs, mask = expand_inputs(compact, self.device)
             input_bytes = compact_nbytes(compact)
-        batch = {
-            "obs": obs, "mask": mask,
-            "action": torch.from_numpy(b.action[keep].astype(np.int64)),
-            "log_prob": torch.from_numpy(b.log_prob[keep]), "value": torch.from_numpy(values[keep]),
-            "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep]),
-        }
-        t1 = time.monotonic()
+        actions = torch.from_numpy(b.action[rows].astype(np.int64))
+        batch = {"log_prob": torch.from_numpy(b.log_prob[keep])}
+        t1 = time.monotonic()  # the proximal pass below is training time
+        if cfg.ppo.recompute_values and n_keep:
+            prox_logp, values_t = proximal_pass(self.model, obs, mask, actions, self.device, cfg.learner.amp,
+                                                cfg.ppo.minibatch_size)
+            values = values_t.cpu().numpy()
+            rows_t = torch.from_numpy(keep).to(obs.device)
+            obs, mask, actions = obs[rows_t], mask[rows_t], actions[torch.from_numpy(keep)]
+            batch["prox_log_prob"] = prox_logp[rows_t.to(prox_logp.device)]
+        else:
+            values = b.value.astype(np.float32)
+            if cfg.ppo.recompute_values:  # this rank holds no fresh position: nothing to evaluate
+                obs, mask, actions = obs[:0], mask[:0], actions[:0]
+        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
+                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        batch.update({"obs": obs, "mask": mask, "action": actions, "value": torch.from_numpy(values[keep]),
+                      "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep])})
         metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
                              cfg.learner.amp)
         self.seconds["rebuild"] += t1 - t0
         self.seconds["train"] += time.monotonic() - t1
+        if cfg.ppo.recompute_values and n_keep:  # how far the workers' values were from the start-of-update ones
+            metrics["value_staleness"] = float(np.abs(values[keep] - b.value[keep]).mean())
         return metrics, input_bytes
 
     def prefetch_while(self, job: Future) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from keisei_stream.config import load_config
 from keisei_stream.wire.keys import Keys
@@ -148,4 +150,39 @@ def test_the_next_entries_are_read_and_decoded_while_an_update_trains(real_redis
     new = [d for d in lrn.held if d.entry_id not in before]
     assert sorted(d.batch.batch_id for d in new) == sorted(b.batch_id for b in later)
     assert lrn.consumer.decode_s > 0
+    lrn.close()
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update(
+        real_redis, redis_server, tmp_path, make_batch, monkeypatch, recompute):
+    """ppo.recompute_values: GAE runs on the start-of-update model's values (and PPO gets that
+    pass's log-probs), not on the values the workers recorded, which may be versions old."""
+    import learner.learner as learner_module
+    from keisei_stream.rl.ppo import compute_gae, proximal_pass
+    from keisei_stream.shogi import encode_positions
+
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, f"values{recompute}", f"ppo.recompute_values={recompute}")
+    keys = Keys(f"values{recompute}")
+    _fill(real_redis, keys, make_batch, 4, games=2, version=1)
+    _receive_all(lrn)
+    group = lrn.ready_updates(force=True)[0]
+    seen = {}
+    real_update = learner_module.ppo_update
+    monkeypatch.setattr(learner_module, "ppo_update", lambda model, opt, sch, batch, *a: seen.update(batch)
+                        or real_update(model, opt, sch, batch, *a))
+    b = learner_module.concat_batches([d.batch for d in group])
+    obs, mask = (torch.from_numpy(x) for x in encode_positions(b.hcp, b.ply, b.repetition, cfg.env.max_plies))
+    logp, values = proximal_pass(lrn.model, obs, mask, torch.from_numpy(b.action.astype(np.int64)), "cpu", False, 64)
+    lrn.update(group)
+    expected = values.numpy() if recompute else b.value.astype(np.float32)
+    np.testing.assert_allclose(seen["value"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    adv, _ = compute_gae(expected, b.game_offsets.astype(np.int64), b.final_rewards(), cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    np.testing.assert_allclose(seen["advantage"].numpy(), adv, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(values.numpy(), b.value)  # the recorded values are not the model's
+    if recompute:
+        np.testing.assert_allclose(seen["prox_log_prob"].numpy(), logp.numpy(), rtol=1e-5, atol=1e-5)
+        assert lrn.last_metrics["value_staleness"] > 0
+    else:
+        assert "prox_log_prob" not in seen
     lrn.close()

@@ -207,6 +207,39 @@ def _minibatches(sizes: list[int], rank: int, mb: int) -> tuple[list[int], list[
     return per_rank[rank].tolist(), np.sum([np.diff(b) for b in per_rank], axis=0).tolist()
 
 
+def proximal_pass(
+    model: nn.Module,
+    obs: torch.Tensor,
+    mask: torch.Tensor,
+    actions: torch.Tensor,
+    device: torch.device | str,
+    amp: bool,
+    minibatch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and values of ``model`` as it is now (the proximal policy of an update),
+    without gradients, in slices of ``minibatch`` positions.
+
+    Args:
+        model: the actor-critic on ``device``. obs: ``(P, 46, 9, 9) float32``; mask ``(P, 13527)
+        bool``; actions ``(P,) int64`` (any device: moved). amp: bf16 autocast on CUDA.
+
+    Returns:
+        ``(log_prob (P,) float32, value (P,) float32)`` on ``device``.
+    """
+    device = torch.device(device)
+    use_amp = bool(amp) and device.type == "cuda"
+    n = int(actions.shape[0])
+    logp, values = torch.empty(n, device=device), torch.empty(n, device=device)
+    with torch.no_grad():
+        for s in range(0, n, max(1, minibatch)):
+            idx = slice(s, min(s + minibatch, n))  # views, not gathered copies
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits, value = model(obs[idx].to(device, torch.float32))
+            logp[idx], _ = log_prob_entropy(logits.float(), mask[idx].to(device), actions[idx].to(device))
+            values[idx] = value.float()
+    return logp, values
+
+
 def ppo_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -249,8 +282,10 @@ def ppo_update(
         optimizer: from :func:`make_optimizer`. scheduler: from :func:`make_scheduler` or None.
         batch: CPU or device tensors: ``obs (P,46,9,9) float32``, ``mask (P,13527) bool``,
             ``action (P,) int64``, ``log_prob (P,) float32`` (behaviour, under the distribution
-            sampled from), ``value (P,) float32`` (behaviour), ``advantage (P,) float32``,
-            ``return (P,) float32``.
+            sampled from), ``value (P,) float32`` (the values the advantages came from: the
+            behaviour's, or the proximal pass's), ``advantage (P,) float32``, ``return (P,)
+            float32``; optionally ``prox_log_prob (P,) float32``, the proximal policy's
+            log-probabilities from the caller's :func:`proximal_pass` (then not computed again).
         cfg: PPO hyper-parameters. device: the model's device. amp: bf16 autocast on CUDA.
 
     Returns:
@@ -309,12 +344,11 @@ def ppo_update(
     model.train()
     # Log-probs of the proximal policy (this model before the update): the clip is centred on them,
     # the importance weight divides them by the behaviour policy, the KL early stop measures from them.
-    start_logp = torch.empty(n, device=device)
+    if "prox_log_prob" in batch:  # the caller's proximal pass (it also recomputed the values)
+        start_logp = batch["prox_log_prob"].to(device, torch.float32, non_blocking=nb)
+    else:
+        start_logp, _ = proximal_pass(model, obs, mask, actions, device, amp, mb)
     with torch.no_grad():
-        for s in range(0, n, mb):
-            idx = slice(s, min(s + mb, n))  # views, not gathered copies
-            logits, _ = forward(idx)
-            start_logp[idx], _ = log_prob_entropy(logits, mask[idx], actions[idx])
         lr_ = start_logp - old_logp
         is_weight_raw = lr_.exp()
         is_weight = is_weight_raw.clamp(max=cfg.is_weight_clip)
