@@ -132,6 +132,8 @@ class LearnerConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard event files to runs/{id}/tensorboard")
     wandb: bool = Field(False, description="log metrics to Weights & Biases (needs the wandb package)")
     wandb_project: str = Field("keisei-stream", description="W&B project name")
+    prefetch: bool = Field(True, description="read, decode and validate the next entries in the main thread while "
+                           "the training thread runs the update")
     dist_timeout_s: float = Field(300.0, gt=0, description="several learner ranks (torchrun): seconds a collective "
                                   "waits for a missing rank before every rank exits for torchrun to restart them")
     check_sync_every: int = Field(10, ge=0, description="several learner ranks: updates between checks that every "

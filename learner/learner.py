@@ -476,7 +476,11 @@ class Learner:
     def prefetch_while(self, job: Future) -> None:
         """While ``job`` trains, read, decode and validate the next entries into :attr:`held` (at
         least one read; short blocking reads, so the update's end is not delayed). Only this thread
-        touches the consumer and Redis meanwhile, only the training thread the model."""
+        touches the consumer and Redis meanwhile, only the training thread the model. With
+        ``learner.prefetch`` off it only waits."""
+        if not self.cfg.learner.prefetch:
+            wait([job])
+            return
         while True:
             n = len(self.held)
             self.receive(block_ms=PREFETCH_BLOCK_MS, training=True)
