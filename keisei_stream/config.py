@@ -75,7 +75,7 @@ class PPOConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
     target_kl: Optional[float] = Field(0.03, gt=0, description="stop the epochs early past this approx KL; null = never")
     normalize_advantages: bool = Field(True, description="normalise advantages per minibatch to mean 0, std 1")
-    recompute_values: bool = Field(True, description="GAE advantages and returns from the values of the model at the "
+    recompute_values: bool = Field(False, description="GAE advantages and returns from the values of the model at the "
                                    "start of the update (as IMPALA's V-trace uses the learner's values), not from the "
                                    "stale values the workers recorded")
     samples_per_update: int = Field(4096, ge=1, description="positions gathered before one PPO update")
@@ -132,8 +132,9 @@ class LearnerConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard event files to runs/{id}/tensorboard")
     wandb: bool = Field(False, description="log metrics to Weights & Biases (needs the wandb package)")
     wandb_project: str = Field("keisei-stream", description="W&B project name")
-    prefetch: bool = Field(True, description="read, decode and validate the next entries in the main thread while "
-                           "the training thread runs the update")
+    prefetch: bool = Field(False, description="read, decode and validate the next entries in the main thread while "
+                           "the training thread runs the update (meant for a GPU learner; on 2 CPU cores it cost "
+                           "about 25 % of the trained positions/s, README)")
     dist_timeout_s: float = Field(300.0, gt=0, description="several learner ranks (torchrun): seconds a collective "
                                   "waits for a missing rank before every rank exits for torchrun to restart them")
     check_sync_every: int = Field(10, ge=0, description="several learner ranks: updates between checks that every "

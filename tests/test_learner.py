@@ -135,7 +135,7 @@ def test_entries_read_before_the_server_lost_its_data_are_never_counted_in_the_n
 def test_the_next_entries_are_read_and_decoded_while_an_update_trains(real_redis, redis_server, tmp_path, make_batch):
     """Prefetch: the main thread reads (and validates) what arrived while the training thread
     runs the update, so the next update does not wait for them."""
-    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "prefetch", "stream.max_backlog=16")
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "prefetch", "stream.max_backlog=16", "learner.prefetch=true")
     keys = Keys("prefetch")
     _fill(real_redis, keys, make_batch, 6, games=1, version=1)
     _receive_all(lrn)
