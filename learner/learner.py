@@ -211,7 +211,6 @@ class Learner:
     updates: int = 0
     epoch: str = ""
     held: list[Delivered] = field(default_factory=list)
-    updating: list[Delivered] = field(default_factory=list)  # the entries of the update in progress
     trained: int = 0
     stale: int = 0
     skipped_updates: int = 0
@@ -381,7 +380,6 @@ class Learner:
         metrics, checkpoint. Positions older than ``max_policy_lag`` versions are counted as
         stale, not trained; an update whose every minibatch was non-finite publishes nothing."""
         cfg = self.cfg
-        self.updating = entries
         b = concat_batches([d.batch for d in entries])
         versions = b.version.astype(np.int64)
         keep = filter_stale(versions, self.version, cfg.ppo.max_policy_lag)
@@ -408,7 +406,6 @@ class Learner:
         t0 = time.monotonic()
         entry_of = np.repeat(np.arange(len(entries)), [d.batch.num_positions for d in entries])
         self.acknowledge(entries, np.bincount(entry_of, weights=keep, minlength=len(entries)).astype(np.int64))
-        self.updating = []
         self.seconds["ack"] += time.monotonic() - t0
         if stepped:
             self.version += 1
