@@ -207,6 +207,13 @@ def _minibatches(sizes: list[int], rank: int, mb: int) -> tuple[list[int], list[
     return per_rank[rank].tolist(), np.sum([np.diff(b) for b in per_rank], axis=0).tolist()
 
 
+def _forward(model: nn.Module, obs: torch.Tensor, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(obs)`` under bf16 autocast when ``use_amp`` (CUDA), as float32 ``(logits, value)``."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        logits, value = model(obs)
+    return logits.float(), value.float()
+
+
 def proximal_pass(
     model: nn.Module,
     obs: torch.Tensor,
@@ -233,10 +240,8 @@ def proximal_pass(
     with torch.no_grad():
         for s in range(0, n, max(1, minibatch)):
             idx = slice(s, min(s + minibatch, n))  # views, not gathered copies
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits, value = model(obs[idx].to(device, torch.float32))
-            logp[idx], _ = log_prob_entropy(logits.float(), mask[idx].to(device), actions[idx].to(device))
-            values[idx] = value.float()
+            logits, values[idx] = _forward(model, obs[idx].to(device, torch.float32), use_amp)
+            logp[idx], _ = log_prob_entropy(logits, mask[idx].to(device), actions[idx].to(device))
     return logp, values
 
 
@@ -336,11 +341,6 @@ def ppo_update(
     mb = min(cfg.minibatch_size, total)
     local_bounds, global_sizes = _minibatches(sizes, distributed.rank(), mb)
 
-    def forward(idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits, value = model(obs[idx])
-        return logits.float(), value.float()
-
     model.train()
     # Log-probs of the proximal policy (this model before the update): the clip is centred on them,
     # the importance weight divides them by the behaviour policy, the KL early stop measures from them.
@@ -369,7 +369,7 @@ def ppo_update(
             idx = perm[local_bounds[j]:local_bounds[j + 1]]
             denom = m_global / world  # the rank-averaged gradient is the gradient of the global mean
             if idx.numel():
-                logits, value = forward(idx)
+                logits, value = _forward(model, obs[idx], use_amp)
                 logp, ent = log_prob_entropy(logits, mask[idx], actions[idx])
                 with torch.no_grad():
                     d = logp - start_logp[idx]
