@@ -64,14 +64,19 @@ def _kill(server) -> None:
     server.process.wait(10)
 
 
-def test_an_outage_of_30_s_is_waited_out_and_nothing_is_lost(tmp_path, servers, procs):
-    server = servers(appendonly=True)
-    r, run = connect(server.url), "outage"
-    keys = Keys(run)
+def _start_run(server, run, tmp_path, procs):
+    """A client, the run's keys, and one learner and one worker on ``server`` (added to ``procs``)."""
+    r, keys = connect(server.url), Keys(run)
     status.set_control(r, keys, "run")
     learner = start_learner(server.url, run, tmp_path)
     worker = start_worker(server.url, run, tmp_path, "w0")
     procs += [learner, worker]
+    return r, keys, learner, worker
+
+
+def test_an_outage_of_30_s_is_waited_out_and_nothing_is_lost(tmp_path, servers, procs):
+    server = servers(appendonly=True)
+    r, keys, learner, worker = _start_run(server, "outage", tmp_path, procs)
     wait_for(lambda: weights_version(r, keys) >= 3, 120, "versions before the outage", procs)
     _kill(server)
     time.sleep(30.0)
@@ -87,12 +92,8 @@ def test_an_outage_of_30_s_is_waited_out_and_nothing_is_lost(tmp_path, servers, 
 
 def test_a_restart_that_lost_the_data_is_detected_reported_and_survived(tmp_path, servers, procs):
     server = servers()  # no persistence: a restart comes back empty
-    r, run = connect(server.url), "amnesia"
-    keys = Keys(run)
-    status.set_control(r, keys, "run")
-    learner = start_learner(server.url, run, tmp_path)
-    worker = start_worker(server.url, run, tmp_path, "w0")
-    procs += [learner, worker]
+    run = "amnesia"
+    r, keys, learner, worker = _start_run(server, run, tmp_path, procs)
     wait_for(lambda: weights_version(r, keys) >= 3, 120, "versions before the restart", procs)
     v = weights_version(r, keys)
     _kill(server)
