@@ -19,7 +19,8 @@ import statistics
 import tempfile
 import time
 
-from keisei_stream.wire.embedded_redis import connect, start_redis
+from keisei_stream.ops.embedded_redis import start_redis
+from keisei_stream.wire.client import connect
 
 POLICIES = ("off", "no", "everysec", "always")  # off = appendonly no (baseline)
 

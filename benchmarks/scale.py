@@ -46,7 +46,8 @@ from redis.retry import Retry
 
 from keisei_stream.wire import codec
 from keisei_stream.wire.consumer import Consumer, ensure_group
-from keisei_stream.wire.embedded_redis import as_str, connect, start_redis
+from keisei_stream.ops.embedded_redis import start_redis
+from keisei_stream.wire.client import as_str, connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting, read_workers

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from keisei_stream.wire.embedded_redis import connect  # noqa: E402
+from keisei_stream.wire.client import connect  # noqa: E402
 from keisei_stream.wire.keys import Keys  # noqa: E402
 from keisei_stream.wire.status import read_accounting  # noqa: E402
 

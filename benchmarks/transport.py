@@ -23,7 +23,8 @@ from pathlib import Path
 from keisei_stream.shogi import encode_positions
 from keisei_stream.wire import codec
 from keisei_stream.wire.consumer import Consumer, ensure_group
-from keisei_stream.wire.embedded_redis import connect, start_redis
+from keisei_stream.ops.embedded_redis import start_redis
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting

@@ -74,7 +74,7 @@ from keisei_stream.wire.archive import GameArchive, Recorder
 from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.codec import ExperienceBatch, concat_batches
 from keisei_stream.wire.consumer import Consumer, Delivered, ensure_group
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.status import (
     append_losses,

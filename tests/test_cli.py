@@ -18,7 +18,7 @@ from cshogi import CSA, KIF
 from keisei_stream.cli.main import main, parse_duration
 from keisei_stream.wire import status
 from keisei_stream.wire.archive import read_archive
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent

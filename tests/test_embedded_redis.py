@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from keisei_stream.wire.embedded_redis import SOCKET_TIMEOUT_S, RedisStartError, connect, find_server_binary, start_redis
+from keisei_stream.ops.embedded_redis import RedisStartError, find_server_binary, start_redis
+from keisei_stream.wire.client import SOCKET_TIMEOUT_S, connect
 
 pytestmark = pytest.mark.redis
 

@@ -17,7 +17,7 @@ from keisei_stream.play import follow, players, specs
 from keisei_stream.play.match import play_game, play_match
 from keisei_stream.play.players import GreedyPlayer, RandomPlayer, SpecError, move_gains
 from keisei_stream.play.specs import make_player, parse_spec
-from keisei_stream.wire import embedded_redis
+from keisei_stream.wire import client
 
 from tests.helpers import Scripted
 
@@ -265,7 +265,7 @@ def test_follow_writes_eval_stream_and_elo_table(tiny, monkeypatch, tmp_path):
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    monkeypatch.setattr(client, "connect", lambda url, **kw: r)
     keys = Keys("t1")
     r.set(keys.config, cfg.to_json())
     assert follow.latest_rating(r, "t1") is None
@@ -345,7 +345,7 @@ def test_eval_table_without_redis_reads_the_saved_table(tmp_path, monkeypatch, c
     assert "10.0" in cap.out and "30.0" in cap.out and "random: 3-1-0" in cap.out
     r.flushall()
     r.hset(follow.elo_key("gone"), "v:00000004", json.dumps(_rating(4, 40.0)))
-    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    monkeypatch.setattr(client, "connect", lambda url, **kw: r)
     assert cli_main(["eval", "--table", "--run", "gone", "--runs-dir", str(tmp_path), "--redis", "fake://"]) == 0
     cap = capsys.readouterr()
     assert "from the Redis at fake:// and 2 version(s) saved" in cap.err
@@ -420,7 +420,7 @@ def test_redis_version_with_search(tiny, monkeypatch):
 
     cfg, model, _ = tiny
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    monkeypatch.setattr(client, "connect", lambda url, **kw: r)
     keys = Keys("t2")
     r.set(keys.config, cfg.to_json())
     _publish(r, keys, model, 3)

@@ -16,7 +16,8 @@ from rich.console import Console
 
 from keisei_stream.cli.status import collect_status, render_status
 from keisei_stream.wire import status
-from keisei_stream.wire.embedded_redis import connect, start_redis
+from keisei_stream.ops.embedded_redis import start_redis
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from tests.procs import (
     ROOT,

@@ -14,7 +14,7 @@ import pytest
 
 from keisei_stream.wire import status
 from keisei_stream.config import load_config
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from tests.procs import (
     assert_accounting_balances, start_learner, start_worker, stop_all, wait_for, weights_version,

@@ -16,7 +16,7 @@ from keisei_stream.play.match import play_game, play_match
 from keisei_stream.play.players import GreedyPlayer, RandomPlayer
 from keisei_stream.play.records import Game, RecordError, game_fields, parse_game_fields
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
-from keisei_stream.wire import embedded_redis
+from keisei_stream.wire import client
 
 from tests.helpers import Scripted
 
@@ -122,7 +122,7 @@ def test_cli_on_games_stream(tmp_path, monkeypatch, capsys):
     from keisei_stream.wire.keys import Keys
 
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    monkeypatch.setattr(client, "connect", lambda url, **kw: r)
     keys = Keys("g1")
     for seed in range(3):
         rec = play_game(RandomPlayer(seed), RandomPlayer(seed + 1), max_plies=50)
@@ -220,7 +220,7 @@ def test_cli_games_auto_joins_stream_and_archive_without_duplicates(tmp_path, mo
     from keisei_stream.wire.keys import Keys
 
     r = fakeredis.FakeRedis()
-    monkeypatch.setattr(embedded_redis, "connect", lambda url, **kw: r)
+    monkeypatch.setattr(client, "connect", lambda url, **kw: r)
     keys = Keys("live")
     entries = [(f"{3000 + i}-0", _selfplay_fields(i, plies=30)) for i in range(10)]
     for eid, f in entries[6:]:  # the capped stream still holds the newest 4

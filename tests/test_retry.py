@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from keisei_stream.wire import retry
-from keisei_stream.wire.embedded_redis import connect, start_redis
+from keisei_stream.ops.embedded_redis import start_redis
+from keisei_stream.wire.client import connect
 
 pytestmark = pytest.mark.redis
 

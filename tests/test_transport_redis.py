@@ -15,7 +15,7 @@ from conftest import MAYBE_VALID
 from keisei_stream.wire.codec import encode_batch
 from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.consumer import Consumer, ensure_group
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting, stream_info
@@ -244,7 +244,7 @@ def test_deleted_pending_entry_is_not_dead_lettered(real_redis, make_batch):
 
 _VICTIM = r"""
 import sys, time
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.consumer import Consumer
 import signal

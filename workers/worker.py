@@ -25,14 +25,13 @@ import redis
 import torch
 
 from keisei_stream.config import Config, config_from_json
-from keisei_stream.play.records import game_fields
 from keisei_stream.rl.checkpoint import load_weights_bytes
 from keisei_stream.rl.model import build_model
 from keisei_stream.rl.policy import act
 from keisei_stream.shogi import GameRecord, VecEnv
 from keisei_stream.wire import retry, schema
 from keisei_stream.wire.codec import ExperienceBatch
-from keisei_stream.wire.embedded_redis import connect
+from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import append_game, get_control, write_worker_heartbeat
@@ -216,7 +215,7 @@ class Worker:
 
     def record_game(self, record: GameRecord) -> None:
         """The finished game to the capped ``games`` stream (skipped while Redis is full)."""
-        fields = game_fields(record, worker=self.worker_id, version=self.version)
+        fields = {**record.to_dict(), "worker": self.worker_id, "version": self.version}
         retry.best_effort("game record", append_game, self.r, self.keys, fields, self.cfg.stream.games_maxlen)
 
     def send(self, stop: retry.StopFlag, wait: bool = True) -> bool:

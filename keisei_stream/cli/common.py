@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rich.console import Console
 
-from keisei_stream.wire import embedded_redis
+from keisei_stream.wire import client
 
 #: seconds a probe waits for the run's Redis to answer PING before the command reads the files a
 #: finished run leaves in its directory instead
@@ -60,13 +60,13 @@ def find_redis(args: argparse.Namespace, timeout: float = PROBE_TIMEOUT_S) -> Ru
     """The run's Redis if it answers: ``--redis``, else the URL a local ``keisei run`` recorded.
 
     A probe client without retries PINGs the server (at most ``timeout`` seconds; the clients of
-    :func:`keisei_stream.wire.embedded_redis.connect` wait out outages forever, which is right for
+    :func:`keisei_stream.wire.client.connect` wait out outages forever, which is right for
     a run's processes but would hang a command on a finished run). A finished local run has
     stopped its private Redis and removed ``redis.url``; a run that was killed leaves a
     ``redis.url`` that nothing answers.
 
     Returns:
-        :class:`RunRedis`; its ``client`` is a normal :func:`~keisei_stream.wire.embedded_redis.connect` client.
+        :class:`RunRedis`; its ``client`` is a normal :func:`~keisei_stream.wire.client.connect` client.
 
     Raises:
         SystemExit: a malformed URL.
@@ -78,14 +78,14 @@ def find_redis(args: argparse.Namespace, timeout: float = PROBE_TIMEOUT_S) -> Ru
             return RunRedis(None, None, f"no --redis given and no {f}: the run has stopped, or never ran here")
         url = f.read_text().strip()
     try:
-        probe = embedded_redis.connect(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout,
+        probe = client.connect(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=timeout,
                                        socket_timeout=timeout, health_check_interval=0)
         probe.ping()
     except ValueError as exc:
         raise SystemExit(f"error: bad Redis URL {url!r}: {exc}") from None
     except (redis.RedisError, OSError) as exc:
         return RunRedis(url, None, f"the Redis at {url} does not answer ({type(exc).__name__})")
-    return RunRedis(url, embedded_redis.connect(url))
+    return RunRedis(url, client.connect(url))
 
 
 def make_console() -> Console:

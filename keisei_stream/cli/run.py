@@ -21,7 +21,8 @@ from rich.live import Live
 from keisei_stream.cli.common import make_console, url_file
 from keisei_stream.cli.status import collect_status, render_status
 from keisei_stream.config import ConfigError, load_config
-from keisei_stream.wire import acl, embedded_redis, status
+from keisei_stream.ops import acl, embedded_redis
+from keisei_stream.wire import client, status
 from keisei_stream.wire.keys import Keys
 
 
@@ -49,7 +50,7 @@ def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
 
 def start_private_redis(run_dir: Path, run_id: str, args: argparse.Namespace, console) -> tuple:
     """The run's private Redis: persistent (append-only file in ``run_dir/appendonlydir`` with
-    ``args.appendfsync``), with one ACL user per role (:mod:`keisei_stream.wire.acl`; passwords in
+    ``args.appendfsync``), with one ACL user per role (:mod:`keisei_stream.ops.acl`; passwords in
     ``run_dir/redis-users.json``, mode 600). A run started without ``--resume`` begins from an empty
     server (the previous append-only file is removed); with ``--resume`` the server loads it, so
     the stream, its pending entries and the accounting are back.
@@ -63,7 +64,7 @@ def start_private_redis(run_dir: Path, run_id: str, args: argparse.Namespace, co
         shutil.rmtree(aof)
     server = embedded_redis.start_redis(run_dir, maxmemory=args.maxmemory, appendonly=True,
                                         appendfsync=args.appendfsync)
-    admin = embedded_redis.connect(server.url)
+    admin = client.connect(server.url)
     passwords = acl.create_users(admin, run_id)
     admin.close()
     users = run_dir / "redis-users.json"
@@ -100,7 +101,7 @@ def command(args: argparse.Namespace) -> int:
     if not args.redis:
         server, url, learner_url, worker_url = start_private_redis(run_dir, run_id, args, console)
     url_file(run_dir).write_text(url + "\n")
-    r = embedded_redis.connect(url)
+    r = client.connect(url)
     keys = Keys(run_id)
     status.set_control(r, keys, "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -223,7 +224,7 @@ def learner_command(args: argparse.Namespace, run_id: str) -> list[str]:
 
 def _learner_state(url: str, run_id: str) -> str | None:
     try:
-        return status.read_learner_status(embedded_redis.connect(url), Keys(run_id)).get("state")
+        return status.read_learner_status(client.connect(url), Keys(run_id)).get("state")
     except Exception:  # the Redis is gone: the state is unknown
         return None
 

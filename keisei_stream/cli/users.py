@@ -1,12 +1,13 @@
 """``keisei users``: create a run's least-privilege Redis users on a server (or print their rules)
-and print the URL each process should use (:mod:`keisei_stream.wire.acl`)."""
+and print the URL each process should use (:mod:`keisei_stream.ops.acl`)."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 
-from keisei_stream.wire import acl, embedded_redis
+from keisei_stream.ops import acl
+from keisei_stream.wire import client
 from keisei_stream.wire.keys import Keys
 
 
@@ -18,7 +19,7 @@ def command(args: argparse.Namespace) -> int:
             rules = " ".join(shlex.quote(r) for r in acl.role_rules(Keys(args.run), role))
             print(f"ACL SETUSER {acl.username(args.run, role)} reset on '>PASSWORD' {rules}")
         return 0
-    r = embedded_redis.connect(args.redis)
+    r = client.connect(args.redis)
     passwords = acl.create_users(r, args.run)
     base = args.url or acl.strip_user(args.redis)
     for role, password in passwords.items():

@@ -56,7 +56,7 @@ from keisei_stream.config import Config, config_from_json
 from keisei_stream.play import elo as elo_math
 from keisei_stream.play.match import play_match
 from keisei_stream.play.players import SpecError
-from keisei_stream.wire import embedded_redis, status, weights
+from keisei_stream.wire import client, status, weights
 from keisei_stream.wire.keys import Keys
 
 
@@ -250,7 +250,7 @@ class EvalFiles:
         """Append one ``eval`` stream entry (its ``fields`` as written) to ``eval.jsonl`` and its
         scalars to TensorBoard; returns the line's data."""
         ints = ("version", "games", "wins", "losses", "draws")
-        line: dict[str, Any] = {"id": embedded_redis.as_str(entry_id), "run": self.run, "sha256": sha256}
+        line: dict[str, Any] = {"id": client.as_str(entry_id), "run": self.run, "sha256": sha256}
         for k, v in fields.items():
             if k in ints:
                 line[k] = int(v)
@@ -281,7 +281,7 @@ class EvalFiles:
             anchors.update(old.get("anchors", {}))
             versions.update({int(v["version"]): v for v in old.get("versions", [])})
         for k, v in (r.hgetall(elo_key(self.run)) or {}).items():
-            k = embedded_redis.as_str(k)
+            k = client.as_str(k)
             if k.startswith("anchor:"):
                 anchors[k[len("anchor:"):]] = json.loads(v)
             elif k.startswith("v:"):
@@ -384,7 +384,7 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
         SpecError: a bad opponent spec; redis.RedisError: Redis unreachable.
     """
     console = Console(stderr=True)
-    r = embedded_redis.connect(url)
+    r = client.connect(url)
     keys = Keys(run)
     cfg_text = status.read_config(r, keys)
     while cfg_text is None:

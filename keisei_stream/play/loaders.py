@@ -20,7 +20,7 @@ from keisei_stream.config import Config, ConfigError, config_from_json
 from keisei_stream.play.players import SpecError
 from keisei_stream.rl import checkpoint
 from keisei_stream.rl.model import build_model, pick_device
-from keisei_stream.wire import embedded_redis, status, weights
+from keisei_stream.wire import client, status, weights
 from keisei_stream.wire.keys import Keys
 
 
@@ -82,7 +82,7 @@ def load_model_from_redis(url: str, run: str, version: Union[int, str] = "latest
         SpecError: missing or bad config, missing weights, bad version text, a checksum mismatch,
             weights that do not fit the config, an unavailable device.
     """
-    r = embedded_redis.connect(url)
+    r = client.connect(url)
     keys = Keys(run)
     cfg_text = status.read_config(r, keys)
     if cfg_text is None:

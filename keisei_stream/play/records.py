@@ -45,7 +45,7 @@ from cshogi import CSA, KIF
 
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
 from keisei_stream.wire import status
-from keisei_stream.wire.embedded_redis import as_str
+from keisei_stream.wire.client import as_str
 from keisei_stream.wire.archive import read_newest
 from keisei_stream.wire.keys import Keys
 

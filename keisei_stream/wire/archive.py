@@ -33,7 +33,7 @@ from typing import Iterator
 
 import redis
 
-from .embedded_redis import as_str
+from .client import as_str
 from .keys import Keys
 
 COLUMNS = ("id", "result", "reason", "plies", "worker", "version", "opening_plies", "start", "moves")

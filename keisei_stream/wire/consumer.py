@@ -8,7 +8,7 @@ capped ``deadletter`` stream and duplicates (same ``batch_id``) are dropped; bot
 and deleted at once and counted. Good entries are acknowledged and deleted only by
 :meth:`Consumer.ack`, after the update that used them (at-least-once delivery).
 
-Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.embedded_redis.connect` (bytes replies;
+Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.client.connect` (bytes replies;
 socket timeout above every ``BLOCK``).
 """
 
@@ -23,7 +23,7 @@ from redis.exceptions import ResponseError
 
 from .atomic import run_atomic
 from .codec import ExperienceBatch, decode_entry, entry_positions
-from .embedded_redis import as_str
+from .client import as_str
 from .keys import Keys
 from .schema import BadEntry
 

@@ -8,7 +8,7 @@ never-delivered).
 backoff (it keeps its games); a lost connection makes it retry. A retry of a script call that
 did run is recognised by the ``producers`` hash (``worker -> "session:seq"``) and not added twice.
 
-Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.embedded_redis.connect`.
+Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.client.connect`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one retry policy of every Redis call: exponential backoff with jitter, for as long as it takes.
 
-Every client made by :func:`keisei_stream.wire.embedded_redis.connect` carries a
+Every client made by :func:`keisei_stream.wire.client.connect` carries a
 :class:`RetryForever`, so each command, pipeline, script call and pub/sub read of the worker, the
 learner, the evaluator and ``keisei run`` waits out a Redis outage of any length instead of
 raising. While calls are failing the process logs one line when the outage starts and one when it

@@ -4,7 +4,7 @@ state.
 
 Hash and stream values are written flat (numbers as text, booleans as 0/1, None as empty) and
 read back as ``str``. Every function takes a ``redis.Redis`` made by
-:func:`keisei_stream.wire.embedded_redis.connect`.
+:func:`keisei_stream.wire.client.connect`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import redis
 from redis.exceptions import ResponseError
 
-from .embedded_redis import as_str
+from .client import as_str
 from .keys import ACCOUNTING_FIELDS, Keys
 
 

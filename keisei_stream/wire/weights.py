@@ -6,7 +6,7 @@ newest ``keep`` blobs stay. Readers verify the SHA-256 (and size). Pub/sub loses
 a client reconnects, so :class:`WeightsWatcher` treats it as a wake-up hint and also polls.
 
 Weights travel as bytes (safetensors); this module does not import torch. Every function takes a
-``redis.Redis`` made by :func:`keisei_stream.wire.embedded_redis.connect`.
+``redis.Redis`` made by :func:`keisei_stream.wire.client.connect`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from .atomic import run_atomic
-from .embedded_redis import as_str
+from .client import as_str
 from .retry import TRANSIENT_ERRORS
 from .keys import Keys
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from .keys import Keys
+from keisei_stream.wire.keys import Keys
 
 ROLES = ("worker", "learner", "evaluator", "monitor")
 

