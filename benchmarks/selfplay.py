@@ -1,6 +1,6 @@
 """Self-play rate of the worker's step against bare inference of the same net at the same batch.
 
-Prints one JSON object: positions/s of ``workers.worker.selfplay_step`` (observations, masks,
+Prints one JSON object: positions/s of ``keisei_stream.rl.selfplay.selfplay_step`` (observations, masks,
 one forward pass, masked sampling, trajectory writes, env step with auto-reset) for N games at
 once, and, measured in the same run and process, the bare forward pass of the same model on a
 batch of N real observations (the baseline), and their ratio (goal: >= 0.8).
@@ -20,7 +20,7 @@ import torch
 from keisei_stream.config import load_config
 from keisei_stream.rl.model import build_model, count_parameters
 from keisei_stream.shogi import VecEnv
-from workers.worker import Trajectories, selfplay_step
+from keisei_stream.rl.selfplay import Trajectories, selfplay_step
 
 
 def _rate(fn, n_per_call: int, seconds: float) -> float:

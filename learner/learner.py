@@ -1,22 +1,19 @@
-"""The learner: consumes experience through the consumer group, runs PPO, publishes weights.
+"""The learner process: consumes experience through the consumer group, runs PPO, publishes weights.
 
-:func:`run_learner` reads top to bottom. :meth:`Learner.start` builds the model (from the newest
-checkpoint on ``--resume``), writes the run's config to Redis and publishes the first weights
-version; then the loop repeats five named steps until SIGTERM/SIGINT:
+A thin shell: the update is :class:`keisei_stream.rl.trainer.Trainer`'s, the delivery state of
+every entry (held, in an update, acknowledged, the epoch it was read in, the recovery after Redis
+lost the run's data) is :class:`keisei_stream.wire.consumer.Consumer`'s. :func:`run_learner`
+reads top to bottom: :meth:`Learner.start`, then until SIGTERM/SIGINT
 
 1. :meth:`Learner.receive`: read entries from the consumer group (own pending first, then entries
-   claimed from dead learners, then new ones); bad entries are dead-lettered by the consumer.
-2. :meth:`Learner.check_server`: after a Redis outage, detect a restart that lost data (the run's
-   ``epoch`` key is gone or changed): recreate the group, re-publish config and weights, record a
-   ``losses`` entry, and never acknowledge the old server's entries into the new accounting.
-3. :meth:`Learner.ready_updates`: split what is held into updates of about
-   ``ppo.samples_per_update`` positions, or take all of it once the backlog is full and nothing new
-   can arrive (so the run always makes progress, whatever the share of stale positions).
-4. :meth:`Learner.update`: per game GAE, drop positions older than ``max_policy_lag``, then in
-   the training thread rebuild observations and masks (on a GPU: compact on the host, dense on
-   the device) and one decoupled-PPO update, while this thread reads and decodes the next entries
-   (:meth:`Learner.prefetch_while`); acknowledge (which frees Redis memory), publish the next
-   version, metrics to every sink, checkpoint.
+   claimed from dead learners, then new ones); bad entries are dead-lettered by the consumer;
+2. :meth:`Learner.check_server`: after an outage, recover from a restart that lost the run's data
+   (the consumer's new epoch and ``losses`` entry; config and weights re-published here);
+3. :meth:`Learner.ready_updates`: the held entries in updates of about ``ppo.samples_per_update``
+   positions, or all of them once the backlog is full and nothing new can arrive;
+4. :meth:`Learner.update`: the trainer's update in the training thread (while this thread reads
+   and decodes the next entries, :meth:`Learner.prefetch_while`), then acknowledge, publish the
+   next version, metrics to every sink, checkpoint;
 5. :meth:`Learner.housekeeping`: archive finished games, write the ``learner`` status hash.
 
 On a stop it drains the stream into the last updates, acknowledges, checkpoints and exits. Every
@@ -30,60 +27,30 @@ import io
 import json
 import logging
 import os
-import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import redis
 import torch
-from rich.console import Console
-from torch.nn.parallel import DistributedDataParallel
 
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
-from keisei_stream.rl.checkpoint import (
-    checkpoint_name,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    weights_to_bytes,
-)
-from keisei_stream.rl.inputs import compact_nbytes, expand_inputs
-from keisei_stream.rl.model import (
-    build_model,
-    count_parameters,
-    maybe_compile,
-    pick_device,
-)
-from keisei_stream.rl.ppo import (
-    compute_gae,
-    filter_stale,
-    make_optimizer,
-    make_scheduler,
-    ppo_update,
-    proximal_pass,
-)
-from keisei_stream.shogi import EndReason, encode_positions, encode_positions_compact
+from keisei_stream.rl.checkpoint import checkpoint_name, latest_checkpoint, prune_checkpoints, weights_to_bytes
+from keisei_stream.rl.model import count_parameters, pick_device
+from keisei_stream.rl.trainer import Trainer
 from keisei_stream.wire import retry
 from keisei_stream.wire.archive import GameArchive, Recorder
 from keisei_stream.wire.atomic import EpochChanged
-from keisei_stream.wire.codec import ExperienceBatch, concat_batches
-from keisei_stream.wire.consumer import Consumer, Delivered, ensure_group
 from keisei_stream.wire.client import connect
+from keisei_stream.wire.codec import concat_batches
+from keisei_stream.wire.consumer import Consumer, Delivered
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import (
-    append_losses,
-    append_metrics,
-    read_accounting,
-    write_config,
-    write_learner_status,
-)
+from keisei_stream.wire.status import read_accounting, write_config, write_learner_status
 from keisei_stream.wire.weights import publish_weights
+from learner.sinks import MetricsSinks
 
 log = logging.getLogger("keisei.learner")
 
@@ -107,86 +74,6 @@ class LearnerResult:
     checkpoint: Path | None
 
 
-class MetricsSinks:
-    """Where each update's metrics go, behind one call: the ``metrics`` stream, TensorBoard, W&B
-    and the console/log line.
-
-    Args:
-        cfg: the run config (``learner.tensorboard``, ``learner.wandb``...). r, keys: the run's Redis.
-        run_dir: ``runs/{run}`` (TensorBoard writes to ``tensorboard/`` in it). quiet: no console line.
-        primary: rank 0 of several learners (or the only one); the other ranks only log the line.
-    """
-
-    def __init__(self, cfg: Config, r: redis.Redis, keys: Keys, run_dir: Path, quiet: bool, primary: bool = True):
-        self.cfg, self.r, self.keys, self.primary = cfg, r, keys, primary
-        self.console = None if quiet or not primary else Console()
-        self.tb = self.wandb = None
-        if cfg.learner.tensorboard and primary:
-            try:  # optional dependency (extra "tensorboard")
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log.warning("tensorboard is not installed: no event files (pip install tensorboard)")
-        if cfg.learner.wandb and primary:
-            try:  # optional dependency, not installed by default
-                import wandb
-
-                self.wandb = wandb.init(project=cfg.learner.wandb_project, name=cfg.run.id,
-                                        config=json.loads(cfg.to_json()), resume="allow")
-            except ImportError:
-                log.warning("learner.wandb is set but wandb is not installed")
-
-    def emit(self, step: int, version: int, metrics: dict[str, float], line: str) -> None:
-        """Send ``metrics`` of update ``step`` (publishing ``version``) everywhere; ``line`` to the console/log."""
-        log.info(line)
-        if not self.primary:
-            return
-        fields = {"version": version, "updates": step, **metrics}
-        retry.best_effort("metrics entry", append_metrics, self.r, self.keys, fields, self.cfg.stream.metrics_maxlen)
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-        if self.console is not None:
-            self.console.print(line, highlight=False)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def game_stats(b: ExperienceBatch) -> dict[str, float]:
-    """Win/draw rates and game length of the games in ``b`` (from their end reasons)."""
-    reasons = b.reason.astype(np.int64)
-    results = b.result.astype(np.int64)
-    lengths = np.diff(b.game_offsets.astype(np.int64))
-    g = max(len(reasons), 1)
-    return {
-        "games": float(len(reasons)),
-        "game_plies_mean": float(lengths.mean()) if len(lengths) else 0.0,
-        "decisive_rate": float((results != 0).sum() / g),
-        "draw_rate": float((results == 0).sum() / g),
-        "black_win_rate": float((results > 0).sum() / g),
-        "checkmate_rate": float((reasons == EndReason.CHECKMATE).sum() / g),
-        "max_plies_rate": float((reasons == EndReason.MAX_PLIES).sum() / g),
-        "repetition_rate": float(np.isin(reasons, [EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK]).sum() / g),
-    }
-
-
-def console_line(version: int, updates: int, m: dict[str, float]) -> str:
-    """The one-line summary of an update."""
-    return (f"v{version} upd {updates} | {m['samples_per_s']:.0f} samples/s | backlog {m['backlog']:.0f} | "
-            f"lag {m['policy_lag_mean']:.2f} w {m['is_weight_mean']:.2f} cut {m['is_weight_truncated']:.2f} | "
-            f"pi {m['policy_loss']:.4f} v {m['value_loss']:.4f} H {m['entropy']:.3f} kl {m['approx_kl']:.4f} | "
-            f"games {m['games']:.0f} win B/W {m['black_win_rate']:.2f}/{m['decisive_rate'] - m['black_win_rate']:.2f} "
-            f"draw {m['draw_rate']:.2f} plies {m['game_plies_mean']:.0f} | stale {m['stale_positions']:.0f}")
-
-
 @dataclass
 class Learner:
     """Everything one learner process holds between steps (built by :meth:`start`)."""
@@ -195,28 +82,21 @@ class Learner:
     r: redis.Redis
     keys: Keys
     run_dir: Path
-    device: torch.device
-    model: torch.nn.Module
-    train_model: torch.nn.Module  # torch.compile of ``model`` when asked (shares its parameters)
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+    trainer: Trainer
     consumer: Consumer
     recorder: Recorder
-    trainer: ThreadPoolExecutor  # one thread: rebuild + PPO, while the main thread reads ahead
     sinks: MetricsSinks
-    consumer_name: str
+    pool: ThreadPoolExecutor  # one training thread: warm-up, then the updates
+    started: float  # time.monotonic() at the start of the process's learner
     rank: int = 0  # of ``world`` data-parallel learners (keisei_stream.rl.distributed); rank 0 publishes
     world: int = 1
     version: int = 1
     updates: int = 0
-    epoch: str = ""
-    held: list[Delivered] = field(default_factory=list)
     trained: int = 0
     stale: int = 0
     skipped_updates: int = 0
     publish_due: bool = False
-    backlog_full: bool = False
-    outages_seen: int = 0
+    first_update_s: float | None = None  # seconds from the start to this process's first update
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     last_update_t: float = field(default_factory=time.monotonic)
     last_status_t: float = 0.0
@@ -226,116 +106,80 @@ class Learner:
     rank_trained: list[int] = field(default_factory=list)  # positions trained by each rank (several ranks)
     failed: bool = False  # a distributed collective failed: exit without a checkpoint (torchrun restarts)
 
+    @property
+    def held(self) -> list[Delivered]:
+        """Entries read and not yet in an update (the consumer's)."""
+        return self.consumer.held
+
     # ------------------------------------------------------------------------------ start
     @classmethod
     def start(cls, cfg: Config, redis_url: str, *, consumer_name: str | None, resume: bool, quiet: bool) -> "Learner":
-        """Run directory, model and optimiser (from the newest checkpoint on ``resume``), Redis
-        (config, epoch), the first published version.
+        """Run directory, the trainer (from the newest checkpoint on ``resume``), Redis (config,
+        epoch), the first published version; the warm-up (``torch.compile``) starts in the
+        training thread while the first data arrive.
 
         Under torchrun (``WORLD_SIZE > 1``) this process is one rank of a data-parallel learner:
-        it joins the process group, takes rank 0's whole training state (model, optimiser,
-        scheduler, version), reads the group as consumer ``{consumer_name}-{rank}``, and trains a
-        ``DistributedDataParallel`` wrapper; only rank 0 writes config, weights, status and
+        it joins the process group, takes rank 0's whole training state, reads the group as
+        consumer ``{consumer_name}-{rank}``; only rank 0 writes config, weights, status and
         checkpoints. A group restarted by torchrun always resumes."""
+        started = time.monotonic()
         device = distributed.init_from_env(pick_device(cfg.learner.device), cfg.learner.dist_timeout_s)
         rank, world = distributed.rank(), distributed.world_size()
-        resume = resume or distributed.restarted()
         consumer_name = f"{consumer_name or 'learner'}-{rank}" if world > 1 else consumer_name or "learner-0"
-        run_dir = Path(cfg.run.dir) / cfg.run.id
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "logs").mkdir(exist_ok=True)
-        if rank == 0:
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        handler = logging.FileHandler(run_dir / "logs" / ("learner.log" if rank == 0 else f"learner-rank{rank}.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-
-        if cfg.learner.threads:
-            torch.set_num_threads(cfg.learner.threads)
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed)
-        model = build_model(cfg.model).to(device)
-        optimizer = make_optimizer(model, cfg.ppo)
-        scheduler = make_scheduler(optimizer, cfg.ppo)
-        keys = Keys(cfg.run.id)
-        r = connect(redis_url)
-        version, updates = 1, 0
-        if rank == 0:
-            path = latest_checkpoint(run_dir / "checkpoints") if resume else None
-            if path is not None:
-                info = load_checkpoint(path, model, optimizer, scheduler, map_location=device)
-                version, updates = int(info["version"]), int(info["updates"])
-                log.info("resumed from %s (version %d, %d updates)", path, version, updates)
-            elif resume:
-                log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
-            latest = r.hget(keys.weights_latest, "version")
-            if latest is not None and int(latest) >= version:
-                version = int(latest) + 1  # versions only grow: workers load only newer versions
-
-        if world > 1:  # every rank starts from rank 0's whole state: model, optimiser moments, scheduler, version
-            state = None
-            if rank == 0:
-                buf = io.BytesIO()
-                save_checkpoint(buf, model=model, optimizer=optimizer, scheduler=scheduler, version=version,
-                                updates=updates, config_json=cfg.to_json())
-                state = buf.getvalue()
-            state = distributed.broadcast_bytes(state)
-            if rank != 0:
-                info = load_checkpoint(io.BytesIO(state), model, optimizer, scheduler, map_location=device)
-                version, updates = int(info["version"]), int(info["updates"])
-        train_model: torch.nn.Module = model
-        if world > 1:
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+        run_dir = _open_run_dir(cfg, rank)
+        r, keys = connect(redis_url), Keys(cfg.run.id)
+        trainer = Trainer.build(cfg, device)
+        version, updates = _initial_state(trainer, r, keys, run_dir, resume or distributed.restarted())
+        trainer.wrap()
         consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
                             count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
                             deadletter_maxlen=cfg.stream.deadletter_maxlen)
-        recorder = Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name)
-        lrn = cls(cfg=cfg, r=r, keys=keys, run_dir=run_dir, device=device, model=model,
-                  train_model=maybe_compile(train_model, cfg.model), optimizer=optimizer, scheduler=scheduler,
-                  consumer=consumer, recorder=recorder,
-                  trainer=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"),
+        lrn = cls(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
+                  recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name),
                   sinks=MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0),
-                  consumer_name=consumer_name, rank=rank, world=world, version=version, updates=updates)
-        lrn.epoch = lrn.claim_epoch()
+                  pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"), started=started,
+                  rank=rank, world=world, version=version, updates=updates)
+        consumer.claim_epoch()
         if rank == 0:
             write_config(r, keys, cfg.to_json())
         lrn.publish()
+        if world == 1:  # the training thread compiles while the main thread reads the first entries
+            lrn.pool.submit(lrn.warm_up)
+        elif cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
+            lrn.warm_up()
         log.info("learner %s (rank %d of %d, pid %d): %d parameters on %s, version %d (epoch %s)", consumer_name, rank,
-                 world, os.getpid(), count_parameters(model), device, lrn.version, lrn.epoch)
+                 world, os.getpid(), count_parameters(trainer.model), device, lrn.version, consumer.epoch)
         return lrn
 
-    def claim_epoch(self) -> str:
-        """The run's epoch on this server: the existing one, or a new random one if the key is
-        missing; the consumer acknowledges only into it."""
-        self.r.set(self.keys.epoch, secrets.token_hex(8), nx=True)
-        self.consumer.epoch = self.r.get(self.keys.epoch).decode()
-        return self.consumer.epoch
+    def warm_up(self) -> None:
+        """The trainer's warm-up (:meth:`keisei_stream.rl.trainer.Trainer.warm_up`), logged."""
+        log.info("warm-up (torch.compile: %s) took %.1f s", self.cfg.model.compile, self.trainer.warm_up())
 
-    # ------------------------------------------------------------------------------ 1. receive
+    # ------------------------------------------------------------------------------ 1-3. read
     def receive(self, block_ms: int | None = None, training: bool = False) -> None:
-        """Read the next entries into :attr:`held`; notes whether the backlog is full with nothing
-        new. ``training``: called by :meth:`prefetch_while` (its time is not waiting, and a lost
-        server is handled after the update, which must not publish half-trained weights)."""
+        """Read the next entries into the consumer's held entries; ``training``: called by
+        :meth:`prefetch_while` (its time is not waiting)."""
         t0, d0 = time.monotonic(), self.consumer.decode_s
-        try:
-            delivered = self.consumer.read(block_ms)
-        except EpochChanged:  # a rejected entry could not be counted: the server lost the run's data
-            if not training:  # after the update: check_server sees the outage that came with it
-                self.recover_lost_server(None)
-            delivered = []
+        self.consumer.receive(self.cfg.stream.max_backlog, block_ms)
         decode = self.consumer.decode_s - d0
         self.seconds["decode"] += decode
         if not training:
             self.seconds["wait"] += time.monotonic() - t0 - decode
-        # entries another learner claimed while this one stalled past claim_idle_ms are its now
-        self.held = [d for d in self.held if d.entry_id in self.consumer.in_flight] + delivered
-        # Workers add only while fewer than max_backlog entries are unacknowledged: when this
-        # learner read nothing new and the stream is at the limit, no more data can come.
-        self.backlog_full = bool(self.held) and not delivered and \
-            self.r.xlen(self.keys.experience) >= self.cfg.stream.max_backlog
 
-    # ------------------------------------------------------------------------------ 2. ready updates
+    def check_server(self) -> None:
+        """After an outage, a server that lost the run's data: the consumer records the loss and
+        takes the new epoch; config and the current weights are re-published here. Also retries a
+        publish that a full server refused."""
+        if self.consumer.check_server():
+            self.consumer.recover(self.last_accounting, version=self.version)
+            if self.rank == 0:
+                write_config(self.r, self.keys, self.cfg.to_json())
+            self.publish()
+            log.error("Redis lost the run's data: new epoch %s, config and weights v%d re-published",
+                      self.consumer.epoch, self.version)
+        if self.publish_due:
+            self.publish()
+
     def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
         """The held entries that make updates now, in groups of about ``samples_per_update``
         positions (whole entries, in arrival order); the remainder stays held unless ``force`` or
@@ -347,133 +191,62 @@ class Learner:
         backlog, as many as it takes for every rank to train all it holds (a rank that runs out
         takes part with an empty group)."""
         target = max(1, self.cfg.ppo.samples_per_update // self.world)
-        groups, group, n = [], [], 0
-        for d in self.held:
-            group.append(d)
-            n += d.batch.num_positions
-            if n >= target:
-                groups.append(group)
-                group, n = [], 0
-        flush = force or self.backlog_full
-        if self.world > 1:
-            every = groups + ([group] if group else [])
-            fewest_full, most, flushing = distributed.all_reduce([-len(groups), len(every), float(flush)], op="max")
-            if flushing:
-                return every + [[] for _ in range(int(most) - len(every))]
-            count = int(-fewest_full)
-            self.held = [d for g in groups[count:] for d in g] + group
-            return groups[:count]
-        if group and flush:
-            groups.append(group)
-            group = []
-        self.held = group
-        return groups
+        flush = force or self.consumer.backlog_full
+        if self.world == 1:
+            return self.consumer.take_updates(target, flush=flush)
+        full, every = self.consumer.count_updates(target)
+        fewest_full, most, flushing = distributed.all_reduce([-full, every, float(flush)], op="max")
+        if flushing:
+            groups = self.consumer.take_updates(target, flush=True)
+            return groups + [[] for _ in range(int(most) - len(groups))]
+        return self.consumer.take_updates(target, count=int(-fewest_full))
 
     def agree_to_stop(self, requested: bool) -> bool:
         """True when this process, or with several learner ranks any rank, was asked to stop (one
         collective: all ranks leave the loop together)."""
         return bool(distributed.all_reduce([float(requested)], op="max")[0])
 
-    # ------------------------------------------------------------------------------ 3. update
+    # ------------------------------------------------------------------------------ 4. update
     def update(self, entries: list[Delivered]) -> None:
-        """One update on ``entries`` (whole batches): GAE, staleness, PPO, acknowledge, publish,
-        metrics, checkpoint. Positions older than ``max_policy_lag`` versions are counted as
-        stale, not trained; an update whose every minibatch was non-finite publishes nothing."""
-        cfg = self.cfg
+        """One update on ``entries`` (whole batches; the training thread runs it while this thread
+        reads ahead), then acknowledge (which frees Redis memory), publish, metrics, checkpoint."""
         b = concat_batches([d.batch for d in entries])
-        versions = b.version.astype(np.int64)
-        keep = filter_stale(versions, self.version, cfg.ppo.max_policy_lag)
-        n_keep, n_stale = int(keep.sum()), int((~keep).sum())
-        metrics: dict[str, float] = {}
-        # with several ranks, all train together when any holds a fresh position (one collective)
-        keep_all = n_keep if self.world == 1 else int(distributed.all_reduce([n_keep])[0])
-        if keep_all:
-            # rebuild + PPO in the training thread; meanwhile this thread reads and decodes the next entries
-            job = self.trainer.submit(self.train, b, keep)
-            self.prefetch_while(job)
-            metrics, input_bytes = job.result()
-            lag = self.version - versions[keep]
-            lag_sum, n_all = distributed.all_reduce([float(lag.sum()), float(n_keep)])
-            (lag_max,) = distributed.all_reduce([float(lag.max()) if n_keep else -1e9], op="max")
-            metrics.update({"policy_lag_mean": lag_sum / n_all, "policy_lag_max": lag_max,
-                            "input_bytes_per_position": input_bytes / max(n_keep, 1)})
-        stepped = bool(keep_all) and metrics.get("minibatches", 0.0) > 0
-        if keep_all and not stepped:
+        job = self.pool.submit(self.trainer.update, b, self.version)
+        self.prefetch_while(job)
+        upd = job.result()
+        m = upd.metrics
+        self.seconds["rebuild"] += m.pop("rebuild_s", 0.0)
+        self.seconds["train"] += m.pop("train_s", 0.0)
+        if m.get("minibatches") == 0:
             self.skipped_updates += 1
-            log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)", keep_all)
-
+            log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)",
+                      int(m["trained_positions"]))
         self.check_server()  # an outage during the update may have been a restart: never ack into it blindly
         t0 = time.monotonic()
         entry_of = np.repeat(np.arange(len(entries)), [d.batch.num_positions for d in entries])
-        self.acknowledge(entries, np.bincount(entry_of, weights=keep, minlength=len(entries)).astype(np.int64))
+        self.consumer.settle(entries, np.bincount(entry_of, weights=upd.keep, minlength=len(entries)).astype(np.int64))
         self.seconds["ack"] += time.monotonic() - t0
-        if stepped:
+        if upd.stepped:
             self.version += 1
             self.updates += 1
             self.publish()
-        self.trained += n_keep
-        self.stale += n_stale
+            if self.first_update_s is None:
+                self.first_update_s = m["time_to_first_update_s"] = time.monotonic() - self.started
+        self.trained += int(upd.keep.sum())
+        self.stale += int((~upd.keep).sum())
         if self.world > 1:
             self.rank_trained = distributed.all_gather_int(self.trained)
-            if stepped and cfg.learner.check_sync_every and self.updates % cfg.learner.check_sync_every == 0:
+            if upd.stepped and self.cfg.learner.check_sync_every and self.updates % self.cfg.learner.check_sync_every == 0:
                 log.info("update %d version %d params sha256 %s", self.updates, self.version,
-                         distributed.check_in_sync(self.model))
-        self.record(b, metrics, n_keep, n_stale, stepped)
-        if stepped and self.updates % cfg.learner.checkpoint_every == 0:
+                         distributed.check_in_sync(self.trainer.model))
+        self.record(m, upd.stepped)
+        if upd.stepped and self.updates % self.cfg.learner.checkpoint_every == 0:
             self.checkpoint()
 
-    def train(self, b: ExperienceBatch, keep: np.ndarray) -> tuple[dict[str, float], int]:
-        """GAE, the rebuild of the inputs and one decoupled-PPO update on the ``keep`` positions of
-        ``b`` (in the training thread: it alone touches the model until it returns). Returns the
-        metrics and the input bytes that crossed to the device.
-
-        With ``ppo.recompute_values`` (default) the advantages and returns come from the values of
-        the model as it is at the start of the update (one no-grad pass over every position of
-        the games, which also gives the proximal log-probabilities PPO needs), not from the values
-        the workers recorded up to ``max_policy_lag`` versions ago: IMPALA's V-trace targets are
-        built from the learner's values too (Espeholt et al. 2018, arXiv:1802.01561, sec. 4.1).
-        """
-        cfg, n_keep = self.cfg, int(keep.sum())
-        t0 = time.monotonic()
-        rows = keep if not cfg.ppo.recompute_values else np.ones_like(keep)  # the pass needs every position
-        positions = (b.hcp[rows], b.ply[rows], b.repetition[rows], cfg.env.max_plies)
-        if self.device.type == "cpu" or not n_keep:  # CPU: the dense arrays directly (2x faster here)
-            obs, mask = (torch.from_numpy(a) for a in encode_positions(*positions))
-            input_bytes = obs.numel() * 4 + mask.numel()
-        else:  # compact inputs cross to the device (~0.5 KB a position instead of 28.4 KB dense)
-            compact = encode_positions_compact(*positions)
-            obs, mask = expand_inputs(compact, self.device)
-            input_bytes = compact_nbytes(compact)
-        actions = torch.from_numpy(b.action[rows].astype(np.int64))
-        batch = {"log_prob": torch.from_numpy(b.log_prob[keep])}
-        t1 = time.monotonic()  # the proximal pass below is training time
-        if cfg.ppo.recompute_values and n_keep:
-            prox_logp, values_t = proximal_pass(self.model, obs, mask, actions, self.device, cfg.learner.amp,
-                                                cfg.ppo.minibatch_size)
-            values = values_t.cpu().numpy()
-            rows_t = torch.from_numpy(keep).to(obs.device)
-            obs, mask, actions = obs[rows_t], mask[rows_t], actions[torch.from_numpy(keep)]
-            batch["prox_log_prob"] = prox_logp[rows_t.to(prox_logp.device)]
-        else:
-            values = b.value.astype(np.float32)
-            if cfg.ppo.recompute_values:  # this rank holds no fresh position: nothing to evaluate
-                obs, mask, actions = obs[:0], mask[:0], actions[:0]
-        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
-                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
-        batch.update({"obs": obs, "mask": mask, "action": actions, "value": torch.from_numpy(values[keep]),
-                      "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep])})
-        metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
-                             cfg.learner.amp)
-        self.seconds["rebuild"] += t1 - t0
-        self.seconds["train"] += time.monotonic() - t1
-        if cfg.ppo.recompute_values and n_keep:  # how far the workers' values were from the start-of-update ones
-            metrics["value_staleness"] = float(np.abs(values[keep] - b.value[keep]).mean())
-        return metrics, input_bytes
-
     def prefetch_while(self, job: Future) -> None:
-        """While ``job`` trains, read, decode and validate the next entries into :attr:`held` (at
-        least one read; short blocking reads, so the update's end is not delayed). Only this thread
-        touches the consumer and Redis meanwhile, only the training thread the model. With
+        """While ``job`` trains, read, decode and validate the next entries (at least one read;
+        short blocking reads, so the update's end is not delayed). Only this thread touches the
+        consumer and Redis meanwhile, only the training thread the model. With
         ``learner.prefetch`` off it only waits."""
         if not self.cfg.learner.prefetch:
             wait([job])
@@ -488,37 +261,20 @@ class Learner:
                 if job.done():
                     return
 
-    def acknowledge(self, entries: list[Delivered], kept: np.ndarray) -> None:
-        """XACK + XDEL the entries with the accounting (``kept``: ``(len(entries),)`` int, the
-        positions of each entry trained on; the rest were stale). Entries read from a server that
-        has since lost the run's data (another epoch) are not acknowledged: their counts would
-        corrupt the new server's accounting."""
-        if not entries:  # a rank with nothing in this distributed update
-            return
-        live = np.array([d.epoch == self.epoch for d in entries], dtype=bool)
-        sizes = np.array([d.batch.num_positions for d in entries], dtype=np.int64)
-        trained = int(kept[live].sum())
-        stale = int(sizes[live].sum()) - trained
-        try:
-            self.consumer.ack([d for d, ok in zip(entries, live) if ok], trained_positions=trained,
-                              stale_positions=stale)
-        except EpochChanged:  # the server restarted without our data while we trained on it
-            self.recover_lost_server(None)
-
     def publish(self) -> None:
         """Publish the current weights as :attr:`version` (rank 0 only: every rank holds the same);
         when Redis is full, try again next loop."""
         if self.rank != 0:
             return
         t0 = time.monotonic()
-        data = weights_to_bytes(self.model, self.cfg.stream.weights_dtype)
+        data = weights_to_bytes(self.trainer.model, self.cfg.stream.weights_dtype)
         try:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
-                            self.cfg.stream.weights_keep, epoch=self.epoch or None)
+                            self.cfg.stream.weights_keep, epoch=self.consumer.epoch)
             self.publish_due = False
             self.consumer.newest_version = self.version  # entries claiming newer versions are hostile
-        except EpochChanged:  # the server lost the run's data: recovering publishes again
-            self.recover_lost_server(None)
+        except EpochChanged:  # the server lost the run's data: check_server recovers and publishes again
+            self.consumer.epoch_lost = True
         except redis.ResponseError as exc:
             if not retry.is_oom(exc):  # full and no flagged scripts (Redis < 7): try again next loop
                 raise
@@ -527,80 +283,37 @@ class Learner:
             self.publish_due = True
         self.seconds["publish"] += time.monotonic() - t0
 
-    def record(self, b: ExperienceBatch, metrics: dict[str, float], n_keep: int, n_stale: int, stepped: bool) -> None:
-        """Game statistics, counts, time shares and backlog into :attr:`last_metrics`; every sink when stepped."""
+    def record(self, metrics: dict[str, float], stepped: bool) -> None:
+        """Throughput, backlog, outages and time shares into :attr:`last_metrics`; every sink when stepped."""
         now = time.monotonic()
         elapsed = max(now - self.last_update_t, 1e-9)
-        metrics.update(game_stats(b))
-        if self.world > 1:  # the positions of every rank
-            n_keep, n_stale = (int(x) for x in distributed.all_reduce([n_keep, n_stale]))
+        if self.world > 1:
             metrics["ranks"] = float(self.world)
-        metrics.update({"trained_positions": float(n_keep), "stale_positions": float(n_stale),
-                        "samples_per_s": n_keep / elapsed, "backlog": float(self.r.xlen(self.keys.experience)),
+        metrics.update({"samples_per_s": metrics["trained_positions"] / elapsed,
+                        "backlog": float(self.r.xlen(self.keys.experience)),
                         "skipped_updates": float(self.skipped_updates), **retry.OUTAGES.fields()})
         metrics.update({f"time_share_{k}": v / elapsed for k, v in self.seconds.items()})
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.last_update_t = now
         self.last_metrics = metrics
         if stepped:
-            self.sinks.emit(self.updates, self.version, metrics, console_line(self.version, self.updates, metrics))
+            self.sinks.emit(self.updates, self.version, metrics)
         self.write_status("training", backlog=int(metrics["backlog"]))
 
     def checkpoint(self) -> Path:
         """Save ``ckpt_{version}.pt`` (atomic) and prune old ones (rank 0 only)."""
-        if self.rank != 0:
-            return self.run_dir / "checkpoints" / checkpoint_name(self.version)
         path = self.run_dir / "checkpoints" / checkpoint_name(self.version)
-        save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                        version=self.version, updates=self.updates, config_json=self.cfg.to_json(),
-                        extra={"run": self.cfg.run.id})
-        prune_checkpoints(self.run_dir / "checkpoints", self.cfg.learner.keep_checkpoints)
-        self.last_checkpoint = path
-        return path
-
-    # ------------------------------------------------------------------------------ 4. check server
-    def check_server(self) -> None:
-        """After an outage, compare the run's ``epoch`` key with ours: missing or changed means the
-        server restarted without our data (:meth:`recover_lost_server`). Also retries a publish
-        that a full server refused."""
-        if retry.OUTAGES.outages != self.outages_seen:
-            self.outages_seen = retry.OUTAGES.outages
-            epoch = self.r.get(self.keys.epoch)
-            if epoch is None or epoch.decode() != self.epoch:
-                self.recover_lost_server(None if epoch is None else epoch.decode())
-        if self.publish_due:
-            self.publish()
-
-    def recover_lost_server(self, found_epoch: str | None) -> None:
-        """The server lost the run's data: record what was lost in the ``losses`` stream, recreate
-        the consumer group, re-publish config and weights, and never acknowledge the old server's
-        entries (held ones are still trained: their data is in memory)."""
-        old_epoch = self.epoch
-        self.epoch = self.claim_epoch()  # entries read before (held or in an update) keep the old one
-        held, held_positions = len(self.consumer.in_flight), sum(self.consumer.in_flight.values())
-        self.consumer.reset()
-        ensure_group(self.r, self.keys)
         if self.rank == 0:
-            write_config(self.r, self.keys, self.cfg.to_json())
-        self.publish()
-        before = self.last_accounting
-        unread = max(0, before.get("produced_positions", 0) - before.get("trained_positions", 0)
-                     - before.get("stale_positions", 0) - before.get("rejected_positions", 0)
-                     - before.get("duplicate_positions", 0) - held_positions)
-        fields = {"time": round(time.time(), 3), "detected_by": self.consumer_name, "old_epoch": old_epoch,
-                  "new_epoch": self.epoch, "found_epoch": found_epoch or "", "version": self.version,
-                  "held_entries_kept": held, "held_positions_kept": held_positions,
-                  "unread_positions_lost": unread, "accounting_before": json.dumps(before)}
-        retry.best_effort("losses entry", append_losses, self.r, self.keys, fields)
-        log.error("Redis lost the run's data (epoch %s -> %s): config and weights v%d re-published; "
-                  "about %d unread positions lost, %d held positions kept", old_epoch, found_epoch,
-                  self.version, unread, held_positions)
+            self.trainer.save(path, self.version, self.updates, extra={"run": self.cfg.run.id})
+            prune_checkpoints(self.run_dir / "checkpoints", self.cfg.learner.keep_checkpoints)
+            self.last_checkpoint = path
+        return path
 
     # ------------------------------------------------------------------------------ 5. housekeeping
     def housekeeping(self, force: bool = False) -> None:
         """Archive finished games (the recorder flushes when due), and write the status hash every
-        ``stream.heartbeat_s``."""
-        if self.rank != 0:  # rank 0 archives the games and writes the status of all ranks
+        ``stream.heartbeat_s`` (rank 0, for all ranks)."""
+        if self.rank != 0:
             return
         self.recorder.step(force=force)
         if force or time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s:
@@ -608,17 +321,17 @@ class Learner:
 
     def write_status(self, state: str, backlog: int | None = None) -> None:
         """The ``learner`` hash: state, version, held positions, backlog (``XLEN``, unless the caller
-        just read it), outages, last metrics; with several ranks, rank 0 writes it for all of them
-        (``ranks``, ``rank_trained_positions``)."""
+        just read it), outages, time to the first update, last metrics; with several ranks
+        ``ranks`` and ``rank_trained_positions`` too."""
         self.last_status_t = time.monotonic()
         if self.rank != 0:
             return
         self.last_accounting = read_accounting(self.r, self.keys)
-        fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer_name,
-                  "device": str(self.device), "epoch": self.epoch,
-                  "held_positions": sum(d.batch.num_positions for d in self.held),
+        fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer.name,
+                  "device": str(self.trainer.device), "epoch": self.consumer.epoch,
+                  "held_positions": self.consumer.held_positions(),
                   "backlog": self.r.xlen(self.keys.experience) if backlog is None else backlog,
-                  "games_archived": self.recorder.archived,
+                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s,
                   "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
@@ -630,9 +343,7 @@ class Learner:
         """Read what is left in the stream (bounded: producers may still be running)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            n = len(self.held)
-            self.receive()
-            if len(self.held) == n:
+            if not self.consumer.receive(self.cfg.stream.max_backlog):
                 break
 
     def close(self) -> LearnerResult:
@@ -648,7 +359,7 @@ class Learner:
         except retry.TRANSIENT_ERRORS as exc:
             log.warning("Redis unreachable at stop, final status not written: %s", exc)
         self.sinks.close()
-        self.trainer.shutdown()
+        self.pool.shutdown()
         log.info("learner stopped at version %d after %d updates; checkpoint %s", self.version, self.updates,
                  self.last_checkpoint)
         run_dir = str(self.run_dir.resolve())
@@ -658,6 +369,49 @@ class Learner:
         if not self.failed:
             distributed.shutdown()
         return LearnerResult(self.version, self.updates, self.trained, self.stale, self.last_checkpoint)
+
+
+def _open_run_dir(cfg: Config, rank: int) -> Path:
+    """``runs/{run}`` with ``checkpoints/`` and ``logs/`` (rank 0 writes ``config.yaml``), and the
+    rank's log file."""
+    run_dir = Path(cfg.run.dir) / cfg.run.id
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    handler = logging.FileHandler(run_dir / "logs" / ("learner.log" if rank == 0 else f"learner-rank{rank}.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if cfg.learner.threads:
+        torch.set_num_threads(cfg.learner.threads)
+    return run_dir
+
+
+def _initial_state(trainer: Trainer, r: redis.Redis, keys: Keys, run_dir: Path, resume: bool) -> tuple[int, int]:
+    """``(version, updates)`` to start from: rank 0 restores the newest checkpoint on ``resume``
+    and takes a version above every version already published (workers load only newer ones);
+    with several ranks, every other rank takes rank 0's whole training state."""
+    version, updates = 1, 0
+    if distributed.rank() == 0:
+        path = latest_checkpoint(run_dir / "checkpoints") if resume else None
+        if path is not None:
+            info = trainer.restore(path)
+            version, updates = int(info["version"]), int(info["updates"])
+            log.info("resumed from %s (version %d, %d updates)", path, version, updates)
+        elif resume:
+            log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+        latest = r.hget(keys.weights_latest, "version")
+        if latest is not None and int(latest) >= version:
+            version = int(latest) + 1
+    if distributed.world_size() > 1:  # model, optimiser moments, scheduler, version: rank 0's
+        buf = io.BytesIO()
+        if distributed.rank() == 0:
+            trainer.save(buf, version, updates)
+        state = distributed.broadcast_bytes(buf.getvalue() if distributed.rank() == 0 else None)
+        if distributed.rank() != 0:
+            info = trainer.restore(io.BytesIO(state))
+            version, updates = int(info["version"]), int(info["updates"])
+    return version, updates
 
 
 def run_learner(

@@ -16,7 +16,8 @@ import pytest
 FORBIDDEN = {
     "keisei_stream.shogi": ("torch", "redis", "keisei_stream.rl", "keisei_stream.wire", "keisei_stream.ops",
                             "keisei_stream.play", "keisei_stream.cli"),
-    "keisei_stream.rl": ("redis", "keisei_stream.wire", "keisei_stream.ops", "keisei_stream.play", "keisei_stream.cli"),
+    # the algorithm reads the batch format (wire.codec, wire.schema) but never talks to Redis
+    "keisei_stream.rl": ("redis", "keisei_stream.ops", "keisei_stream.play", "keisei_stream.cli"),
     "keisei_stream.wire": ("torch", "keisei_stream.rl", "keisei_stream.ops", "keisei_stream.play", "keisei_stream.cli"),
     "keisei_stream.ops": ("torch", "keisei_stream.rl", "keisei_stream.play", "keisei_stream.cli"),
     "keisei_stream.play": ("keisei_stream.ops", "keisei_stream.cli"),

@@ -72,7 +72,7 @@ def test_a_full_backlog_of_small_entries_makes_an_update(real_redis, redis_serve
     sizes = _fill(real_redis, keys, make_batch, 4, games=1, version=1)  # 4 entries of one game each
     assert sum(sizes) < 1024
     _receive_all(lrn)
-    assert lrn.backlog_full
+    assert lrn.consumer.backlog_full
     groups = lrn.ready_updates()
     assert [sum(d.batch.num_positions for d in g) for g in groups] == [sum(sizes)]
     v0 = lrn.version
@@ -114,7 +114,8 @@ def test_entries_read_before_the_server_lost_its_data_are_never_counted_in_the_n
     groups = lrn.ready_updates()
     assert len(groups) >= 2
     real_redis.flushall()  # the restart without persistence, as the learner sees it
-    lrn.recover_lost_server(None)
+    lrn.consumer.epoch_lost = True  # what a refused epoch-checked write reports
+    lrn.check_server()
     for g in groups + lrn.ready_updates(force=True):
         lrn.update(g)  # trained (their data is in memory), never acknowledged into the new server
     acc = read_accounting(real_redis, keys)
@@ -158,8 +159,10 @@ def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update
         real_redis, redis_server, tmp_path, make_batch, monkeypatch, recompute):
     """ppo.recompute_values: GAE runs on the start-of-update model's values (and PPO gets that
     pass's log-probs), not on the values the workers recorded, which may be versions old."""
-    import learner.learner as learner_module
-    from keisei_stream.rl.ppo import compute_gae, proximal_pass
+    import keisei_stream.rl.trainer as trainer_module
+    from keisei_stream.rl.gae import compute_gae
+    from keisei_stream.rl.ppo import proximal_pass
+    from keisei_stream.wire.codec import concat_batches
     from keisei_stream.shogi import encode_positions
 
     cfg, lrn = _learner(real_redis, redis_server, tmp_path, f"values{recompute}", f"ppo.recompute_values={recompute}")
@@ -168,12 +171,12 @@ def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update
     _receive_all(lrn)
     group = lrn.ready_updates(force=True)[0]
     seen = {}
-    real_update = learner_module.ppo_update
-    monkeypatch.setattr(learner_module, "ppo_update", lambda model, opt, sch, batch, *a: seen.update(batch)
+    real_update = trainer_module.ppo_update
+    monkeypatch.setattr(trainer_module, "ppo_update", lambda model, opt, sch, batch, *a: seen.update(batch)
                         or real_update(model, opt, sch, batch, *a))
-    b = learner_module.concat_batches([d.batch for d in group])
+    b = concat_batches([d.batch for d in group])
     obs, mask = (torch.from_numpy(x) for x in encode_positions(b.hcp, b.ply, b.repetition, cfg.env.max_plies))
-    logp, values = proximal_pass(lrn.model, obs, mask, torch.from_numpy(b.action.astype(np.int64)), "cpu", False, 64)
+    logp, values = proximal_pass(lrn.trainer.model, obs, mask, torch.from_numpy(b.action.astype(np.int64)), "cpu", False, 64)
     lrn.update(group)
     expected = values.numpy() if recompute else b.value.astype(np.float32)
     np.testing.assert_allclose(seen["value"].numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -11,14 +11,8 @@ import torch
 from keisei_stream.config import ModelConfig, PPOConfig
 from keisei_stream.rl.model import NUM_ACTIONS, build_model
 from keisei_stream.rl.policy import act, log_prob_entropy
-from keisei_stream.rl.ppo import (
-    compute_gae,
-    filter_stale,
-    lr_factor,
-    make_optimizer,
-    make_scheduler,
-    ppo_update,
-)
+from keisei_stream.rl.gae import compute_gae, filter_stale
+from keisei_stream.rl.ppo import lr_factor, make_optimizer, make_scheduler, ppo_update
 
 G, L = 0.9, 0.8  # gamma, lambda used in the hand computations (gamma * lambda = 0.72)
 
@@ -339,3 +333,72 @@ def test_a_non_finite_minibatch_is_skipped_not_stepped():
     m = ppo_update(model, make_optimizer(model, cfg), None, batch, cfg, "cpu", amp=False)
     assert m["nonfinite_minibatches"] == 1.0 and m["minibatches"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("target_kl, poison", [(None, False), (1e-3, False), (None, True)],
+                         ids=["plain", "kl-stop", "non-finite"])
+def test_decisions_on_the_device_give_the_same_update_as_on_the_host(target_kl, poison):
+    """The GPU path takes the KL stop and the non-finite skip on the device (no host sync per
+    minibatch, a skipped step through the fused optimiser's found_inf); run here on the CPU, it
+    must give exactly the update the host-side decisions give."""
+    results = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model = build_model(_TINY)
+        cfg = PPOConfig(learning_rate=5e-2, epochs=3, minibatch_size=16, target_kl=target_kl)
+        opt = make_optimizer(model, cfg)
+        sch = make_scheduler(opt, cfg)
+        batch, _ = _fixed_batch(model)
+        if poison:
+            batch["return"] = batch["return"].clone()
+            batch["return"][3] = float("nan")
+        m = ppo_update(model, opt, sch, batch, cfg, "cpu", amp=False, decide_on_device=on_device)
+        results.append((m, [p.detach().clone() for p in model.parameters()], sch.last_epoch))
+    (m_host, p_host, e_host), (m_dev, p_dev, e_dev) = results
+    assert all(torch.equal(a, b) for a, b in zip(p_host, p_dev))
+    assert e_host == e_dev
+    for k, v in m_host.items():
+        assert v == pytest.approx(m_dev[k], rel=1e-6, abs=1e-9, nan_ok=True), k
+    if target_kl:
+        assert 1 <= m_host["minibatches"] < 3 * 6
+    if poison:
+        assert m_host["nonfinite_minibatches"] == 3  # one poisoned minibatch in each of 3 epochs
+
+
+def test_the_schedule_does_not_advance_on_an_update_that_took_no_step():
+    torch.manual_seed(0)
+    model = build_model(_TINY)
+    cfg = PPOConfig(epochs=1, minibatch_size=96, lr_schedule="linear", lr_schedule_updates=10)
+    opt, batch = make_optimizer(model, cfg), _fixed_batch(model)[0]
+    sch = make_scheduler(opt, cfg)
+    batch["return"] = batch["return"].clone()
+    batch["return"][0] = float("nan")
+    m = ppo_update(model, opt, sch, batch, cfg, "cpu", amp=False)
+    assert m["minibatches"] == 0 and sch.last_epoch == 0 and opt.param_groups[0]["lr"] == cfg.learning_rate
+    batch["return"][0] = 0.0
+    ppo_update(model, opt, sch, batch, cfg, "cpu", amp=False)
+    assert sch.last_epoch == 1 and opt.param_groups[0]["lr"] < cfg.learning_rate
+
+
+def test_a_restored_optimiser_takes_the_configured_learning_rate():
+    """--resume with a changed ppo.learning_rate: the new rate, at the schedule's position."""
+    from keisei_stream.rl.ppo import apply_config
+
+    torch.manual_seed(0)
+    model = build_model(_TINY)
+    old = PPOConfig(learning_rate=1e-3, lr_schedule="linear", lr_schedule_updates=10, lr_final_fraction=0.5)
+    opt = make_optimizer(model, old)
+    sch = make_scheduler(opt, old)
+    for _ in range(4):
+        ppo_update(model, opt, sch, _fixed_batch(model)[0], old, "cpu", amp=False)
+    state = (opt.state_dict(), sch.state_dict())
+    new = old.model_copy(update={"learning_rate": 4e-3})
+    opt2 = make_optimizer(model, new)
+    sch2 = make_scheduler(opt2, new)
+    opt2.load_state_dict(state[0])
+    sch2.load_state_dict(state[1])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(4, old))  # the checkpoint's rate
+    apply_config(opt2, sch2, new)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(4e-3 * lr_factor(4, new))
+    ppo_update(model, opt2, sch2, _fixed_batch(model)[0], new, "cpu", amp=False)  # the fused step still works
+    assert opt2.param_groups[0]["lr"] == pytest.approx(4e-3 * lr_factor(5, new))

@@ -27,10 +27,9 @@ import torch
 from keisei_stream.config import Config, config_from_json
 from keisei_stream.rl.checkpoint import load_weights_bytes
 from keisei_stream.rl.model import build_model
-from keisei_stream.rl.policy import act
+from keisei_stream.rl.selfplay import FinishedGame, Trajectories, games_to_batch, selfplay_step
 from keisei_stream.shogi import GameRecord, VecEnv
-from keisei_stream.wire import retry, schema
-from keisei_stream.wire.codec import ExperienceBatch
+from keisei_stream.wire import retry
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
@@ -62,54 +61,6 @@ class WorkerStats:
         if dt >= 1.0:
             self.positions_per_s = (self.positions_played - self.rate_n0) / dt
             self.rate_t0, self.rate_n0 = now, self.positions_played
-
-
-@dataclass
-class Trajectories:
-    """Per-game trajectory buffers of the games in play.
-
-    Attributes:
-        length: ``(N,) int64`` positions stored per game.
-        columns: one array per column of ``schema.POSITION`` (``hcp``, ``ply``, ``repetition``,
-            ``action``, ``log_prob``, ``value``, ``version``), native-endian, shaped
-            ``(N, max_plies, *row shape)``: position ``t`` of game ``i`` is at ``[i, t]``.
-    """
-
-    length: np.ndarray
-    columns: dict[str, np.ndarray]
-
-    @classmethod
-    def empty(cls, n: int, max_plies: int) -> "Trajectories":
-        return cls(np.zeros(n, np.int64), schema.zeros(schema.POSITION, (n, max_plies)))
-
-    def take(self, i: int) -> dict[str, np.ndarray]:
-        """Copy out game ``i``'s positions (one ``(length, *row shape)`` array per column) and clear it."""
-        k = int(self.length[i])
-        self.length[i] = 0
-        return {name: col[i, :k].copy() for name, col in self.columns.items()}
-
-
-def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, version: int,
-                  temperature: float, rng: torch.Generator | None = None):
-    """One step of N games: one batched forward pass, N moves sampled, N positions recorded.
-
-    Returns:
-        ``(StepResult, finished)`` where ``finished`` lists ``(GameRecord, chunk)`` for the games that
-        ended in this step, ``chunk`` being :meth:`Trajectories.take`'s arrays of that game.
-    """
-    obs, mask = env.observe(copy=False)  # act() copies them into tensors before env.step
-    hcp, ply, repetition, _turn = env.positions()
-    actions, log_prob, value = act(model, obs, mask, temperature, generator=rng)
-    recorded = {"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
-                "value": value, "version": version}
-    rows, t = np.arange(env.num_games), traj.length
-    for name, col in traj.columns.items():
-        col[rows, t] = recorded[name]
-    traj.length += 1
-    res = env.step(actions)
-    done_idx = np.flatnonzero(res.done)
-    finished = [(record, traj.take(int(i))) for i, record in zip(done_idx, res.finished)]
-    return res, finished
 
 
 def wait_for_config(r: redis.Redis, keys: Keys, stop: retry.StopFlag, poll_s: float = 0.5) -> Config | None:
@@ -144,7 +95,7 @@ class Worker:
     watcher: WeightsWatcher
     stats: WorkerStats = field(default_factory=WorkerStats)
     version: int = 0
-    outbox: list[tuple[int, int, dict[str, np.ndarray]]] = field(default_factory=list)  # (result, reason, chunk)
+    outbox: list[FinishedGame] = field(default_factory=list)
     outbox_positions: int = 0
     control: str = "run"
     control_checked: float = 0.0
@@ -207,11 +158,11 @@ class Worker:
         _res, finished = selfplay_step(self.env, self.model, self.traj, self.version, self.cfg.worker.temperature,
                                        self.rng)
         self.stats.positions_played += self.env.num_games
-        for record, chunk in finished:
-            self.outbox.append((int(record.result), int(record.reason), chunk))
-            self.outbox_positions += len(chunk["ply"])
+        for game in finished:
+            self.outbox.append(game)
+            self.outbox_positions += game.num_positions
             if self.cfg.worker.record_games:
-                self.record_game(record)
+                self.record_game(game.record)
 
     def record_game(self, record: GameRecord) -> None:
         """The finished game to the capped ``games`` stream (skipped while Redis is full)."""
@@ -223,16 +174,7 @@ class Worker:
         backlog or Redis is full unless ``wait`` is False. False when stopped first (the games stay)."""
         if not self.outbox:
             return True
-        chunks = [c for _, _, c in self.outbox]
-        offsets = np.zeros(len(chunks) + 1, dtype=np.uint32)
-        offsets[1:] = np.cumsum([len(c["ply"]) for c in chunks])
-        batch = ExperienceBatch(
-            batch_id=self.producer.next_batch_id(), worker_id=self.worker_id,
-            **{name: np.concatenate([c[name] for c in chunks]) for name in schema.POSITION.names},
-            game_offsets=offsets,
-            result=np.array([g[0] for g in self.outbox], dtype=np.int8),
-            reason=np.array([g[1] for g in self.outbox], dtype=np.uint8),
-        )
+        batch = games_to_batch(self.outbox)
 
         def should_stop() -> bool:  # asked before each wait: a stop ends it, ``wait=False`` tries once
             return (not wait) or stop.requested or self.read_control() == "stop"

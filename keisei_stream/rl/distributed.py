@@ -102,6 +102,16 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def all_reduce_(values: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
+    """``values`` (0-d tensors on the model's device) stacked into one float32 tensor and reduced
+    over all ranks on the device (sum or max), without waiting for the host: what a minibatch
+    needs (its KL, whether its loss was finite). The stacked tensor itself on one rank."""
+    t = torch.stack([v.float() for v in values])
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_int(value: int) -> list[int]:
     """``value`` of every rank, in rank order (``[value]`` on one rank)."""
     if world_size() == 1:

@@ -1,27 +1,31 @@
-"""PPO for two-player zero-sum self-play: GAE with the per-ply sign flip, and the clipped update.
+"""PPO for two-player zero-sum self-play: the optimiser, its schedule and one decoupled-PPO update.
 
 Sources:
 
 * PPO: Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization
   Algorithms", arXiv:1707.06347 (clipped surrogate, eq. 7; combined loss with value and entropy
   terms, eq. 9).
-* GAE: Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control Using
-  Generalized Advantage Estimation", arXiv:1506.02438 (eqs. 11-16).
 * Approximate KL ``E[(r - 1) - log r]`` with ``r = p/q``: J. Schulman, "Approximating KL
   Divergence", http://joschu.net/blog/kl-approx.html (the unbiased, always non-negative "k3").
 * Value clipping, advantage normalisation, Adam epsilon 1e-5, gradient-norm clipping: as in the
   OpenAI baselines PPO2 implementation, see Huang et al. 2022, "The 37 Implementation Details of
-  Proximal Policy Optimization" (ICLR blog track), details 5-11.
+  Proximal Policy Optimization" (ICLR blog track), details 5-11; the update reads top to bottom
+  as CleanRL's ``ppo.py`` does.
 * Decoupled PPO: Hilton, Cobbe, Schulman 2021, "Batch size-invariance for policy optimization",
   arXiv:2110.00641 (the clip centred on the proximal policy, the behaviour policy only in an
   importance weight), truncated as in IMPALA, Espeholt et al. 2018, arXiv:1802.01561.
 * AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization", arXiv:1711.05101.
   Biases and normalisation parameters are not decayed.
+
+GAE and the staleness filter are in :mod:`keisei_stream.rl.gae`; the collectives that make several
+learner ranks take one update are in :mod:`keisei_stream.rl.distributed` (the identity on one
+process).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -35,97 +39,13 @@ BATCH_KEYS = ("obs", "mask", "action", "log_prob", "value", "advantage", "return
 
 
 # ----------------------------------------------------------------------------------------------
-# Self-play GAE
-# ----------------------------------------------------------------------------------------------
-def compute_gae(
-    values: np.ndarray,
-    game_offsets: np.ndarray,
-    final_rewards: np.ndarray,
-    gamma: float,
-    lam: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """GAE over whole self-play games with the zero-sum sign flip between plies.
-
-    Positions ``t = 0..T-1`` of one game alternate movers and every value is from the mover's
-    point of view, so the opponent's value enters with a minus sign (negamax form of GAE,
-    Schulman et al. 2016, arXiv:1506.02438):
-
-    * ``delta_t = r_t - gamma * V_{t+1} - V_t`` for ``t < T-1`` (``r_t = 0`` there),
-    * ``delta_{T-1} = r_final - V_{T-1}`` (no bootstrap past the end of a game),
-    * ``A_t = delta_t - gamma * lam * A_{t+1}``, ``A_{T-1} = delta_{T-1}``,
-    * ``returns = A + V``.
-
-    A game cut at ``max_plies`` is a draw: its final reward is 0 and nothing is bootstrapped.
-    Games never bootstrap into each other. The recursion is a backward scan over "plies from the
-    end" run for all games at once (one vectorised step per ply of the longest game).
-
-    Args:
-        values: ``(P,)`` float behaviour values ``V_t`` in game order.
-        game_offsets: ``(G+1,)`` int, ``game_offsets[0] == 0``, non-decreasing,
-            ``game_offsets[-1] == P``; game ``g`` holds positions ``offsets[g]:offsets[g+1]``.
-        final_rewards: ``(G,)`` float, reward of the last mover of each game (+1 won, -1 lost,
-            0 draw / max plies).
-        gamma: discount per ply, in (0, 1].
-        lam: GAE lambda, in [0, 1].
-
-    Returns:
-        ``(advantages (P,) float32, returns (P,) float32)``, each from its position's mover's view.
-
-    Raises:
-        ValueError: inconsistent shapes or offsets.
-    """
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    off = np.asarray(game_offsets, dtype=np.int64).reshape(-1)
-    fr = np.asarray(final_rewards, dtype=np.float64).reshape(-1)
-    p = v.shape[0]
-    if off.shape[0] < 1 or off[0] != 0 or off[-1] != p or np.any(np.diff(off) < 0):
-        raise ValueError(f"game_offsets must start at 0, be non-decreasing and end at {p}")
-    if fr.shape[0] != off.shape[0] - 1:
-        raise ValueError(f"final_rewards has {fr.shape[0]} games, offsets describe {off.shape[0] - 1}")
-    if p == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    lengths = np.diff(off)
-    game = np.repeat(np.arange(lengths.shape[0]), lengths)  # (P,) game of each position
-    from_end = off[1:][game] - 1 - np.arange(p)  # (P,) 0 for the last position of its game
-    last = from_end == 0
-    v_next = np.zeros(p)
-    v_next[:-1] = v[1:]
-    delta = np.where(last, fr[game] - v, -gamma * v_next - v)
-    # Backward scan: positions with from_end == k depend on their successor (from_end == k - 1).
-    adv = np.empty(p)
-    order = np.argsort(from_end, kind="stable")
-    counts = np.bincount(from_end)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    idx = order[bounds[0]:bounds[1]]
-    adv[idx] = delta[idx]
-    coef = gamma * lam
-    for k in range(1, counts.shape[0]):
-        idx = order[bounds[k]:bounds[k + 1]]
-        adv[idx] = delta[idx] - coef * adv[idx + 1]
-    return adv.astype(np.float32), (adv + v).astype(np.float32)
-
-
-def filter_stale(versions: np.ndarray, current_version: int, max_policy_lag: int) -> np.ndarray:
-    """Which positions are fresh enough to train on.
-
-    Args:
-        versions: ``(P,)`` int model version that chose each position's move.
-        current_version: the learner's current (latest published) version.
-        max_policy_lag: keep positions with ``current_version - version <= max_policy_lag``.
-
-    Returns:
-        ``(P,)`` bool keep-mask. Versions newer than ``current_version`` (negative lag) are kept.
-    """
-    lag = int(current_version) - np.asarray(versions, dtype=np.int64)
-    return lag <= int(max_policy_lag)
-
-
-# ----------------------------------------------------------------------------------------------
 # Optimiser and schedule
 # ----------------------------------------------------------------------------------------------
 def make_optimizer(model: nn.Module, cfg: PPOConfig) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with ``cfg.learning_rate``, eps 1e-5 and
-    ``cfg.weight_decay`` on weight matrices / conv kernels only (biases and normalisation weights excluded).
+    ``cfg.weight_decay`` on weight matrices / conv kernels only (biases and normalisation weights
+    excluded), fused (one kernel for all parameters; it also lets :func:`ppo_update` skip a step
+    on the device, without asking the host, through ``found_inf``).
 
     Create it after moving the model to its device.
     """
@@ -138,7 +58,7 @@ def make_optimizer(model: nn.Module, cfg: PPOConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=1e-5)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=1e-5, fused=True)
 
 
 def lr_factor(update: int, cfg: PPOConfig) -> float:
@@ -158,31 +78,149 @@ def lr_factor(update: int, cfg: PPOConfig) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: PPOConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-update LR schedule (:func:`lr_factor`); :func:`ppo_update` steps it once per update.
+    """Per-update LR schedule (:func:`lr_factor`); :func:`ppo_update` steps it once per update
+    that took at least one optimiser step.
 
     Its ``state_dict()`` holds only numbers, so it checkpoints with ``weights_only`` loading.
     """
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u, cfg))
 
 
-# ----------------------------------------------------------------------------------------------
-# The update
-# ----------------------------------------------------------------------------------------------
-def _variance_sums(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """``[n, sum(t), sum(t^2), sum(t-p), sum((t-p)^2)]`` (float64): explained variance from sums
-    that add up over ranks."""
-    t, e = target.double(), (target - pred).double()
-    return [float(t.numel()), float(t.sum()), float((t * t).sum()), float(e.sum()), float((e * e).sum())]
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR | None,
+                 cfg: PPOConfig) -> None:
+    """Make a restored optimiser and schedule follow ``cfg``: the learning rate of the config (not
+    the checkpoint's) at the schedule's current update, and the fused step (a checkpoint of
+    another optimiser setting restores its own flags).
+
+    Call after loading a checkpoint: ``--resume`` with a changed ``ppo.learning_rate`` uses the
+    new rate. The schedule's position (updates made) is kept.
+    """
+    update = scheduler.last_epoch if scheduler is not None else 0
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        group["initial_lr"] = cfg.learning_rate
+        group["lr"] = cfg.learning_rate * lr_factor(update, cfg)
+    if scheduler is not None:
+        scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
 
 
-def _explained_variance_from_sums(sums: list[float]) -> float:
-    """``1 - Var(t - p) / Var(t)`` (population variances) from :func:`_variance_sums`; NaN when
-    ``Var(t) == 0``."""
-    n, st, st2, se, se2 = sums
-    var_t = st2 / n - (st / n) ** 2 if n else 0.0
-    if var_t <= 1e-12:
-        return float("nan")
-    return 1.0 - (se2 / n - (se / n) ** 2) / var_t
+# ----------------------------------------------------------------------------------------------
+# Pieces of the update
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Batch:
+    """The update's positions on the device (see :func:`ppo_update` for shapes and meaning)."""
+
+    obs: torch.Tensor
+    mask: torch.Tensor
+    action: torch.Tensor
+    log_prob: torch.Tensor
+    value: torch.Tensor
+    advantage: torch.Tensor
+    returns: torch.Tensor
+    prox_log_prob: torch.Tensor | None
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> _Batch:
+    """Check the keys and lengths of ``batch`` and move it to ``device`` (non-blocking on CUDA).
+
+    Raises:
+        ValueError: missing keys or inconsistent lengths.
+    """
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}")
+    n = int(batch["action"].shape[0])
+    for k in (*BATCH_KEYS, "prox_log_prob"):
+        if k in batch and int(batch[k].shape[0]) != n:
+            raise ValueError(f"batch[{k!r}] has {batch[k].shape[0]} rows, expected {n}")
+    nb = device.type == "cuda"
+    dtypes = {"mask": torch.bool, "action": torch.int64}
+
+    def get(k: str) -> torch.Tensor:
+        return batch[k].to(device, dtypes.get(k, torch.float32), non_blocking=nb)
+
+    return _Batch(obs=get("obs"), mask=get("mask"), action=get("action"), log_prob=get("log_prob"),
+                  value=get("value"), advantage=get("advantage"), returns=get("return"),
+                  prox_log_prob=get("prox_log_prob") if "prox_log_prob" in batch else None)
+
+
+def _forward(model: nn.Module, obs: torch.Tensor, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(obs)`` under bf16 autocast when ``use_amp`` (CUDA), as float32 ``(logits, value)``."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        logits, value = model(obs)
+    return logits.float(), value.float()
+
+
+def proximal_pass(
+    model: nn.Module,
+    obs: torch.Tensor,
+    mask: torch.Tensor,
+    actions: torch.Tensor,
+    device: torch.device | str,
+    amp: bool,
+    minibatch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and values of ``model`` as it is now (the proximal policy of an update),
+    without gradients, in slices of ``minibatch`` positions.
+
+    Args:
+        model: the actor-critic on ``device``, the same module (compiled or not) as the update's
+            ratio uses, so that ``pi_prox == mu`` at policy lag 0 up to rounding.
+        obs: ``(P, 46, 9, 9) float32``; mask ``(P, 13527) bool``; actions ``(P,) int64`` (any
+            device: moved). amp: bf16 autocast on CUDA.
+
+    Returns:
+        ``(log_prob (P,) float32, value (P,) float32)`` on ``device``.
+    """
+    device = torch.device(device)
+    use_amp = bool(amp) and device.type == "cuda"
+    n = int(actions.shape[0])
+    logp, values = torch.empty(n, device=device), torch.empty(n, device=device)
+    with torch.no_grad():
+        for s in range(0, n, max(1, minibatch)):
+            idx = slice(s, min(s + minibatch, n))  # views, not gathered copies
+            logits, values[idx] = _forward(model, obs[idx].to(device, torch.float32), use_amp)
+            logp[idx], _ = log_prob_entropy(logits, mask[idx].to(device), actions[idx].to(device))
+    return logp, values
+
+
+def normalize_advantages(adv: torch.Tensor, total: int) -> torch.Tensor:
+    """``(A - mean) / (std + 1e-8)`` over the whole update, every learner rank's positions
+    included (``total`` of them; one collective when distributed)."""
+    s1, s2 = distributed.all_reduce([float(adv.double().sum()), float((adv.double() ** 2).sum())])
+    mean = s1 / total
+    std = math.sqrt(max(s2 - total * mean * mean, 0.0) / (total - 1))
+    return (adv - mean) / (std + 1e-8)
+
+
+def importance_weights(prox_logp: torch.Tensor, behaviour_logp: torch.Tensor, clip: float,
+                       total: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The truncated importance weight ``w = min(pi_prox / mu, clip)`` per position, and its
+    statistics over the whole update (``total`` positions on every rank): ``is_weight_mean``,
+    ``is_weight_max`` (before truncation), ``is_weight_truncated`` (share cut by more than float
+    noise, 1e-4 relative, so that fresh data reports 0) and ``approx_kl_behaviour`` (the k3 KL
+    between the behaviour and the proximal policy: staleness and temperature)."""
+    with torch.no_grad():
+        log_w = prox_logp - behaviour_logp
+        raw = log_w.exp()
+        cut = raw > clip * (1 + 1e-4)
+        kl_b, w_sum, w_cut = distributed.all_reduce([float(((raw - 1) - log_w).sum()), float(raw.sum()),
+                                                     float(cut.sum())])
+        (w_max,) = distributed.all_reduce([float(raw.max()) if raw.numel() else 0.0], op="max")
+    stats = {"is_weight_mean": w_sum / total, "is_weight_max": w_max, "is_weight_truncated": w_cut / total,
+             "approx_kl_behaviour": kl_b / total}
+    return raw.clamp(max=clip), stats
+
+
+def value_loss(value: torch.Tensor, ret: torch.Tensor, old_value: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Per-position value loss ``0.5 (V - R)^2``, or with ``clip`` PPO2's clipped form
+    ``0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)`` (Huang et al. 2022, detail 9)."""
+    if clip is None:
+        return 0.5 * (value - ret) ** 2
+    v_clipped = old_value + (value - old_value).clamp(-clip, clip)
+    return 0.5 * torch.max((value - ret) ** 2, (v_clipped - ret) ** 2)
 
 
 def _minibatches(sizes: list[int], rank: int, mb: int) -> tuple[list[int], list[int]]:
@@ -207,44 +245,98 @@ def _minibatches(sizes: list[int], rank: int, mb: int) -> tuple[list[int], list[
     return per_rank[rank].tolist(), np.sum([np.diff(b) for b in per_rank], axis=0).tolist()
 
 
-def _forward(model: nn.Module, obs: torch.Tensor, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model(obs)`` under bf16 autocast when ``use_amp`` (CUDA), as float32 ``(logits, value)``."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-        logits, value = model(obs)
-    return logits.float(), value.float()
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a bool tensor), decided on the device when the
+    optimiser is fused (its ``found_inf`` input, the mechanism of ``torch.amp.GradScaler``: the
+    step, the moments and the step count stay as they were), else on the host."""
+    if optimizer.param_groups[0].get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.to(torch.float32)
+        optimizer.step()
+        optimizer.found_inf = None
+    elif not bool(skip):
+        optimizer.step()
 
 
-def proximal_pass(
-    model: nn.Module,
-    obs: torch.Tensor,
-    mask: torch.Tensor,
-    actions: torch.Tensor,
-    device: torch.device | str,
-    amp: bool,
-    minibatch: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities and values of ``model`` as it is now (the proximal policy of an update),
-    without gradients, in slices of ``minibatch`` positions.
+@dataclass
+class _Sums:
+    """Device-side sums over the stepped minibatches (read once, at the end of the update)."""
 
-    Args:
-        model: the actor-critic on ``device``. obs: ``(P, 46, 9, 9) float32``; mask ``(P, 13527)
-        bool``; actions ``(P,) int64`` (any device: moved). amp: bf16 autocast on CUDA.
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    entropy: torch.Tensor
+    clip_fraction: torch.Tensor
+    positions: torch.Tensor
+    grad_norm: torch.Tensor
+    steps: torch.Tensor
+    nonfinite: torch.Tensor
 
-    Returns:
-        ``(log_prob (P,) float32, value (P,) float32)`` on ``device``.
-    """
-    device = torch.device(device)
-    use_amp = bool(amp) and device.type == "cuda"
-    n = int(actions.shape[0])
-    logp, values = torch.empty(n, device=device), torch.empty(n, device=device)
+    @classmethod
+    def zeros(cls, device: torch.device) -> "_Sums":
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
+
+    def add(self, skipped: torch.Tensor, nonfinite: torch.Tensor, m_global: int, grad_norm: torch.Tensor,
+            mbl: "_MinibatchLoss") -> None:
+        """Count one minibatch: its sums when it was stepped (``skipped`` false), else only
+        whether it was ``nonfinite``. Bool tensors in, no host synchronisation."""
+        zero = torch.zeros((), dtype=torch.float64, device=skipped.device)
+
+        def took(x: torch.Tensor) -> torch.Tensor:  # where(), not a product: a skipped sum may be NaN
+            return torch.where(skipped, zero, x.double())
+
+        self.nonfinite += nonfinite.double()
+        self.steps += took(torch.ones_like(zero))
+        self.positions += took(torch.full_like(zero, m_global))
+        self.grad_norm += took(grad_norm)
+        self.policy_loss += took(mbl.policy_loss)
+        self.value_loss += took(mbl.value_loss)
+        self.entropy += took(mbl.entropy)
+        self.clip_fraction += took(mbl.clipped)
+
+    def values(self) -> list[float]:
+        """Every sum, in field order: the one host synchronisation of an update's metrics."""
+        return torch.stack([getattr(self, f.name) for f in fields(self)]).tolist()
+
+
+@dataclass
+class _MinibatchLoss:
+    """One minibatch's loss (scaled for the ranks' average) and its sums for the metrics (float64,
+    detached): per-position policy and value losses, entropy, positions clipped, and the k3 KL sum."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    entropy: torch.Tensor
+    clipped: torch.Tensor
+    kl_sum: torch.Tensor
+
+
+def _minibatch_loss(model: nn.Module, b: _Batch, idx: torch.Tensor, prox_logp: torch.Tensor, weight: torch.Tensor,
+                    adv: torch.Tensor, cfg: PPOConfig, use_amp: bool, scale: float) -> _MinibatchLoss:
+    """The decoupled-PPO loss of positions ``idx`` times ``scale`` (see :func:`ppo_update`); a rank
+    holding none of the minibatch runs the model on one zero input with a zero loss, so that
+    ``DistributedDataParallel``'s collectives stay in step."""
+    if not idx.numel():
+        logits, value = model(b.obs.new_zeros((1, *b.obs.shape[1:])))
+        zero = 0.0 * (logits.float().sum() + value.float().sum())
+        nothing = zero.detach().double()
+        return _MinibatchLoss(zero, nothing, nothing, nothing, nothing, nothing.float())
+    logits, value = _forward(model, b.obs[idx], use_amp)
+    logp, entropy = log_prob_entropy(logits, b.mask[idx], b.action[idx])
+    log_ratio = logp - prox_logp[idx]
+    ratio = log_ratio.exp()
+    a = adv[idx]
+    pg = -weight[idx] * torch.min(ratio * a, ratio.clamp(1.0 - cfg.clip_epsilon, 1.0 + cfg.clip_epsilon) * a)
+    vl = value_loss(value, b.returns[idx], b.value[idx], cfg.value_clip)
+    loss = (pg.sum() + cfg.value_coef * vl.sum() - cfg.entropy_coef * entropy.sum()) * scale
     with torch.no_grad():
-        for s in range(0, n, max(1, minibatch)):
-            idx = slice(s, min(s + minibatch, n))  # views, not gathered copies
-            logits, values[idx] = _forward(model, obs[idx].to(device, torch.float32), use_amp)
-            logp[idx], _ = log_prob_entropy(logits, mask[idx].to(device), actions[idx].to(device))
-    return logp, values
+        return _MinibatchLoss(loss, pg.double().sum(), vl.double().sum(), entropy.double().sum(),
+                              ((ratio - 1.0).abs() > cfg.clip_epsilon).double().sum(),
+                              ((ratio - 1) - log_ratio).sum())
 
 
+# ----------------------------------------------------------------------------------------------
+# The update
+# ----------------------------------------------------------------------------------------------
 def ppo_update(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -253,183 +345,150 @@ def ppo_update(
     cfg: PPOConfig,
     device: torch.device | str,
     amp: bool = True,
+    decide_on_device: bool | None = None,
 ) -> dict[str, float]:
     """One decoupled-PPO update: ``cfg.epochs`` passes of shuffled minibatches over ``batch``.
 
     The behaviour policy ``mu`` (the worker's, up to ``max_policy_lag`` versions old and possibly
     tempered) and the proximal policy ``pi_prox`` (this model at the start of the update) are
-    decoupled as in Hilton, Cobbe, Schulman 2021, "Batch size-invariance for policy optimization",
-    arXiv:2110.00641, eq. 2: the clip is centred on ``pi_prox``, and ``mu`` enters only through
-    the importance weight ``w = pi_prox / mu``, truncated at ``cfg.is_weight_clip`` as IMPALA's
-    ``rho_bar`` (Espeholt et al. 2018, arXiv:1802.01561, eq. 1). With fresh, untempered data
-    ``w = 1`` and this is exactly PPO. Per minibatch (as a loss to minimise)::
+    decoupled as in Hilton, Cobbe, Schulman 2021, arXiv:2110.00641, eq. 2: the clip is centred on
+    ``pi_prox``, and ``mu`` enters only through the importance weight ``w = pi_prox / mu``,
+    truncated at ``cfg.is_weight_clip`` as IMPALA's ``rho_bar`` (Espeholt et al. 2018,
+    arXiv:1802.01561, eq. 1). With fresh, untempered data ``w = 1`` and this is exactly PPO. Per
+    minibatch (as a loss to minimise)::
 
         w       = min(exp(log pi_prox(a|s) - log mu(a|s)), is_weight_clip)   # constant
         ratio   = exp(log pi_theta(a|s) - log pi_prox(a|s))
         L_pi    = -mean(w * min(ratio * A, clip(ratio, 1-eps, 1+eps) * A))
-        L_v     = 0.5 * mean((V - R)^2)                          # or the clipped form below
-        L_v^clip= 0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))
+        L_v     = mean(value_loss(V, R, V_old, value_clip))
         loss    = L_pi + value_coef * L_v - entropy_coef * mean(H)
 
     Advantages are normalised once over the whole batch (``cfg.normalize_advantages``). Gradients
-    are clipped to ``cfg.max_grad_norm``; the scheduler is stepped once at the end.
+    are clipped to ``cfg.max_grad_norm``; the scheduler is stepped once at the end, only if a step
+    was taken. Early stop (``cfg.target_kl``): before every optimiser step the approximate KL
+    ``mean((r - 1) - log r)`` between the proximal policy and the current one on the minibatch is
+    checked, and the update stops (without that step) once it exceeds ``target_kl``. A minibatch
+    whose loss or gradient norm is not finite is skipped. Both decisions are taken on the device
+    (a skipped step through the fused optimiser's ``found_inf``): on a GPU the host waits for the
+    device once per epoch, not once per minibatch.
 
-    Early stop (``cfg.target_kl``): before the epochs, one no-grad pass records the log-probs of
-    the policy at the start of this update; before every optimiser step the approximate KL
-    ``mean((r - 1) - log r)`` (joschu.net/blog/kl-approx.html) between that start policy and the
-    current one on the minibatch is checked, and the update stops (without that step) once it
-    exceeds ``target_kl``. Measuring from the start of the update rather than from the behaviour
-    log-probs keeps stale data or a sampling temperature != 1 from stopping every update at once.
+    With several learner ranks (:mod:`keisei_stream.rl.distributed`) every rank splits its share
+    into the same number of minibatches and scales its loss by ``ranks / global minibatch size``,
+    so the gradient ``DistributedDataParallel`` averages over the ranks is the gradient of the
+    mean over the whole distributed minibatch; normalisation, the KL, the skips and every metric
+    are reduced over the ranks.
 
     Args:
-        model: the actor-critic (possibly ``torch.compile``-d), already on ``device``; left in
-            training mode.
+        model: the actor-critic (possibly ``torch.compile``-d or DDP-wrapped), already on
+            ``device``; left in training mode.
         optimizer: from :func:`make_optimizer`. scheduler: from :func:`make_scheduler` or None.
         batch: CPU or device tensors: ``obs (P,46,9,9) float32``, ``mask (P,13527) bool``,
             ``action (P,) int64``, ``log_prob (P,) float32`` (behaviour, under the distribution
-            sampled from), ``value (P,) float32`` (the values the advantages came from: the
-            behaviour's, or the proximal pass's), ``advantage (P,) float32``, ``return (P,)
-            float32``; optionally ``prox_log_prob (P,) float32``, the proximal policy's
-            log-probabilities from the caller's :func:`proximal_pass` (then not computed again).
+            sampled from), ``value (P,) float32`` (the values the advantages came from),
+            ``advantage (P,) float32``, ``return (P,) float32``; optionally ``prox_log_prob (P,)
+            float32``, the proximal policy's log-probabilities from the caller's
+            :func:`proximal_pass` (then not computed again).
         cfg: PPO hyper-parameters. device: the model's device. amp: bf16 autocast on CUDA.
+        decide_on_device: take the early-stop and skip decisions on the device (no host
+            synchronisation per minibatch; minibatches after a stop are still computed up to the
+            epoch's end, without a step); default: on CUDA only. Both ways give the same update.
 
     Returns:
-        Metrics (floats): ``policy_loss``, ``value_loss``, ``entropy`` (means over the minibatches
-        stepped), ``approx_kl`` (start-of-update policy vs current, the last minibatch checked),
-        ``approx_kl_behaviour`` (behaviour vs start-of-update policy: staleness/temperature),
-        ``clip_fraction`` (share of ``ratio`` outside the clip range), ``is_weight_mean``,
-        ``is_weight_max`` (before truncation) and ``is_weight_truncated`` (share of positions
-        whose weight was cut at ``is_weight_clip``) over the whole batch,
-        ``explained_variance`` (behaviour values vs returns), ``grad_norm``
+        Metrics (floats): ``policy_loss``, ``value_loss``, ``entropy`` (means over the positions
+        of the minibatches stepped), ``approx_kl`` (proximal vs current policy, the last minibatch
+        checked), ``approx_kl_behaviour``, ``clip_fraction`` (share of ``ratio`` outside the clip
+        range), ``is_weight_mean``, ``is_weight_max``, ``is_weight_truncated`` (see
+        :func:`importance_weights`), ``explained_variance`` (``value`` vs returns), ``grad_norm``
         (mean pre-clip norm), ``learning_rate`` (used in this update), ``epochs_run`` (epochs
-        begun), ``minibatches`` (optimiser steps taken), ``nonfinite_minibatches`` (minibatches whose
-        loss or gradient norm was not finite: skipped, no step), ``samples`` (P).
+        begun), ``minibatches`` (optimiser steps taken), ``nonfinite_minibatches`` (skipped for a
+        non-finite loss or gradient), ``samples`` (P over all ranks).
 
     Raises:
-        ValueError: missing keys, inconsistent lengths or an empty batch.
+        ValueError: missing keys, inconsistent lengths or an empty batch (on every rank).
     """
-    missing = [k for k in BATCH_KEYS if k not in batch]
-    if missing:
-        raise ValueError(f"batch is missing {missing}")
-    n = int(batch["action"].shape[0])
-    for k in BATCH_KEYS:
-        if int(batch[k].shape[0]) != n:
-            raise ValueError(f"batch[{k!r}] has {batch[k].shape[0]} rows, expected {n}")
-    world = distributed.world_size()
-    sizes = distributed.all_gather_int(n)  # every rank's positions (one collective when distributed)
-    total = sum(sizes)
+    device = torch.device(device)
+    b = _to_device(batch, device)
+    n = int(b.action.shape[0])
+    sizes = distributed.all_gather_int(n)  # every rank's positions
+    total, world = sum(sizes), len(sizes)
     if total == 0:
         raise ValueError("empty batch")
-    device = torch.device(device)
-    nb = device.type == "cuda"
-    obs = batch["obs"].to(device, torch.float32, non_blocking=nb)
-    mask = batch["mask"].to(device, torch.bool, non_blocking=nb)
-    actions = batch["action"].to(device, torch.int64, non_blocking=nb)
-    old_logp = batch["log_prob"].to(device, torch.float32, non_blocking=nb)
-    old_value = batch["value"].to(device, torch.float32, non_blocking=nb)
-    returns = batch["return"].to(device, torch.float32, non_blocking=nb)
-    adv = batch["advantage"].to(device, torch.float32, non_blocking=nb)
-    if cfg.normalize_advantages and total > 1:
-        if world == 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        else:  # over the whole distributed batch: the same normalisation as on one rank
-            s1, s2 = distributed.all_reduce([float(adv.double().sum()), float((adv.double() ** 2).sum())])
-            mean = s1 / total
-            std = math.sqrt(max(s2 - total * mean * mean, 0.0) / (total - 1))
-            adv = (adv - mean) / (std + 1e-8)
     use_amp = bool(amp) and device.type == "cuda"
+    on_host = device.type != "cuda" if decide_on_device is None else not decide_on_device
     mb = min(cfg.minibatch_size, total)
-    local_bounds, global_sizes = _minibatches(sizes, distributed.rank(), mb)
-
+    bounds, global_sizes = _minibatches(sizes, distributed.rank(), mb)
+    adv = normalize_advantages(b.advantage, total) if cfg.normalize_advantages and total > 1 else b.advantage
     model.train()
-    # Log-probs of the proximal policy (this model before the update): the clip is centred on them,
-    # the importance weight divides them by the behaviour policy, the KL early stop measures from them.
-    if "prox_log_prob" in batch:  # the caller's proximal pass (it also recomputed the values)
-        start_logp = batch["prox_log_prob"].to(device, torch.float32, non_blocking=nb)
-    else:
-        start_logp, _ = proximal_pass(model, obs, mask, actions, device, amp, mb)
-    with torch.no_grad():
-        lr_ = start_logp - old_logp
-        is_weight_raw = lr_.exp()
-        is_weight = is_weight_raw.clamp(max=cfg.is_weight_clip)
-        # cut by more than float noise (1e-4 relative), so fresh data reports 0
-        cut = is_weight_raw > cfg.is_weight_clip * (1 + 1e-4)
-        kl_b, w_sum, w_cut = distributed.all_reduce([float(((is_weight_raw - 1) - lr_).sum()),
-                                                     float(is_weight_raw.sum()), float(cut.sum())])
-        (w_max,) = distributed.all_reduce([float(is_weight_raw.max()) if n else 0.0], op="max")
-        is_stats = {"is_weight_mean": w_sum / total, "is_weight_max": w_max, "is_weight_truncated": w_cut / total}
-
+    prox_logp = b.prox_log_prob if b.prox_log_prob is not None else \
+        proximal_pass(model, b.obs, b.mask, b.action, device, amp, mb)[0]
+    weight, is_stats = importance_weights(prox_logp, b.log_prob, cfg.is_weight_clip, total)
+    target_kl = math.inf if cfg.target_kl is None else cfg.target_kl
     lr_now = float(optimizer.param_groups[0]["lr"])
-    sums = dict.fromkeys(("policy_loss", "value_loss", "entropy", "clip_fraction"), 0.0)  # over positions
-    grad_norm_sum, stepped_positions, steps, skipped, epochs_run, approx_kl, stop = 0.0, 0, 0, 0, 0, 0.0, False
+
+    sums = _Sums.zeros(device)
+    stopped = torch.zeros((), dtype=torch.bool, device=device)
+    approx_kl = torch.zeros((), device=device)
+    epochs_run = 0
     for _ in range(cfg.epochs):
         epochs_run += 1
-        perm = torch.randperm(n).to(device)
+        perm = torch.randperm(n, device=device) if device.type == "cuda" else torch.randperm(n)
         for j, m_global in enumerate(global_sizes):
-            idx = perm[local_bounds[j]:local_bounds[j + 1]]
-            denom = m_global / world  # the rank-averaged gradient is the gradient of the global mean
-            if idx.numel():
-                logits, value = _forward(model, obs[idx], use_amp)
-                logp, ent = log_prob_entropy(logits, mask[idx], actions[idx])
-                with torch.no_grad():
-                    d = logp - start_logp[idx]
-                    kl_sum = float(((d.exp() - 1) - d).sum())
-                ratio = torch.exp(logp - start_logp[idx])
-                a = adv[idx]
-                surrogate = torch.min(ratio * a, ratio.clamp(1.0 - cfg.clip_epsilon, 1.0 + cfg.clip_epsilon) * a)
-                pg_i = -is_weight[idx] * surrogate
-                ret = returns[idx]
-                if cfg.value_clip is not None:
-                    v_old = old_value[idx]
-                    v_clipped = v_old + (value - v_old).clamp(-cfg.value_clip, cfg.value_clip)
-                    v_i = 0.5 * torch.max((value - ret) ** 2, (v_clipped - ret) ** 2)
-                else:
-                    v_i = 0.5 * (value - ret) ** 2
-                loss = (pg_i.sum() + cfg.value_coef * v_i.sum() - cfg.entropy_coef * ent.sum()) / denom
-            else:  # this rank holds no position of this minibatch: a zero loss keeps DDP's collectives in step
-                logits, value = model(obs.new_zeros((1, *obs.shape[1:])))
-                loss, kl_sum = 0.0 * (logits.float().sum() + value.float().sum()), 0.0
-            kl_all, bad = distributed.all_reduce([kl_sum, 0.0 if bool(torch.isfinite(loss)) else 1.0])
-            approx_kl = kl_all / m_global
-            if cfg.target_kl is not None and approx_kl > cfg.target_kl:
-                stop = True
+            idx = perm[bounds[j]:bounds[j + 1]]
+            mbl = _minibatch_loss(model, b, idx, prox_logp, weight, adv, cfg, use_amp, world / m_global)
+            loss = mbl.loss
+            checks = distributed.all_reduce_([mbl.kl_sum, (~torch.isfinite(loss.detach())).float()])
+            kl = checks[0] / m_global
+            stop = stopped | (kl > target_kl)
+            approx_kl = torch.where(stopped, approx_kl, kl)
+            stopped = stop
+            if on_host and bool(stop):
                 break
+            skip = stop | (checks[1] > 0)
             optimizer.zero_grad(set_to_none=True)
-            if bad:  # a poisoned or degenerate minibatch on some rank: never let it reach the weights
-                skipped += 1
+            if on_host and bool(skip):  # a poisoned or degenerate minibatch on some rank
+                sums.nonfinite += 1
                 continue
             loss.backward()  # under DDP: gradients averaged over the ranks here
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if not torch.isfinite(gn):  # the same averaged gradients on every rank: the same decision
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            optimizer.step()
-            steps += 1
-            stepped_positions += m_global
-            grad_norm_sum += float(gn)
-            if idx.numel():
-                with torch.no_grad():
-                    sums["policy_loss"] += float(pg_i.sum())
-                    sums["value_loss"] += float(v_i.sum())
-                    sums["entropy"] += float(ent.sum())
-                    sums["clip_fraction"] += float(((ratio - 1.0).abs() > cfg.clip_epsilon).sum())
-        if stop:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            bad = ~torch.isfinite(grad_norm) | (checks[1] > 0)  # the same averaged gradients on every rank
+            skip = stop | bad
+            _step_unless(optimizer, skip)
+            sums.add(skip, bad & ~stop, m_global, grad_norm, mbl)
+        if bool(stopped):  # once per epoch on a GPU (at once on the host, above)
             break
-    if scheduler is not None:
+
+    *local, positions, grad_norm, steps, nonfinite = sums.values()
+    if scheduler is not None and steps > 0:
         scheduler.step()
-    totals = distributed.all_reduce([*sums.values(), *_variance_sums(old_value, returns)])
-    metrics = {k: (v / stepped_positions if steps else float("nan")) for k, v in zip(sums, totals)}
+    totals = distributed.all_reduce([*local, *_variance_sums(b.value, b.returns)])
+    metrics = {k: (v / positions if steps else float("nan"))
+               for k, v in zip(("policy_loss", "value_loss", "entropy", "clip_fraction"), totals)}
     metrics.update({
-        "grad_norm": grad_norm_sum / steps if steps else float("nan"),
-        "approx_kl": approx_kl,
-        "approx_kl_behaviour": kl_b / total,
+        "grad_norm": grad_norm / steps if steps else float("nan"),
+        "approx_kl": float(approx_kl),
         **is_stats,
-        "explained_variance": _explained_variance_from_sums(totals[len(sums):]),
+        "explained_variance": _explained_variance_from_sums(totals[4:]),
         "learning_rate": lr_now,
         "epochs_run": float(epochs_run),
         "minibatches": float(steps),
-        "nonfinite_minibatches": float(skipped),
+        "nonfinite_minibatches": float(nonfinite),
         "samples": float(total),
     })
     return metrics
+
+
+def _variance_sums(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """``[n, sum(t), sum(t^2), sum(t-p), sum((t-p)^2)]`` (float64): explained variance from sums
+    that add up over ranks."""
+    t, e = target.double(), (target - pred).double()
+    return [float(t.numel()), float(t.sum()), float((t * t).sum()), float(e.sum()), float((e * e).sum())]
+
+
+def _explained_variance_from_sums(sums: list[float]) -> float:
+    """``1 - Var(t - p) / Var(t)`` (population variances) from :func:`_variance_sums`; NaN when
+    ``Var(t) == 0``."""
+    n, st, st2, se, se2 = sums
+    var_t = st2 / n - (st / n) ** 2 if n else 0.0
+    if var_t <= 1e-12:
+        return float("nan")
+    return 1.0 - (se2 / n - (se / n) ** 2) / var_t

@@ -1,4 +1,18 @@
-"""The experience stream's consumer: a learner's reader on the ``learners`` group.
+"""The experience stream's consumer: a learner's reader on the ``learners`` group, and the one
+place that knows the delivery state of every entry the learner holds.
+
+An entry's states, from this learner's view (what :class:`Consumer` keeps)::
+
+    in the stream --read--> held --take_updates--> in an update --settle--> acknowledged
+         |                   |                          |                 (trained / stale counted,
+         |                   +--------------------------+                  XACK + XDEL atomically)
+         +--> dead-lettered / dropped as a duplicate at read (acknowledged and counted there)
+         +--> lost: claimed by another learner after ``claim_idle_ms`` (forgotten here), or the
+              server restarted without the run's data (another epoch: never acknowledged there)
+
+``held`` lists the entries read and not yet in an update; ``in_flight`` maps every entry read and
+not yet acknowledged (held or in an update) to its positions. Every entry carries the run's
+``epoch`` it was read in and is acknowledged only into that epoch.
 
 Group ``learners`` is created at id 0 with ``MKSTREAM``. :meth:`Consumer.read` returns, in this
 order: this consumer's own pending entries (``XREADGROUP`` id 0, after a restart), entries idle
@@ -14,6 +28,8 @@ socket timeout above every ``BLOCK``).
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -21,11 +37,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import redis
 from redis.exceptions import ResponseError
 
-from .atomic import run_atomic
-from .codec import ExperienceBatch, decode_entry, entry_positions
+from . import retry
+from .atomic import EpochChanged, run_atomic
 from .client import as_str
+from .codec import ExperienceBatch, decode_entry, entry_positions
 from .keys import Keys
 from .schema import BadEntry
+from .status import append_losses
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
 DEADLETTER_FIELD_BYTES = 4096
@@ -97,16 +115,127 @@ class Consumer:
         self.stats = {"good": 0, "bad": 0, "duplicate": 0, "claimed": 0, "own_pending": 0, "lost_to_claims": 0}
         self.decode_s = 0.0  # seconds spent decoding and validating entries (a time share of the learner)
         self.newest_version: int | None = None  # entries claiming a newer model version are rejected
-        self.epoch: str | None = None  # the run's epoch this consumer acknowledges into (set by the learner)
+        self.epoch: str | None = None  # the run's epoch this consumer acknowledges into (claim_epoch)
+        self.held: list[Delivered] = []  # read, not yet in an update
+        self.backlog_full = False  # the last receive() read nothing new while the stream was at max_backlog
+        self.epoch_lost = False  # an epoch-checked write was refused: the server lost the run's data
+        self._outages_seen = retry.OUTAGES.outages
         ensure_group(r, keys)
 
     def reset(self) -> None:
         """Forget what this consumer handed out: the server lost the stream (a restart without
-        persistence), so ids in flight mean nothing there. Re-reads own pending entries next."""
+        persistence), so ids in flight mean nothing there. Re-reads own pending entries next.
+        Held entries stay held (their data is in memory; they keep their old epoch)."""
         self.in_flight.clear()
         self._own_cursor = "0"
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+
+    # -- the delivery states -----------------------------------------------------------------
+    def claim_epoch(self) -> str:
+        """The run's epoch on this server: the existing one, or a new random one if the key is
+        missing (the run's data is new here). Entries read from now on are acknowledged into it."""
+        self.r.set(self.keys.epoch, secrets.token_hex(8), nx=True)
+        self.epoch = as_str(self.r.get(self.keys.epoch))
+        self.epoch_lost = False
+        return self.epoch
+
+    def receive(self, max_backlog: int, block_ms: int | None = None) -> int:
+        """Read the next entries into :attr:`held` (see :meth:`read`); returns how many.
+
+        Held entries that another learner claimed meanwhile (this one stalled past
+        ``claim_idle_ms``) are dropped from :attr:`held`. Sets :attr:`backlog_full` when nothing
+        new came while the stream holds ``max_backlog`` entries: workers add only below that
+        limit, so no more data can come until the learner trains what it holds. A dead-letter
+        write refused for a changed epoch sets :attr:`epoch_lost` (see :meth:`check_server`).
+        """
+        try:
+            delivered = self.read(block_ms)
+        except EpochChanged:  # a rejected entry could not be counted: the server lost the run's data
+            self.epoch_lost, delivered = True, []
+        self.held = [d for d in self.held if d.entry_id in self.in_flight] + delivered
+        self.backlog_full = bool(self.held) and not delivered and self.r.xlen(self.keys.experience) >= max_backlog
+        return len(delivered)
+
+    def held_positions(self) -> int:
+        """Positions in :attr:`held`."""
+        return sum(d.batch.num_positions for d in self.held)
+
+    def count_updates(self, target: int) -> tuple[int, int]:
+        """``(full, all)``: how many updates of at least ``target`` positions (whole entries, in
+        arrival order) :attr:`held` makes, and how many with the remainder as one more."""
+        full, n = 0, 0
+        for d in self.held:
+            n += d.batch.num_positions
+            if n >= target:
+                full, n = full + 1, 0
+        return full, full + (1 if n else 0)
+
+    def take_updates(self, target: int, count: int | None = None, flush: bool = False) -> list[list[Delivered]]:
+        """Take entries out of :attr:`held` into updates of about ``target`` positions: the first
+        ``count`` full ones (all full ones when None), or with ``flush`` every held entry (the
+        remainder as one smaller update). What is not taken stays held."""
+        groups, group, n = [], [], 0
+        for d in self.held:
+            group.append(d)
+            n += d.batch.num_positions
+            if n >= target:
+                groups.append(group)
+                group, n = [], 0
+        if flush:
+            self.held = []
+            return groups + ([group] if group else [])
+        count = len(groups) if count is None else count
+        self.held = [d for g in groups[count:] for d in g] + group
+        return groups[:count]
+
+    def settle(self, entries: list[Delivered], kept: Sequence[int]) -> None:
+        """Acknowledge the entries of an update: ``kept[i]`` of entry ``i``'s positions were
+        trained, the rest were stale (:meth:`ack`). Entries read in another epoch (the server
+        has lost the run's data since) are never acknowledged into this one; a refusal for a
+        changed epoch sets :attr:`epoch_lost`."""
+        live = [(d, int(k)) for d, k in zip(entries, kept) if d.epoch == self.epoch]
+        if not live:
+            return
+        try:
+            self.ack([d for d, _ in live], trained_positions=[k for _, k in live],
+                     stale_positions=[d.batch.num_positions - k for d, k in live])
+        except EpochChanged:  # the server restarted without our data while we trained on it
+            self.epoch_lost = True
+
+    def check_server(self) -> bool:
+        """After an outage (or a write refused for its epoch), compare the run's ``epoch`` key with
+        ours: True when it is missing or changed, i.e. the server restarted without the run's data
+        (then call :meth:`recover`)."""
+        if retry.OUTAGES.outages == self._outages_seen and not self.epoch_lost:
+            return False
+        self._outages_seen = retry.OUTAGES.outages
+        epoch = self.r.get(self.keys.epoch)
+        self.epoch_lost = epoch is None or as_str(epoch) != self.epoch
+        return self.epoch_lost
+
+    def recover(self, accounting_before: Mapping[str, int], **fields: Any) -> dict[str, Any]:
+        """The server lost the run's data: claim a new epoch, forget the ids in flight, recreate the
+        group, and record the loss in the ``losses`` stream (old/new epoch, what was held and is
+        kept, the unread positions lost by ``accounting_before``, plus ``fields``).
+
+        Returns:
+            The ``losses`` entry's fields.
+        """
+        old_epoch, found = self.epoch, self.r.get(self.keys.epoch)
+        held, held_positions = len(self.in_flight), sum(self.in_flight.values())
+        self.claim_epoch()
+        self.reset()
+        ensure_group(self.r, self.keys)
+        b = accounting_before
+        unread = max(0, b.get("produced_positions", 0) - b.get("trained_positions", 0) - b.get("stale_positions", 0)
+                     - b.get("rejected_positions", 0) - b.get("duplicate_positions", 0) - held_positions)
+        record = {"time": round(time.time(), 3), "detected_by": self.name, "old_epoch": old_epoch or "",
+                  "new_epoch": self.epoch, "found_epoch": as_str(found) if found is not None else "",
+                  "held_entries_kept": held, "held_positions_kept": held_positions, "unread_positions_lost": unread,
+                  "accounting_before": json.dumps(dict(b)), **fields}
+        retry.best_effort("losses entry", append_losses, self.r, self.keys, record)
+        return record
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, block_ms: int | None = None) -> list[Delivered]:

@@ -1,0 +1,242 @@
+"""The trainer: one learner update from a batch of experience, read top to bottom.
+
+:meth:`Trainer.update` takes the positions of the entries an update holds
+(:class:`~keisei_stream.wire.codec.ExperienceBatch`, joined by ``concat_batches``) and runs, in
+this order:
+
+1. **staleness** (:func:`~keisei_stream.rl.gae.filter_stale`): positions played by a model older
+   than ``ppo.max_policy_lag`` versions are not trained (they are counted as stale);
+2. **inputs**: observations ``(P, 46, 9, 9)`` and legal masks ``(P, 13527)`` rebuilt from the
+   32-byte positions (on a GPU: the compact form crosses to the device and is expanded there,
+   :mod:`keisei_stream.rl.inputs`);
+3. **proximal pass** (``ppo.recompute_values``): the values and log-probabilities of the model at
+   the start of the update, through the same module (compiled or not) the update's ratio uses;
+4. **advantages** (:func:`~keisei_stream.rl.gae.compute_gae`): GAE over the batch's games with
+   the zero-sum sign flip;
+5. **the PPO update** (:func:`~keisei_stream.rl.ppo.ppo_update`);
+6. **metrics** of the update: the PPO metrics, policy lag, game statistics, input bytes.
+
+With several learner ranks every rank calls :meth:`Trainer.update` on its own share; the few
+collectives needed (any fresh position on any rank, the lag over all ranks) are in
+:mod:`keisei_stream.rl.distributed`. Never imports redis.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from keisei_stream.config import Config
+from keisei_stream.rl import distributed
+from keisei_stream.rl.checkpoint import load_checkpoint, save_checkpoint
+from keisei_stream.rl.gae import compute_gae, filter_stale
+from keisei_stream.rl.inputs import compact_nbytes, expand_inputs
+from keisei_stream.rl.model import build_model, maybe_compile
+from keisei_stream.rl.ppo import apply_config, make_optimizer, make_scheduler, ppo_update, proximal_pass
+from keisei_stream.shogi import NUM_PLANES, EndReason, encode_positions, encode_positions_compact
+from keisei_stream.wire.codec import ExperienceBatch
+
+
+@dataclass
+class Update:
+    """What one update did.
+
+    Attributes:
+        metrics: every metric of the update (PPO's, ``policy_lag_mean``/``max``,
+            ``input_bytes_per_position``, game statistics, ``trained_positions``,
+            ``stale_positions``; with several ranks the lag and counts over all ranks).
+        keep: ``(P,) bool``, the positions trained (the others were stale).
+        stepped: the weights changed (at least one optimiser step): a new version to publish.
+    """
+
+    metrics: dict[str, float]
+    keep: np.ndarray
+    stepped: bool
+
+
+def game_stats(b: ExperienceBatch) -> dict[str, float]:
+    """Win/draw rates and game length of the games in ``b`` (from their end reasons)."""
+    reasons = b.reason.astype(np.int64)
+    results = b.result.astype(np.int64)
+    lengths = np.diff(b.game_offsets.astype(np.int64))
+    g = max(len(reasons), 1)
+    return {
+        "games": float(len(reasons)),
+        "game_plies_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "decisive_rate": float((results != 0).sum() / g),
+        "draw_rate": float((results == 0).sum() / g),
+        "black_win_rate": float((results > 0).sum() / g),
+        "checkmate_rate": float((reasons == EndReason.CHECKMATE).sum() / g),
+        "max_plies_rate": float((reasons == EndReason.MAX_PLIES).sum() / g),
+        "repetition_rate": float(np.isin(reasons, [EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK]).sum() / g),
+    }
+
+
+@dataclass
+class Trainer:
+    """The model being trained and how: parameters, optimiser, schedule and device.
+
+    Attributes:
+        cfg: the run config. device: where the model trains.
+        model: the parameters (what is checkpointed and published).
+        train_model: what runs the forward passes: ``model`` itself, or wrapped in
+            ``DistributedDataParallel`` (several ranks) and/or ``torch.compile`` (``model.compile``);
+            it shares ``model``'s parameters.
+        optimizer, scheduler: from :func:`~keisei_stream.rl.ppo.make_optimizer` and
+            :func:`~keisei_stream.rl.ppo.make_scheduler`.
+    """
+
+    cfg: Config
+    device: torch.device
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @classmethod
+    def build(cls, cfg: Config, device: torch.device) -> "Trainer":
+        """A freshly initialised model on ``device`` with its optimiser and schedule (seeded by
+        ``cfg.run.seed``); :meth:`wrap` it once its state is final."""
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        model = build_model(cfg.model).to(device)
+        optimizer = make_optimizer(model, cfg.ppo)
+        return cls(cfg, device, model, model, optimizer, make_scheduler(optimizer, cfg.ppo))
+
+    def restore(self, source: str | Path | io.BytesIO) -> dict[str, Any]:
+        """Load a checkpoint (file or bytes) into the model, optimiser and schedule; the learning
+        rate follows the config, not the checkpoint (:func:`~keisei_stream.rl.ppo.apply_config`).
+
+        Returns:
+            The checkpoint's ``{"version", "updates", "config_json", "extra"}``.
+
+        Raises:
+            CheckpointError: unreadable, or it does not fit the model.
+        """
+        info = load_checkpoint(source, self.model, self.optimizer, self.scheduler, map_location=self.device)
+        apply_config(self.optimizer, self.scheduler, self.cfg.ppo)
+        return info
+
+    def save(self, target: str | Path | io.BytesIO, version: int, updates: int, extra: dict | None = None) -> None:
+        """The whole training state to a checkpoint file (atomic) or an open binary file."""
+        save_checkpoint(target, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        version=version, updates=updates, config_json=self.cfg.to_json(), extra=extra)
+
+    def wrap(self) -> None:
+        """``train_model``: DDP over the learner ranks when there are several, then
+        ``torch.compile`` when ``model.compile`` is set."""
+        model: nn.Module = self.model
+        if distributed.world_size() > 1:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                            broadcast_buffers=False)
+        self.train_model = maybe_compile(model, self.cfg.model)
+
+    def warm_up(self) -> float:
+        """Run ``train_model`` once forward and backward on a synthetic minibatch (full size and a
+        smaller one, so ``torch.compile`` makes its shape-generic graph) and once without
+        gradients, leaving parameters and optimiser untouched: with ``model.compile`` the
+        compilation happens here, while the first data arrive, not inside the first update.
+
+        Returns:
+            Seconds taken.
+        """
+        t0 = time.monotonic()
+        mb = max(2, min(self.cfg.ppo.minibatch_size, self.cfg.ppo.samples_per_update))
+        gen = torch.Generator().manual_seed(0)  # leaves the global RNG (and so training) alone
+        use_amp = self.cfg.learner.amp and self.device.type == "cuda"
+        for n in (mb, max(1, mb // 2)):
+            obs = torch.rand((n, NUM_PLANES, 9, 9), generator=gen).to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits, value = self.train_model(obs)
+                (logits.float().mean() + value.float().mean()).backward()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                self.train_model(obs)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.monotonic() - t0
+
+    # ------------------------------------------------------------------------------ the update
+    def update(self, b: ExperienceBatch, version: int) -> Update:
+        """One update on the positions of ``b`` by a learner at ``version`` (module docstring).
+
+        Every rank calls it (a rank holding nothing with an empty batch); nothing is trained when
+        no rank holds a fresh position.
+        """
+        cfg = self.cfg
+        versions = b.version.astype(np.int64)
+        keep = filter_stale(versions, version, cfg.ppo.max_policy_lag)
+        n_keep = int(keep.sum())
+        metrics: dict[str, float] = {}
+        if distributed.all_reduce([n_keep])[0]:
+            metrics = self.train(b, keep)
+            lag = version - versions[keep]
+            lag_sum, n_all = distributed.all_reduce([float(lag.sum()), float(n_keep)])
+            (lag_max,) = distributed.all_reduce([float(lag.max()) if n_keep else -1e9], op="max")
+            metrics.update({"policy_lag_mean": lag_sum / n_all, "policy_lag_max": lag_max})
+        trained, stale = (int(x) for x in distributed.all_reduce([n_keep, len(keep) - n_keep]))
+        metrics.update(game_stats(b))
+        metrics.update({"trained_positions": float(trained), "stale_positions": float(stale)})
+        return Update(metrics, keep, stepped=metrics.get("minibatches", 0.0) > 0)
+
+    def train(self, b: ExperienceBatch, keep: np.ndarray) -> dict[str, float]:
+        """Inputs, the proximal pass, GAE and the PPO update on the ``keep`` positions of ``b``;
+        returns the update's metrics (with ``rebuild_s``, ``train_s`` and
+        ``input_bytes_per_position``).
+
+        With ``ppo.recompute_values`` the advantages and returns come from the values of the
+        model as it is at the start of the update (one no-grad pass over every position of the
+        games, which also gives the proximal log-probabilities PPO needs), not from the values the
+        workers recorded up to ``max_policy_lag`` versions ago: IMPALA's V-trace targets are built
+        from the learner's values too (Espeholt et al. 2018, arXiv:1802.01561, sec. 4.1).
+        """
+        cfg, n_keep = self.cfg, int(keep.sum())
+        t0 = time.monotonic()
+        rows = np.ones_like(keep) if cfg.ppo.recompute_values else keep  # the pass needs every position
+        obs, mask, input_bytes = self.inputs(b, rows if n_keep else keep)
+        actions = torch.from_numpy(b.action[rows].astype(np.int64))
+        batch = {"log_prob": torch.from_numpy(b.log_prob[keep])}
+        t1 = time.monotonic()  # the proximal pass below is training time
+        values = b.value.astype(np.float32)
+        if cfg.ppo.recompute_values:
+            if n_keep:
+                prox_logp, values_t = proximal_pass(self.train_model, obs, mask, actions, self.device,
+                                                    cfg.learner.amp, cfg.ppo.minibatch_size)
+                values = values_t.cpu().numpy()
+                rows_t = torch.from_numpy(keep).to(obs.device)
+                obs, mask, actions = obs[rows_t], mask[rows_t], actions[torch.from_numpy(keep)]
+                batch["prox_log_prob"] = prox_logp[rows_t.to(prox_logp.device)]
+            else:  # this rank holds no fresh position: nothing to evaluate
+                obs, mask, actions = obs[:0], mask[:0], actions[:0]
+        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
+                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        batch.update({"obs": obs, "mask": mask, "action": actions, "value": torch.from_numpy(values[keep]),
+                      "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep])})
+        metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
+                             cfg.learner.amp)
+        if cfg.ppo.recompute_values and n_keep:  # how far the workers' values were from the start-of-update ones
+            metrics["value_staleness"] = float(np.abs(values[keep] - b.value[keep]).mean())
+        metrics.update({"rebuild_s": t1 - t0, "train_s": time.monotonic() - t1,
+                        "input_bytes_per_position": input_bytes / max(n_keep, 1)})
+        return metrics
+
+    def inputs(self, b: ExperienceBatch, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(obs (R, 46, 9, 9) float32, mask (R, 13527) bool, bytes that crossed to the device)``
+        of the ``rows`` of ``b``: on the CPU the dense arrays directly (2x faster there); on a GPU
+        the compact form (~0.5 KB a position instead of 28.4 KB) expanded on the device."""
+        positions = (b.hcp[rows], b.ply[rows], b.repetition[rows], self.cfg.env.max_plies)
+        if self.device.type == "cpu" or not rows.any():
+            obs, mask = (torch.from_numpy(a) for a in encode_positions(*positions))
+            return obs, mask, obs.numel() * 4 + mask.numel()
+        compact = encode_positions_compact(*positions)
+        obs, mask = expand_inputs(compact, self.device)
+        return obs, mask, compact_nbytes(compact)
+
