@@ -25,8 +25,7 @@ import numpy as np
 from keisei_stream.shogi import encode_positions
 from keisei_stream.wire import codec, schema
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.games
-from tests.games import benchmark_batches  # noqa: E402 - needs the line above
+from batches import benchmark_batches  # noqa: E402 - this script's folder is on sys.path
 
 
 def _fields(batch):
@@ -103,7 +102,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "batches": len(batches),
         "positions": total,
-        "games": sum(b.num_games for b in batches),
+        "segments": sum(b.num_segments for b in batches),
         "bytes_per_position_wire": round(wire / total, 2),
         "bytes_per_position_raw": round(sum(len(lz4.block.decompress(f[b"d"])) for f in encoded) / total, 2),
         "baseline_bytes_per_position": round(sum(len(x) for x in baseline_blobs) / total, 2),

@@ -16,8 +16,8 @@ balances (produced == trained + stale + rejected + duplicate, nothing left in th
 Baseline in the same run: the W=1 point (``speedup_vs_w1``).
 
 Part 2 (``--capacity-entries N``): per-entry cost of the experience stream on one private Redis
-(unix socket, AOF everysec as ``keisei run`` uses) with realistic entries (``tests.games.
-benchmark_batches``: whole random games, incompressible floats, ``--batch-positions`` positions):
+(unix socket, AOF everysec as ``keisei run`` uses) with realistic entries (``batches.
+benchmark_batches``: random games cut into segments, incompressible floats, ``--batch-positions`` positions):
 the producer's admission Lua (XLEN check + XADD + HSET + HINCRBY), the learner's XREADGROUP and
 XACK+XDEL+HINCRBY (``Consumer.read``/``Consumer.ack``, structural validation only), the memory
 each unacknowledged entry holds (``INFO memory`` used_memory delta), and the server's own CPU
@@ -53,8 +53,7 @@ from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting, read_workers
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the repository root, for tests.games
-from tests.games import benchmark_batches  # needs the line above
+from batches import benchmark_batches  # this script's folder is on sys.path
 
 PLAYING = ("playing", "backpressure")
 

@@ -1,11 +1,13 @@
 """Self-play rate of the worker's step against bare inference of the same net at the same batch.
 
-Prints one JSON object: positions/s of ``keisei_stream.rl.selfplay.selfplay_step`` (observations, masks,
-one forward pass, masked sampling, trajectory writes, env step with auto-reset) for N games at
-once, and, measured in the same run and process, the bare forward pass of the same model on a
-batch of N real observations (the baseline), and their ratio (goal: >= 0.8).
+Prints one JSON object: positions/s of ``keisei_stream.rl.selfplay.SelfPlay.step`` (observations,
+masks, one forward pass per group, masked sampling, trajectory writes, segments, env step with
+auto-reset) for N games at once on ``--device``, and, measured in the same run and process, the
+bare forward pass of the same model on the same device on a batch of one group's real
+observations (the baseline), and their ratio (goal on the CPU: >= 0.8; on a GPU the forward pass
+overlaps the boards' stepping, so the ratio says how much of the device's rate the CPU side keeps).
 
-    python benchmarks/selfplay.py [--config configs/quickstart.yaml] [--games 64] [--seconds 10]
+    python benchmarks/selfplay.py [--config configs/quickstart.yaml] [--games 64] [--seconds 10] [--device cuda]
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ import time
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.rl.model import build_model, count_parameters
-from keisei_stream.shogi import VecEnv
-from keisei_stream.rl.selfplay import Trajectories, selfplay_step
+from keisei_stream.rl.model import build_model, count_parameters, pick_device
+from keisei_stream.rl.selfplay import SelfPlay
 
 
 def _rate(fn, n_per_call: int, seconds: float) -> float:
@@ -38,37 +39,43 @@ def main() -> None:
     p.add_argument("--games", type=int, default=None, help="games at once (default: config worker.games)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, auto")
+    p.add_argument("--groups", type=int, default=None, help="groups of games (default: 2 on CUDA, else 1)")
     args = p.parse_args()
     cfg = load_config(args.config)
     n = args.games or cfg.worker.games
+    device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    env = VecEnv(n, cfg.env.max_plies, seed=0)
-    traj = Trajectories.empty(n, cfg.env.max_plies)
-    rng = torch.Generator().manual_seed(0)
+    model = build_model(cfg.model).to(device).eval()
+    sp = SelfPlay(model, games=n, max_plies=cfg.env.max_plies, segment_plies=cfg.worker.segment_plies,
+                  temperature=cfg.worker.temperature, seed=0, device=device, groups=args.groups, amp=cfg.worker.amp)
     games = [0]
 
     def step() -> None:
-        _, finished = selfplay_step(env, model, traj, 1, cfg.worker.temperature, rng)
-        games[0] += len(finished)
+        games[0] += len(sp.step(1).finished)
 
-    obs, _ = env.observe()
-    x = torch.from_numpy(obs)
+    obs, _ = sp.groups[0].env.observe()
+    x = torch.from_numpy(obs).to(device)
+    use_amp = cfg.worker.amp and device.type == "cuda"
 
     def forward() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     # Interleave the two measurements so that background load affects both alike.
     half = args.seconds / 2
-    sp = [_rate(step, n, half), _rate(step, n, half)]
-    inf = [_rate(forward, n, half), _rate(forward, n, half)]
-    sp.append(_rate(step, n, half))
-    inf.append(_rate(forward, n, half))
-    selfplay, bare = max(sp), max(inf)
+    group = sp.groups[0].env.num_games
+    rates = [_rate(step, n, half), _rate(step, n, half)]
+    inf = [_rate(forward, group, half), _rate(forward, group, half)]
+    rates.append(_rate(step, n, half))
+    inf.append(_rate(forward, group, half))
+    selfplay, bare = max(rates), max(inf)
     print(json.dumps({
         "benchmark": "selfplay", "config": args.config, "games_at_once": n, "threads": args.threads,
+        "device": str(device), "groups": len(sp.groups), "overlap": sp.overlap, "games_per_forward": group,
         "parameters": count_parameters(model), "max_plies": cfg.env.max_plies,
         "selfplay_positions_per_s": round(selfplay, 1),
         "baseline_bare_forward_positions_per_s": round(bare, 1),

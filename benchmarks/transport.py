@@ -29,8 +29,7 @@ from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.games
-from tests.games import benchmark_batches  # noqa: E402 - needs the line above
+from batches import benchmark_batches  # noqa: E402 - this script's folder is on sys.path
 
 
 def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):

@@ -28,7 +28,7 @@ class RunConfig(_Section):
 
     id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="run id, the `{run}` of every Redis key")
     dir: str = Field("runs", description="parent of the run directory runs/{id}/ (config, checkpoints, events, logs)")
-    seed: int = Field(0, ge=0, description="base seed; workers add their index")
+    seed: int = Field(0, ge=0, description="base seed; a worker adds its process id unless given --seed")
 
 
 class EnvConfig(_Section):
@@ -111,13 +111,22 @@ class StreamConfig(_Section):
         return self
 
 
+_DEVICE = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
+
+
 class WorkerConfig(_Section):
     """Self-play worker."""
 
-    games: int = Field(64, ge=1, le=4096, description="games played at once (one forward pass per step)")
+    games: int = Field(64, ge=1, le=4096, description="games played at once (one forward pass per step and group)")
     threads: int = Field(1, ge=1, le=256, description="torch intra-op threads")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of self-play moves")
     record_games: bool = Field(True, description="write finished games to the games stream")
+    device: str = Field("auto", pattern=_DEVICE, description="where the self-play forward pass runs: auto (cuda "
+                        "when present), cpu, cuda or cuda:N; on a GPU the games are split into two groups whose "
+                        "board steps (CPU) and forward passes (GPU) overlap")
+    amp: bool = Field(True, description="bf16 autocast of the forward pass on CUDA (ignored on CPU)")
+    segment_plies: int = Field(32, ge=1, le=65535, description="a game's positions are sent every this many plies "
+                               "(with the bootstrap value of the position after the cut), and at its end")
 
 
 class LearnerConfig(_Section):

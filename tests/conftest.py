@@ -37,7 +37,7 @@ from keisei_stream.shogi import legal_mask  # noqa: E402 - after the path settin
 from keisei_stream.wire.codec import encode_batch  # noqa: E402
 from keisei_stream.ops.embedded_redis import start_redis
 from keisei_stream.wire.client import connect  # noqa: E402
-from tests.games import random_games_batch  # noqa: E402
+from keisei_stream.rl.selfplay import random_policy_batch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -82,18 +82,21 @@ def fake_redis():
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int, opening_plies: int):
-    return random_games_batch(num_positions, max_plies=max_plies, num_games=num_games, seed=seed,
-                              opening_plies=opening_plies)
+def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int, opening_plies: int,
+                  segment_plies: int):
+    return random_policy_batch(num_positions, max_plies=max_plies, games=num_games, seed=seed,
+                               opening_plies=opening_plies, segment_plies=segment_plies)
 
 
 @pytest.fixture
 def make_batch():
     """``make_batch(num_positions, max_plies=64, seed=0, num_games=8, opening_plies=0,
-    worker_id="w0", batch_id=None, version=1) -> ExperienceBatch`` (a fresh copy each call)."""
+    worker_id="w0", batch_id=None, version=1, segment_plies=0) -> ExperienceBatch`` (a fresh copy
+    each call): uniformly random self-play, whole games (``segment_plies`` 0) or cut as workers do."""
     def factory(num_positions: int = 200, max_plies: int = 64, seed: int = 0, num_games: int = 8,
-                opening_plies: int = 0, worker_id: str = "w0", batch_id: str | None = None, version: int = 1):
-        b = copy.deepcopy(_cached_batch(num_positions, max_plies, seed, num_games, opening_plies))
+                opening_plies: int = 0, worker_id: str = "w0", batch_id: str | None = None, version: int = 1,
+                segment_plies: int = 0):
+        b = copy.deepcopy(_cached_batch(num_positions, max_plies, seed, num_games, opening_plies, segment_plies))
         b.worker_id = worker_id
         b.batch_id = batch_id or f"{worker_id}:test:{seed}"
         b.version = np.full(b.num_positions, version, np.uint32)
@@ -153,6 +156,15 @@ def _mutations():
             a[i] = illegal[int(rng.integers(illegal.size))]
         return pack(arr_set(p, "action", "<u2", fn), f)
 
+    def repetition_wrong(f, p, rng):
+        """Another repetition count at a position of a segment that starts its game (ply 0): there
+        the replay knows every earlier occurrence (later segments can only be checked from below)."""
+        off = np.frombuffer(p["segment_offsets"], "<u4").astype(int)
+        ply = np.frombuffer(p["ply"], "<u2")
+        full = [s for s in range(len(off) - 1) if ply[off[s]] == 0]
+        s = full[int(rng.integers(len(full)))]
+        return pack(arr_set(p, "repetition", "|u1", lambda a: _bump(a, int(rng.integers(off[s], off[s + 1])), 3)), f)
+
     def deep_msgpack(f, p, rng):
         nested = b"\x91" * 5000 + b"\xc0"  # 5000 nested one-element arrays
         return {**f, b"d": lz4.block.compress(nested, store_size=True)}
@@ -170,7 +182,7 @@ def _mutations():
         "msgpack_list": lambda f, p, rng: {**f, b"d": lz4.block.compress(msgpack.packb([1, 2, 3]), store_size=True)},
         "deep_msgpack": deep_msgpack,
         "nested_map_values": nested_map_values,
-        "schema_field": lambda f, p, rng: {**f, b"s": b"2"},
+        "schema_field": lambda f, p, rng: {**f, b"s": b"1"},
         "schema_map": lambda f, p, rng: pack({**p, "schema": 99}, f),
         "schema_not_int": lambda f, p, rng: {**f, b"s": b"one"},
         "missing_field": lambda f, p, rng: (lambda drop: {k: v for k, v in f.items() if k != drop})(sorted(f)[int(rng.integers(len(f)))]),
@@ -194,11 +206,15 @@ def _mutations():
         "positive_logp": lambda f, p, rng: pack(arr_set(p, "log_prob", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), 0.5)), f),
         "action_out_of_range": lambda f, p, rng: pack(arr_set(p, "action", "<u2", lambda a: a.__setitem__(int(rng.integers(a.size)), 60000)), f),
         "illegal_action": illegal_action,
-        "offsets_not_monotone": lambda f, p, rng: pack(arr_set(p, "game_offsets", "<u4", lambda a: a.__setitem__(1, a[2] + 1) if a.size > 2 else a.__setitem__(1, 0)), f),
-        "offsets_bad_end": lambda f, p, rng: pack(arr_set(p, "game_offsets", "<u4", lambda a: a.__setitem__(-1, a[-1] + 1)), f),
+        "offsets_not_monotone": lambda f, p, rng: pack(arr_set(p, "segment_offsets", "<u4", lambda a: a.__setitem__(1, a[2] + 1) if a.size > 2 else a.__setitem__(1, 0)), f),
+        "offsets_bad_end": lambda f, p, rng: pack(arr_set(p, "segment_offsets", "<u4", lambda a: a.__setitem__(-1, a[-1] + 1)), f),
+        "bootstrap_nan": lambda f, p, rng: pack(arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), np.nan)), f),
+        "bootstrap_out_of_range": lambda f, p, rng: pack(arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), -3.0)), f),
+        "ended_segment_claims_cut": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(np.flatnonzero(a)[int(rng.integers(np.count_nonzero(a)))]), 0)), f),
+        "cut_segment_claims_an_end": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(np.flatnonzero(a == 0)[int(rng.integers(np.count_nonzero(a == 0)))]), 1)), f),
         "ply_gap": lambda f, p, rng: pack(arr_set(p, "ply", "<u2", lambda a: a.__setitem__(int(rng.integers(1, a.size)), 7777)), f),
         "repetition_3": lambda f, p, rng: pack(arr_set(p, "repetition", "|u1", lambda a: a.__setitem__(0, 3)), f),
-        "repetition_wrong": lambda f, p, rng: pack(arr_set(p, "repetition", "|u1", lambda a: _bump(a, int(rng.integers(a.size)), 3)), f),
+        "repetition_wrong": repetition_wrong,
         "result_flipped": lambda f, p, rng: pack(arr_set(p, "result", "|i1", lambda a: _bump(a, int(rng.integers(a.size)), 3, -1)), f),
         "reason_bad": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(rng.integers(a.size)), 200)), f),
         "reason_changed": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: _bump(a, int(rng.integers(a.size)), 5, 1)), f),
@@ -223,7 +239,7 @@ def hostile_entries(make_batch):
     Every one must be rejected (a few random ones, e.g. ``flip_payload_bytes``, might by chance
     remain valid; the kinds in ``ALWAYS_BAD`` never do)."""
     def factory(count: int, seed: int = 0):
-        batch = make_batch(120, max_plies=64, seed=seed)
+        batch = make_batch(600, max_plies=64, seed=seed, segment_plies=16)  # ended and cut segments
         good = {k.encode(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in encode_batch(batch).items()}
         payload = msgpack.unpackb(lz4.block.decompress(good[b"d"]), raw=False)
         rng = np.random.default_rng(seed)

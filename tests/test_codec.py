@@ -33,24 +33,59 @@ def test_round_trip_and_fields(make_batch):
         assert got.dtype == want.dtype and np.array_equal(got, want), name
         assert got.flags.writeable
     assert d.batch_id == b.batch_id and d.worker_id == "w0"
-    assert d.num_positions == b.num_positions and d.num_games == b.num_games
+    assert d.num_positions == b.num_positions and d.num_segments == b.num_segments
     # str keys/values (a decode_responses client) are accepted too
     assert decode_entry({k: (v if isinstance(v, bytes) else str(v)) for k, v in f.items()}, max_plies=64).num_positions == b.num_positions
 
 
-def test_bytes_per_position_under_target(make_batch):
-    b = make_batch(2000, max_plies=256, seed=2, num_games=16)
+@pytest.mark.parametrize("segment_plies", [0, 32])
+def test_bytes_per_position_under_target(make_batch, segment_plies):
+    """<= 30 bytes a position on the wire, whole games or segments of 32 plies (the default)."""
+    b = make_batch(2000, max_plies=256, seed=2, num_games=16, segment_plies=segment_plies)
     # behaviour values of a real network are not compressible: make them random float32
     b.value = np.random.default_rng(0).uniform(-1, 1, b.num_positions).astype(np.float32)
     b.log_prob = np.random.default_rng(1).uniform(-8, 0, b.num_positions).astype(np.float32)
+    b.bootstrap[~b.ended] = np.random.default_rng(2).uniform(-1, 1, int((~b.ended).sum())).astype(np.float32)
     per_pos = codec.wire_bytes(encode_batch(b)) / b.num_positions
-    assert per_pos <= 100, per_pos
+    assert per_pos <= 30, per_pos
+
+
+def test_segments_round_trip_and_replay_from_their_start(make_batch):
+    """Games cut every 8 plies: the cut segments (no result, a bootstrap value) start mid-game and
+    are replayed from their first position; an ended one is the game's last segment."""
+    b = make_batch(600, max_plies=64, seed=21, segment_plies=8)
+    cut = ~b.ended
+    assert cut.any() and b.ended.any()
+    starts = b.ply[b.segment_offsets[:-1].astype(int)]
+    assert (starts[cut] % 8 == 0).all() and (starts > 0).any()
+    assert (np.diff(b.segment_offsets)[cut] == 8).all()
+    assert (b.result[cut] == 0).all() and (b.bootstrap[b.ended] == 0).all() and (b.bootstrap[cut] != 0).any()
+    d = decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    for name in schema.COLUMNS:
+        assert np.array_equal(getattr(d, name), getattr(b, name)), name
+
+
+def test_a_cut_segment_that_ended_its_game_is_refused(make_batch):
+    """A checkmate (or any end) recorded as a cut: the referee sees the end after the last move."""
+    b = make_batch(8000, max_plies=256, seed=3, num_games=16, segment_plies=32)
+    ended = np.flatnonzero(b.ended & (b.reason != EndReason.MAX_PLIES))
+    assert ended.size, "random play ended no game before max_plies"
+    bad = copy.deepcopy(b)
+    bad.reason[ended[0]], bad.result[ended[0]] = 0, 0
+    with pytest.raises(BadEntry, match="referee says"):
+        decode_entry(as_wire(encode_batch(bad)), max_plies=256)
+    at_limit = np.flatnonzero(b.reason == EndReason.MAX_PLIES)  # a draw at max_plies recorded as a cut
+    if at_limit.size:
+        bad = copy.deepcopy(b)
+        bad.reason[at_limit[0]] = 0
+        with pytest.raises(BadEntry, match="max_plies"):
+            decode_entry(as_wire(encode_batch(bad)), max_plies=256)
 
 
 def test_final_rewards_and_turns(make_batch):
     b = make_batch(400, max_plies=256, seed=3, num_games=8)
     r = b.final_rewards()
-    last = b.game_offsets[1:].astype(int) - 1
+    last = b.segment_offsets[1:].astype(int) - 1
     mover_black = b.turns()[last] == 0
     assert np.array_equal(r, np.where(mover_black, b.result, -b.result).astype(np.float32))
     assert np.all(r[b.reason == EndReason.CHECKMATE] == 1.0)
@@ -68,7 +103,7 @@ def test_training_inputs(make_batch):
 
 def test_opening_plies_games_accepted(make_batch):
     b = make_batch(200, max_plies=64, seed=5, opening_plies=6)
-    assert b.ply[b.game_offsets[:-1].astype(int)].min() >= 6
+    assert b.ply[b.segment_offsets[:-1].astype(int)].min() >= 6
     decode_entry(as_wire(encode_batch(b)), max_plies=64)
 
 
@@ -94,8 +129,8 @@ def _play(usi_moves, max_plies=64, sfen=None):
         hcp=np.stack([r[0] for r in rows]), ply=np.array([r[1] for r in rows], np.uint16),
         repetition=np.array([r[2] for r in rows], np.uint8), action=np.array([r[3] for r in rows], np.uint16),
         log_prob=np.full(p, -1.0, np.float32), value=np.zeros(p, np.float32), version=np.ones(p, np.uint32),
-        game_offsets=np.array([0, p], np.uint32), result=np.array([int(res.reward[0]) * mover], np.int8),
-        reason=np.array([res.reason[0]], np.uint8))
+        segment_offsets=np.array([0, p], np.uint32), result=np.array([int(res.reward[0]) * mover], np.int8),
+        reason=np.array([res.reason[0]], np.uint8), bootstrap=np.zeros(1, np.float32), game=np.zeros(1, np.uint64))
 
 
 def test_repetition_game_validated():
@@ -128,12 +163,12 @@ def test_entering_king_game_validated():
 
 
 def _one_game(b, g):
-    s, e = int(b.game_offsets[g]), int(b.game_offsets[g + 1])
+    s, e = int(b.segment_offsets[g]), int(b.segment_offsets[g + 1])
     return codec.ExperienceBatch(
         batch_id=b.batch_id, worker_id=b.worker_id,
         **{name: getattr(b, name)[s:e].copy() for name in schema.POSITION.names},
-        **{name: getattr(b, name)[g:g + 1].copy() for name in schema.GAME.names},
-        game_offsets=np.array([0, e - s], np.uint32))
+        **{name: getattr(b, name)[g:g + 1].copy() for name in schema.SEGMENT.names},
+        segment_offsets=np.array([0, e - s], np.uint32))
 
 
 def test_checkmate_game_validated(make_batch):
@@ -152,7 +187,7 @@ def test_checkmate_game_validated(make_batch):
     p = cut.num_positions - 2
     for name in schema.POSITION.names:
         setattr(cut, name, getattr(cut, name)[:p])
-    cut.game_offsets = np.array([0, p], np.uint32)
+    cut.segment_offsets = np.array([0, p], np.uint32)
     with pytest.raises(BadEntry, match="CHECKMATE"):
         decode_entry(as_wire(encode_batch(cut)), max_plies=256)
     # and a mate relabelled as a max-plies draw
@@ -183,7 +218,7 @@ def test_specific_reasons(make_batch):
     with pytest.raises(BadEntry, match="claimed size"):
         decode_entry({**good, b"d": (2**31).to_bytes(4, "little") + good[b"d"][4:]}, max_plies=64)
     with pytest.raises(BadEntry, match="schema"):
-        decode_entry({**good, b"s": b"2"}, max_plies=64)
+        decode_entry({**good, b"s": b"1"}, max_plies=64)  # whole games only: the old format
     with pytest.raises(BadEntry, match="missing"):
         decode_entry({k: v for k, v in good.items() if k != b"w"}, max_plies=64)
     with pytest.raises(BadEntry, match="ply"):
@@ -236,13 +271,14 @@ def test_hcp_validator_matches_cshogi(make_batch):
 def test_concat_batches(make_batch):
     a, b = make_batch(100, seed=12), make_batch(100, seed=13)
     c = codec.concat_batches([a, b])
-    assert c.num_positions == a.num_positions + b.num_positions and c.num_games == a.num_games + b.num_games
-    assert c.game_offsets[a.num_games] == a.num_positions
+    assert c.num_positions == a.num_positions + b.num_positions and c.num_segments == a.num_segments + b.num_segments
+    assert c.segment_offsets[a.num_segments] == a.num_positions
     decode_entry(as_wire(encode_batch(c)), max_plies=64)
 
 
 def _golden_batch():
-    """A fixed batch of 37 positions in 3 games (synthetic values: encoding does not validate)."""
+    """A fixed batch of 37 positions in 3 segments, the last one cut (synthetic values: encoding
+    does not validate)."""
     p = 37
     i = np.arange(p)
     return codec.ExperienceBatch(
@@ -254,29 +290,31 @@ def _golden_batch():
         log_prob=(-0.125 * i).astype(np.float32),
         value=np.linspace(-1, 1, p).astype(np.float32),
         version=(5 + i // 10).astype(np.uint32),
-        game_offsets=np.array([0, 10, 25, 37], np.uint32),
+        segment_offsets=np.array([0, 10, 25, 37], np.uint32),
         result=np.array([1, -1, 0], np.int8),
-        reason=np.array([1, 3, 5], np.uint8),
+        reason=np.array([1, 3, 0], np.uint8),
+        bootstrap=np.array([0.0, 0.0, -0.375], np.float32),
+        game=np.array([7 << 32, (7 << 32) + 1, (7 << 32) + 2], np.uint64),
     )
 
 
 def test_golden_wire_bytes():
-    """The wire bytes of a fixed batch never change. These digests were computed with the codec as
-    it was before the column schema moved into ``keisei_stream.wire.schema`` (single-module
-    ``codec.py``, commit 2b4a03b); a schema change needs a new ``SCHEMA_VERSION``, not a new digest."""
+    """The wire bytes of a fixed batch never change. These digests were computed for schema 2
+    (segments) when it was introduced; a schema change needs a new ``SCHEMA_VERSION``, not a new
+    digest (schema 1, whole games, had its own digests until then)."""
     f = encode_batch(_golden_batch())
-    assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 1}
-    assert len(f["d"]) == 855
-    assert hashlib.sha256(f["d"]).hexdigest() == "8df9b1735c887ebbbbd134330527c8f20e784533907756a605acbd0ed7c8933c"
+    assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 2}
+    assert len(f["d"]) == 900
+    assert hashlib.sha256(f["d"]).hexdigest() == "0faa274d0b8ec765222a36053c3a044296a3a4f006d349182310c7ce8ce89138"
     raw = lz4.block.decompress(f["d"])
-    assert hashlib.sha256(raw).hexdigest() == "8076b4acf9bb12e224757eeddb87c65f17e38055cd238e1ab093e5df87e6126a"
+    assert hashlib.sha256(raw).hexdigest() == "ae80f9910c2644926faf82aae07f9d0a288dcaa6449303f9a3c21a41a40aacc7"
 
 
 def test_schema_columns():
-    assert schema.BYTES_PER_POSITION == 49 and schema.BYTES_PER_GAME == 6
-    assert list(schema.COLUMNS) == [*schema.POSITION.names, "game_offsets", *schema.GAME.names]
+    assert schema.BYTES_PER_POSITION == 49 and schema.BYTES_PER_SEGMENT == 18
+    assert list(schema.COLUMNS) == [*schema.POSITION.names, "segment_offsets", *schema.SEGMENT.names]
     assert [c.dtype.str for c in schema.COLUMNS.values()] == ["|u1", "<u2", "|u1", "<u2", "<f4", "<f4", "<u4",
-                                                              "<u4", "|i1", "|u1"]
+                                                              "<u4", "|i1", "|u1", "<f4", "<u8"]
     buffers = schema.zeros(schema.POSITION, (4, 6))
     assert buffers["hcp"].shape == (4, 6, 32) and buffers["log_prob"].dtype == np.float32
     b = _golden_batch()

@@ -160,7 +160,7 @@ def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update
     """ppo.recompute_values: GAE runs on the start-of-update model's values (and PPO gets that
     pass's log-probs), not on the values the workers recorded, which may be versions old."""
     import keisei_stream.rl.trainer as trainer_module
-    from keisei_stream.rl.gae import compute_gae
+    from keisei_stream.rl.gae import segment_advantages
     from keisei_stream.rl.ppo import proximal_pass
     from keisei_stream.wire.codec import concat_batches
     from keisei_stream.shogi import encode_positions
@@ -180,7 +180,7 @@ def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update
     lrn.update(group)
     expected = values.numpy() if recompute else b.value.astype(np.float32)
     np.testing.assert_allclose(seen["value"].numpy(), expected, rtol=1e-5, atol=1e-6)
-    adv, _ = compute_gae(expected, b.game_offsets.astype(np.int64), b.final_rewards(), cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    adv, _, _ = segment_advantages(b, expected, cfg.ppo.gamma, cfg.ppo.gae_lambda)
     np.testing.assert_allclose(seen["advantage"].numpy(), adv, rtol=1e-5, atol=1e-5)
     assert not np.allclose(values.numpy(), b.value)  # the recorded values are not the model's
     if recompute:

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run id (the learner writes the run's config under keisei:{run}:config)")
     p.add_argument("--games", type=int, default=None, help="games played at once (default: config worker.games)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: config worker.threads)")
+    p.add_argument("--device", default=None,
+                   help="where the forward pass runs: auto, cpu, cuda, cuda:N (default: config worker.device)")
     p.add_argument("--id", default=None, help="worker id (default: host-pid)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-batches", type=int, default=None, help="stop after sending this many batches")
@@ -29,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_worker(args.redis, args.run, games=args.games, threads=args.threads, worker_id=args.id,
-                   seed=args.seed, max_batches=args.max_batches)
-    except ConfigError as exc:
+                   seed=args.seed, device=args.device, max_batches=args.max_batches)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

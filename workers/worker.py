@@ -1,15 +1,19 @@
-"""The self-play worker: plays N games at once with the current policy and streams finished games.
+"""The self-play worker process: plays games with the current policy and streams their positions.
 
-:func:`run_worker` reads top to bottom: connect, read the run's config from Redis, build the
-:class:`Worker`, wait for weights version 1 (never play with random weights), then loop over
-named steps { obey control, load new weights, one self-play step (one batched forward pass, N
-moves), send the finished games through the producer (which waits while the learner's backlog or
-Redis's memory is full), notice a Redis restart, heartbeat }. Every Redis call waits out an
-outage (:mod:`keisei_stream.wire.retry`): the games and the outbox are kept meanwhile.
+A thin shell around :class:`keisei_stream.rl.selfplay.SelfPlay` (the games, the batched forward
+pass on the worker's device, the segments) and :class:`keisei_stream.wire.producer.Producer` (the
+admission under the backlog limit). :func:`run_worker` reads top to bottom: connect, read the
+run's config from Redis, :meth:`Worker.start`, wait for weights version 1 (never play with random
+weights), then loop over named steps { obey control, load new weights, play one step, send a
+batch once the outbox holds ``stream.batch_positions`` positions (the producer waits while the
+learner's backlog or Redis's memory is full), notice a Redis restart, heartbeat }. Every Redis
+call waits out an outage (:mod:`keisei_stream.wire.retry`); the games and the outbox are kept
+meanwhile.
 
-Nothing here is lost silently: a batch is one XADD (atomic), games unfinished at shutdown and
-finished games that could not be sent before the stop are counted in the run's accounting hash
-(``worker_discarded_positions``) and in the worker's last heartbeat.
+At a stop every game's unsent positions are cut into segments and sent (waiting up to
+:data:`FINAL_SEND_S` seconds for room): nothing played is discarded unless the learner cannot take
+it in that time; what is left is counted in the run's accounting (``worker_discarded_positions``)
+and the last heartbeat.
 """
 
 from __future__ import annotations
@@ -20,15 +24,14 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import redis
 import torch
 
 from keisei_stream.config import Config, config_from_json
 from keisei_stream.rl.checkpoint import load_weights_bytes
-from keisei_stream.rl.model import build_model
-from keisei_stream.rl.selfplay import FinishedGame, Trajectories, games_to_batch, selfplay_step
-from keisei_stream.shogi import GameRecord, VecEnv
+from keisei_stream.rl.model import build_model, pick_device
+from keisei_stream.rl.selfplay import Segment, SelfPlay, segments_to_batch
+from keisei_stream.shogi import GameRecord
 from keisei_stream.wire import retry
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
@@ -37,6 +40,9 @@ from keisei_stream.wire.status import append_game, get_control, write_worker_hea
 from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
 
 log = logging.getLogger("keisei.worker")
+
+#: Seconds a stopping worker waits for room in the stream to send its last positions.
+FINAL_SEND_S = 20.0
 
 
 @dataclass
@@ -57,9 +63,8 @@ class WorkerStats:
     def update_rate(self) -> None:
         """Positions/s of self-play over the interval since the last call."""
         now = time.monotonic()
-        dt = now - self.rate_t0
-        if dt >= 1.0:
-            self.positions_per_s = (self.positions_played - self.rate_n0) / dt
+        if now - self.rate_t0 >= 1.0:
+            self.positions_per_s = (self.positions_played - self.rate_n0) / (now - self.rate_t0)
             self.rate_t0, self.rate_n0 = now, self.positions_played
 
 
@@ -87,15 +92,12 @@ class Worker:
     r: redis.Redis
     keys: Keys
     worker_id: str
-    model: torch.nn.Module
-    rng: torch.Generator
-    env: VecEnv
-    traj: Trajectories
+    selfplay: SelfPlay
     producer: Producer
     watcher: WeightsWatcher
     stats: WorkerStats = field(default_factory=WorkerStats)
     version: int = 0
-    outbox: list[FinishedGame] = field(default_factory=list)
+    outbox: list[Segment] = field(default_factory=list)
     outbox_positions: int = 0
     control: str = "run"
     control_checked: float = 0.0
@@ -106,16 +108,19 @@ class Worker:
 
     @classmethod
     def start(cls, cfg: Config, r: redis.Redis, keys: Keys, worker_id: str, *, games: int | None,
-              threads: int | None, seed: int | None) -> "Worker":
-        """Model (random until the first weights arrive), N games, producer and weights watcher."""
-        n = games or cfg.worker.games
+              threads: int | None, seed: int | None, device: str | None = None) -> "Worker":
+        """Model (random until the first weights arrive) on the worker's device, the games,
+        producer and weights watcher."""
         torch.set_num_threads(threads or cfg.worker.threads)
         seed = cfg.run.seed + os.getpid() if seed is None else seed
-        model = build_model(cfg.model)
-        model.eval()
-        return cls(cfg=cfg, r=r, keys=keys, worker_id=worker_id, model=model,
-                   rng=torch.Generator().manual_seed(seed), env=VecEnv(n, cfg.env.max_plies, seed=seed),
-                   traj=Trajectories.empty(n, cfg.env.max_plies),
+        dev = pick_device(device or cfg.worker.device)
+        model = build_model(cfg.model).to(dev).eval()
+        selfplay = SelfPlay(model, games=games or cfg.worker.games, max_plies=cfg.env.max_plies,
+                            segment_plies=cfg.worker.segment_plies, temperature=cfg.worker.temperature, seed=seed,
+                            device=dev, amp=cfg.worker.amp)
+        log.info("worker %s: %d games on %s (%d group(s)%s), segments of %d plies", worker_id, selfplay.num_games,
+                 dev, len(selfplay.groups), ", overlapped" if selfplay.overlap else "", cfg.worker.segment_plies)
+        return cls(cfg=cfg, r=r, keys=keys, worker_id=worker_id, selfplay=selfplay,
                    producer=Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s),
                    watcher=WeightsWatcher(r, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))
 
@@ -146,7 +151,7 @@ class Worker:
             latest = read_latest_weights(self.r, self.keys)
             if latest is None or latest[0] <= self.version:
                 return
-            load_weights_bytes(self.model, latest[2])
+            load_weights_bytes(self.selfplay.model, latest[2])
         except (WeightsError, ValueError) as exc:  # wrong sha256 or unusable: keep the current weights
             log.error("worker %s: refused weights: %s", self.worker_id, exc)
             return
@@ -154,30 +159,31 @@ class Worker:
         log.info("worker %s: loaded weights version %d", self.worker_id, self.version)
 
     def play_step(self) -> None:
-        """One self-play step of the N games; finished games go to the outbox (and the games stream)."""
-        _res, finished = selfplay_step(self.env, self.model, self.traj, self.version, self.cfg.worker.temperature,
-                                       self.rng)
-        self.stats.positions_played += self.env.num_games
-        for game in finished:
-            self.outbox.append(game)
-            self.outbox_positions += game.num_positions
-            if self.cfg.worker.record_games:
-                self.record_game(game.record)
+        """One move in every game; the segments ready go to the outbox, finished games to the
+        games stream."""
+        step = self.selfplay.step(self.version)
+        self.stats.positions_played += step.positions
+        self.queue(step.segments)
+        if self.cfg.worker.record_games:
+            for record in step.finished:
+                self.record_game(record)
+
+    def queue(self, segments: list[Segment]) -> None:
+        self.outbox += segments
+        self.outbox_positions += sum(s.num_positions for s in segments)
 
     def record_game(self, record: GameRecord) -> None:
         """The finished game to the capped ``games`` stream (skipped while Redis is full)."""
         fields = {**record.to_dict(), "worker": self.worker_id, "version": self.version}
         retry.best_effort("game record", append_game, self.r, self.keys, fields, self.cfg.stream.games_maxlen)
 
-    def send(self, stop: retry.StopFlag, wait: bool = True) -> bool:
+    def send(self, should_stop) -> bool:
         """Send the outbox as one batch; waits (heartbeating, loading weights) while the learner's
-        backlog or Redis is full unless ``wait`` is False. False when stopped first (the games stay)."""
+        backlog or Redis is full, asking ``should_stop()`` before each wait. False when stopped
+        first (the segments stay)."""
         if not self.outbox:
             return True
-        batch = games_to_batch(self.outbox)
-
-        def should_stop() -> bool:  # asked before each wait: a stop ends it, ``wait=False`` tries once
-            return (not wait) or stop.requested or self.read_control() == "stop"
+        batch = segments_to_batch(self.outbox)
 
         def on_wait(_seconds: float) -> None:  # while backpressure holds us: heartbeat, new weights
             self.heartbeat("backpressure")
@@ -189,7 +195,7 @@ class Worker:
         if sent:
             self.stats.batches_sent += 1
             self.stats.positions_sent += batch.num_positions
-            self.stats.games_sent += batch.num_games
+            self.stats.games_sent += batch.games_ended
             self.outbox, self.outbox_positions = [], 0
         return sent
 
@@ -215,21 +221,23 @@ class Worker:
         st = self.stats
         st.update_rate()
         fields = {"host": self.host, "pid": os.getpid(), "state": state, "version": self.version,
-                  "positions": st.positions_sent, "games": st.games_sent, "batches": st.batches_sent,
-                  "positions_played": st.positions_played, "positions_per_s": round(st.positions_per_s, 1),
-                  "backpressure_s": round(st.backpressure_s, 2), "oom_waits": self.producer.oom_waits,
-                  "discarded_positions": st.discarded_positions, "server_restarts": st.server_restarts,
-                  "games_at_once": self.env.num_games, "last_seen": round(time.time(), 3),
-                  **retry.OUTAGES.fields()}
+                  "device": str(self.selfplay.device), "positions": st.positions_sent, "games": st.games_sent,
+                  "batches": st.batches_sent, "positions_played": st.positions_played,
+                  "positions_per_s": round(st.positions_per_s, 1), "backpressure_s": round(st.backpressure_s, 2),
+                  "oom_waits": self.producer.oom_waits, "discarded_positions": st.discarded_positions,
+                  "server_restarts": st.server_restarts, "games_at_once": self.selfplay.num_games,
+                  "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
         retry.best_effort("heartbeat", write_worker_heartbeat, self.r, self.keys, self.worker_id, fields,
                           self.cfg.stream.heartbeat_ttl_s)
 
-    def shutdown(self, stop: retry.StopFlag) -> None:
-        """One last non-waiting send, then count what is left (unfinished games, unsent outbox) in
-        the run's accounting (``worker_discarded_positions``) and the last heartbeat."""
-        if self.outbox:
-            self.send(stop, wait=False)
-        discarded = self.outbox_positions + int(self.traj.length.sum())
+    def shutdown(self) -> None:
+        """Cut every game's unsent positions into segments and send them (waiting up to
+        :data:`FINAL_SEND_S` for room), then count what could not be sent in the run's accounting
+        (``worker_discarded_positions``) and the last heartbeat."""
+        self.queue(self.selfplay.flush())
+        deadline = time.monotonic() + FINAL_SEND_S
+        self.send(lambda: time.monotonic() > deadline)
+        discarded = self.outbox_positions
         self.stats.discarded_positions += discarded
         if discarded:
             retry.best_effort("discard count", self.r.hincrby, self.keys.accounting, "worker_discarded_positions",
@@ -247,6 +255,7 @@ def run_worker(
     threads: int | None = None,
     worker_id: str | None = None,
     seed: int | None = None,
+    device: str | None = None,
     max_batches: int | None = None,
 ) -> WorkerStats:
     """Run one self-play worker until control says ``stop``, a signal arrives or ``max_batches``.
@@ -259,6 +268,8 @@ def run_worker(
         threads: torch intra-op threads (default: ``worker.threads``).
         worker_id: id in heartbeats and stream entries (default ``{host}-{pid}``).
         seed: RNG seed of the games and sampling (default: run seed + pid).
+        device: where the forward pass runs (default: ``worker.device``; ``auto``, ``cpu``,
+            ``cuda``, ``cuda:N``).
         max_batches: stop after sending this many batches (tests, benchmarks).
 
     Returns:
@@ -272,11 +283,15 @@ def run_worker(
     cfg = wait_for_config(r, keys, stop)
     if cfg is None:
         return WorkerStats()
-    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed)
+    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed, device=device)
     if not w.wait_for_weights(stop):
         return w.stats
+
+    def stopping() -> bool:  # asked before each wait of a send: a stop ends it
+        return stop.requested or w.read_control() == "stop"
+
     try:
-        while not stop.requested and w.read_control() != "stop":
+        while not stopping():
             if w.control == "pause":
                 w.heartbeat("paused")
                 time.sleep(0.1)  # short sleeps: a pause never blocks a stop
@@ -284,14 +299,14 @@ def run_worker(
             w.load_new_weights()
             w.play_step()
             if w.outbox_positions >= cfg.stream.batch_positions:
-                w.send(stop)
+                w.send(stopping)
                 if max_batches is not None and w.stats.batches_sent >= max_batches:
                     break
             w.check_server()
             w.heartbeat("playing")
-        w.shutdown(stop)
+        w.shutdown()
     except retry.TRANSIENT_ERRORS as exc:  # only when stopped during an outage
-        held = w.outbox_positions + int(w.traj.length.sum())
+        held = w.outbox_positions + w.selfplay.unsent_positions
         log.error("worker %s: stopped while Redis is unreachable (%s); %d positions not sent or counted",
                   worker_id, exc, held)
     return w.stats

@@ -81,6 +81,7 @@ def sample_actions(
     mask: torch.Tensor,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one legal action per row from ``softmax(masked_logits / temperature)``.
 
@@ -90,6 +91,9 @@ def sample_actions(
         temperature: > 0 samples from the tempered distribution; 0 takes the argmax.
         generator: optional ``torch.Generator`` for reproducible draws (may live on another device
             than ``logits``; the uniform numbers are drawn on the generator's device).
+        uniform: optional ``(B, A)`` uniform noise in (0, 1) to use instead of drawing it (the
+            legal entries are read): :func:`sample_actions_dense` given the same noise samples
+            the same actions.
 
     Returns:
         ``(actions (B,) int64, log_prob (B,) float32)`` where ``log_prob`` is the log-probability of
@@ -108,9 +112,12 @@ def sample_actions(
     # Work on the legal entries only: O(legal moves) instead of O(B * 13527) after the nonzero().
     rows, cols = mask.nonzero(as_tuple=True)
     vals = logits[rows, cols].float() / float(temperature)
-    gen_device = generator.device if generator is not None else logits.device
-    u = torch.rand(rows.shape[0], generator=generator, device=gen_device).to(logits.device)
-    u.clamp_(min=torch.finfo(torch.float32).tiny)
+    if uniform is None:
+        gen_device = generator.device if generator is not None else logits.device
+        u = torch.rand(rows.shape[0], generator=generator, device=gen_device).to(logits.device)
+    else:
+        u = uniform[rows, cols].float()
+    u = u.clamp(min=torch.finfo(torch.float32).tiny)
     z = vals - torch.log(-torch.log(u))
     neg_inf = torch.full((b,), float("-inf"), device=logits.device)
     best = neg_inf.scatter_reduce(0, rows, z, "amax")
@@ -124,14 +131,48 @@ def sample_actions(
     return actions, log_prob
 
 
+def sample_actions_dense(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_actions` over the dense ``(B, A)`` logits: the same distribution, and for the
+    same noise the same actions and log-probabilities, with no host synchronisation (the sparse
+    version's ``nonzero`` waits for the device): the sampler of a GPU worker. The mask is not
+    checked for empty rows (that would wait for the device too).
+
+    Args: as :func:`sample_actions` (``generator`` on the logits' device).
+
+    Returns:
+        ``(actions (B,) int64, log_prob (B,) float32)``, on the logits' device.
+    """
+    _check(logits, mask)
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    masked = masked_logits(logits, mask)
+    if temperature == 0:
+        return masked.argmax(dim=1), torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    tempered = masked / float(temperature)
+    if uniform is None:
+        uniform = torch.rand(tempered.shape, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(uniform.float().clamp(min=torch.finfo(torch.float32).tiny)))
+    actions = torch.where(mask, tempered + gumbel, torch.full((), -torch.inf, device=logits.device)).argmax(dim=1)
+    log_prob = torch.log_softmax(tempered, dim=1).gather(1, actions[:, None]).squeeze(1)
+    return actions, log_prob
+
+
 def log_prob_entropy(
     logits: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``actions`` and entropies under the masked temperature-1 policy.
 
-    Computed on the legal entries only (a per-row log-sum-exp over ``mask.nonzero()``), which is
-    ~15x cheaper than dense ``(B, 13527)`` softmax arithmetic when a few dozen moves are legal;
-    gradients flow to the legal logits only.
+    On the CPU computed on the legal entries only (a per-row log-sum-exp over ``mask.nonzero()``),
+    which is ~15x cheaper than dense ``(B, 13527)`` softmax arithmetic when a few dozen moves are
+    legal; on a GPU densely (:func:`log_prob_entropy_dense`), because ``nonzero`` makes the host
+    wait for the device and the dense arithmetic is cheap there. Gradients flow to the legal
+    logits only.
 
     Args:
         logits: ``(B, A)`` float raw logits (gradients flow through).
@@ -146,6 +187,8 @@ def log_prob_entropy(
         ValueError: shape or dtype mismatch.
     """
     _check(logits, mask)
+    if logits.is_cuda:
+        return log_prob_entropy_dense(logits, mask, actions)
     b = logits.shape[0]
     rows, cols = mask.nonzero(as_tuple=True)
     vals = logits[rows, cols].float()
@@ -159,6 +202,22 @@ def log_prob_entropy(
     legal = mask.gather(1, a).squeeze(1)
     chosen = logits.gather(1, a).squeeze(1).float() - log_z
     log_prob = torch.where(legal, chosen, torch.full((), MASK_VALUE, device=logits.device))
+    return log_prob, entropy
+
+
+def log_prob_entropy_dense(
+    logits: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`log_prob_entropy` over the dense ``(B, A)`` masked logits: the same values, no
+    host synchronisation (the GPU path). Illegal entries have probability exactly 0 (their
+    logit is :data:`MASK_VALUE`) and add nothing to the entropy."""
+    _check(logits, mask)
+    logp_all = torch.log_softmax(masked_logits(logits, mask), dim=1)
+    p_all = logp_all.exp()
+    entropy = -torch.where(mask, p_all * logp_all, torch.zeros((), device=logits.device)).sum(dim=1)
+    a = actions.long()[:, None]
+    legal = mask.gather(1, a).squeeze(1)
+    log_prob = torch.where(legal, logp_all.gather(1, a).squeeze(1), torch.full((), MASK_VALUE, device=logits.device))
     return log_prob, entropy
 
 

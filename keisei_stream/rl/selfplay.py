@@ -1,40 +1,103 @@
-"""Self-play: N games stepped together with one batched forward pass per step, their positions
-recorded in trajectory buffers, finished games turned into experience batches.
+"""Self-play: N games stepped together with one batched forward pass per step, their positions sent
+in segments.
 
-The worker process (``workers/worker.py``) is a shell around :func:`selfplay_step` and
-:func:`games_to_batch`; the benchmarks run the same functions. Never imports redis.
+:class:`SelfPlay` plays ``games`` games at once. Each step evaluates the current position of every
+game (one forward pass per group of games), samples a move from the masked policy, records the
+position (the 32-byte HCP, ply, repetition count, action, behaviour log-probability, value, model
+version) and plays the move. A game's positions leave as a :class:`Segment` every
+``segment_plies`` plies, carrying the value of the position after its cut (the **bootstrap**,
+from the side to move there: the forward pass that evaluates that position gives it), and at the
+game's end with its result; :meth:`SelfPlay.flush` cuts every game at a stop, so nothing played
+is lost. Sample Factory and IMPALA ship fixed-length rollouts with a bootstrap value the same way
+(Petrenko et al. 2020, arXiv:2006.11751; Espeholt et al. 2018, arXiv:1802.01561).
+
+**On a GPU** the games form two groups: while one group's forward pass runs on the device, the
+CPU steps the other group's boards (the compact inputs cross from pinned memory with non-blocking
+copies and the moves are sampled on the device by
+:func:`~keisei_stream.rl.policy.sample_actions_dense`, so the host never waits for the device
+except for the results it needs next). Each group has its own boards and random generator, so the
+pipelined order plays the same games as the plain one (``overlap=False``).
+
+The worker process (``workers/worker.py``) is a shell around :class:`SelfPlay` and
+:func:`segments_to_batch`; the benchmarks run the same code. Never imports redis.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from keisei_stream.rl.policy import act
-from keisei_stream.shogi import GameRecord, StepResult, VecEnv
+from keisei_stream.rl.inputs import expand_on_device
+from keisei_stream.rl.policy import act, sample_actions_dense
+from keisei_stream.shogi import GameRecord, VecEnv
 from keisei_stream.wire import schema
 from keisei_stream.wire.codec import ExperienceBatch, concat_batches
+
+#: Most legal moves of a shogi position (593 is the known maximum): the pinned buffer of a group's
+#: legal actions holds this many per game.
+MAX_LEGAL_MOVES = 600
+
+
+@dataclass
+class Segment:
+    """Consecutive positions of one game, ready to send.
+
+    Attributes:
+        positions: one ``(k, *row shape)`` array per column of ``schema.POSITION``.
+        result: the game's result (+1 Black won, -1 White won, 0 draw) when it ended here, else 0.
+        reason: its :class:`~keisei_stream.shogi.EndReason` code, ``NONE`` (0) for a cut.
+        bootstrap: a cut segment's value of the position after its last move (side to move's
+            view, [-1, 1]); 0 when the game ended.
+        game: the game's number (the same for all its segments).
+    """
+
+    positions: dict[str, np.ndarray]
+    result: int
+    reason: int
+    bootstrap: float
+    game: int
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.positions["ply"].shape[0])
+
+
+@dataclass
+class Step:
+    """What one :meth:`SelfPlay.step` produced: the segments ready to send, the records of the
+    games that ended (for the games stream), and the positions played."""
+
+    segments: list[Segment] = field(default_factory=list)
+    finished: list[GameRecord] = field(default_factory=list)
+    positions: int = 0
 
 
 @dataclass
 class Trajectories:
-    """Per-game trajectory buffers of the games in play.
+    """Per-game buffers of the positions not yet sent.
 
     Attributes:
-        length: ``(N,) int64`` positions stored per game.
-        columns: one array per column of ``schema.POSITION`` (``hcp``, ``ply``, ``repetition``,
-            ``action``, ``log_prob``, ``value``, ``version``), native-endian, shaped
-            ``(N, max_plies, *row shape)``: position ``t`` of game ``i`` is at ``[i, t]``.
+        length: ``(N,) int64`` positions held per game.
+        columns: one array per column of ``schema.POSITION``, native-endian, shaped
+            ``(N, capacity, *row shape)``: position ``t`` of game ``i`` is at ``[i, t]``.
     """
 
     length: np.ndarray
     columns: dict[str, np.ndarray]
 
     @classmethod
-    def empty(cls, n: int, max_plies: int) -> "Trajectories":
-        return cls(np.zeros(n, np.int64), schema.zeros(schema.POSITION, (n, max_plies)))
+    def empty(cls, n: int, capacity: int) -> "Trajectories":
+        return cls(np.zeros(n, np.int64), schema.zeros(schema.POSITION, (n, capacity)))
+
+    def record(self, values: dict[str, np.ndarray | int]) -> None:
+        """Append one position to every game (``values``: per column ``(N, *row shape)`` or a scalar)."""
+        rows, t = np.arange(len(self.length)), self.length
+        for name, col in self.columns.items():
+            col[rows, t] = values[name]
+        self.length += 1
 
     def take(self, i: int) -> dict[str, np.ndarray]:
         """Copy out game ``i``'s positions (one ``(length, *row shape)`` array per column) and clear it."""
@@ -44,54 +107,222 @@ class Trajectories:
 
 
 @dataclass
-class FinishedGame:
-    """A game that ended in a self-play step: its record (for the games stream) and its positions
-    (one array per column of ``schema.POSITION``, :meth:`Trajectories.take`'s)."""
+class _Pending:
+    """A group's forward pass: launched, its results read by :meth:`SelfPlay._collect`."""
 
-    record: GameRecord
-    positions: dict[str, np.ndarray]
-
-    @property
-    def num_positions(self) -> int:
-        return int(self.positions["ply"].shape[0])
+    version: int
+    actions: np.ndarray | torch.Tensor
+    log_prob: np.ndarray | torch.Tensor
+    value: np.ndarray | torch.Tensor
+    done: torch.cuda.Event | None = None
 
 
-def selfplay_step(env: VecEnv, model: torch.nn.Module, traj: Trajectories, version: int,
-                  temperature: float, rng: torch.Generator | None = None) -> tuple[StepResult, list[FinishedGame]]:
-    """One step of N games: one batched forward pass, N moves sampled, N positions recorded.
+@dataclass
+class _Group:
+    """Games stepped together: their boards, unsent positions, game numbers and random generator."""
+
+    env: VecEnv
+    traj: Trajectories
+    game: np.ndarray  # (n,) uint64
+    rng: torch.Generator
+    pinned: dict[str, torch.Tensor] = field(default_factory=dict)  # staging buffers (CUDA)
+    pending: _Pending | None = None
+
+
+class SelfPlay:
+    """``games`` games of self-play with ``model`` (module docstring).
 
     Args:
-        env: the N games. model: the actor-critic (on the CPU). traj: their trajectory buffers.
-        version: the model version that chooses the moves (recorded per position).
-        temperature: sampling temperature (0 = argmax). rng: the sampling noise's generator.
+        model: the actor-critic, on ``device``, in eval mode (weights may be replaced between
+            steps, e.g. with :func:`~keisei_stream.rl.checkpoint.load_weights_bytes`).
+        games: games played at once (split evenly over the groups).
+        max_plies: a game reaching this many plies is a draw.
+        segment_plies: positions per segment of a game still going on.
+        temperature: sampling temperature (0 = argmax).
+        seed: seeds the boards' openings and the sampling noise (group ``k``: ``seed + k``).
+        device: where the forward pass runs.
+        groups: groups of games (default 2 on CUDA, else 1).
+        overlap: pipeline the groups (default: on CUDA); without it the groups take turns.
+        amp: bf16 autocast on CUDA.
 
-    Returns:
-        ``(StepResult, finished)``: the env's step result and the games that ended in this step.
+    Raises:
+        ValueError: fewer games than groups, or bad arguments of the env.
     """
-    obs, mask = env.observe(copy=False)  # act() copies them into tensors before env.step
-    hcp, ply, repetition, _turn = env.positions()
-    actions, log_prob, value = act(model, obs, mask, temperature, generator=rng)
-    recorded = {"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
-                "value": value, "version": version}
-    rows, t = np.arange(env.num_games), traj.length
-    for name, col in traj.columns.items():
-        col[rows, t] = recorded[name]
-    traj.length += 1
-    res = env.step(actions)
-    done_idx = np.flatnonzero(res.done)
-    return res, [FinishedGame(record, traj.take(int(i))) for i, record in zip(done_idx, res.finished)]
+
+    def __init__(self, model: torch.nn.Module, *, games: int, max_plies: int, segment_plies: int,
+                 temperature: float, seed: int, device: torch.device | str = "cpu", groups: int | None = None,
+                 overlap: bool | None = None, amp: bool = True):
+        self.model, self.device = model, torch.device(device)
+        cuda = self.device.type == "cuda"
+        n_groups = groups or (2 if cuda else 1)
+        if games < n_groups:
+            raise ValueError(f"{games} games cannot make {n_groups} groups")
+        self.overlap = cuda if overlap is None else overlap
+        self.temperature, self.segment_plies = float(temperature), int(segment_plies)
+        self.amp = amp and cuda
+        self._session = secrets.randbits(32) << 32  # game numbers: unique per worker session
+        self._next_game = 0
+        sizes = [len(a) for a in np.array_split(np.arange(games), n_groups)]
+        self.groups = [self._group(n, max_plies, seed + k) for k, n in enumerate(sizes)]
+
+    def _group(self, n: int, max_plies: int, seed: int) -> _Group:
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        g = _Group(VecEnv(n, max_plies, seed=seed), Trajectories.empty(n, self.segment_plies),
+                   self._new_games(n), rng)
+        if self.device.type == "cuda":
+            def pinned(shape, dtype):
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+            g.pinned = {"pieces": pinned((n, 284), torch.uint8), "scalars": pinned((n, 18), torch.float32),
+                        "actions": pinned(n * MAX_LEGAL_MOVES, torch.int16), "counts": pinned(n, torch.int16),
+                        "out_action": pinned(n, torch.int64), "out_log_prob": pinned(n, torch.float32),
+                        "out_value": pinned(n, torch.float32)}
+        return g
+
+    def _new_games(self, n: int) -> np.ndarray:
+        numbers = self._session + np.arange(self._next_game, self._next_game + n, dtype=np.uint64)
+        self._next_game += n
+        return numbers.astype(np.uint64)
+
+    @property
+    def num_games(self) -> int:
+        return sum(g.env.num_games for g in self.groups)
+
+    @property
+    def unsent_positions(self) -> int:
+        """Positions played and not yet in a segment (what :meth:`flush` would cut)."""
+        return int(sum(g.traj.length.sum() for g in self.groups))
+
+    # ------------------------------------------------------------------------------ stepping
+    def step(self, version: int) -> Step:
+        """One move in every game, played by model ``version`` (recorded with each position;
+        with ``overlap`` a group's forward pass may have been launched in the previous step, under
+        the version current then)."""
+        out = Step()
+        for k, g in enumerate(self.groups):
+            pending = g.pending or self._launch(g, version)
+            g.pending = None
+            if self.overlap:  # the next group's forward pass runs while this group's boards step
+                nxt = self.groups[(k + 1) % len(self.groups)]
+                if nxt is not g and nxt.pending is None:
+                    nxt.pending = self._launch(nxt, version)
+            self._advance(g, pending, out)
+        return out
+
+    def flush(self) -> list[Segment]:
+        """Every game's unsent positions as cut segments, bootstrapped from one more forward pass
+        (or the one in flight) over the current positions; nothing played is left unsent."""
+        segments: list[Segment] = []
+        for g in self.groups:
+            pending = g.pending or self._launch(g, 0)
+            g.pending = None
+            _actions, _log_prob, value = self._collect(pending)
+            for i in np.flatnonzero(g.traj.length):
+                segments.append(Segment(g.traj.take(int(i)), 0, 0, float(value[i]), int(g.game[i])))
+        return segments
+
+    def _advance(self, g: _Group, pending: _Pending, out: Step) -> None:
+        """Cut the full segments (bootstrapped from this forward pass's values), record the
+        positions, play the moves, and emit the segments of the games that ended."""
+        actions, log_prob, value = self._collect(pending)
+        for i in np.flatnonzero(g.traj.length >= self.segment_plies):
+            out.segments.append(Segment(g.traj.take(int(i)), 0, 0, float(value[i]), int(g.game[i])))
+        hcp, ply, repetition, _turn = g.env.positions()
+        g.traj.record({"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
+                       "value": value, "version": pending.version})
+        res = g.env.step(actions)
+        out.positions += g.env.num_games
+        for i, record in zip(np.flatnonzero(res.done), res.finished):
+            out.segments.append(Segment(g.traj.take(int(i)), int(record.result), int(record.reason), 0.0,
+                                        int(g.game[i])))
+            out.finished.append(record)
+            g.game[i] = self._new_games(1)[0]
+
+    # ------------------------------------------------------------------------------ the forward pass
+    def _launch(self, g: _Group, version: int) -> _Pending:
+        """Start the forward pass and sampling of ``g``'s current positions: done at once on the
+        CPU; on CUDA queued on the device, its results copied back into pinned memory."""
+        if self.device.type != "cuda":
+            obs, mask = g.env.observe(copy=False)  # act() copies them into tensors before env.step
+            return _Pending(version, *act(self.model, obs, mask, self.temperature, generator=g.rng))
+        compact, pin, n = g.env.observe_compact(), g.pinned, g.env.num_games
+        m = len(compact["actions"])
+        staged = {}
+        for name in ("pieces", "scalars", "actions", "counts"):
+            view = pin[name][:m] if name == "actions" else pin[name]
+            view.copy_(torch.from_numpy(compact[name]))
+            staged[name] = view.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            obs, mask = expand_on_device(staged["pieces"], staged["scalars"], staged["actions"], staged["counts"])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                logits, value = self.model(obs)
+            actions, log_prob = sample_actions_dense(logits.float(), mask, self.temperature, g.rng)
+            outs = (pin["out_action"][:n], pin["out_log_prob"][:n], pin["out_value"][:n])
+            for host, dev in zip(outs, (actions, log_prob, value.float())):
+                host.copy_(dev, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Pending(version, *outs, done=done)
+
+    @staticmethod
+    def _collect(p: _Pending) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(actions (n,) int64, log_prob (n,) float32, value (n,) float32)`` of a launched pass
+        (waiting for the device when it still runs)."""
+        if p.done is None:
+            return p.actions, p.log_prob, p.value
+        p.done.synchronize()
+        return p.actions.numpy().copy(), p.log_prob.numpy().copy(), p.value.numpy().copy()
 
 
-def games_to_batch(games: list[FinishedGame]) -> ExperienceBatch:
-    """One experience batch of finished games (in order; ``batch_id`` and ``worker_id`` are set by
+def segments_to_batch(segments: list[Segment]) -> ExperienceBatch:
+    """One experience batch of ``segments`` (in order; ``batch_id`` and ``worker_id`` are set by
     the producer that sends it).
 
     Raises:
-        ValueError: no games.
+        ValueError: no segments.
     """
-    if not games:
-        raise ValueError("no games to batch")
+    if not segments:
+        raise ValueError("no segments to batch")
     return concat_batches([
-        ExperienceBatch("", "", **g.positions, game_offsets=np.array([0, g.num_positions], np.uint32),
-                        result=np.array([g.record.result], np.int8), reason=np.array([int(g.record.reason)], np.uint8))
-        for g in games])
+        ExperienceBatch("", "", **s.positions, segment_offsets=np.array([0, s.num_positions], np.uint32),
+                        result=np.array([s.result], np.int8), reason=np.array([s.reason], np.uint8),
+                        bootstrap=np.array([s.bootstrap], np.float32), game=np.array([s.game], np.uint64))
+        for s in segments])
+
+
+def random_policy_batch(num_positions: int, *, max_plies: int = 256, games: int = 32, segment_plies: int = 0,
+                        seed: int = 0, version: int = 1, worker_id: str = "w0", batch_id: str = "w0:test:0",
+                        opening_plies: int = 0) -> ExperienceBatch:
+    """A batch of uniformly random self-play: realistic positions for tests and benchmarks.
+
+    Plays ``games`` games at once with :class:`~keisei_stream.shogi.VecEnv` until the segments
+    sent hold at least ``num_positions`` positions. ``segment_plies`` 0 sends whole games only;
+    otherwise games are cut every ``segment_plies`` plies as :class:`SelfPlay` cuts them (the
+    bootstrap is the next position's value). ``log_prob`` is the uniform policy's
+    (``-log(legal moves)``), ``value`` uniform in [-1, 1] (seeded), ``version`` constant.
+    Deterministic for given arguments (game numbers are ``seed``-based).
+    """
+    rng = np.random.default_rng(seed)
+    env = VecEnv(games, max_plies, seed=seed, opening_plies=opening_plies)
+    traj = Trajectories.empty(games, segment_plies or max_plies)
+    game = (np.uint64(seed) << np.uint64(32)) + np.arange(games, dtype=np.uint64)
+    next_game, segments, total = games, [], 0
+    while total < num_positions:
+        value = rng.uniform(-1, 1, games).astype(np.float32)
+        if segment_plies:
+            for i in np.flatnonzero(traj.length >= segment_plies):
+                segments.append(Segment(traj.take(int(i)), 0, 0, float(value[i]), int(game[i])))
+                total += segments[-1].num_positions
+        legal = [env.legal_actions(i) for i in range(games)]
+        actions = np.array([rng.choice(a) for a in legal], np.int64)
+        log_prob = -np.log(np.array([len(a) for a in legal], np.float32))
+        hcp, ply, repetition, _turn = env.positions()
+        traj.record({"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
+                     "value": value, "version": version})
+        res = env.step(actions)
+        for i, record in zip(np.flatnonzero(res.done), res.finished):
+            segments.append(Segment(traj.take(int(i)), int(record.result), int(record.reason), 0.0, int(game[i])))
+            total += segments[-1].num_positions
+            game[i], next_game = (np.uint64(seed) << np.uint64(32)) + np.uint64(next_game), next_game + 1
+    batch = segments_to_batch(segments)
+    batch.worker_id, batch.batch_id = worker_id, batch_id
+    return batch

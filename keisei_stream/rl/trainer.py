@@ -11,8 +11,9 @@ this order:
    :mod:`keisei_stream.rl.inputs`);
 3. **proximal pass** (``ppo.recompute_values``): the values and log-probabilities of the model at
    the start of the update, through the same module (compiled or not) the update's ratio uses;
-4. **advantages** (:func:`~keisei_stream.rl.gae.compute_gae`): GAE over the batch's games with
-   the zero-sum sign flip;
+4. **advantages** (:func:`~keisei_stream.rl.gae.segment_advantages`): GAE with the zero-sum sign
+   flip over the batch's segments, joined where one game's consecutive segments are all held,
+   bootstrapped at a cut whose continuation is not;
 5. **the PPO update** (:func:`~keisei_stream.rl.ppo.ppo_update`);
 6. **metrics** of the update: the PPO metrics, policy lag, game statistics, input bytes.
 
@@ -37,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
 from keisei_stream.rl.checkpoint import load_checkpoint, save_checkpoint
-from keisei_stream.rl.gae import compute_gae, filter_stale
+from keisei_stream.rl.gae import filter_stale, segment_advantages
 from keisei_stream.rl.inputs import compact_nbytes, expand_inputs
 from keisei_stream.rl.model import build_model, maybe_compile
 from keisei_stream.rl.ppo import apply_config, make_optimizer, make_scheduler, ppo_update, proximal_pass
@@ -63,13 +64,16 @@ class Update:
 
 
 def game_stats(b: ExperienceBatch) -> dict[str, float]:
-    """Win/draw rates and game length of the games in ``b`` (from their end reasons)."""
-    reasons = b.reason.astype(np.int64)
-    results = b.result.astype(np.int64)
-    lengths = np.diff(b.game_offsets.astype(np.int64))
+    """Win/draw rates and length of the games that ended in ``b``'s segments (from their end
+    reasons; ``games`` counts them, ``segments`` every segment)."""
+    ended = b.ended
+    reasons = b.reason[ended].astype(np.int64)
+    results = b.result[ended].astype(np.int64)
+    lengths = b.ply[b.segment_offsets[1:][ended].astype(np.int64) - 1].astype(np.int64) + 1  # plies played
     g = max(len(reasons), 1)
     return {
         "games": float(len(reasons)),
+        "segments": float(b.num_segments),
         "game_plies_mean": float(lengths.mean()) if len(lengths) else 0.0,
         "decisive_rate": float((results != 0).sum() / g),
         "draw_rate": float((results == 0).sum() / g),
@@ -216,15 +220,14 @@ class Trainer:
                 batch["prox_log_prob"] = prox_logp[rows_t.to(prox_logp.device)]
             else:  # this rank holds no fresh position: nothing to evaluate
                 obs, mask, actions = obs[:0], mask[:0], actions[:0]
-        advantages, returns = compute_gae(values, b.game_offsets.astype(np.int64), b.final_rewards(),
-                                          cfg.ppo.gamma, cfg.ppo.gae_lambda)
+        advantages, returns, joins = segment_advantages(b, values, cfg.ppo.gamma, cfg.ppo.gae_lambda)
         batch.update({"obs": obs, "mask": mask, "action": actions, "value": torch.from_numpy(values[keep]),
                       "advantage": torch.from_numpy(advantages[keep]), "return": torch.from_numpy(returns[keep])})
         metrics = ppo_update(self.train_model, self.optimizer, self.scheduler, batch, cfg.ppo, self.device,
                              cfg.learner.amp)
         if cfg.ppo.recompute_values and n_keep:  # how far the workers' values were from the start-of-update ones
             metrics["value_staleness"] = float(np.abs(values[keep] - b.value[keep]).mean())
-        metrics.update({"rebuild_s": t1 - t0, "train_s": time.monotonic() - t1,
+        metrics.update({"rebuild_s": t1 - t0, "train_s": time.monotonic() - t1, "segment_joins": float(joins),
                         "input_bytes_per_position": input_bytes / max(n_keep, 1)})
         return metrics
 

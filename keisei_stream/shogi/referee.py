@@ -213,6 +213,13 @@ _DECLARATION = Verdict(EndReason.ENTERING_KING, -1)               # the side to 
 _MAX_PLIES = Verdict(EndReason.MAX_PLIES, 0)
 _REPETITION_WIN, _REPETITION_LOSE = cshogi.REPETITION_WIN, cshogi.REPETITION_LOSE
 
+#: For each reason :func:`judge` gives, the scores the player who made the last move can have
+#: (+1 won, -1 lost, 0 draw): the one table a recorded result is checked against.
+MOVER_SCORES: dict[EndReason, tuple[int, ...]] = {}
+for _v in (_MATE, _PERPETUAL_BY_MOVER, _PERPETUAL_BY_TO_MOVE, _REPETITION, _DECLARATION, _MAX_PLIES):
+    MOVER_SCORES[_v.reason] = tuple(sorted({*MOVER_SCORES.get(_v.reason, ()), _v.mover_score}))
+del _v
+
 
 def can_declare(board: cshogi.Board) -> bool:
     """Whether the side to move can declare an entering-king win (CSA 27-point rule, cshogi's

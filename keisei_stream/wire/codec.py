@@ -1,4 +1,4 @@
-"""Wire codec of experience batches: one batch of complete games = one Redis stream entry.
+"""Wire codec of experience batches: one batch of game segments = one Redis stream entry.
 
 Stream entry fields (the README's "Wire format" section)::
 
@@ -13,9 +13,9 @@ session and sequence number), ``schema`` (int), and one key per column of
 ``keisei_stream.wire.schema.COLUMNS`` holding the column's raw little-endian bytes, in that order
 (the schema module documents every column's dtype, shape, meaning and units).
 
-That is 49 bytes per position before compression plus 6 per game; lz4 brings batches of
-random-play games with random float32 values/log-probs to ~24 bytes per position on the wire
-(``benchmarks/codec.py``; consecutive HCPs share most bytes), well under the 100-byte target.
+That is 49 bytes per position before compression plus 18 per segment; lz4 brings batches of
+random-play segments with random float32 values/log-probs to ~25 bytes per position on the wire
+(``benchmarks/codec.py``; consecutive HCPs share most bytes), under the 30-byte target.
 ``value`` stays float32: float16 would save 2 bytes per position (~4%) at a relative error of
 5e-4, not worth a second dtype in the learner.
 
@@ -34,10 +34,10 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from keisei_stream.shogi import NUM_ACTIONS, EndReason
+from keisei_stream.shogi import BOARD_END_REASONS, MOVER_SCORES, NUM_ACTIONS, EndReason
 
 from .replay import replay_check, validate_hcp
-from .schema import BYTES_PER_GAME, BYTES_PER_POSITION, COLUMNS, GAME_OFFSETS, SCHEMA_VERSION, BadEntry
+from .schema import BYTES_PER_POSITION, BYTES_PER_SEGMENT, COLUMNS, SCHEMA_VERSION, SEGMENT_OFFSETS, BadEntry
 
 #: Most positions one entry may carry.
 MAX_POSITIONS = 1 << 20
@@ -54,35 +54,32 @@ MIN_LOG_PROB = -40.0
 #: ``|value|`` may exceed 1 by this much (float32 rounding).
 VALUE_TOLERANCE = 1e-6
 
-#: The end reasons of self-play games (the others are used by evaluation only).
-SELF_PLAY_REASONS = (EndReason.CHECKMATE, EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK,
-                     EndReason.ENTERING_KING, EndReason.MAX_PLIES)
-
 _MAP_KEYS = frozenset(("batch_id", "schema", *COLUMNS))
 _FIELD_KEYS = frozenset((b"d", b"w", b"v", b"n", b"s"))
-# Bound on the decompressed map, checked before allocating: every position with one game of its
-# own (a game has at least one position) plus a byte of slack each (56 bytes per position), and
-# the map's keys, ids and bin headers.
-_MAX_RAW_BYTES_PER_POSITION = BYTES_PER_POSITION + BYTES_PER_GAME + 1
+# Bound on the decompressed map, checked before allocating: every position with one segment of
+# its own (a segment has at least one position) plus a byte of slack each (68 bytes per
+# position), and the map's keys, ids and bin headers.
+_MAX_RAW_BYTES_PER_POSITION = BYTES_PER_POSITION + BYTES_PER_SEGMENT + 1
 _MAX_MAP_OVERHEAD = 1024 + 2 * MAX_ID_CHARS * 4
 
 
 class ExperienceBatch:
-    """Complete self-play games of one worker: P positions in G games, one array per column.
+    """Game segments of one worker: P positions in S segments, one array per column.
 
     Args:
         batch_id: unique id (``Producer.send`` sets it to ``{worker}:{session}:{seq}``).
         worker_id: the producing worker.
         **columns: exactly one array per column of ``schema.COLUMNS``: the per-position columns
             ``(P, *row shape)`` (``hcp`` ``(P, 32) uint8``, ``ply`` ``(P,) uint16``, ...),
-            ``game_offsets`` ``(G+1,) uint32`` and the per-game columns ``(G,)``; their dtypes
-            and meaning are the schema module's. Shapes and dtypes are checked by
-            :func:`encode_batch` and guaranteed by :func:`decode_entry`, not here.
+            ``segment_offsets`` ``(S+1,) uint32`` and the per-segment columns ``(S,)``
+            (``result``, ``reason``, ``bootstrap``, ``game``); their dtypes and meaning are the
+            schema module's. Shapes and dtypes are checked by :func:`encode_batch` and guaranteed
+            by :func:`decode_entry`, not here.
 
     Attributes:
         batch_id, worker_id: as given.
-        hcp, ply, repetition, action, log_prob, value, version, game_offsets, result, reason:
-            the columns (attribute per name in ``schema.COLUMNS``).
+        hcp, ply, repetition, action, log_prob, value, version, segment_offsets, result, reason,
+        bootstrap, game: the columns (attribute per name in ``schema.COLUMNS``).
 
     Raises:
         TypeError: a column is missing or unknown.
@@ -100,7 +97,7 @@ class ExperienceBatch:
 
     def __repr__(self) -> str:
         return (f"ExperienceBatch(batch_id={self.batch_id!r}, worker_id={self.worker_id!r}, "
-                f"positions={self.num_positions}, games={self.num_games})")
+                f"positions={self.num_positions}, segments={self.num_segments}, games_ended={self.games_ended})")
 
     def columns(self) -> dict[str, np.ndarray]:
         """``{name: array}`` of every column, in wire order (the arrays themselves, not copies)."""
@@ -112,9 +109,19 @@ class ExperienceBatch:
         return int(self.action.shape[0])
 
     @property
-    def num_games(self) -> int:
-        """G."""
-        return int(self.game_offsets.shape[0]) - 1
+    def num_segments(self) -> int:
+        """S."""
+        return int(self.segment_offsets.shape[0]) - 1
+
+    @property
+    def ended(self) -> np.ndarray:
+        """``(S,) bool``: the game ended in the segment (else the segment was cut)."""
+        return self.reason != EndReason.NONE
+
+    @property
+    def games_ended(self) -> int:
+        """Segments in which their game ended."""
+        return int(self.ended.sum())
 
     @property
     def newest_version(self) -> int:
@@ -126,18 +133,18 @@ class ExperienceBatch:
         return (self.hcp[:, 0] & 1).astype(np.uint8)
 
     def final_rewards(self) -> np.ndarray:
-        """``(G,) float32`` reward of the last mover of each game: +1 won, -1 lost, 0 draw.
+        """``(S,) float32`` reward of each segment's last mover: +1 won, -1 lost, 0 draw or cut.
 
-        ``result`` is from Black's view; the last mover is the side to move of each game's last
+        ``result`` is from Black's view; the last mover is the side to move of each segment's last
         position, so the reward is ``result`` for Black and ``-result`` for White.
         """
-        last = self.game_offsets[1:].astype(np.int64) - 1
+        last = self.segment_offsets[1:].astype(np.int64) - 1
         sign = 1.0 - 2.0 * (self.hcp[last, 0] & 1).astype(np.float32)
         return (self.result.astype(np.float32) * sign).astype(np.float32)
 
-    def game_index(self) -> np.ndarray:
-        """``(P,) int64`` game of each position."""
-        return np.repeat(np.arange(self.num_games, dtype=np.int64), np.diff(self.game_offsets.astype(np.int64)))
+    def segment_index(self) -> np.ndarray:
+        """``(P,) int64`` segment of each position."""
+        return np.repeat(np.arange(self.num_segments, dtype=np.int64), np.diff(self.segment_offsets.astype(np.int64)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +158,7 @@ def encode_batch(batch: ExperienceBatch) -> dict[str, bytes | str | int]:
         ValueError: when a column has the wrong number of rows or row shape (a bug in the caller).
     """
     p = batch.num_positions
-    g = batch.num_games
+    g = batch.num_segments
     payload: dict[str, Any] = {"batch_id": str(batch.batch_id), "schema": SCHEMA_VERSION}
     for name, col in COLUMNS.items():
         arr = np.ascontiguousarray(getattr(batch, name), dtype=col.dtype)
@@ -213,12 +220,11 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
         fields: the entry's field map as redis-py returns it (``dict[bytes, bytes]``; ``str`` keys
             and values are accepted too).
         max_plies: the run's ``env.max_plies`` (plies must be below it; MAX_PLIES games end on it).
-        check_legal: also replay every game with cshogi: each action must be legal in its
-            position, each position must be the previous one after its action, a CHECKMATE game's
-            last move must mate, an ENTERING_KING game's must leave a declarable position, a
-            repetition game must end in a repetition (games starting at ply 0), and no other game
-            may end in a position without legal moves (about 3 us per position). Without it the
-            positions are still checked to be well-formed HCPs that cshogi can load safely.
+        check_legal: also replay every segment with cshogi from its first position
+            (:func:`~keisei_stream.wire.replay.replay_check`): each action legal in its position,
+            each position the previous one after its action, and the referee's verdict after the
+            last move the recorded end (none for a cut segment); about 3 us per position. Without
+            it the positions are still checked to be well-formed HCPs that cshogi can load safely.
         max_version: the newest model version published so far; an entry claiming a newer one
             (field ``v``) is rejected (None: not checked).
 
@@ -227,14 +233,15 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
 
     Raises:
         BadEntry: for anything wrong: missing or extra fields, non-integer ``v``/``n``/``s``,
-            wrong schema, lz4 errors, a claimed decompressed size above ``56 * n + 2624`` bytes
+            wrong schema, lz4 errors, a claimed decompressed size above ``68 * n + 2624`` bytes
             (refused before allocating), msgpack errors, missing/extra/mistyped map keys, array byte
-            lengths inconsistent with ``n`` and the game offsets, non-monotone offsets,
+            lengths inconsistent with ``n`` and the segment offsets, non-monotone offsets,
             actions >= 13527, non-finite log-probabilities or outside [``MIN_LOG_PROB``, 0],
-            values outside [-1, 1], a version newer than ``max_version``,
+            values or bootstraps outside [-1, 1], a version newer than ``max_version``,
             versions inconsistent with ``v``, non-consecutive plies, plies >= ``max_plies``,
-            results inconsistent with the end reason, malformed positions, and (``check_legal``)
-            illegal actions or inconsistent positions.
+            results inconsistent with the end reason, a cut segment with a result or reaching
+            ``max_plies``, an ended one with a bootstrap, malformed positions, and
+            (``check_legal``) illegal actions or inconsistent positions.
     """
     try:
         return _decode(fields, max_plies, check_legal, max_version)
@@ -298,13 +305,13 @@ def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_ve
         if not isinstance(b, bytes):
             raise BadEntry(f"{name}: {type(b).__name__}, expected bytes")
         blobs[name] = b
-    offset_size = COLUMNS[GAME_OFFSETS].dtype.itemsize
-    go_len = len(blobs[GAME_OFFSETS])
+    offset_size = COLUMNS[SEGMENT_OFFSETS].dtype.itemsize
+    go_len = len(blobs[SEGMENT_OFFSETS])
     if go_len % offset_size or go_len < 2 * offset_size:
-        raise BadEntry(f"game_offsets: {go_len} bytes, expected {offset_size} * (G + 1) with G >= 1")
+        raise BadEntry(f"segment_offsets: {go_len} bytes, expected {offset_size} * (S + 1) with S >= 1")
     g = go_len // offset_size - 1
     if g > n:
-        raise BadEntry(f"{g} games for {n} positions")
+        raise BadEntry(f"{g} segments for {n} positions")
     arrays: dict[str, np.ndarray] = {}
     for name, col in COLUMNS.items():
         count = col.rows(n, g)
@@ -349,12 +356,22 @@ def _decompress(d: bytes, n: int) -> bytes:
 
 def _check_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
     """Vectorised structural and value checks (no cshogi)."""
-    p = b.num_positions
-    off = b.game_offsets.astype(np.int64)
-    if off[0] != 0 or off[-1] != p:
-        raise BadEntry(f"game_offsets: start {off[0]} end {off[-1]}, expected 0 and {p}")
+    _check_offsets(b)
+    _check_position_values(b, v, max_plies)
+    _check_segment_ends(b, max_plies)
+
+
+def _check_offsets(b: ExperienceBatch) -> None:
+    off = b.segment_offsets.astype(np.int64)
+    if off[0] != 0 or off[-1] != b.num_positions:
+        raise BadEntry(f"segment_offsets: start {off[0]} end {off[-1]}, expected 0 and {b.num_positions}")
     if (np.diff(off) <= 0).any():
-        raise BadEntry("game_offsets: not strictly increasing (empty or reversed game)")
+        raise BadEntry("segment_offsets: not strictly increasing (empty or reversed segment)")
+
+
+def _check_position_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
+    """Actions, log-probabilities, values, versions, repetitions in range; plies consecutive and
+    sides to move alternating within every segment."""
     if int(b.action.max()) >= NUM_ACTIONS:
         raise BadEntry(f"action: {int(b.action.max())} >= {NUM_ACTIONS}")
     lp = b.log_prob
@@ -364,11 +381,12 @@ def _check_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
         raise BadEntry(f"log_prob: {float(lp.max()):.3g} > 0")
     if float(lp.min()) < MIN_LOG_PROB:
         raise BadEntry(f"log_prob: {float(lp.min()):.3g} < {MIN_LOG_PROB} (no policy samples such a move)")
-    val = b.value
-    if not np.isfinite(val).all():
-        raise BadEntry("value: not finite")
-    if float(np.abs(val).max()) > 1.0 + VALUE_TOLERANCE:
-        raise BadEntry(f"value: {float(np.abs(val).max()):.3g} outside [-1, 1]")
+    for name in ("value", "bootstrap"):
+        val = getattr(b, name)
+        if not np.isfinite(val).all():
+            raise BadEntry(f"{name}: not finite")
+        if float(np.abs(val).max()) > 1.0 + VALUE_TOLERANCE:
+            raise BadEntry(f"{name}: {float(np.abs(val).max()):.3g} outside [-1, 1]")
     if int(b.version.max()) != v:
         raise BadEntry(f"version: newest {int(b.version.max())} != field v {v}")
     if int(b.repetition.max()) > 2:
@@ -376,40 +394,45 @@ def _check_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
     ply = b.ply.astype(np.int64)
     if int(ply.max()) >= max_plies:
         raise BadEntry(f"ply: {int(ply.max())} >= max_plies {max_plies}")
-    gi = b.game_index()
-    expected = ply[off[:-1]][gi] + (np.arange(p, dtype=np.int64) - off[:-1][gi])
+    off, si = b.segment_offsets.astype(np.int64), b.segment_index()
+    expected = ply[off[:-1]][si] + (np.arange(b.num_positions, dtype=np.int64) - off[:-1][si])
     if not np.array_equal(ply, expected):
-        raise BadEntry(f"ply: not consecutive within a game (first at position {int(np.flatnonzero(ply != expected)[0])})")
+        raise BadEntry(f"ply: not consecutive within a segment (first at position {int(np.flatnonzero(ply != expected)[0])})")
     turn = (b.hcp[:, 0] & 1).astype(np.int64)
-    same_game = gi[1:] == gi[:-1]
-    if (turn[1:][same_game] == turn[:-1][same_game]).any():
-        raise BadEntry("hcp: side to move does not alternate within a game")
-    res = b.result.astype(np.int64)
-    rsn = b.reason.astype(np.int64)
+    same = si[1:] == si[:-1]
+    if (turn[1:][same] == turn[:-1][same]).any():
+        raise BadEntry("hcp: side to move does not alternate within a segment")
+
+
+def _check_segment_ends(b: ExperienceBatch, max_plies: int) -> None:
+    """Every segment either ended its game with a board reason and a result that reason allows
+    the last mover (the referee's table, ``MOVER_SCORES``) and no bootstrap, or was cut (reason
+    0) with result 0, before ``max_plies``."""
+    res, rsn = b.result.astype(np.int64), b.reason.astype(np.int64)
     if ((res < -1) | (res > 1)).any():
         raise BadEntry("result: outside {-1, 0, 1}")
-    if not np.isin(rsn, SELF_PLAY_REASONS).all():
-        raise BadEntry(f"reason: code outside {[int(r) for r in SELF_PLAY_REASONS]}")
-    last = off[1:] - 1
-    end_ply = ply[last] + 1  # plies played when the game ended
-    mover = 1 - 2 * turn[last]  # +1 when Black made the last move
-    if ((rsn == EndReason.MAX_PLIES) & ((end_ply != max_plies) | (res != 0))).any():
-        raise BadEntry("MAX_PLIES game not a draw ending exactly at max_plies")
-    if ((rsn == EndReason.REPETITION_DRAW) & (res != 0)).any():
-        raise BadEntry("REPETITION_DRAW game with a winner")
-    if ((rsn == EndReason.CHECKMATE) & (res != mover)).any():
-        raise BadEntry("CHECKMATE game not won by the last mover")
-    if ((rsn == EndReason.ENTERING_KING) & (res != -mover)).any():
-        raise BadEntry("ENTERING_KING game not won by the side to move after the last move")
-    if ((rsn == EndReason.PERPETUAL_CHECK) & (res == 0)).any():
-        raise BadEntry("PERPETUAL_CHECK game without a winner")
-
+    allowed = [int(EndReason.NONE), *(int(r) for r in BOARD_END_REASONS)]
+    if not np.isin(rsn, allowed).all():
+        raise BadEntry(f"reason: code outside {allowed}")
+    last = b.segment_offsets[1:].astype(np.int64) - 1
+    end_ply = b.ply.astype(np.int64)[last] + 1  # plies played after the segment's last move
+    mover_score = res * (1 - 2 * (b.hcp[last, 0] & 1).astype(np.int64))  # +1 when the last mover won
+    cut = rsn == EndReason.NONE
+    if (cut & (res != 0)).any():
+        raise BadEntry("a cut segment with a result")
+    if (~cut & (b.bootstrap != 0)).any():
+        raise BadEntry("a segment that ended its game with a bootstrap value")
+    if (cut & (end_ply >= max_plies)).any() or ((rsn == EndReason.MAX_PLIES) & (end_ply != max_plies)).any():
+        raise BadEntry("a segment reaching max_plies not ended as MAX_PLIES exactly there")
+    for reason, scores in MOVER_SCORES.items():
+        if ((rsn == reason) & ~np.isin(mover_score, scores)).any():
+            raise BadEntry(f"{reason.name} segment with a result its rule does not give the last mover")
 
 
 def concat_batches(batches: list[ExperienceBatch]) -> ExperienceBatch:
     """Join batches into one (offsets shifted; ``batch_id`` / ``worker_id`` joined by ``+``).
 
-    An empty list gives a batch of 0 positions and 0 games (a learner rank that holds nothing
+    An empty list gives a batch of 0 positions and 0 segments (a learner rank that holds nothing
     still takes part in a distributed update).
     """
     if not batches:
@@ -417,14 +440,15 @@ def concat_batches(batches: list[ExperienceBatch]) -> ExperienceBatch:
                                           for name, col in COLUMNS.items()})
     if len(batches) == 1:
         return batches[0]
-    arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in COLUMNS if name != GAME_OFFSETS}
+    arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in COLUMNS if name != SEGMENT_OFFSETS}
     shifts = np.cumsum([0] + [b.num_positions for b in batches[:-1]])
-    offs = [np.zeros(1, np.uint32)] + [(b.game_offsets[1:].astype(np.int64) + s).astype(np.uint32) for b, s in zip(batches, shifts)]
+    offs = [np.zeros(1, np.uint32)] + [(b.segment_offsets[1:].astype(np.int64) + s).astype(np.uint32)
+                                       for b, s in zip(batches, shifts)]
     return ExperienceBatch(
         batch_id="+".join(b.batch_id for b in batches)[:MAX_ID_CHARS],
         worker_id="+".join(sorted({b.worker_id for b in batches}))[:MAX_ID_CHARS],
         **arrays,
-        **{GAME_OFFSETS: np.concatenate(offs)},
+        **{SEGMENT_OFFSETS: np.concatenate(offs)},
     )
 
 
@@ -435,6 +459,6 @@ def wire_bytes(fields: Mapping[Any, Any]) -> int:
 
 __all__ = [
     "MAX_POSITIONS", "MAX_COMPRESSED_BYTES", "MAX_ID_CHARS", "LOG_PROB_TOLERANCE", "MIN_LOG_PROB", "VALUE_TOLERANCE",
-    "SELF_PLAY_REASONS", "ExperienceBatch", "encode_batch", "decode_entry", "entry_positions",
+    "ExperienceBatch", "encode_batch", "decode_entry", "entry_positions",
     "concat_batches", "wire_bytes",
 ]

@@ -1,10 +1,10 @@
 """Replay validation of experience batches: is every position one cshogi can load, and is every
-game a legal game that ended the way it says?
+segment a legal run of moves that ended (or not) the way it says?
 
 :func:`validate_hcp` is a NumPy re-implementation of Apery's HuffmanCodedPos decoder (the format
 cshogi uses): cshogi's ``Board.set_hcp`` does no checks and can crash the process on malformed
 bytes, so every HCP that reaches cshogi from the wire has passed it first. :func:`replay_check`
-replays whole games with cshogi. Both are called by ``keisei_stream.wire.codec.decode_entry``;
+replays every segment with cshogi from its first position. Both are called by ``keisei_stream.wire.codec.decode_entry``;
 this module does not import torch.
 """
 
@@ -136,17 +136,19 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
 
 
 def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
-    """Replay every game with cshogi and check it against the recorded data.
+    """Replay every segment with cshogi from its first position and check it against the recorded
+    data.
 
-    For each game: the first position must pass :func:`validate_hcp` and the side not to move
-    must not be in check; then the game is replayed move by move under the one referee
+    For each segment: the first position must pass :func:`validate_hcp` and the side not to move
+    must not be in check; then the segment is replayed move by move under the one referee
     (:func:`keisei_stream.shogi.judge` with a :class:`~keisei_stream.shogi.RepetitionTracker`, as
     ``VecEnv`` plays): every action must be among cshogi's legal moves of the replayed board, the
-    replayed board's HCP must equal the recorded one, the game must not have ended before its last
-    move, and after it the referee's verdict (reason and result) must be the recorded one.
-    Repetition features must match the replay exactly for games recorded from ply 0 and may only be
-    larger otherwise (occurrences before the first recorded position are unknown, so a recorded
-    repetition end is then accepted where the referee sees none).
+    replayed board's HCP must equal the recorded one, the game must not have ended before the last
+    move, and after it the referee's verdict (reason and result) must be the recorded one: the
+    game's end, or for a cut segment (reason ``NONE``) no end. Repetition features must match the
+    replay exactly for segments that start a game (ply 0) and may only be larger otherwise
+    (occurrences before the first recorded position are unknown, so a recorded repetition end is
+    then accepted where the referee sees none).
 
     Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch.
 
@@ -160,11 +162,11 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
     """
     hcp = np.ascontiguousarray(batch.hcp, dtype=np.uint8)
     p = batch.num_positions
-    off = batch.game_offsets.astype(np.int64)
+    off = batch.segment_offsets.astype(np.int64)
     starts = off[:-1]
     ok = validate_hcp(hcp[starts])
     if not ok.all():
-        raise BadEntry(f"hcp: malformed first position of game {int(np.flatnonzero(~ok)[0])}")
+        raise BadEntry(f"hcp: malformed first position of segment {int(np.flatnonzero(~ok)[0])}")
     hv = hcp.view(cshogi.HuffmanCodedPos).reshape(p)
     turn = (hcp[:, 0] & 1).astype(np.int64)
     move_keys = _ACTION_TO_KEY[turn, batch.action.astype(np.int64)].tolist()
@@ -176,13 +178,13 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
     results = batch.result.tolist()
     plies = batch.ply.tolist()
     full_history = (batch.ply[starts] == 0).tolist()
-    for g in range(batch.num_games):
+    for g in range(batch.num_segments):
         s, e = int(off[g]), int(off[g + 1])
         flipped.view(np.uint8)[:] = hcp[s]
         flipped.view(np.uint8)[0] ^= 1
         board.set_hcp(flipped)
         if board.is_check():
-            raise BadEntry(f"game {g}: the side not to move is in check at the start")
+            raise BadEntry(f"segment {g}: the side not to move is in check at the start")
         board.set_hcp(hv[s:s + 1])
         tracker = RepetitionTracker(board)
         legal = list(board.legal_moves)
@@ -206,7 +208,7 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
         if (not full_history[g] and want in (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
                 and verdict.reason in (EndReason.NONE, EndReason.ENTERING_KING, EndReason.MAX_PLIES)):
             continue  # occurrences before the first recorded position are unknown
-        raise BadEntry(f"game {g}: recorded {want.name} result {results[g]}, the referee says "
+        raise BadEntry(f"segment {g}: recorded {want.name} result {results[g]}, the referee says "
                        f"{verdict.reason.name} result {verdict.result(board.turn)}")
     rows = replayed.view(np.uint8).reshape(p, 32)
     if not np.array_equal(rows, hcp):

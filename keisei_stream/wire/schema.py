@@ -1,9 +1,13 @@
 """The column schema of an experience batch, defined once.
 
-A batch holds P positions in G complete games (every position of each game, in order) as
-columns: NumPy arrays with one row per position, one row per game, or one row per game plus one
-(the offsets). This module is the only place that lists them; the batch class, the encoder and
-decoder, the worker's trajectory buffers and the learner's batch assembly all derive from it.
+A batch holds P positions in S segments as columns: NumPy arrays with one row per position, one
+row per segment, or one row per segment plus one (the offsets). A **segment** is a run of
+consecutive positions of one game: a worker sends every game's positions each
+``worker.segment_plies`` plies, and whatever is unsent when the game ends or the worker stops.
+A segment either ended its game (``reason`` says how, ``result`` who won) or was cut (``reason``
+0), and then carries the **bootstrap** value of the position after its last move, from the side to
+move there. This module is the only place that lists the columns; the batch class, the encoder
+and decoder, the worker's trajectory buffers and the learner's batch assembly all derive from it.
 
 Per position, :data:`POSITION` (a packed structured dtype, 49 bytes)::
 
@@ -18,16 +22,24 @@ Per position, :data:`POSITION` (a packed structured dtype, 49 bytes)::
     value       <f4       behaviour value estimate from the side to move's view, in [-1, 1]
     version     <u4       model version that chose the action
 
-Per game, :data:`GAME`::
+Per segment, :data:`SEGMENT`::
 
-    result      i1        +1 Black won, -1 White won, 0 draw
-    reason      u1        ``keisei_stream.shogi.EndReason`` code (1..5 in self-play)
+    result      i1        the game's result if it ended in the segment: +1 Black won, -1 White
+                          won, 0 draw; 0 for a cut segment
+    reason      u1        ``keisei_stream.shogi.EndReason`` code of the end (1..5 in self-play),
+                          0 (``NONE``) for a cut segment
+    bootstrap   <f4       a cut segment's value of the position after its last move, from the side
+                          to move there, in [-1, 1]; 0 when the game ended in the segment
+    game        <u8       the game: the same number for every segment of one game (a worker's
+                          random 32-bit session prefix and its game counter), so that the learner
+                          can join consecutive segments it holds together
 
-and ``game_offsets`` ``(G+1,) <u4``: game ``g`` is positions ``off[g]:off[g+1]``; ``off[0] = 0``,
-``off[G] = P``, strictly increasing (:data:`GAME_OFFSETS`).
+and ``segment_offsets`` ``(S+1,) <u4``: segment ``s`` is positions ``off[s]:off[s+1]``;
+``off[0] = 0``, ``off[S] = P``, strictly increasing (:data:`SEGMENT_OFFSETS`). A segment's
+start ply is its first position's ``ply``.
 
 On the wire every column is its raw little-endian bytes, in the order of :data:`COLUMNS`
-(positions, offsets, games): 49 bytes per position and 6 per game before compression.
+(positions, offsets, segments): 49 bytes per position and 18 per segment before compression.
 """
 
 from __future__ import annotations
@@ -36,8 +48,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-#: Schema version of the wire format (stream field ``s`` and msgpack key ``schema``).
-SCHEMA_VERSION = 1
+#: Schema version of the wire format (stream field ``s`` and msgpack key ``schema``); 2: segments
+#: (1 sent whole games only).
+SCHEMA_VERSION = 2
 
 #: One position's columns (packed: ``POSITION.itemsize`` is the bytes per position on the wire).
 POSITION = np.dtype([
@@ -49,19 +62,21 @@ POSITION = np.dtype([
     ("value", "<f4"),
     ("version", "<u4"),
 ])
-#: One game's columns.
-GAME = np.dtype([
+#: One segment's columns.
+SEGMENT = np.dtype([
     ("result", "i1"),
     ("reason", "u1"),
+    ("bootstrap", "<f4"),
+    ("game", "<u8"),
 ])
-#: Name and element dtype of the ``(G+1,)`` column of game boundaries.
-GAME_OFFSETS = "game_offsets"
-GAME_OFFSETS_DTYPE = np.dtype("<u4")
+#: Name and element dtype of the ``(S+1,)`` column of segment boundaries.
+SEGMENT_OFFSETS = "segment_offsets"
+SEGMENT_OFFSETS_DTYPE = np.dtype("<u4")
 
 #: Uncompressed wire bytes of one position (49).
 BYTES_PER_POSITION = POSITION.itemsize
-#: Uncompressed wire bytes of one game: its columns plus one offset (6).
-BYTES_PER_GAME = GAME.itemsize + GAME_OFFSETS_DTYPE.itemsize
+#: Uncompressed wire bytes of one segment: its columns plus one offset (18).
+BYTES_PER_SEGMENT = SEGMENT.itemsize + SEGMENT_OFFSETS_DTYPE.itemsize
 
 
 class Column(NamedTuple):
@@ -70,7 +85,7 @@ class Column(NamedTuple):
     Attributes:
         dtype: wire dtype of one element (little-endian, e.g. ``<u2``).
         shape: shape of one row: ``(32,)`` for ``hcp``, ``()`` for every other column.
-        per: ``"P"`` one row per position, ``"G"`` one per game, ``"G1"`` G+1 rows (the offsets).
+        per: ``"P"`` one row per position, ``"S"`` one per segment, ``"S1"`` S+1 rows (the offsets).
     """
 
     dtype: np.dtype
@@ -82,13 +97,13 @@ class Column(NamedTuple):
         """The element dtype in this machine's byte order (what decoded arrays hold)."""
         return self.dtype.newbyteorder("=")
 
-    def rows(self, positions: int, games: int) -> int:
-        """Rows of this column in a batch of ``positions`` positions and ``games`` games."""
-        return positions if self.per == "P" else games if self.per == "G" else games + 1
+    def rows(self, positions: int, segments: int) -> int:
+        """Rows of this column in a batch of ``positions`` positions and ``segments`` segments."""
+        return positions if self.per == "P" else segments if self.per == "S" else segments + 1
 
-    def nbytes(self, positions: int, games: int) -> int:
-        """Wire bytes of this column in a batch of ``positions`` positions and ``games`` games."""
-        return self.rows(positions, games) * self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+    def nbytes(self, positions: int, segments: int) -> int:
+        """Wire bytes of this column in a batch of ``positions`` positions and ``segments`` segments."""
+        return self.rows(positions, segments) * self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
 
 
 def _columns(record: np.dtype, per: str) -> dict[str, Column]:
@@ -102,13 +117,13 @@ def _columns(record: np.dtype, per: str) -> dict[str, Column]:
 #: Every column of a batch in wire order: name -> :class:`Column`.
 COLUMNS: dict[str, Column] = {
     **_columns(POSITION, "P"),
-    GAME_OFFSETS: Column(GAME_OFFSETS_DTYPE, (), "G1"),
-    **_columns(GAME, "G"),
+    SEGMENT_OFFSETS: Column(SEGMENT_OFFSETS_DTYPE, (), "S1"),
+    **_columns(SEGMENT, "S"),
 }
 
 
 def zeros(record: np.dtype, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """One zero array per field of ``record`` (:data:`POSITION` or :data:`GAME`).
+    """One zero array per field of ``record`` (:data:`POSITION` or :data:`SEGMENT`).
 
     Returns:
         ``{name: array}`` in field order, each native-endian and shaped ``(*shape, *row shape)``,
@@ -135,6 +150,6 @@ class BadEntry(ValueError):
 
 
 __all__ = [
-    "SCHEMA_VERSION", "POSITION", "GAME", "GAME_OFFSETS", "GAME_OFFSETS_DTYPE", "BYTES_PER_POSITION",
-    "BYTES_PER_GAME", "Column", "COLUMNS", "zeros", "BadEntry",
+    "SCHEMA_VERSION", "POSITION", "SEGMENT", "SEGMENT_OFFSETS", "SEGMENT_OFFSETS_DTYPE", "BYTES_PER_POSITION",
+    "BYTES_PER_SEGMENT", "Column", "COLUMNS", "zeros", "BadEntry",
 ]
