@@ -3,7 +3,7 @@
 A thin shell: the update is :class:`keisei_stream.rl.trainer.Trainer`'s, the delivery state of
 every entry (held, in an update, acknowledged, the epoch it was read in, the recovery after Redis
 lost the run's data) is :class:`keisei_stream.wire.consumer.Consumer`'s. :func:`run_learner`
-reads top to bottom: :meth:`Learner.start`, then until SIGTERM/SIGINT
+reads top to bottom: :func:`start_learner`, then until SIGTERM/SIGINT
 
 1. :meth:`Learner.receive`: read entries from the consumer group (own pending first, then entries
    claimed from dead learners, then new ones); bad entries are dead-lettered by the consumer;
@@ -23,7 +23,6 @@ writes the final checkpoint.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import torch
 
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
-from keisei_stream.rl.checkpoint import checkpoint_name, latest_checkpoint, prune_checkpoints, weights_to_bytes
+from keisei_stream.rl.checkpoint import checkpoint_name, latest_checkpoint, weights_to_bytes
 from keisei_stream.rl.model import count_parameters, pick_device
 from keisei_stream.rl.trainer import Trainer
 from keisei_stream.wire import retry
@@ -46,19 +45,16 @@ from keisei_stream.wire.archive import GameArchive, Recorder
 from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.codec import concat_batches
-from keisei_stream.wire.consumer import Consumer, Delivered
+from keisei_stream.wire.consumer import Consumer, Delivered, group_updates
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import read_accounting, write_config, write_learner_status
+from keisei_stream.wire.status import write_config
 from keisei_stream.wire.weights import publish_weights
-from learner.sinks import MetricsSinks
+from learner.report import MetricsSinks, Report
 
 log = logging.getLogger("keisei.learner")
 
 #: Seconds a stopping learner keeps reading the stream into its last updates.
 DRAIN_S = 60.0
-#: Time shares reported per update (seconds since the previous update, by activity). Decoding
-#: the next entries overlaps training (:meth:`Learner.prefetch_while`), so the shares can sum above 1.
-PHASES = ("wait", "decode", "rebuild", "train", "ack", "publish")
 #: XREADGROUP BLOCK (ms) of the reads made while an update trains.
 PREFETCH_BLOCK_MS = 20
 
@@ -76,7 +72,7 @@ class LearnerResult:
 
 @dataclass
 class Learner:
-    """Everything one learner process holds between steps (built by :meth:`start`)."""
+    """Everything one learner process holds between steps (built by :func:`start_learner`)."""
 
     cfg: Config
     r: redis.Redis
@@ -85,7 +81,7 @@ class Learner:
     trainer: Trainer
     consumer: Consumer
     recorder: Recorder
-    sinks: MetricsSinks
+    report: Report
     pool: ThreadPoolExecutor  # one training thread: warm-up, then the updates
     started: float  # time.monotonic() at the start of the process's learner
     rank: int = 0  # of ``world`` data-parallel learners (keisei_stream.rl.distributed); rank 0 publishes
@@ -97,12 +93,7 @@ class Learner:
     skipped_updates: int = 0
     publish_due: bool = False
     first_update_s: float | None = None  # seconds from the start to this process's first update
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    last_update_t: float = field(default_factory=time.monotonic)
-    last_status_t: float = 0.0
     last_checkpoint: Path | None = None
-    last_metrics: dict[str, float] = field(default_factory=dict)
-    last_accounting: dict[str, int] = field(default_factory=dict)
     rank_trained: list[int] = field(default_factory=list)  # positions trained by each rank (several ranks)
     failed: bool = False  # a distributed collective failed: exit without a checkpoint (torchrun restarts)
 
@@ -110,46 +101,6 @@ class Learner:
     def held(self) -> list[Delivered]:
         """Entries read and not yet in an update (the consumer's)."""
         return self.consumer.held
-
-    # ------------------------------------------------------------------------------ start
-    @classmethod
-    def start(cls, cfg: Config, redis_url: str, *, consumer_name: str | None, resume: bool, quiet: bool) -> "Learner":
-        """Run directory, the trainer (from the newest checkpoint on ``resume``), Redis (config,
-        epoch), the first published version; the warm-up (``torch.compile``) starts in the
-        training thread while the first data arrive.
-
-        Under torchrun (``WORLD_SIZE > 1``) this process is one rank of a data-parallel learner:
-        it joins the process group, takes rank 0's whole training state, reads the group as
-        consumer ``{consumer_name}-{rank}``; only rank 0 writes config, weights, status and
-        checkpoints. A group restarted by torchrun always resumes."""
-        started = time.monotonic()
-        device = distributed.init_from_env(pick_device(cfg.learner.device), cfg.learner.dist_timeout_s)
-        rank, world = distributed.rank(), distributed.world_size()
-        consumer_name = f"{consumer_name or 'learner'}-{rank}" if world > 1 else consumer_name or "learner-0"
-        run_dir = _open_run_dir(cfg, rank)
-        r, keys = connect(redis_url), Keys(cfg.run.id)
-        trainer = Trainer.build(cfg, device)
-        version, updates = _initial_state(trainer, r, keys, run_dir, resume or distributed.restarted())
-        trainer.wrap()
-        consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
-                            count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
-                            deadletter_maxlen=cfg.stream.deadletter_maxlen)
-        lrn = cls(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
-                  recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name),
-                  sinks=MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0),
-                  pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"), started=started,
-                  rank=rank, world=world, version=version, updates=updates)
-        consumer.claim_epoch()
-        if rank == 0:
-            write_config(r, keys, cfg.to_json())
-        lrn.publish()
-        if world == 1:  # the training thread compiles while the main thread reads the first entries
-            lrn.pool.submit(lrn.warm_up)
-        elif cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
-            lrn.warm_up()
-        log.info("learner %s (rank %d of %d, pid %d): %d parameters on %s, version %d (epoch %s)", consumer_name, rank,
-                 world, os.getpid(), count_parameters(trainer.model), device, lrn.version, consumer.epoch)
-        return lrn
 
     def warm_up(self) -> None:
         """The trainer's warm-up (:meth:`keisei_stream.rl.trainer.Trainer.warm_up`), logged."""
@@ -162,16 +113,16 @@ class Learner:
         t0, d0 = time.monotonic(), self.consumer.decode_s
         self.consumer.receive(self.cfg.stream.max_backlog, block_ms)
         decode = self.consumer.decode_s - d0
-        self.seconds["decode"] += decode
+        self.report.add("decode", decode)
         if not training:
-            self.seconds["wait"] += time.monotonic() - t0 - decode
+            self.report.add("wait", time.monotonic() - t0 - decode)
 
     def check_server(self) -> None:
         """After an outage, a server that lost the run's data: the consumer records the loss and
         takes the new epoch; config and the current weights are re-published here. Also retries a
         publish that a full server refused."""
         if self.consumer.check_server():
-            self.consumer.recover(self.last_accounting, version=self.version)
+            self.consumer.recover(self.report.last_accounting, version=self.version)
             if self.rank == 0:
                 write_config(self.r, self.keys, self.cfg.to_json())
             self.publish()
@@ -194,8 +145,8 @@ class Learner:
         flush = force or self.consumer.backlog_full
         if self.world == 1:
             return self.consumer.take_updates(target, flush=flush)
-        full, every = self.consumer.count_updates(target)
-        fewest_full, most, flushing = distributed.all_reduce([-full, every, float(flush)], op="max")
+        full, rest = group_updates(self.consumer.held, target)
+        fewest_full, most, flushing = distributed.all_reduce([-len(full), len(full) + bool(rest), float(flush)], op="max")
         if flushing:
             groups = self.consumer.take_updates(target, flush=True)
             return groups + [[] for _ in range(int(most) - len(groups))]
@@ -215,8 +166,8 @@ class Learner:
         self.prefetch_while(job)
         upd = job.result()
         m = upd.metrics
-        self.seconds["rebuild"] += m.pop("rebuild_s", 0.0)
-        self.seconds["train"] += m.pop("train_s", 0.0)
+        self.report.add("rebuild", m.pop("rebuild_s", 0.0))
+        self.report.add("train", m.pop("train_s", 0.0))
         if m.get("minibatches") == 0:
             self.skipped_updates += 1
             log.error("update skipped: every minibatch had a non-finite loss or gradient (%d positions)",
@@ -225,7 +176,7 @@ class Learner:
         t0 = time.monotonic()
         entry_of = np.repeat(np.arange(len(entries)), [d.batch.num_positions for d in entries])
         self.consumer.settle(entries, np.bincount(entry_of, weights=upd.keep, minlength=len(entries)).astype(np.int64))
-        self.seconds["ack"] += time.monotonic() - t0
+        self.report.add("ack", time.monotonic() - t0)
         if upd.stepped:
             self.version += 1
             self.updates += 1
@@ -239,7 +190,11 @@ class Learner:
             if upd.stepped and self.cfg.learner.check_sync_every and self.updates % self.cfg.learner.check_sync_every == 0:
                 log.info("update %d version %d params sha256 %s", self.updates, self.version,
                          distributed.check_in_sync(self.trainer.model))
-        self.record(m, upd.stepped)
+        if self.world > 1:
+            m["ranks"] = float(self.world)
+        m["skipped_updates"] = float(self.skipped_updates)
+        m = self.report.update(m, self.updates, self.version, upd.stepped)
+        self.write_status("training", backlog=int(m["backlog"]))
         if upd.stepped and self.updates % self.cfg.learner.checkpoint_every == 0:
             self.checkpoint()
 
@@ -281,33 +236,13 @@ class Learner:
             if not self.publish_due:
                 log.warning("Redis is full, version %d not yet published (retrying): %s", self.version, exc)
             self.publish_due = True
-        self.seconds["publish"] += time.monotonic() - t0
+        self.report.add("publish", time.monotonic() - t0)
 
-    def record(self, metrics: dict[str, float], stepped: bool) -> None:
-        """Throughput, backlog, outages and time shares into :attr:`last_metrics`; every sink when stepped."""
-        now = time.monotonic()
-        elapsed = max(now - self.last_update_t, 1e-9)
-        if self.world > 1:
-            metrics["ranks"] = float(self.world)
-        metrics.update({"samples_per_s": metrics["trained_positions"] / elapsed,
-                        "backlog": float(self.r.xlen(self.keys.experience)),
-                        "skipped_updates": float(self.skipped_updates), **retry.OUTAGES.fields()})
-        metrics.update({f"time_share_{k}": v / elapsed for k, v in self.seconds.items()})
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.last_update_t = now
-        self.last_metrics = metrics
-        if stepped:
-            self.sinks.emit(self.updates, self.version, metrics)
-        self.write_status("training", backlog=int(metrics["backlog"]))
-
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> None:
         """Save ``ckpt_{version}.pt`` (atomic) and prune old ones (rank 0 only)."""
-        path = self.run_dir / "checkpoints" / checkpoint_name(self.version)
         if self.rank == 0:
-            self.trainer.save(path, self.version, self.updates, extra={"run": self.cfg.run.id})
-            prune_checkpoints(self.run_dir / "checkpoints", self.cfg.learner.keep_checkpoints)
-            self.last_checkpoint = path
-        return path
+            self.last_checkpoint = self.trainer.checkpoint(self.run_dir / "checkpoints", self.version, self.updates,
+                                                           self.cfg.learner.keep_checkpoints, {"run": self.cfg.run.id})
 
     # ------------------------------------------------------------------------------ 5. housekeeping
     def housekeeping(self, force: bool = False) -> None:
@@ -316,27 +251,21 @@ class Learner:
         if self.rank != 0:
             return
         self.recorder.step(force=force)
-        if force or time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s:
+        if force or self.report.status_due():
             self.write_status("collecting" if self.held else "waiting")
 
     def write_status(self, state: str, backlog: int | None = None) -> None:
         """The ``learner`` hash: state, version, held positions, backlog (``XLEN``, unless the caller
-        just read it), outages, time to the first update, last metrics; with several ranks
-        ``ranks`` and ``rank_trained_positions`` too."""
-        self.last_status_t = time.monotonic()
-        if self.rank != 0:
-            return
-        self.last_accounting = read_accounting(self.r, self.keys)
+        just read it), time to the first update; with several ranks ``ranks`` and
+        ``rank_trained_positions`` too (rank 0 writes it for all)."""
         fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer.name,
                   "device": str(self.trainer.device), "epoch": self.consumer.epoch,
                   "held_positions": self.consumer.held_positions(),
                   "backlog": self.r.xlen(self.keys.experience) if backlog is None else backlog,
-                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s,
-                  "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
+                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s}
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
-        fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
-        retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
+        self.report.status(fields)
 
     # ------------------------------------------------------------------------------ stop
     def drain(self, seconds: float = DRAIN_S) -> None:
@@ -358,7 +287,7 @@ class Learner:
             self.write_status("stopped")
         except retry.TRANSIENT_ERRORS as exc:
             log.warning("Redis unreachable at stop, final status not written: %s", exc)
-        self.sinks.close()
+        self.report.sinks.close()
         self.pool.shutdown()
         log.info("learner stopped at version %d after %d updates; checkpoint %s", self.version, self.updates,
                  self.last_checkpoint)
@@ -369,6 +298,51 @@ class Learner:
         if not self.failed:
             distributed.shutdown()
         return LearnerResult(self.version, self.updates, self.trained, self.stale, self.last_checkpoint)
+
+
+def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, resume: bool, quiet: bool) -> Learner:
+    """Run directory, the trainer (from the newest checkpoint on ``resume``), Redis (config,
+    epoch), the first published version; the warm-up (``torch.compile``) starts in the
+    training thread while the first data arrive.
+
+    Under torchrun (``WORLD_SIZE > 1``) this process is one rank of a data-parallel learner:
+    it joins the process group, takes rank 0's whole training state, reads the group as
+    consumer ``{consumer_name}-{rank}``; only rank 0 writes config, weights, status and
+    checkpoints. A group restarted by torchrun always resumes."""
+    started = time.monotonic()
+    device = distributed.init_from_env(pick_device(cfg.learner.device), cfg.learner.dist_timeout_s)
+    rank, world = distributed.rank(), distributed.world_size()
+    consumer_name = f"{consumer_name or 'learner'}-{rank}" if world > 1 else consumer_name or "learner-0"
+    run_dir = _open_run_dir(cfg, rank)
+    r, keys = connect(redis_url), Keys(cfg.run.id)
+    trainer = Trainer.build(cfg, device)
+    path = latest_checkpoint(run_dir / "checkpoints") if (resume or distributed.restarted()) and rank == 0 else None
+    latest = r.hget(keys.weights_latest, "version") if rank == 0 else None
+    version, updates = trainer.start_state(path, None if latest is None else int(latest))
+    if path is not None:
+        log.info("resumed from %s (version %d, %d updates)", path, version, updates)
+    elif resume and rank == 0:
+        log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+    trainer.wrap()
+    consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
+                        count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
+                        deadletter_maxlen=cfg.stream.deadletter_maxlen)
+    lrn = Learner(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
+                  recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name),
+                  report=Report(cfg, r, keys, MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0), rank == 0),
+                  pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"), started=started,
+                  rank=rank, world=world, version=version, updates=updates)
+    consumer.claim_epoch()
+    if rank == 0:
+        write_config(r, keys, cfg.to_json())
+    lrn.publish()
+    if world == 1:  # the training thread compiles while the main thread reads the first entries
+        lrn.pool.submit(lrn.warm_up)
+    elif cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
+        lrn.warm_up()
+    log.info("learner %s (rank %d of %d, pid %d): %d parameters on %s, version %d (epoch %s)", consumer_name, rank,
+             world, os.getpid(), count_parameters(trainer.model), device, lrn.version, consumer.epoch)
+    return lrn
 
 
 def _open_run_dir(cfg: Config, rank: int) -> Path:
@@ -385,33 +359,6 @@ def _open_run_dir(cfg: Config, rank: int) -> Path:
     if cfg.learner.threads:
         torch.set_num_threads(cfg.learner.threads)
     return run_dir
-
-
-def _initial_state(trainer: Trainer, r: redis.Redis, keys: Keys, run_dir: Path, resume: bool) -> tuple[int, int]:
-    """``(version, updates)`` to start from: rank 0 restores the newest checkpoint on ``resume``
-    and takes a version above every version already published (workers load only newer ones);
-    with several ranks, every other rank takes rank 0's whole training state."""
-    version, updates = 1, 0
-    if distributed.rank() == 0:
-        path = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if path is not None:
-            info = trainer.restore(path)
-            version, updates = int(info["version"]), int(info["updates"])
-            log.info("resumed from %s (version %d, %d updates)", path, version, updates)
-        elif resume:
-            log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
-        latest = r.hget(keys.weights_latest, "version")
-        if latest is not None and int(latest) >= version:
-            version = int(latest) + 1
-    if distributed.world_size() > 1:  # model, optimiser moments, scheduler, version: rank 0's
-        buf = io.BytesIO()
-        if distributed.rank() == 0:
-            trainer.save(buf, version, updates)
-        state = distributed.broadcast_bytes(buf.getvalue() if distributed.rank() == 0 else None)
-        if distributed.rank() != 0:
-            info = trainer.restore(io.BytesIO(state))
-            version, updates = int(info["version"]), int(info["updates"])
-    return version, updates
 
 
 def run_learner(
@@ -439,7 +386,7 @@ def run_learner(
         A :class:`LearnerResult`.
     """
     stop = retry.StopFlag()
-    lrn = Learner.start(cfg, redis_url, consumer_name=consumer_name, resume=resume, quiet=quiet)
+    lrn = start_learner(cfg, redis_url, consumer_name=consumer_name, resume=resume, quiet=quiet)
     first_update = lrn.updates
     try:
         while True:

@@ -13,7 +13,7 @@ from keisei_stream.config import load_config
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
 from keisei_stream.wire.status import read_accounting
-from learner.learner import Learner
+from learner.learner import start_learner
 
 pytestmark = pytest.mark.redis
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -24,7 +24,7 @@ def _learner(real_redis, redis_server, tmp_path, run, *overrides):
     cfg = load_config(CONFIGS / "tiny.yaml", [f"run.id={run}", f"run.dir={tmp_path}", "stream.block_ms=10",
                                               "ppo.samples_per_update=256", "stream.max_backlog=4",
                                               "stream.batch_positions=64", *overrides])
-    return cfg, Learner.start(cfg, redis_server.url, consumer_name="learner-0", resume=False, quiet=True)
+    return cfg, start_learner(cfg, redis_server.url, consumer_name="learner-0", resume=False, quiet=True)
 
 
 def _fill(r, keys, make_batch, entries, games, version):
@@ -185,7 +185,7 @@ def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update
     assert not np.allclose(values.numpy(), b.value)  # the recorded values are not the model's
     if recompute:
         np.testing.assert_allclose(seen["prox_log_prob"].numpy(), logp.numpy(), rtol=1e-5, atol=1e-5)
-        assert lrn.last_metrics["value_staleness"] > 0
+        assert lrn.report.last_metrics["value_staleness"] > 0
     else:
         assert "prox_log_prob" not in seen
     lrn.close()

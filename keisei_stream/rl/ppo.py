@@ -17,6 +17,18 @@ Sources:
 * AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization", arXiv:1711.05101.
   Biases and normalisation parameters are not decayed.
 
+The loss of one minibatch (``ppo_update``), to minimise::
+
+    w       = min(exp(log pi_prox(a|s) - log mu(a|s)), is_weight_clip)   # constant
+    ratio   = exp(log pi_theta(a|s) - log pi_prox(a|s))
+    L_pi    = -mean(w * min(ratio * A, clip(ratio, 1-eps, 1+eps) * A))
+    L_v     = mean(value_loss(V, R, V_old, value_clip))
+    loss    = L_pi + value_coef * L_v - entropy_coef * mean(H)
+
+``mu`` is the behaviour policy (the worker's, up to ``max_policy_lag`` versions old, possibly
+tempered), ``pi_prox`` the model at the start of the update; with fresh, untempered data ``w = 1``
+and this is exactly PPO.
+
 GAE and the staleness filter are in :mod:`keisei_stream.rl.gae`; the collectives that make several
 learner ranks take one update are in :mod:`keisei_stream.rl.distributed` (the identity on one
 process).
@@ -274,6 +286,26 @@ class _Sums:
     def zeros(cls, device: torch.device) -> "_Sums":
         return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
 
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, mbl: "_MinibatchLoss", m_global: int,
+             cfg: PPOConfig, state: "_Stop", on_host: bool) -> bool:
+        """Check the minibatch's KL and finiteness (over every rank), then backward, clip and step
+        unless stopped or non-finite, and count it. Returns False when the update stops here
+        (decided on the host; on the device the rest of the epoch runs without steps)."""
+        checks = distributed.all_reduce_([mbl.kl_sum, (~torch.isfinite(mbl.loss.detach())).float()])
+        stop = state.check(checks[0] / m_global)
+        if on_host and bool(stop):
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        if on_host and bool(checks[1] > 0):  # a poisoned or degenerate minibatch on some rank
+            self.nonfinite += 1
+            return True
+        mbl.loss.backward()  # under DDP: gradients averaged over the ranks here
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        bad = ~torch.isfinite(grad_norm) | (checks[1] > 0)  # the same averaged gradients on every rank
+        _step_unless(optimizer, stop | bad)
+        self.add(stop | bad, bad & ~stop, m_global, grad_norm, mbl)
+        return True
+
     def add(self, skipped: torch.Tensor, nonfinite: torch.Tensor, m_global: int, grad_norm: torch.Tensor,
             mbl: "_MinibatchLoss") -> None:
         """Count one minibatch: its sums when it was stepped (``skipped`` false), else only
@@ -292,9 +324,33 @@ class _Sums:
         self.entropy += took(mbl.entropy)
         self.clip_fraction += took(mbl.clipped)
 
-    def values(self) -> list[float]:
-        """Every sum, in field order: the one host synchronisation of an update's metrics."""
-        return torch.stack([getattr(self, f.name) for f in fields(self)]).tolist()
+    def metrics(self, b: _Batch, total: int) -> dict[str, float]:
+        """The update's loss metrics over every rank (means over the positions stepped), the
+        explained variance of ``b``'s values, ``grad_norm``, ``minibatches`` (steps),
+        ``nonfinite_minibatches`` and ``samples``: the one host synchronisation of the sums."""
+        *local, positions, grad_norm, steps, nonfinite = torch.stack([getattr(self, f.name) for f in fields(self)]).tolist()
+        totals = distributed.all_reduce([*local, *_variance_sums(b.value, b.returns)])
+        out = {k: (v / positions if steps else float("nan"))
+               for k, v in zip(("policy_loss", "value_loss", "entropy", "clip_fraction"), totals)}
+        out.update({"grad_norm": grad_norm / steps if steps else float("nan"),
+                    "explained_variance": _explained_variance_from_sums(totals[4:]), "minibatches": float(steps),
+                    "nonfinite_minibatches": float(nonfinite), "samples": float(total)})
+        return out
+
+
+@dataclass
+class _Stop:
+    """The KL early stop, on the device: ``stopped`` once a minibatch's KL passed ``target_kl``;
+    ``approx_kl`` the KL of the last minibatch checked before that."""
+
+    target_kl: float
+    stopped: torch.Tensor
+    approx_kl: torch.Tensor
+
+    def check(self, kl: torch.Tensor) -> torch.Tensor:
+        self.approx_kl = torch.where(self.stopped, self.approx_kl, kl)
+        self.stopped = self.stopped | (kl > self.target_kl)
+        return self.stopped
 
 
 @dataclass
@@ -349,59 +405,34 @@ def ppo_update(
 ) -> dict[str, float]:
     """One decoupled-PPO update: ``cfg.epochs`` passes of shuffled minibatches over ``batch``.
 
-    The behaviour policy ``mu`` (the worker's, up to ``max_policy_lag`` versions old and possibly
-    tempered) and the proximal policy ``pi_prox`` (this model at the start of the update) are
-    decoupled as in Hilton, Cobbe, Schulman 2021, arXiv:2110.00641, eq. 2: the clip is centred on
-    ``pi_prox``, and ``mu`` enters only through the importance weight ``w = pi_prox / mu``,
-    truncated at ``cfg.is_weight_clip`` as IMPALA's ``rho_bar`` (Espeholt et al. 2018,
-    arXiv:1802.01561, eq. 1). With fresh, untempered data ``w = 1`` and this is exactly PPO. Per
-    minibatch (as a loss to minimise)::
-
-        w       = min(exp(log pi_prox(a|s) - log mu(a|s)), is_weight_clip)   # constant
-        ratio   = exp(log pi_theta(a|s) - log pi_prox(a|s))
-        L_pi    = -mean(w * min(ratio * A, clip(ratio, 1-eps, 1+eps) * A))
-        L_v     = mean(value_loss(V, R, V_old, value_clip))
-        loss    = L_pi + value_coef * L_v - entropy_coef * mean(H)
-
-    Advantages are normalised once over the whole batch (``cfg.normalize_advantages``). Gradients
-    are clipped to ``cfg.max_grad_norm``; the scheduler is stepped once at the end, only if a step
-    was taken. Early stop (``cfg.target_kl``): before every optimiser step the approximate KL
-    ``mean((r - 1) - log r)`` between the proximal policy and the current one on the minibatch is
-    checked, and the update stops (without that step) once it exceeds ``target_kl``. A minibatch
-    whose loss or gradient norm is not finite is skipped. Both decisions are taken on the device
-    (a skipped step through the fused optimiser's ``found_inf``): on a GPU the host waits for the
-    device once per epoch, not once per minibatch.
-
-    With several learner ranks (:mod:`keisei_stream.rl.distributed`) every rank splits its share
-    into the same number of minibatches and scales its loss by ``ranks / global minibatch size``,
-    so the gradient ``DistributedDataParallel`` averages over the ranks is the gradient of the
-    mean over the whole distributed minibatch; normalisation, the KL, the skips and every metric
-    are reduced over the ranks.
+    The loss (module docstring; Hilton et al. 2021 with IMPALA's truncation): the clip is centred
+    on the proximal policy (this model at the start of the update) and the behaviour policy enters
+    only through the truncated importance weight (:func:`importance_weights`); plus the value loss
+    (:func:`value_loss`) and the entropy bonus. Advantages are normalised once over the whole
+    batch; gradients are clipped to ``cfg.max_grad_norm``; the scheduler steps once, if a step was
+    taken. Before every step the k3 KL between the proximal and the current policy is checked and
+    the update stops at ``cfg.target_kl``; a minibatch with a non-finite loss or gradient is
+    skipped. Both decisions are taken on the device on a GPU (one host wait per epoch). With
+    several learner ranks each rank's loss is scaled so that DDP's average is the gradient of the
+    whole distributed minibatch, and every decision and metric is reduced over the ranks.
 
     Args:
-        model: the actor-critic (possibly ``torch.compile``-d or DDP-wrapped), already on
-            ``device``; left in training mode.
+        model: the actor-critic (possibly compiled or DDP-wrapped) on ``device``; left in training mode.
         optimizer: from :func:`make_optimizer`. scheduler: from :func:`make_scheduler` or None.
         batch: CPU or device tensors: ``obs (P,46,9,9) float32``, ``mask (P,13527) bool``,
-            ``action (P,) int64``, ``log_prob (P,) float32`` (behaviour, under the distribution
-            sampled from), ``value (P,) float32`` (the values the advantages came from),
-            ``advantage (P,) float32``, ``return (P,) float32``; optionally ``prox_log_prob (P,)
-            float32``, the proximal policy's log-probabilities from the caller's
-            :func:`proximal_pass` (then not computed again).
+            ``action (P,) int64``, ``log_prob (P,) float32`` (behaviour), ``value (P,) float32`` (the
+            values the advantages came from), ``advantage (P,) float32``, ``return (P,) float32``;
+            optionally ``prox_log_prob (P,) float32`` from the caller's :func:`proximal_pass`.
         cfg: PPO hyper-parameters. device: the model's device. amp: bf16 autocast on CUDA.
-        decide_on_device: take the early-stop and skip decisions on the device (no host
-            synchronisation per minibatch; minibatches after a stop are still computed up to the
-            epoch's end, without a step); default: on CUDA only. Both ways give the same update.
+        decide_on_device: take the stop and skip decisions on the device (default: on CUDA only;
+            both ways give the same update).
 
     Returns:
-        Metrics (floats): ``policy_loss``, ``value_loss``, ``entropy`` (means over the positions
-        of the minibatches stepped), ``approx_kl`` (proximal vs current policy, the last minibatch
-        checked), ``approx_kl_behaviour``, ``clip_fraction`` (share of ``ratio`` outside the clip
-        range), ``is_weight_mean``, ``is_weight_max``, ``is_weight_truncated`` (see
-        :func:`importance_weights`), ``explained_variance`` (``value`` vs returns), ``grad_norm``
-        (mean pre-clip norm), ``learning_rate`` (used in this update), ``epochs_run`` (epochs
-        begun), ``minibatches`` (optimiser steps taken), ``nonfinite_minibatches`` (skipped for a
-        non-finite loss or gradient), ``samples`` (P over all ranks).
+        Metrics (floats): ``policy_loss``, ``value_loss``, ``entropy``, ``clip_fraction`` (means
+        over the positions stepped), ``approx_kl`` (the last minibatch checked), the statistics of
+        :func:`importance_weights`, ``explained_variance``, ``grad_norm`` (mean, before clipping),
+        ``learning_rate``, ``epochs_run``, ``minibatches`` (steps), ``nonfinite_minibatches``,
+        ``samples`` (P over all ranks).
 
     Raises:
         ValueError: missing keys, inconsistent lengths or an empty batch (on every rank).
@@ -422,58 +453,28 @@ def ppo_update(
     prox_logp = b.prox_log_prob if b.prox_log_prob is not None else \
         proximal_pass(model, b.obs, b.mask, b.action, device, amp, mb)[0]
     weight, is_stats = importance_weights(prox_logp, b.log_prob, cfg.is_weight_clip, total)
-    target_kl = math.inf if cfg.target_kl is None else cfg.target_kl
     lr_now = float(optimizer.param_groups[0]["lr"])
 
     sums = _Sums.zeros(device)
-    stopped = torch.zeros((), dtype=torch.bool, device=device)
-    approx_kl = torch.zeros((), device=device)
+    stop = _Stop(math.inf if cfg.target_kl is None else cfg.target_kl, torch.zeros((), dtype=torch.bool, device=device),
+                 torch.zeros((), device=device))
     epochs_run = 0
     for _ in range(cfg.epochs):
         epochs_run += 1
         perm = torch.randperm(n, device=device) if device.type == "cuda" else torch.randperm(n)
         for j, m_global in enumerate(global_sizes):
-            idx = perm[bounds[j]:bounds[j + 1]]
-            mbl = _minibatch_loss(model, b, idx, prox_logp, weight, adv, cfg, use_amp, world / m_global)
-            loss = mbl.loss
-            checks = distributed.all_reduce_([mbl.kl_sum, (~torch.isfinite(loss.detach())).float()])
-            kl = checks[0] / m_global
-            stop = stopped | (kl > target_kl)
-            approx_kl = torch.where(stopped, approx_kl, kl)
-            stopped = stop
-            if on_host and bool(stop):
+            mbl = _minibatch_loss(model, b, perm[bounds[j]:bounds[j + 1]], prox_logp, weight, adv, cfg, use_amp,
+                                  world / m_global)
+            if not sums.step(model, optimizer, mbl, m_global, cfg, stop, on_host):
                 break
-            skip = stop | (checks[1] > 0)
-            optimizer.zero_grad(set_to_none=True)
-            if on_host and bool(skip):  # a poisoned or degenerate minibatch on some rank
-                sums.nonfinite += 1
-                continue
-            loss.backward()  # under DDP: gradients averaged over the ranks here
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            bad = ~torch.isfinite(grad_norm) | (checks[1] > 0)  # the same averaged gradients on every rank
-            skip = stop | bad
-            _step_unless(optimizer, skip)
-            sums.add(skip, bad & ~stop, m_global, grad_norm, mbl)
-        if bool(stopped):  # once per epoch on a GPU (at once on the host, above)
+        if bool(stop.stopped):  # once per epoch on a GPU (at once on the host, above)
             break
 
-    *local, positions, grad_norm, steps, nonfinite = sums.values()
-    if scheduler is not None and steps > 0:
+    metrics = sums.metrics(b, total)
+    if scheduler is not None and metrics["minibatches"] > 0:
         scheduler.step()
-    totals = distributed.all_reduce([*local, *_variance_sums(b.value, b.returns)])
-    metrics = {k: (v / positions if steps else float("nan"))
-               for k, v in zip(("policy_loss", "value_loss", "entropy", "clip_fraction"), totals)}
-    metrics.update({
-        "grad_norm": grad_norm / steps if steps else float("nan"),
-        "approx_kl": float(approx_kl),
-        **is_stats,
-        "explained_variance": _explained_variance_from_sums(totals[4:]),
-        "learning_rate": lr_now,
-        "epochs_run": float(epochs_run),
-        "minibatches": float(steps),
-        "nonfinite_minibatches": float(nonfinite),
-        "samples": float(total),
-    })
+    metrics.update({"approx_kl": float(stop.approx_kl), **is_stats, "learning_rate": lr_now,
+                    "epochs_run": float(epochs_run)})
     return metrics
 
 

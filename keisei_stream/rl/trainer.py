@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
-from keisei_stream.rl.checkpoint import load_checkpoint, save_checkpoint
+from keisei_stream.rl.checkpoint import checkpoint_name, load_checkpoint, prune_checkpoints, save_checkpoint
 from keisei_stream.rl.gae import filter_stale, segment_advantages
 from keisei_stream.rl.inputs import compact_nbytes, expand_inputs
 from keisei_stream.rl.model import build_model, maybe_compile
@@ -133,6 +133,35 @@ class Trainer:
         """The whole training state to a checkpoint file (atomic) or an open binary file."""
         save_checkpoint(target, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                         version=version, updates=updates, config_json=self.cfg.to_json(), extra=extra)
+
+    def start_state(self, checkpoint: str | Path | None, newest_published: int | None) -> tuple[int, int]:
+        """``(version, updates)`` to start from. Rank 0 restores ``checkpoint`` (when given) and
+        takes a version above ``newest_published`` (workers load only newer versions); with several
+        ranks every other rank receives rank 0's whole training state (model, optimiser moments,
+        schedule, version) over the process group."""
+        version, updates = 1, 0
+        if distributed.rank() == 0:
+            if checkpoint is not None:
+                info = self.restore(checkpoint)
+                version, updates = int(info["version"]), int(info["updates"])
+            if newest_published is not None and newest_published >= version:
+                version = newest_published + 1
+        if distributed.world_size() > 1:
+            buf = io.BytesIO()
+            if distributed.rank() == 0:
+                self.save(buf, version, updates)
+            state = distributed.broadcast_bytes(buf.getvalue() if distributed.rank() == 0 else None)
+            if distributed.rank() != 0:
+                info = self.restore(io.BytesIO(state))
+                version, updates = int(info["version"]), int(info["updates"])
+        return version, updates
+
+    def checkpoint(self, directory: Path, version: int, updates: int, keep: int, extra: dict | None = None) -> Path:
+        """``directory/ckpt_{version}.pt`` (atomic), keeping the newest ``keep`` checkpoints."""
+        path = directory / checkpoint_name(version)
+        self.save(path, version, updates, extra)
+        prune_checkpoints(directory, keep)
+        return path
 
     def wrap(self) -> None:
         """``train_model``: DDP over the learner ranks when there are several, then

@@ -161,32 +161,16 @@ class Consumer:
         """Positions in :attr:`held`."""
         return sum(d.batch.num_positions for d in self.held)
 
-    def count_updates(self, target: int) -> tuple[int, int]:
-        """``(full, all)``: how many updates of at least ``target`` positions (whole entries, in
-        arrival order) :attr:`held` makes, and how many with the remainder as one more."""
-        full, n = 0, 0
-        for d in self.held:
-            n += d.batch.num_positions
-            if n >= target:
-                full, n = full + 1, 0
-        return full, full + (1 if n else 0)
-
     def take_updates(self, target: int, count: int | None = None, flush: bool = False) -> list[list[Delivered]]:
-        """Take entries out of :attr:`held` into updates of about ``target`` positions: the first
-        ``count`` full ones (all full ones when None), or with ``flush`` every held entry (the
-        remainder as one smaller update). What is not taken stays held."""
-        groups, group, n = [], [], 0
-        for d in self.held:
-            group.append(d)
-            n += d.batch.num_positions
-            if n >= target:
-                groups.append(group)
-                group, n = [], 0
+        """Take entries out of :attr:`held` into updates of about ``target`` positions
+        (:func:`group_updates`): the first ``count`` full ones (all full ones when None), or with
+        ``flush`` every held entry (the remainder as one smaller update). The rest stays held."""
+        groups, rest = group_updates(self.held, target)
         if flush:
             self.held = []
-            return groups + ([group] if group else [])
+            return groups + ([rest] if rest else [])
         count = len(groups) if count is None else count
-        self.held = [d for g in groups[count:] for d in g] + group
+        self.held = [d for g in groups[count:] for d in g] + rest
         return groups[:count]
 
     def settle(self, entries: list[Delivered], kept: Sequence[int]) -> None:
@@ -227,13 +211,11 @@ class Consumer:
         self.claim_epoch()
         self.reset()
         ensure_group(self.r, self.keys)
-        b = accounting_before
-        unread = max(0, b.get("produced_positions", 0) - b.get("trained_positions", 0) - b.get("stale_positions", 0)
-                     - b.get("rejected_positions", 0) - b.get("duplicate_positions", 0) - held_positions)
         record = {"time": round(time.time(), 3), "detected_by": self.name, "old_epoch": old_epoch or "",
                   "new_epoch": self.epoch, "found_epoch": as_str(found) if found is not None else "",
-                  "held_entries_kept": held, "held_positions_kept": held_positions, "unread_positions_lost": unread,
-                  "accounting_before": json.dumps(dict(b)), **fields}
+                  "held_entries_kept": held, "held_positions_kept": held_positions,
+                  "unread_positions_lost": max(0, unsettled(accounting_before) - held_positions),
+                  "accounting_before": json.dumps(dict(accounting_before)), **fields}
         retry.best_effort("losses entry", append_losses, self.r, self.keys, record)
         return record
 
@@ -330,23 +312,9 @@ class Consumer:
             self._seen.pop(next(iter(self._seen)))
 
     def _reject(self, entry_id: str, fields: Mapping[Any, Any], exc: BadEntry) -> None:
-        """Dead-letter the entry with its reason; count it, and the positions actually decoded from
-        it (``exc.positions``, never the entry's own claim ``n``, which is only recorded)."""
-        dl: dict[str, Any] = {"reason": exc.reason, "entry_id": entry_id, "consumer": self.name,
-                              "decoded_positions": exc.positions, "claimed_positions": entry_positions(fields)}
-        raw_total = 0
-        for i, (k, v) in enumerate(fields.items()):
-            if i >= 16:
-                dl["raw_truncated_fields"] = len(fields) - 16
-                break
-            kb = k if isinstance(k, bytes) else str(k).encode()
-            vb = v if isinstance(v, bytes) else str(v).encode()
-            raw_total += len(vb)
-            if kb == b"w":
-                dl["worker"] = vb[:200]
-            dl[b"raw:" + kb[:64]] = vb[:DEADLETTER_FIELD_BYTES]
-        dl["raw_bytes"] = raw_total
-        self._discard(entry_id, "rejected", exc.positions, deadletter=dl)
+        """Dead-letter the entry with its reason (:func:`deadletter_record`); count it, and the
+        positions actually decoded from it (``exc.positions``, never the entry's own claim ``n``)."""
+        self._discard(entry_id, "rejected", exc.positions, deadletter=deadletter_record(entry_id, fields, exc, self.name))
         self.stats["bad"] += 1
 
     def _drop_duplicate(self, entry_id: str, batch: ExperienceBatch) -> None:
@@ -420,6 +388,48 @@ class Consumer:
             if i not in kept:
                 self.in_flight.pop(i, None)
                 self.stats["lost_to_claims"] += 1
+
+
+def group_updates(held: list[Delivered], target: int) -> tuple[list[list[Delivered]], list[Delivered]]:
+    """``(groups, rest)``: ``held`` (in arrival order) cut into groups of at least ``target``
+    positions, each as small as whole entries allow, and what is left over."""
+    groups, group, n = [], [], 0
+    for d in held:
+        group.append(d)
+        n += d.batch.num_positions
+        if n >= target:
+            groups.append(group)
+            group, n = [], 0
+    return groups, group
+
+
+def unsettled(accounting: Mapping[str, int]) -> int:
+    """Positions produced and not yet trained, stale, rejected or dropped as duplicates: what is in
+    the stream or held by a learner (the accounting identity's difference)."""
+    a = accounting
+    return (a.get("produced_positions", 0) - a.get("trained_positions", 0) - a.get("stale_positions", 0)
+            - a.get("rejected_positions", 0) - a.get("duplicate_positions", 0))
+
+
+def deadletter_record(entry_id: str, fields: Mapping[Any, Any], exc: BadEntry, consumer: str) -> dict[Any, Any]:
+    """The ``deadletter`` entry of a rejected entry: the reason, the entry id, the consumer, the
+    positions decoded and claimed, the worker, and the raw fields (at most 16, each cut at
+    :data:`DEADLETTER_FIELD_BYTES`)."""
+    dl: dict[Any, Any] = {"reason": exc.reason, "entry_id": entry_id, "consumer": consumer,
+                          "decoded_positions": exc.positions, "claimed_positions": entry_positions(fields)}
+    raw_total = 0
+    for i, (k, v) in enumerate(fields.items()):
+        if i >= 16:
+            dl["raw_truncated_fields"] = len(fields) - 16
+            break
+        kb = k if isinstance(k, bytes) else str(k).encode()
+        vb = v if isinstance(v, bytes) else str(v).encode()
+        raw_total += len(vb)
+        if kb == b"w":
+            dl["worker"] = vb[:200]
+        dl[b"raw:" + kb[:64]] = vb[:DEADLETTER_FIELD_BYTES]
+    dl["raw_bytes"] = raw_total
+    return dl
 
 
 def _per_entry(entries: list, trained: int | Sequence[int], stale: int | Sequence[int]) -> tuple[list[int], list[int]]:

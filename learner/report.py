@@ -1,11 +1,14 @@
-"""Where each update's metrics go, behind one call: the ``metrics`` stream, TensorBoard, W&B and
-the console/log line."""
+"""What the learner reports: the time it spends in each phase, each update's metrics to every sink
+(the ``metrics`` stream, TensorBoard, W&B, the console/log line) and the ``learner`` status hash."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from rich.console import Console
@@ -13,9 +16,13 @@ from rich.console import Console
 from keisei_stream.config import Config
 from keisei_stream.wire import retry
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import append_metrics
+from keisei_stream.wire.status import append_metrics, read_accounting, write_learner_status
 
 log = logging.getLogger("keisei.learner")
+
+#: Time shares reported per update (seconds since the previous update, by activity). Decoding
+#: the next entries overlaps training (the learner's prefetch), so the shares can sum above 1.
+PHASES = ("wait", "decode", "rebuild", "train", "ack", "publish")
 
 
 class MetricsSinks:
@@ -79,3 +86,59 @@ def console_line(version: int, updates: int, m: dict[str, float]) -> str:
             f"pi {m['policy_loss']:.4f} v {m['value_loss']:.4f} H {m['entropy']:.3f} kl {m['approx_kl']:.4f} | "
             f"games {m['games']:.0f} win B/W {m['black_win_rate']:.2f}/{m['decisive_rate'] - m['black_win_rate']:.2f} "
             f"draw {m['draw_rate']:.2f} plies {m['game_plies_mean']:.0f} | stale {m['stale_positions']:.0f}")
+
+
+@dataclass
+class Report:
+    """The learner's reporting between updates.
+
+    Attributes:
+        seconds: time spent per phase of :data:`PHASES` since the last update.
+        last_metrics: the last update's metrics (also in the status hash).
+        last_accounting: the run's accounting as the last status write read it (what a loss of
+            the server's data is measured against).
+    """
+
+    cfg: Config
+    r: redis.Redis
+    keys: Keys
+    sinks: MetricsSinks
+    primary: bool  # rank 0 (or the only learner) writes the status hash
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    last_update_t: float = field(default_factory=time.monotonic)
+    last_status_t: float = 0.0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_accounting: dict[str, int] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Count ``seconds`` (>= 0) spent in ``phase``."""
+        self.seconds[phase] += seconds
+
+    def update(self, metrics: dict[str, float], step: int, version: int, stepped: bool) -> dict[str, float]:
+        """Complete an update's metrics with its throughput (``samples_per_s``: trained positions
+        over the seconds since the previous update), the backlog, the outages and the time shares,
+        and send them to every sink when the update ``stepped``. Returns them."""
+        now = time.monotonic()
+        elapsed = max(now - self.last_update_t, 1e-9)
+        metrics.update({"samples_per_s": metrics["trained_positions"] / elapsed,
+                        "backlog": float(self.r.xlen(self.keys.experience)), **retry.OUTAGES.fields()})
+        metrics.update({f"time_share_{k}": v / elapsed for k, v in self.seconds.items()})
+        self.seconds, self.last_update_t, self.last_metrics = dict.fromkeys(PHASES, 0.0), now, metrics
+        if stepped:
+            self.sinks.emit(step, version, metrics)
+        return metrics
+
+    def status_due(self) -> bool:
+        """A status write is due (every ``stream.heartbeat_s``)."""
+        return time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s
+
+    def status(self, fields: dict[str, Any]) -> None:
+        """Write the ``learner`` hash (primary only): ``fields``, the outages and the last
+        metrics; reads the accounting into :attr:`last_accounting`."""
+        self.last_status_t = time.monotonic()
+        if not self.primary:
+            return
+        self.last_accounting = read_accounting(self.r, self.keys)
+        fields = {**fields, "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
+        fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
+        retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
