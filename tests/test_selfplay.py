@@ -11,7 +11,7 @@ import torch
 from keisei_stream.config import ModelConfig
 from keisei_stream.rl.inputs import expand_inputs, expand_on_device
 from keisei_stream.rl.model import build_model
-from keisei_stream.rl.policy import masked_logits, sample_actions, sample_actions_dense
+from keisei_stream.rl.policy import log_prob_entropy, masked_logits, sample_actions
 from keisei_stream.rl.selfplay import SelfPlay, segments_to_batch
 from keisei_stream.shogi import NUM_ACTIONS, VecEnv, encode_positions, encode_positions_compact
 from keisei_stream.wire.codec import decode_entry, encode_batch
@@ -98,8 +98,8 @@ def test_the_dense_sampler_samples_what_the_sparse_one_does():
     mask[:, 7] = True
     uniform = torch.from_numpy(rng.random((16, NUM_ACTIONS)).astype(np.float32))
     for temperature in (1.0, 0.5, 0.0):
-        a_s, lp_s = sample_actions(logits, mask, temperature, uniform=uniform)
-        a_d, lp_d = sample_actions_dense(logits, mask, temperature, uniform=uniform)
+        a_s, lp_s = sample_actions(logits, mask, temperature, uniform=uniform, dense=False)
+        a_d, lp_d = sample_actions(logits, mask, temperature, uniform=uniform, dense=True)
         assert torch.equal(a_s, a_d)
         torch.testing.assert_close(lp_s, lp_d, atol=1e-5, rtol=1e-5)
         assert mask[torch.arange(16), a_d].all()
@@ -107,7 +107,7 @@ def test_the_dense_sampler_samples_what_the_sparse_one_does():
     small = torch.tensor([[0.0, 1.0, 2.0]])
     m = torch.ones(1, 3, dtype=torch.bool)
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_actions_dense(small, m, 1.0, gen)[0] for _ in range(4000)]).squeeze(1)
+    draws = torch.stack([sample_actions(small, m, 1.0, gen, dense=True)[0] for _ in range(4000)]).squeeze(1)
     freq = torch.bincount(draws, minlength=3).float() / 4000
     torch.testing.assert_close(freq, torch.softmax(masked_logits(small, m), 1)[0], atol=0.03, rtol=0)
 
@@ -144,18 +144,16 @@ def test_the_cuda_worker_path_plays_legal_games_and_sends_everything():
 
 def test_the_dense_log_prob_and_entropy_equal_the_sparse_ones():
     """What a GPU learner computes (no host sync) equals what the CPU computes, gradients included."""
-    from keisei_stream.rl.policy import log_prob_entropy, log_prob_entropy_dense
-
     rng = np.random.default_rng(1)
     logits = torch.from_numpy(rng.standard_normal((12, NUM_ACTIONS)).astype(np.float32)).requires_grad_()
     mask = torch.from_numpy(rng.random((12, NUM_ACTIONS)) < 0.004)
     mask[:, 11] = True
     actions = torch.tensor([11] * 6 + [12] * 6)  # 12 is mostly illegal: MASK_VALUE there
-    lp_s, ent_s = log_prob_entropy(logits, mask, actions)
+    lp_s, ent_s = log_prob_entropy(logits, mask, actions, dense=False)
     (lp_s.clamp(min=-50).sum() + ent_s.sum()).backward()
     grad_s = logits.grad.clone()
     logits.grad = None
-    lp_d, ent_d = log_prob_entropy_dense(logits, mask, actions)
+    lp_d, ent_d = log_prob_entropy(logits, mask, actions, dense=True)
     (lp_d.clamp(min=-50).sum() + ent_d.sum()).backward()
     torch.testing.assert_close(lp_d, lp_s, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent_d, ent_s, atol=1e-5, rtol=1e-5)

@@ -82,8 +82,15 @@ def sample_actions(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     uniform: torch.Tensor | None = None,
+    dense: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one legal action per row from ``softmax(masked_logits / temperature)``.
+
+    On the CPU the noise is drawn for the legal entries only (``mask.nonzero()``); on a GPU
+    (``dense``, default: when the logits are on CUDA) over the dense ``(B, A)`` logits, because
+    ``nonzero`` makes the host wait for the device: the same distribution, and for the same noise
+    the same actions and log-probabilities. The dense path does not check for rows without a
+    legal action (that check would wait for the device too).
 
     Args:
         logits: ``(B, A)`` float raw logits.
@@ -92,8 +99,9 @@ def sample_actions(
         generator: optional ``torch.Generator`` for reproducible draws (may live on another device
             than ``logits``; the uniform numbers are drawn on the generator's device).
         uniform: optional ``(B, A)`` uniform noise in (0, 1) to use instead of drawing it (the
-            legal entries are read): :func:`sample_actions_dense` given the same noise samples
-            the same actions.
+            sparse path reads its legal entries): both paths given the same noise sample the same
+            actions.
+        dense: the dense path (default: on CUDA).
 
     Returns:
         ``(actions (B,) int64, log_prob (B,) float32)`` where ``log_prob`` is the log-probability of
@@ -105,6 +113,8 @@ def sample_actions(
     _check(logits, mask)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if logits.is_cuda if dense is None else dense:
+        return _sample_dense(logits, mask, temperature, generator, uniform)
     _require_legal(mask)
     b = logits.shape[0]
     if temperature == 0:
@@ -131,26 +141,10 @@ def sample_actions(
     return actions, log_prob
 
 
-def sample_actions_dense(
-    logits: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-    uniform: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sample_actions` over the dense ``(B, A)`` logits: the same distribution, and for the
-    same noise the same actions and log-probabilities, with no host synchronisation (the sparse
-    version's ``nonzero`` waits for the device): the sampler of a GPU worker. The mask is not
-    checked for empty rows (that would wait for the device too).
-
-    Args: as :func:`sample_actions` (``generator`` on the logits' device).
-
-    Returns:
-        ``(actions (B,) int64, log_prob (B,) float32)``, on the logits' device.
-    """
-    _check(logits, mask)
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+def _sample_dense(logits: torch.Tensor, mask: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                  uniform: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_actions`' dense path (Gumbel-max over every entry, illegal ones excluded):
+    no host synchronisation; ``generator`` on the logits' device."""
     masked = masked_logits(logits, mask)
     if temperature == 0:
         return masked.argmax(dim=1), torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
@@ -164,20 +158,21 @@ def sample_actions_dense(
 
 
 def log_prob_entropy(
-    logits: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor
+    logits: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor, dense: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of ``actions`` and entropies under the masked temperature-1 policy.
 
     On the CPU computed on the legal entries only (a per-row log-sum-exp over ``mask.nonzero()``),
     which is ~15x cheaper than dense ``(B, 13527)`` softmax arithmetic when a few dozen moves are
-    legal; on a GPU densely (:func:`log_prob_entropy_dense`), because ``nonzero`` makes the host
-    wait for the device and the dense arithmetic is cheap there. Gradients flow to the legal
-    logits only.
+    legal; on a GPU (``dense``, default: when the logits are on CUDA) densely, because ``nonzero``
+    makes the host wait for the device and the dense arithmetic is cheap there: the same values.
+    Gradients flow to the legal logits only.
 
     Args:
         logits: ``(B, A)`` float raw logits (gradients flow through).
         mask: ``(B, A)`` bool legal actions (each row should have one).
         actions: ``(B,)`` int action indices; an illegal one gets :data:`MASK_VALUE`.
+        dense: the dense path (default: on CUDA).
 
     Returns:
         ``(log_prob (B,) float32, entropy (B,) float32)``; the entropy (nats) counts legal actions
@@ -187,8 +182,8 @@ def log_prob_entropy(
         ValueError: shape or dtype mismatch.
     """
     _check(logits, mask)
-    if logits.is_cuda:
-        return log_prob_entropy_dense(logits, mask, actions)
+    if logits.is_cuda if dense is None else dense:
+        return _log_prob_entropy_dense(logits, mask, actions)
     b = logits.shape[0]
     rows, cols = mask.nonzero(as_tuple=True)
     vals = logits[rows, cols].float()
@@ -205,13 +200,11 @@ def log_prob_entropy(
     return log_prob, entropy
 
 
-def log_prob_entropy_dense(
+def _log_prob_entropy_dense(
     logits: torch.Tensor, mask: torch.Tensor, actions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`log_prob_entropy` over the dense ``(B, A)`` masked logits: the same values, no
-    host synchronisation (the GPU path). Illegal entries have probability exactly 0 (their
-    logit is :data:`MASK_VALUE`) and add nothing to the entropy."""
-    _check(logits, mask)
+    """:func:`log_prob_entropy`'s dense path: no host synchronisation. Illegal entries have
+    probability exactly 0 (their logit is :data:`MASK_VALUE`) and add nothing to the entropy."""
     logp_all = torch.log_softmax(masked_logits(logits, mask), dim=1)
     p_all = logp_all.exp()
     entropy = -torch.where(mask, p_all * logp_all, torch.zeros((), device=logits.device)).sum(dim=1)

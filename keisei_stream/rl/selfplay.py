@@ -14,7 +14,7 @@ is lost. Sample Factory and IMPALA ship fixed-length rollouts with a bootstrap v
 **On a GPU** the games form two groups: while one group's forward pass runs on the device, the
 CPU steps the other group's boards (the compact inputs cross from pinned memory with non-blocking
 copies and the moves are sampled on the device by
-:func:`~keisei_stream.rl.policy.sample_actions_dense`, so the host never waits for the device
+the dense path of :func:`~keisei_stream.rl.policy.sample_actions`, so the host never waits for the device
 except for the results it needs next). Each group has its own boards and random generator, so the
 pipelined order plays the same games as the plain one (``overlap=False``).
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from keisei_stream.rl.inputs import expand_on_device
-from keisei_stream.rl.policy import act, sample_actions_dense
+from keisei_stream.rl.policy import act, sample_actions
 from keisei_stream.shogi import GameRecord, VecEnv
 from keisei_stream.wire import schema
 from keisei_stream.wire.codec import ExperienceBatch, concat_batches
@@ -255,7 +255,7 @@ class SelfPlay:
             obs, mask = expand_on_device(staged["pieces"], staged["scalars"], staged["actions"], staged["counts"])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 logits, value = self.model(obs)
-            actions, log_prob = sample_actions_dense(logits.float(), mask, self.temperature, g.rng)
+            actions, log_prob = sample_actions(logits.float(), mask, self.temperature, g.rng, dense=True)
             outs = (pin["out_action"][:n], pin["out_log_prob"][:n], pin["out_value"][:n])
             for host, dev in zip(outs, (actions, log_prob, value.float())):
                 host.copy_(dev, non_blocking=True)
