@@ -1,4 +1,4 @@
-"""Tree-search throughput (keisei_stream.play.search.MCTS) against the bare forward pass.
+"""Tree-search throughput (keisei_stream.play.engine.mcts.MCTS) against the bare forward pass.
 
 For the quickstart net (``configs/quickstart.yaml``'s ``model`` section, random init, seed 0) on
 one CPU thread (``torch.set_num_threads(1)``), and on CUDA when available, for each batch size
@@ -45,7 +45,9 @@ import numpy as np
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.play.search import MCTS, Node
+from keisei_stream.play.engine.mcts import MCTS
+from keisei_stream.play.engine.puct import SearchOptions, select
+from keisei_stream.play.engine.tree import Node
 from keisei_stream.rl.model import build_model, count_parameters
 from keisei_stream.shogi import encode_observation
 
@@ -163,7 +165,7 @@ def layout(widths=(4, 8, 16, 24, 32, 48, 80), edges: int = 80, iters: int = 4000
     """Microseconds per (select + virtual-loss update + backup) of one node, per layout."""
     rng = np.random.default_rng(0)
     prior = np.sort(rng.dirichlet(np.full(edges, 0.3)))[::-1].copy()
-    mcts = MCTS(torch.nn.Linear(1, 1), max_plies=256)
+    options = SearchOptions()
     res = {}
     for width in widths:
         visited = max(0, min(width - 1, edges))
@@ -180,7 +182,7 @@ def layout(widths=(4, 8, 16, 24, 32, 48, 80), edges: int = 80, iters: int = 4000
         node.width = min(edges, width)
         t0 = time.perf_counter()
         for _ in range(iters):
-            i = mcts._select(node, False)
+            i = select(node, False, options)
             node.n[i] += 1.0
             node.w[i] -= 1.0
             node.n_sum += 1.0

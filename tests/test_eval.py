@@ -13,10 +13,11 @@ import cshogi
 import pytest
 
 from keisei_stream.cli.main import main as cli_main
-from keisei_stream.play import follow, players, specs
-from keisei_stream.play.match import play_game, play_match
-from keisei_stream.play.players import GreedyPlayer, RandomPlayer, SpecError, move_gains
-from keisei_stream.play.specs import make_player, parse_spec
+from keisei_stream.play.evaluation import baselines, follow, specs
+from keisei_stream.play.evaluation.baselines import GreedyPlayer, RandomPlayer, move_gains
+from keisei_stream.play.evaluation.match import play_game, play_match
+from keisei_stream.play.evaluation.specs import make_player, parse_spec
+from keisei_stream.play.players import SpecError
 from keisei_stream.wire import client
 
 from tests.helpers import Scripted
@@ -85,7 +86,7 @@ def test_greedy_prefers_most_valuable_capture_and_promotion():
     for _ in range(5):
         assert cshogi.move_to_usi(p.choose(board, 0)) == "7g2b+"
     gains = move_gains(__import__("numpy").fromiter(board.legal_moves, dtype="uint32"))
-    assert gains.max() == players.PIECE_VALUES[cshogi.BISHOP] + (players.PIECE_VALUES[13] - players.PIECE_VALUES[5])
+    assert gains.max() == baselines.PIECE_VALUES[cshogi.BISHOP] + (baselines.PIECE_VALUES[13] - baselines.PIECE_VALUES[5])
     # no capture or promotion: any legal move
     start = cshogi.Board()
     moves = {cshogi.move_to_usi(GreedyPlayer(seed=s).choose(start, 0)) for s in range(20)}
@@ -378,7 +379,7 @@ def test_eval_files_without_tensorboard_warn_and_still_save(tmp_path, monkeypatc
 
 
 def test_search_specs(tiny):
-    from keisei_stream.play.search import SearchPlayer
+    from keisei_stream.play.engine.search_player import SearchPlayer
 
     cfg, _, path = tiny
     ps = parse_spec(f"search:{path};nodes=8;batch_size=4")
@@ -393,7 +394,7 @@ def test_search_specs(tiny):
     assert isinstance(q, SearchPlayer) and q.nodes == 4 and q.name == "s4"
     t = make_player(f"search:{path};time_limit=0.05")
     assert t.nodes is None and t.time_limit == 0.05
-    assert make_player(f"search:{path};nodes=4", temperature=0.5).mcts.temperature == 0.5
+    assert make_player(f"search:{path};nodes=4", temperature=0.5).mcts.options.temperature == 0.5
     assert not isinstance(make_player(f"checkpoint:{path}"), SearchPlayer)
     for bad in (f"search:{path};bogus=1", f"search:{path};nodes=many", f"search:{path};batch_size=0",
                 "search:/nonexistent/ckpt.pt;nodes=4"):
@@ -415,7 +416,7 @@ def test_search_against_raw_policy_match_and_cli(tiny, capsys):
 
 def test_redis_version_with_search(tiny, monkeypatch):
     fakeredis = pytest.importorskip("fakeredis")
-    from keisei_stream.play.search import SearchPlayer
+    from keisei_stream.play.engine.search_player import SearchPlayer
     from keisei_stream.wire.keys import Keys
 
     cfg, model, _ = tiny

@@ -12,8 +12,8 @@ from cshogi import CSA, KIF
 
 from keisei_stream.cli.main import main as cli_main
 from keisei_stream.play import records
-from keisei_stream.play.match import play_game, play_match
-from keisei_stream.play.players import GreedyPlayer, RandomPlayer
+from keisei_stream.play.evaluation.baselines import GreedyPlayer, RandomPlayer
+from keisei_stream.play.evaluation.match import play_game, play_match
 from keisei_stream.play.records import Game, RecordError, game_fields, parse_game_fields
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
 from keisei_stream.wire import client

@@ -1,4 +1,4 @@
-"""PUCT tree search (keisei_stream.play.search): mates, legality, visit accounting, batching,
+"""PUCT tree search (keisei_stream.play.engine): mates, legality, visit accounting, batching,
 tree reuse, terminal rules, stop flag, the player. Small random-init nets (configs/tiny.yaml)."""
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ import pytest
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.play.search import (
-    MATE_IN_1,
-    MCTS,
-    SearchPlayer,
-    _game_end,
-    _LeafBatch,
-    search_player_from_spec,
-)
-from keisei_stream.play.match import play_game
-from keisei_stream.play.players import RandomPlayer
+from keisei_stream.play.engine.leaves import LeafBatch
+from keisei_stream.play.engine.mcts import MCTS
+from keisei_stream.play.engine.search_player import SearchPlayer
+from keisei_stream.play.engine.tree import MATE_IN_1, game_end
+from keisei_stream.play.evaluation.baselines import RandomPlayer
+from keisei_stream.play.evaluation.match import play_game
+from keisei_stream.play.evaluation.specs import search_player_from_spec
 from keisei_stream.rl.checkpoint import checkpoint_name, save_checkpoint
 from keisei_stream.rl.model import build_model
 from keisei_stream.shogi import EndReason, VecEnv, encode_observation, legal_moves_and_actions, usi_to_action
@@ -113,7 +110,7 @@ def random_positions(count: int, seed: int, max_len: int = 120) -> list[cshogi.B
 
 def test_leaf_batch_equals_encode_observation():
     boards = random_positions(12, seed=3)
-    batch = _LeafBatch(len(boards), max_plies=96)
+    batch = LeafBatch(len(boards), max_plies=96)
     for i, b in enumerate(boards):
         batch.add(b, len(b.history), i % 3, list(b.legal_moves))
     obs, moves, actions, counts = batch.finish()
@@ -356,7 +353,7 @@ def _play_vecenv(sfen: str, moves: list[str], max_plies: int = 512):
         board.push_usi(usi)
         k = board.zobrist_hash()
         counts[k] = counts.get(k, 0) + 1
-        ours = _game_end(board, len(board.legal_moves), counts[k], len(board.history), max_plies)
+        ours = game_end(board, len(board.legal_moves), counts[k], len(board.history), max_plies)
         out.append((int(res.reason[0]), float(res.reward[0]), ours))
         if res.done[0]:
             break
@@ -408,7 +405,7 @@ def test_terminal_rules_match_vecenv_random_games():
             board.push_usi(usi)
             k = board.zobrist_hash()
             counts[k] = counts.get(k, 0) + 1
-            ours = _game_end(board, len(board.legal_moves), counts[k], len(board.history), 60)
+            ours = game_end(board, len(board.legal_moves), counts[k], len(board.history), 60)
             assert _agree(int(res.reason[0]), float(res.reward[0]), ours)
             if res.done[0]:
                 break
@@ -543,7 +540,7 @@ def test_search_player_from_spec(tmp_path, tiny):
                            version=1, updates=0, config_json=cfg.to_json())
     p = search_player_from_spec(str(path), {"nodes": "12", "batch_size": "4", "leaf_mate_in_1": "false",
                                             "name": "s12"})
-    assert p.nodes == 12 and p.mcts.batch_size == 4 and not p.mcts.leaf_mate_in_1 and p.name == "s12"
+    assert p.nodes == 12 and p.mcts.batch_size == 4 and not p.mcts.options.leaf_mate_in_1 and p.name == "s12"
     assert p.mcts.max_plies == cfg.env.max_plies
     assert p.choose(cshogi.Board(), 0) in set(cshogi.Board().legal_moves)
     with pytest.raises(ValueError):

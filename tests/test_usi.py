@@ -15,8 +15,9 @@ import time
 import cshogi
 import pytest
 
-from keisei_stream.play.engine import UsiEngine, parse_go, parse_position, time_budget_ms, value_to_cp
-from keisei_stream.play.match import play_match
+from keisei_stream.play.engine.protocol import parse_go, parse_position, time_budget_ms, value_to_cp
+from keisei_stream.play.engine.usi_server import UsiEngine
+from keisei_stream.play.evaluation.match import play_match
 
 from tests.conftest import ROOT
 
