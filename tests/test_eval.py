@@ -139,6 +139,22 @@ def test_referee_rulings():
     assert (r["reason"], r["result"], r["plies"]) == ("illegal", -1, 2) and "1a1b" in r["detail"]
     r = play_game(Scripted(["7g7f", "zz"]), Scripted(["3c3d"]))
     assert r["reason"] == "illegal"
+    # a promotion outside the promotion zone (cshogi's is_legal would take it): illegal, as text
+    # or as a cshogi move code
+    r = play_game(Scripted(["2g2f+"]), Scripted(["3c3d"]))
+    assert (r["reason"], r["result"], r["plies"]) == ("illegal", -1, 0) and "2g2f+" in r["detail"]
+
+    class Code:
+        name = "code"
+
+        def new_game(self, *args):
+            pass
+
+        def choose(self, board, ply):
+            return board.move_from_usi("2g2f+")
+
+    r = play_game(Code(), Scripted(["3c3d"]))
+    assert (r["reason"], r["plies"], r["detail"]) == ("illegal", 0, "illegal move '2g2f+'")
     # fool's-mate style: Black mates White
     mate = ["7g7f", "5a4b", "8h3c+", "4b5b", "3c4c"]
     r = play_game(Scripted(mate[0::2]), Scripted(mate[1::2]), start_sfen="4k4/9/9/9/9/9/9/1B7/4K4 b G 1")

@@ -225,20 +225,27 @@ def can_declare(board: cshogi.Board) -> bool:
 
 def legal_move_from_usi(board: cshogi.Board, usi: str) -> int:
     """The cshogi move code of the USI move text ``usi`` (``7g7f``, ``8h2b+``, ``P*5e``) when it is
-    a legal move of the side to move in ``board``'s position.
+    one of the legal moves of the side to move in ``board``'s position (the code cshogi's move
+    generator gives, moved and captured piece included).
+
+    Membership in ``board.legal_moves`` is the test, not ``board.is_legal``: cshogi 1.1's
+    ``is_legal`` accepts a promotion outside the promotion zone (``2g2f+`` at the start).
 
     Raises:
-        ValueError: ``usi`` is not a move in this position (malformed text, a square without the
-            side to move's piece, a piece it does not hold) or not a legal one (``is_legal``:
-            leaves the king in check, nifu, pawn-drop mate, a piece with no further move...).
+        ValueError: ``usi`` is not a legal move in this position (malformed text, a square without
+            the side to move's piece, a piece it does not hold, a move that leaves the king in
+            check, nifu, pawn-drop mate, a promotion it may not make...).
     """
     try:
         move = board.move_from_usi(usi) if isinstance(usi, str) else 0
     except Exception:  # cshogi raises on some non-ASCII text; any failure is "not a move"
         move = 0
-    if not move or not board.is_legal(move):
-        raise ValueError(f"{usi!r} is not a legal move in this position")
-    return move
+    if move:
+        m16 = move & 0xFFFF
+        for legal in board.legal_moves:
+            if legal & 0xFFFF == m16:
+                return legal
+    raise ValueError(f"{usi!r} is not a legal move in this position")
 
 
 def judge(board: cshogi.Board, repetitions: int, ply: int, max_plies: int,

@@ -5,8 +5,8 @@ as self-play, in the same order: checkmate, 4-fold repetition or perpetual check
 declaration by the CSA 27-point rule, the move limit) judges the position after every move; this
 module adds what only a match between players sees, the players' own failures:
 
-- a move that is not legal in the position (:func:`keisei_stream.shogi.legal_move_from_usi` /
-  ``board.is_legal``), or an unparseable answer: the mover loses (``illegal``). ``"resign"``: the
+- a move that is not legal in the position (:func:`keisei_stream.shogi.legal_move_from_usi`), or
+  an unparseable answer: the mover loses (``illegal``). ``"resign"``: the
   mover loses (``resign``). ``"win"`` (USI entering-king declaration): a win when
   :func:`keisei_stream.shogi.can_declare` holds, else a loss (``illegal``; the referee declares
   for every player as soon as it is possible, so a valid ``win`` only comes late). A player that
@@ -97,21 +97,17 @@ def _choice_to_move(board: cshogi.Board, side: int, choice) -> tuple[int, Option
     """The move a player's ``choice`` (a cshogi move code or a USI string) plays in ``board``:
     ``(move, None)``, or ``(0, (winner, reason, detail))`` when the choice ends the game
     (``resign``, a ``win`` declaration, an illegal or unparseable move)."""
-    if isinstance(choice, str):
-        if choice == "resign":
-            return 0, (_opp(side), EndReason.RESIGN, "")
-        if choice == "win":  # the referee declares as soon as it is possible, so this is late
-            if can_declare(board):
-                return 0, (side, EndReason.ENTERING_KING, "")
-            return 0, (_opp(side), EndReason.ILLEGAL, "entering-king declaration not valid")
-        try:
-            return legal_move_from_usi(board, choice), None
-        except ValueError:
-            return 0, (_opp(side), EndReason.ILLEGAL, f"illegal move {choice!r}")
-    m = int(choice)
-    if m and board.is_legal(m):
-        return m, None
-    return 0, (_opp(side), EndReason.ILLEGAL, f"illegal move {cshogi.move_to_usi(m) if m else str(choice)!r}")
+    if choice == "resign":
+        return 0, (_opp(side), EndReason.RESIGN, "")
+    if choice == "win":  # the referee declares as soon as it is possible, so this is late
+        if can_declare(board):
+            return 0, (side, EndReason.ENTERING_KING, "")
+        return 0, (_opp(side), EndReason.ILLEGAL, "entering-king declaration not valid")
+    usi = choice if isinstance(choice, str) else cshogi.move_to_usi(int(choice)) if choice else str(choice)
+    try:
+        return legal_move_from_usi(board, usi), None
+    except ValueError:
+        return 0, (_opp(side), EndReason.ILLEGAL, f"illegal move {usi!r}")
 
 
 def _start_board(start_sfen: str, opening: Sequence[str]) -> tuple[cshogi.Board, RepetitionTracker]:
