@@ -3,11 +3,12 @@ them, and the priors over each leaf's legal moves.
 
 Observations
     Leaves are encoded exactly like :func:`keisei_stream.shogi.encode_observation` (core46,
-    ``(46, 9, 9) float32``, mover's frame) with ``ply`` = plies since the game's start and
-    ``repetition`` = earlier occurrences of the position (game history + path), capped at 2, and
-    ``max_plies`` = the model's training ``env.max_plies`` (plane 43 = ply / max_plies). cshogi
-    writes the piece planes of each leaf into a preallocated batch buffer; the rest of the planes
-    are written for the whole batch at once.
+    ``(46, 9, 9) float32``, mover's frame) with ``ply`` = plies since the game's start clamped as
+    the network saw it in training (:func:`training_ply`), ``repetition`` = earlier occurrences of
+    the position (game history + path), capped at 2, and ``max_plies`` = the model's training
+    ``env.max_plies`` (plane 43 = ply / max_plies). cshogi writes the piece planes of each leaf
+    into a preallocated batch buffer; the rest of the planes are written for the whole batch at
+    once.
 
 Priors
     ``softmax(legal logits / policy_temperature)`` per leaf, computed on the host over the legal
@@ -34,6 +35,22 @@ from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES, moves_to_actions
 from keisei_stream.shogi.observation import _finish_planes
 
 
+def training_ply(ply, max_plies: int):
+    """The ply the network is shown for a position ``ply`` plies after the game's start:
+    ``min(ply, max_plies - 1)`` with ``max_plies`` the model's training ``env.max_plies``.
+
+    A training game ends as a draw once ``max_plies`` moves are played (the referee's move limit,
+    :func:`keisei_stream.shogi.judge`), so the observations it learned from have plane 43 =
+    ``ply / max_plies`` in ``[0, (max_plies - 1) / max_plies]``; a real game (a GUI's limit, or
+    none) goes on, and its later positions are shown as the last ply training reached.
+
+    Args:
+        ply: an ``int`` (-> NumPy integer) or an integer array (-> the same shape), >= 0.
+        max_plies: >= 1.
+    """
+    return np.minimum(ply, max_plies - 1)
+
+
 class LeafBatch:
     """Observations of up to ``capacity`` leaves, written one by one, finished once per batch.
 
@@ -41,8 +58,8 @@ class LeafBatch:
     NumPy view. :meth:`add` writes cshogi's 28 piece planes of the board's current position (the
     search board is only there for a moment) and records hands, side to move, ply, repetition and
     the legal moves; :meth:`finish` writes the remaining planes for all rows at once (the same
-    function as :func:`keisei_stream.shogi.encode_observation`) and maps the legal moves to action
-    indices with one table lookup.
+    function as :func:`keisei_stream.shogi.encode_observation`, with :func:`training_ply`) and
+    maps the legal moves to action indices with one table lookup.
     """
 
     def __init__(self, capacity: int, max_plies: int, pin: bool = False) -> None:
@@ -87,7 +104,7 @@ class LeafBatch:
         indices) and the number of moves per row."""
         k = self.size
         hands, turns, plies, reps, counts = (np.array(c, dtype=np.int64) for c in self._columns)
-        _finish_planes(self.obs[:k], hands, turns, plies, reps, self.max_plies)
+        _finish_planes(self.obs[:k], hands, turns, training_ply(plies, self.max_plies), reps, self.max_plies)
         moves = np.array(self.moves, dtype=np.int64)
         actions = moves_to_actions(moves, np.repeat(turns, counts))
         return self.obs[:k], moves, actions, counts

@@ -10,12 +10,22 @@ tree, its values and terminal rules: :mod:`keisei_stream.play.engine.tree`; the 
 virtual loss and backup: :mod:`keisei_stream.play.engine.puct`; the batched network evaluation:
 :mod:`keisei_stream.play.engine.leaves`.
 
-Root shortcuts
+Root shortcuts (answered without a search; ``SearchResult.shortcut`` says which)
     No legal move -> ``"resign"``; an entering-king declaration possible -> ``"win"`` (the USI
     declaration; both by the referee, :func:`keisei_stream.play.engine.tree.root_shortcut`); with
     ``mate_search_plies >= 1`` and the side to move not in check, ``board.mate_move_in_1ply()``,
     then for 3, 5, ... up to ``mate_search_plies`` ``board.mate_move(ply)`` (cshogi's odd-ply
-    mate search), and a mate found is played at once.
+    mate search), and a mate found is played at once. Then, as dlshogi does, a move is played
+    at once when it is the only legal one, or when every legal move ends the game (each child
+    would be a terminal node: the referee's rules with ``draw_plies``, or a mate in one for the
+    opponent): the move with the best exact value, the first of equals in cshogi's move order.
+
+Limits
+    Before every simulation the search reads the stop flag, the node budget (simulations that end
+    on a terminal node count, as those queued for the network), the deadline and the tree size,
+    so it ends within one simulation of a limit, plus the forward pass of the leaves already
+    queued (one batch), even when no simulation reaches a new leaf (a solved tree, or every line
+    ending on the move limit).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from keisei_stream.play.engine.leaves import LeafBatch, evaluate_leaves
 from keisei_stream.play.engine.puct import SearchOptions, add_root_noise, backup, select, undo
 from keisei_stream.play.engine.tree import (
     MATE_IN_1, Node, SearchLimits, SearchResult, SearchStats, choose_root_edge, game_end, most_visited,
-    root_shortcut, tree_result,
+    position_counts, root_shortcut, tree_result,
 )
 from keisei_stream.shogi import EndReason, judge
 
@@ -48,9 +58,12 @@ class MCTS:
             moves the model there with ``model.to``). Pick it at run time, e.g. with
             :func:`keisei_stream.rl.model.pick_device`. Inputs go there (from pinned host memory
             on CUDA); outputs come back to the host once per batch.
-        max_plies: the model's training ``env.max_plies`` (plane 43 = ply / max_plies).
-        draw_plies: the game length limit of rule 4 (:func:`keisei_stream.play.engine.tree.game_end`);
-            None = ``max_plies`` (the training rule), 0 = no limit.
+        max_plies: the model's training ``env.max_plies`` (plane 43 = ply / max_plies, later plies
+            shown as ``max_plies - 1``: :func:`keisei_stream.play.engine.leaves.training_ply`).
+        draw_plies: the game's move limit, rule 4 of :func:`keisei_stream.play.engine.tree.game_end`
+            (a draw once ``ply >= draw_plies``); None = ``max_plies`` (the training rule, as in
+            self-play; a match's players use it), 0 = no limit (the USI engine's default: its
+            ``MaxMovesToDraw`` option sets it). May be changed between searches.
         batch_size: leaves per forward pass (>= 1).
         amp: bf16 autocast for the forward pass on CUDA (ignored on CPU).
         seed: seed of the noise / sampling generator.
@@ -61,8 +74,8 @@ class MCTS:
         ValueError: a bad ``max_plies``, ``batch_size`` or option value.
 
     Thread safety: :meth:`search` runs in one thread at a time; :meth:`stop` (or setting the
-    ``stop_event`` given to :meth:`search`) may be called from any thread and takes effect after
-    the batch in flight (one forward pass).
+    ``stop_event`` given to :meth:`search`) may be called from any thread and takes effect before
+    the next simulation, after the forward pass of the leaves already queued.
     """
 
     def __init__(self, model: torch.nn.Module, device: Union[torch.device, str, None] = None, *,
@@ -139,7 +152,7 @@ class MCTS:
         return True
 
     def stop(self) -> None:
-        """Ask the running search to stop after its current batch (thread-safe)."""
+        """Ask the running search to stop (thread-safe; before its next simulation)."""
         ev = self._stop_event
         if ev is not None:
             ev.set()
@@ -181,8 +194,8 @@ class MCTS:
                 ``len(board.history)``.
             nodes: simulations to run (>= 0). With neither ``nodes`` nor ``time_limit`` the search
                 runs until ``stop_event`` is set (USI ``go infinite`` / ``go ponder``).
-            time_limit: seconds of wall time (checked after each batch).
-            stop_event: stops the search after the current batch when set (thread-safe);
+            time_limit: seconds of wall time (checked before every simulation).
+            stop_event: stops the search when set (thread-safe; module docstring, "Limits");
                 :meth:`stop` sets it too.
             info: called every ``info_interval`` seconds with the partial result (USI ``info``).
             limits: a :class:`SearchLimits` the caller keeps and may change from another thread
@@ -234,20 +247,13 @@ class MCTS:
         t0 = time.perf_counter()
         ply = len(board.history) if ply is None else int(ply)
         legal = list(board.legal_moves)
-        shortcut = root_shortcut(board, len(legal))
-        if shortcut is not None:
-            self.reset()
-            value = 1.0 if shortcut == "win" else -1.0
-            return SearchResult(0, shortcut, value=value, root_value=value, elapsed=time.perf_counter() - t0)
-        mate = self._root_mate(board)
-        if mate is not None:
-            move, plies = mate
-            usi = cshogi.move_to_usi(move)
-            self.reset()
-            return SearchResult(move, usi, value=1.0, root_value=1.0, pv=[usi], depth=1, seldepth=1,
-                                mate_in=plies, elapsed=time.perf_counter() - t0)
+        counts = position_counts(board)
+        early = self._answer_without_search(board, ply, legal, counts)
+        if early is not None:
+            early.elapsed = time.perf_counter() - t0
+            return early
         stats = SearchStats()
-        root = self._prepare_root(board, ply, legal, stats)
+        root = self._prepare_root(board, ply, legal, counts, stats)
         reused = int(root.n_sum)
         stopped = self._run(root, limits, stop, stats, info, info_interval, t0, reused)
         best = choose_root_edge(root, self.options.temperature, self.rng)
@@ -255,20 +261,62 @@ class MCTS:
         res.stopped = stopped
         return res
 
-    def _prepare_root(self, board: cshogi.Board, ply: int, legal: list[int], stats: SearchStats) -> Node:
+    def _answer_without_search(self, board: cshogi.Board, ply: int, legal: list[int],
+                               counts: dict[int, int]) -> Optional[SearchResult]:
+        """The answer when the root needs no search (module docstring, "Root shortcuts"), else None."""
+        shortcut = root_shortcut(board, len(legal))
+        if shortcut is not None:
+            self.reset()
+            value = 1.0 if shortcut == "win" else -1.0
+            return SearchResult(0, shortcut, value=value, root_value=value, shortcut=shortcut)
+        mate = self._root_mate(board)
+        if mate is not None:
+            self.reset()
+            usi = cshogi.move_to_usi(mate[0])
+            return SearchResult(mate[0], usi, value=1.0, root_value=1.0, pv=[usi], depth=1, seldepth=1,
+                                mate_in=mate[1], shortcut="mate")
+        exact = self._root_exact_values(board, legal, counts, ply)
+        if len(exact) == len(legal):  # every move ends the game: the best exact value, no tree kept
+            self.reset()
+            i = max(range(len(exact)), key=exact.__getitem__)
+            move, value, kind = legal[i], exact[i], "every_move_ends_the_game"
+        elif len(legal) == 1:  # keep the tree: the reply may be searched in it already
+            history16 = [m & 0xFFFF for m in board.history]
+            node = self._sync_root(board, ply, history16)
+            if node is None:
+                self.reset()
+            else:
+                self._root, self._root_history, self._root_ply = node, history16, ply
+            move, value, kind = legal[0], float("nan"), "one_legal_move"
+        else:
+            return None
+        usi = cshogi.move_to_usi(move)
+        return SearchResult(move, usi, value=value, root_value=value, pv=[usi], depth=1, shortcut=kind)
+
+    def _root_exact_values(self, board: cshogi.Board, legal: list[int], counts: dict[int, int],
+                           ply: int) -> list[float]:
+        """Exact values for the side to move of the root's moves ``legal``, in that order, up to
+        the first move after which the game goes on (not included): the moves whose child would
+        be a terminal node (:meth:`_terminal`). ``board`` is left as it was."""
+        values = []
+        for move in legal:
+            board.push(move)
+            try:
+                occurrences = counts.get(board.zobrist_hash(), 0) + 1
+                end = self._terminal(board, len(board.legal_moves), occurrences, ply + 1)
+            finally:
+                board.pop()
+            if end is None:
+                break
+            values.append(-end[1])
+        return values
+
+    def _prepare_root(self, board: cshogi.Board, ply: int, legal: list[int], counts: dict[int, int],
+                      stats: SearchStats) -> Node:
         """The root node of ``board`` (from the kept tree, or evaluated now), with the search
         board, the game's position counts and the root ply set for the simulations."""
-        history = board.history
-        history16 = [m & 0xFFFF for m in history]
+        history16 = [m & 0xFFFF for m in board.history]
         root = self._sync_root(board, ply, history16)
-        # occurrences of each position in the game before the root, the root included
-        sb = board.copy()
-        counts: dict[int, int] = {}
-        for _ in range(len(history) + 1):
-            k = sb.zobrist_hash()
-            counts[k] = counts.get(k, 0) + 1
-            if sb.history:
-                sb.pop()
         if root is None:
             root = Node(board.zobrist_hash())
             self._batch.clear()
@@ -291,19 +339,11 @@ class MCTS:
              info_interval: float, t0: float, reused: int) -> bool:
         """Simulate batch after batch until a limit; returns True when ``stop`` ended it."""
         next_info = t0 + info_interval
-        max_visits = self.options.max_tree_visits
         while True:
-            target = limits.nodes
-            if target is not None and stats.sims >= target:
-                return False
-            if stop.is_set():
-                return True
-            deadline = limits.deadline
-            if deadline is not None and time.perf_counter() >= deadline:
-                return False
-            if root.n_sum >= max_visits:
-                return False
-            queued = self._fill_batch(root, limits, stats)
+            reason = self._limit_reached(root, limits, stop, stats.sims)
+            if reason:
+                return reason == "stop"
+            queued = self._fill_batch(root, limits, stop, stats)
             if queued:
                 self._evaluate(queued, stats)
                 stats.sims += len(queued)
@@ -312,19 +352,34 @@ class MCTS:
                 best = most_visited(root) if root.n_sum > 0 else 0
                 info(tree_result(root, best, stats, t0, reused))
 
-    def _fill_batch(self, root: Node, limits: SearchLimits, stats: SearchStats) -> list:
-        """Run simulations until ``batch_size`` leaves wait for the network (or a limit, or too
-        many collisions); returns the queued ``(node, path)`` pairs."""
+    def _limit_reached(self, root: Node, limits: SearchLimits, stop: threading.Event, sims: int) -> str:
+        """Which limit ends the search once ``sims`` simulations are done or queued: ``"stop"``,
+        ``"nodes"``, ``"time"``, ``"tree"`` (``max_tree_visits``), or ``""`` (none). The limits
+        are read afresh (another thread may change them: ``ponderhit``, ``stop``)."""
+        if stop.is_set():
+            return "stop"
+        target = limits.nodes
+        if target is not None and sims >= target:
+            return "nodes"
+        deadline = limits.deadline
+        if deadline is not None and time.perf_counter() >= deadline:
+            return "time"
+        if root.n_sum >= self.options.max_tree_visits:
+            return "tree"
+        return ""
+
+    def _fill_batch(self, root: Node, limits: SearchLimits, stop: threading.Event, stats: SearchStats) -> list:
+        """Run simulations until ``batch_size`` leaves wait for the network, a limit is reached
+        (checked before every simulation, so simulations that end on terminal nodes, which queue
+        nothing, count toward the node budget and never outrun the clock or ``stop``), too many
+        collisions, or ``4 * batch_size + 64`` simulations (then :meth:`_run` sends its ``info``);
+        returns the queued ``(node, path)`` pairs."""
         self._batch.clear()
         queued: list[tuple[Node, list]] = []
         collisions = 0
         max_collisions = self.batch_size // 2
-        max_visits = self.options.max_tree_visits
-        while len(queued) < self.batch_size:
-            target = limits.nodes
-            if target is not None and stats.sims + len(queued) >= target:
-                break
-            if root.n_sum >= max_visits:
+        for _ in range(4 * self.batch_size + 64):
+            if len(queued) >= self.batch_size or self._limit_reached(root, limits, stop, stats.sims + len(queued)):
                 break
             if self._simulate(root, queued, stats) < 0:
                 collisions += 1
@@ -416,15 +471,24 @@ class MCTS:
         legal = list(board.legal_moves)
         occurrences = counts.get(key, 0) + 1
         ply = self._ply0 + depth
-        end = game_end(board, len(legal), occurrences, ply, self.draw_plies)
+        end = self._terminal(board, len(legal), occurrences, ply)
         if end is not None:
-            node.reason, node.terminal = int(end[0]), end[1]
-            return node
-        if self.options.leaf_mate_in_1 and not board.is_check() and board.mate_move_in_1ply():
-            node.reason, node.terminal = MATE_IN_1, 1.0
+            node.reason, node.terminal = end
             return node
         self._batch.add(board, ply, min(occurrences - 1, 2), legal)
         return node
+
+    def _terminal(self, board: cshogi.Board, num_legal: int, occurrences: int, ply: int) -> Optional[tuple[int, float]]:
+        """``(reason, exact value for the side to move)`` of a position just reached (``ply``
+        plies since the game's start, seen ``occurrences`` times in the game and the path): the
+        game's end (:func:`keisei_stream.play.engine.tree.game_end`, with ``draw_plies``), or a
+        mate in one for the side to move (``leaf_mate_in_1``, :data:`MATE_IN_1`); else None."""
+        end = game_end(board, num_legal, occurrences, ply, self.draw_plies)
+        if end is not None:
+            return int(end[0]), end[1]
+        if self.options.leaf_mate_in_1 and not board.is_check() and board.mate_move_in_1ply():
+            return MATE_IN_1, 1.0
+        return None
 
     def _evaluate(self, queued: list, stats: SearchStats) -> None:
         """One forward pass over the batch (:func:`keisei_stream.play.engine.leaves.evaluate_leaves`):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from keisei_stream.config import Config, ConfigError
+from keisei_stream.play.engine.leaves import training_ply
 from keisei_stream.play.players import STARTPOS, SpecError
 from keisei_stream.rl import checkpoint
 from keisei_stream.rl.model import pick_device
@@ -76,8 +77,9 @@ class ModelPlayer:
         threads: torch intra-op threads to set for this process (default 1; None = leave as is).
 
     The observation is ``keisei_stream.shogi.encode_observation(board, ply, repetition,
-    cfg.env.max_plies)`` ``(46, 9, 9) float32``, with ``repetition`` = earlier occurrences of the
-    position in this game (counted from the positions seen since :meth:`new_game`, opening
+    cfg.env.max_plies)`` ``(46, 9, 9) float32``, with ``ply`` clamped as in training
+    (:func:`keisei_stream.play.engine.leaves.training_ply`), ``repetition`` = earlier occurrences
+    of the position in this game (counted from the positions seen since :meth:`new_game`, opening
     included) and the model's own training ``max_plies``; the legal moves and their action
     indices come from ``keisei_stream.shogi.legal_moves_and_actions``.
 
@@ -152,7 +154,8 @@ class ModelPlayer:
         moves, actions = legal_moves_and_actions(board)
         if len(moves) == 0:
             return "resign", 0.0
-        obs = encode_observation(board, ply, min(max(int(repetition), 0), 2), self.max_plies)
+        obs = encode_observation(board, int(training_ply(ply, self.max_plies)), min(max(int(repetition), 0), 2),
+                                 self.max_plies)
         with torch.inference_mode():
             x = torch.from_numpy(obs)[None].to(self.device)
             logits, value = self.model(x)

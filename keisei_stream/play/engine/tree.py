@@ -99,6 +99,19 @@ def root_shortcut(board: cshogi.Board, num_legal: int) -> Optional[str]:
     return None
 
 
+def position_counts(board: cshogi.Board) -> dict[int, int]:
+    """Occurrences of each position of the game up to ``board``'s current one (included), keyed
+    by cshogi's Zobrist key, from ``board.history`` (the game's moves since its start position)."""
+    b = board.copy()
+    counts: dict[int, int] = {}
+    for _ in range(len(board.history) + 1):
+        key = b.zobrist_hash()
+        counts[key] = counts.get(key, 0) + 1
+        if b.history:
+            b.pop()
+    return counts
+
+
 # ------------------------------------------------------------------------------------------------
 # nodes
 
@@ -232,6 +245,9 @@ class SearchResult:
             logits and values to the host).
         mate_in: plies of the mate found by the root mate search (1, 3, ...), else None.
         stopped: the search ended on the stop flag (not on its node or time budget).
+        shortcut: ``""`` after a search, else why the answer came without one: ``"resign"``,
+            ``"win"``, ``"mate"`` (the root mate search), ``"one_legal_move"`` (``value`` NaN:
+            not searched) or ``"every_move_ends_the_game"`` (``value``: the best exact value).
     """
 
     best_move: int
@@ -257,6 +273,7 @@ class SearchResult:
     forward_seconds: float = 0.0
     mate_in: Optional[int] = None
     stopped: bool = False
+    shortcut: str = ""
 
     @property
     def ponder_usi(self) -> Optional[str]:
