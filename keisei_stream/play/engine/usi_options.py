@@ -106,5 +106,8 @@ OPTIONS: list[UsiOption] = [
     UsiOption("Temperature", "string", "0", check=_check_temperature,
               doc="0 = best move; > 0 samples (raw policy: softmax(logits/T); search: visits^(1/T))"),
     UsiOption("Seed", "spin", 0, 0, 2_147_483_647, doc="seed of the sampling"),
+    UsiOption("MaxMovesToDraw", "spin", 0, 0, 1_000_000,
+              doc="the game's move limit: a draw once this many moves are played (counted from the game's "
+              "start, the SFEN's move number included); 0 = no limit. YaneuraOu's option name"),
 ]
 OPTION_BY_NAME = {o.name.lower(): o for o in OPTIONS}

@@ -14,7 +14,10 @@ Protocol: USI (http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description)
 - ``usinewgame`` (drops the tree, re-seeds), ``gameover ...`` (ends a ponder search, which
   answers: cshogi's client waits for that ``bestmove``), ``quit`` (stops a search, which answers);
 - ``position startpos|sfen <sfen> [moves m1 m2 ...]``: replayed with cshogi (an illegal move
-  stops the replay and is reported as ``info string``);
+  stops the replay and is reported as ``info string``). The SFEN's move number N says that N - 1
+  moves came before it: the position's ply (moves since the game's start) is N - 1 plus the moves
+  listed, for the network's ply plane (clamped as in training,
+  :func:`keisei_stream.play.engine.leaves.training_ply`), the move limit and the time budget;
 - ``go``: the search runs in a worker thread; the main thread keeps reading commands. A command
   that needs the engine idle (``go``, ``usinewgame``, ``gameover``, end of input) waits for a
   search with limits to end and answer, so commands piped in at once are all answered; a ``go``
@@ -44,6 +47,13 @@ Protocol: USI (http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description)
 The tree is kept between moves: a ``position`` that extends the last searched position (our move,
 the opponent's reply; or the ponder move) continues from the subtree already searched.
 
+The rules of the game searched are the referee's (:func:`keisei_stream.shogi.judge`) with the
+game's own move limit, the option ``MaxMovesToDraw`` (0, the default: none), never the
+``env.max_plies`` the network was trained with. The only legal move, or a position where every
+move ends the game (the best exact value), is answered at once without a search
+(:mod:`keisei_stream.play.engine.mcts`, "Root shortcuts"); a search checks ``stop``,
+``ponderhit``'s new deadline and its time budget before every simulation.
+
 Scores: ``score cp`` is the best move's mean value ``q`` in [-1, 1] (the network's root value
 before any simulation) mapped through ``p = (q + 1) / 2``, ``cp = 600 * ln(p / (1 - p))`` (the
 usual 600-centipawn logistic scale of shogi engines), clamped to +-30000; ``score mate N`` when
@@ -60,6 +70,7 @@ Use with a GUI (ShogiGUI, Shogidokoro, ShogiHome): register a small script as th
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -171,10 +182,11 @@ class UsiEngine:
             self._loaded["Device"] = v["Device"]
         if self.mcts is None or self._loaded.get("BatchSize") != v["BatchSize"]:
             self.mcts = MCTS(self.player.model, max_plies=int(self.player.config.env.max_plies),
-                             batch_size=v["BatchSize"], seed=v["Seed"])
+                             draw_plies=v["MaxMovesToDraw"], batch_size=v["BatchSize"], seed=v["Seed"])
             self._loaded["BatchSize"] = v["BatchSize"]
             self._warm_up()
         self.player.temperature = v["Temperature"]
+        self.mcts.draw_plies = v["MaxMovesToDraw"]
         self.mcts.options.temperature = v["Temperature"]
         self.mcts.options.mate_search_plies = v["MateSearchPlies"]
 
@@ -308,7 +320,8 @@ class UsiEngine:
         for p in problems:
             self.send(f"info string {p}")
         self._ensure_loaded()
-        job = _Job(self.board.copy(), len(self.moves), self.repetition, params, t_received,
+        # plies since the game's real start: the SFEN's move number counts the moves before it
+        job = _Job(self.board.copy(), max(0, self.board.move_number - 1), self.repetition, params, t_received,
                    raw=self.values["Nodes"] == 0)
         if not job.hold:
             self._limits(params, t_received, job.board, job.limits)
@@ -399,14 +412,18 @@ class UsiEngine:
         return f"bestmove {best}"
 
     def _info_line(self, res, job: _Job) -> str:
+        """The ``info`` line of a (partial) search result; no ``score`` for a move played without
+        a value (the only legal move, not searched)."""
         ms = int((time.perf_counter() - job.t0) * 1000)
         if res.mate_in is not None:
-            score = f"mate {res.mate_in}"
+            score = f" score mate {res.mate_in}"
+        elif math.isfinite(res.value):
+            score = f" score cp {value_to_cp(res.value)}"
         else:
-            score = f"cp {value_to_cp(res.value)}"
+            score = ""
         depth = max(1, res.depth)
         return (f"info depth {depth} seldepth {max(depth, res.seldepth)} nodes {res.nodes} "
-                f"nps {int(res.nps)} time {ms} score {score} pv {' '.join(res.pv)}")
+                f"nps {int(res.nps)} time {ms}{score} pv {' '.join(res.pv)}")
 
     def _search_answer(self, job: _Job) -> str:
         interval = self.values["InfoInterval"]
