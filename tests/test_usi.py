@@ -543,6 +543,8 @@ def test_clock_is_never_exceeded_over_pipes(pipe):
 
 #: Issue 18's position: Black's only legal move is 9i8i, after which White mates in one.
 FORCED_LOSS_SFEN = "1p6k/9/9/9/9/9/g8/5+r3/K8 b gs 1"
+#: Black's only legal move is 9i8h (the king takes the rook), and the game goes on.
+ONE_LEGAL_SFEN = "8k/9/9/9/9/9/9/1r7/K8 b - 1"
 #: The start position's pieces at move 512 and 511: with MaxMovesToDraw 512, every move of the first
 #: ends the game (a draw), and every simulation from the second ends on a draw one move down.
 BOARD_AT = "lnsgkgsnl/1r5b1/ppppppppp/9/9/9/PPPPPPPPP/1B5R1/LNSGKGSNL b - {}"
@@ -571,6 +573,9 @@ def test_decided_positions_answer_at_once_under_every_clock(pipe, go):
         assert info_field(lines, "nodes") == 0 and info_field(lines, "cp") == value_to_cp(value), lines
         assert info_field(lines, "time") <= clock_budget_ms(go, int(sfen.split()[-1])), lines
         assert seconds < 10.0  # a hang, not the clock: the pipes of a loaded machine are slow
+    # the only legal move, not a decided game: played at once, with no score (it has no value)
+    lines, _ = pipe.ask(f"position sfen {ONE_LEGAL_SFEN}", go)
+    assert lines[-1] == "bestmove 9i8h" and info_field(lines, "nodes") == 0 and " score " not in lines[-2]
 
 
 @pytest.mark.parametrize("go", CLOCKS)

@@ -33,7 +33,8 @@ Protocol: USI (http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description)
     of the ``go ponder`` arguments counts (the simulations made while pondering count towards a
     node limit); no ``bestmove`` before either, as the protocol requires, even when the search
     ends on its own (tree size limit, a mate found, no legal move);
-  * ``stop``: the search ends after the batch in flight, and ``bestmove`` follows at once;
+  * ``stop``: the search ends before its next simulation (after the forward pass of the leaves
+    already queued), and ``bestmove`` follows at once;
   * ``go mate ...`` -> ``checkmate notimplemented``.
 
   Answers: ``info depth D seldepth S nodes N nps X time MS score cp C|mate M pv ...`` every
@@ -55,7 +56,8 @@ move ends the game (the best exact value), is answered at once without a search
 ``ponderhit``'s new deadline and its time budget before every simulation.
 
 Scores: ``score cp`` is the best move's mean value ``q`` in [-1, 1] (the network's root value
-before any simulation) mapped through ``p = (q + 1) / 2``, ``cp = 600 * ln(p / (1 - p))`` (the
+before any simulation, the exact value of a move played without a search; none for the only legal
+move) mapped through ``p = (q + 1) / 2``, ``cp = 600 * ln(p / (1 - p))`` (the
 usual 600-centipawn logistic scale of shogi engines), clamped to +-30000; ``score mate N`` when
 the root mate search (cshogi's ``mate_move``, up to ``MateSearchPlies``) proved a mate in N
 plies, or the chosen move mates at once.
