@@ -1,4 +1,4 @@
-"""Tree-search throughput (keisei_stream.play.search.MCTS) against the bare forward pass.
+"""Tree-search throughput (keisei_stream.play.engine.mcts.MCTS) against the bare forward pass.
 
 For the quickstart net (``configs/quickstart.yaml``'s ``model`` section, random init, seed 0) on
 one CPU thread (``torch.set_num_threads(1)``), and on CUDA when available, for each batch size
@@ -24,9 +24,21 @@ layouts at several widths (edges scanned): ``lists``, the layout used (Python li
 the prefix scanned in a Python loop) and ``numpy``, one NumPy array per statistic over all edges of
 the node with vectorised scoring and NumPy scalar updates.
 
+The ``clock`` section (with ``--clock-checkpoint FILE --clock-games DIR``) is issue 18's
+measurement: ``keisei usi --checkpoint FILE`` in a subprocess, driven over pipes by cshogi's USI
+client (``cshogi.usi.Engine``, as a GUI would), answers ``go btime 0 wtime 0 byoyomi 300``
+(``--clock-byoyomi``) in ``--clock-positions`` (200) positions drawn uniformly (seed 0) from the self-play games of a
+run's archive (``runs/{run}/games``, :func:`keisei_stream.play.records.read_archive_games`): every
+position before one of a game's moves. Reported: the wall time from writing ``go`` to reading
+``bestmove`` (slowest, percentiles, how many over the byoyomi and over the engine's budget, the
+byoyomi less the ``ByoyomiMargin`` the engine keeps), the engine's own ``time``, nodes, the answers
+given without a search, and as the same-run baseline the round trip of ``isready`` over the same
+pipes (what the pipes and the client cost with no search at all).
+
 Prints one JSON object. Usage::
 
     PYTHONPATH=. python benchmarks/search.py [--nodes 512] [--repeats 3] [--batch-sizes 1,8,32]
+    PYTHONPATH=. python benchmarks/search.py --clock-only --clock-checkpoint C.pt --clock-games runs/RUN/games
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +58,9 @@ import numpy as np
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.play.search import MCTS, Node
+from keisei_stream.play.engine.mcts import MCTS
+from keisei_stream.play.engine.puct import SearchOptions, select
+from keisei_stream.play.engine.tree import Node
 from keisei_stream.rl.model import build_model, count_parameters
 from keisei_stream.shogi import encode_observation
 
@@ -163,7 +178,7 @@ def layout(widths=(4, 8, 16, 24, 32, 48, 80), edges: int = 80, iters: int = 4000
     """Microseconds per (select + virtual-loss update + backup) of one node, per layout."""
     rng = np.random.default_rng(0)
     prior = np.sort(rng.dirichlet(np.full(edges, 0.3)))[::-1].copy()
-    mcts = MCTS(torch.nn.Linear(1, 1), max_plies=256)
+    options = SearchOptions()
     res = {}
     for width in widths:
         visited = max(0, min(width - 1, edges))
@@ -180,7 +195,7 @@ def layout(widths=(4, 8, 16, 24, 32, 48, 80), edges: int = 80, iters: int = 4000
         node.width = min(edges, width)
         t0 = time.perf_counter()
         for _ in range(iters):
-            i = mcts._select(node, False)
+            i = select(node, False, options)
             node.n[i] += 1.0
             node.w[i] -= 1.0
             node.n_sum += 1.0
@@ -207,6 +222,112 @@ def layout(widths=(4, 8, 16, 24, 32, 48, 80), edges: int = 80, iters: int = 4000
     return {"edges": edges, "us_per_select_and_update": res}
 
 
+def _engine_script(directory: Path, checkpoint: str, extra: list[str]) -> Path:
+    """A one-line executable that starts ``keisei usi`` (cshogi's client runs one program path)."""
+    script = directory / "keisei_engine.sh"
+    args = " ".join([sys.executable, "-m", "keisei_stream.cli", "usi", "--checkpoint", checkpoint, *extra])
+    script.write_text(f"#!/bin/sh\nexec {args}\n")
+    script.chmod(0o755)
+    return script
+
+
+def _clock_positions(games_dir: str, count: int, seed: int) -> tuple[list[tuple[str, list[str]]], int, int]:
+    """``count`` positions ``("startpos" or "sfen SFEN", moves)`` drawn uniformly without
+    replacement among the positions of the archive's games before each of their moves, with the
+    numbers of games and of such positions."""
+    from keisei_stream.play.records import read_archive_games
+    from keisei_stream.shogi import STARTING_SFEN
+
+    games = read_archive_games(games_dir)
+    pairs = [(g, ply) for g in games for ply in range(g.plies)]
+    if not pairs:
+        raise SystemExit(f"no games in {games_dir}")
+    picks = np.random.default_rng(seed).choice(len(pairs), size=min(count, len(pairs)), replace=False)
+    out = []
+    for i in sorted(picks.tolist()):
+        g, ply = pairs[i]
+        start = "startpos" if g.start_sfen == STARTING_SFEN else f"sfen {g.start_sfen}"
+        out.append((start, list(g.moves[:ply])))
+    return out, len(games), len(pairs)
+
+
+def _last_info(lines: list[str], key: str) -> int:
+    tokens = [line for line in lines if line.startswith("info depth")][-1].split()
+    return int(tokens[tokens.index(key) + 1])
+
+
+def clock(checkpoint: str, games_dir: str, count: int = 200, byoyomi: int = 300, seed: int = 0,
+          margin: int = 300, extra: tuple[str, ...] = ()) -> dict:
+    """Issue 18's answer-time measurement (module docstring, ``clock`` section)."""
+    import tempfile
+
+    from cshogi.usi.Engine import Engine
+
+    from keisei_stream.play.engine.protocol import time_budget_ms
+
+    picked, n_games, n_positions = _clock_positions(games_dir, count, seed)
+    walls, reported, nodes, without_search, illegal = [], [], [], 0, 0
+    slowest = (0.0, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(str(_engine_script(Path(tmp), checkpoint, list(extra))))
+        engine.setoption("ByoyomiMargin", margin)
+        engine.isready()
+        round_trips = []
+        for _ in range(20):
+            t = time.perf_counter()
+            engine.isready()
+            round_trips.append((time.perf_counter() - t) * 1000)
+        for start, moves in picked:
+            engine.position(moves=moves, sfen=start)
+            lines: list[str] = []
+            t = time.perf_counter()
+            best, _ = engine.go(btime=0, wtime=0, byoyomi=byoyomi, listener=lines.append)
+            ms = (time.perf_counter() - t) * 1000
+            board = cshogi.Board() if start == "startpos" else cshogi.Board(start[5:])
+            for m in moves:
+                board.push_usi(m)
+            illegal += best not in ("resign", "win") and not board.is_legal(board.move_from_usi(best))
+            walls.append(ms)
+            reported.append(_last_info(lines, "time"))
+            nodes.append(_last_info(lines, "nodes"))
+            without_search += nodes[-1] == 0
+            if ms > slowest[0]:
+                slowest = (ms, f"position {start}" + (" moves " + " ".join(moves) if moves else ""))
+        engine.quit()
+    w = np.array(walls)
+    budget = time_budget_ms(0, 0, byoyomi, 1, margin)
+    return {
+        "checkpoint": checkpoint, "games_dir": games_dir, "games": n_games, "positions_in_games": n_positions,
+        "positions": len(walls), "go": f"go btime 0 wtime 0 byoyomi {byoyomi}", "byoyomi_margin_ms": margin,
+        "budget_ms": budget, "baseline_isready_round_trip_ms": round(statistics.median(round_trips), 2),
+        "wall_ms": {"max": round(float(w.max()), 1), "p99": round(float(np.percentile(w, 99)), 1),
+                    "p50": round(float(np.percentile(w, 50)), 1), "min": round(float(w.min()), 1)},
+        "over_byoyomi": int((w > byoyomi).sum()), "over_budget": int((w > budget).sum()),
+        "engine_time_ms_max": max(reported), "nodes_median": int(statistics.median(nodes)),
+        "answered_without_search": without_search, "illegal": int(illegal), "slowest_position": slowest[1],
+    }
+
+
+def throughput(args) -> dict:
+    """The throughput sections (module docstring) for the parsed arguments."""
+    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    result = {"config": Path(args.config).name, "model": cfg.model.model_dump(),
+              "parameters": count_parameters(model), "nodes_per_position": args.nodes, "positions": 4,
+              "repeats": args.repeats}
+    torch.set_num_threads(1)
+    result["cpu_1_thread"] = bench_device(model, cfg, torch.device("cpu"), args)
+    if torch.cuda.is_available() and not args.no_cuda:
+        dev = torch.device("cuda")
+        result["cuda"] = bench_device(model, cfg, dev, args)
+        result["cuda_device"] = torch.cuda.get_device_name(dev)
+    if not args.no_layout:
+        result["layout"] = layout()
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
@@ -216,32 +337,21 @@ def main(argv=None) -> dict:
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per forward-rate measurement")
     p.add_argument("--no-cuda", action="store_true")
     p.add_argument("--no-layout", action="store_true")
+    p.add_argument("--clock-checkpoint", default=None, help="clock section: the engine's checkpoint")
+    p.add_argument("--clock-games", default=None, help="clock section: a run's game archive (runs/RUN/games)")
+    p.add_argument("--clock-positions", type=int, default=200)
+    p.add_argument("--clock-byoyomi", type=int, default=300, help="ms")
+    p.add_argument("--clock-only", action="store_true", help="only the clock section")
     args = p.parse_args(argv)
-    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    cfg = load_config(args.config)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    result = {
-        "benchmark": "search",
-        "config": Path(args.config).name,
-        "model": cfg.model.model_dump(),
-        "parameters": count_parameters(model),
-        "nodes_per_position": args.nodes,
-        "positions": 4,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    torch.set_num_threads(1)
-    result["cpu_1_thread"] = bench_device(model, cfg, torch.device("cpu"), args)
-    if torch.cuda.is_available() and not args.no_cuda:
-        dev = torch.device("cuda")
-        result["cuda"] = bench_device(model, cfg, dev, args)
-        result["cuda_device"] = torch.cuda.get_device_name(dev)
-    if not args.no_layout:
-        result["layout"] = layout()
+    if args.clock_only or args.clock_checkpoint:
+        if not (args.clock_checkpoint and args.clock_games):
+            p.error("the clock section needs --clock-checkpoint and --clock-games")
+    result = {"benchmark": "search", "torch": torch.__version__, "python": platform.python_version(),
+              "machine": platform.machine(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    if not args.clock_only:
+        result["throughput"] = throughput(args)
+    if args.clock_checkpoint:
+        result["clock"] = clock(args.clock_checkpoint, args.clock_games, args.clock_positions, args.clock_byoyomi)
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
     return result

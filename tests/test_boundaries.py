@@ -21,6 +21,10 @@ FORBIDDEN = {
     "keisei_stream.wire": ("torch", "keisei_stream.rl", "keisei_stream.ops", "keisei_stream.play", "keisei_stream.cli"),
     "keisei_stream.ops": ("torch", "keisei_stream.rl", "keisei_stream.play", "keisei_stream.cli"),
     "keisei_stream.play": ("keisei_stream.ops", "keisei_stream.cli"),
+    # the engine (search, USI server) never needs Redis nor the evaluation side
+    "keisei_stream.play.engine": ("redis", "keisei_stream.wire", "keisei_stream.ops", "keisei_stream.play.evaluation",
+                                  "keisei_stream.cli"),
+    "keisei_stream.play.evaluation": ("keisei_stream.ops", "keisei_stream.cli"),
     "keisei_stream.cli": (),
     "workers": ("learner", "keisei_stream.cli", "keisei_stream.ops", "keisei_stream.play"),
     "learner": ("workers", "keisei_stream.cli", "keisei_stream.ops", "keisei_stream.play"),

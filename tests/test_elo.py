@@ -6,7 +6,7 @@ import math
 import pytest
 from cshogi.elo import Elo as CutechessElo
 
-from keisei_stream.play import elo
+from keisei_stream.play.evaluation import elo
 
 
 def test_elo_from_score_known_values():

@@ -13,10 +13,11 @@ import cshogi
 import pytest
 
 from keisei_stream.cli.main import main as cli_main
-from keisei_stream.play import follow, players, specs
-from keisei_stream.play.match import play_game, play_match
-from keisei_stream.play.players import GreedyPlayer, RandomPlayer, SpecError, move_gains
-from keisei_stream.play.specs import make_player, parse_spec
+from keisei_stream.play.evaluation import baselines, follow, specs
+from keisei_stream.play.evaluation.baselines import GreedyPlayer, RandomPlayer, move_gains
+from keisei_stream.play.evaluation.match import play_game, play_match
+from keisei_stream.play.evaluation.specs import make_player, parse_spec
+from keisei_stream.play.players import SpecError
 from keisei_stream.wire import client
 
 from tests.helpers import Scripted
@@ -85,7 +86,7 @@ def test_greedy_prefers_most_valuable_capture_and_promotion():
     for _ in range(5):
         assert cshogi.move_to_usi(p.choose(board, 0)) == "7g2b+"
     gains = move_gains(__import__("numpy").fromiter(board.legal_moves, dtype="uint32"))
-    assert gains.max() == players.PIECE_VALUES[cshogi.BISHOP] + (players.PIECE_VALUES[13] - players.PIECE_VALUES[5])
+    assert gains.max() == baselines.PIECE_VALUES[cshogi.BISHOP] + (baselines.PIECE_VALUES[13] - baselines.PIECE_VALUES[5])
     # no capture or promotion: any legal move
     start = cshogi.Board()
     moves = {cshogi.move_to_usi(GreedyPlayer(seed=s).choose(start, 0)) for s in range(20)}
@@ -138,6 +139,22 @@ def test_referee_rulings():
     assert (r["reason"], r["result"], r["plies"]) == ("illegal", -1, 2) and "1a1b" in r["detail"]
     r = play_game(Scripted(["7g7f", "zz"]), Scripted(["3c3d"]))
     assert r["reason"] == "illegal"
+    # a promotion outside the promotion zone (cshogi's is_legal would take it): illegal, as text
+    # or as a cshogi move code
+    r = play_game(Scripted(["2g2f+"]), Scripted(["3c3d"]))
+    assert (r["reason"], r["result"], r["plies"]) == ("illegal", -1, 0) and "2g2f+" in r["detail"]
+
+    class Code:
+        name = "code"
+
+        def new_game(self, *args):
+            pass
+
+        def choose(self, board, ply):
+            return board.move_from_usi("2g2f+")
+
+    r = play_game(Code(), Scripted(["3c3d"]))
+    assert (r["reason"], r["plies"], r["detail"]) == ("illegal", 0, "illegal move '2g2f+'")
     # fool's-mate style: Black mates White
     mate = ["7g7f", "5a4b", "8h3c+", "4b5b", "3c4c"]
     r = play_game(Scripted(mate[0::2]), Scripted(mate[1::2]), start_sfen="4k4/9/9/9/9/9/9/1B7/4K4 b G 1")
@@ -378,7 +395,7 @@ def test_eval_files_without_tensorboard_warn_and_still_save(tmp_path, monkeypatc
 
 
 def test_search_specs(tiny):
-    from keisei_stream.play.search import SearchPlayer
+    from keisei_stream.play.engine.search_player import SearchPlayer
 
     cfg, _, path = tiny
     ps = parse_spec(f"search:{path};nodes=8;batch_size=4")
@@ -393,7 +410,7 @@ def test_search_specs(tiny):
     assert isinstance(q, SearchPlayer) and q.nodes == 4 and q.name == "s4"
     t = make_player(f"search:{path};time_limit=0.05")
     assert t.nodes is None and t.time_limit == 0.05
-    assert make_player(f"search:{path};nodes=4", temperature=0.5).mcts.temperature == 0.5
+    assert make_player(f"search:{path};nodes=4", temperature=0.5).mcts.options.temperature == 0.5
     assert not isinstance(make_player(f"checkpoint:{path}"), SearchPlayer)
     for bad in (f"search:{path};bogus=1", f"search:{path};nodes=many", f"search:{path};batch_size=0",
                 "search:/nonexistent/ckpt.pt;nodes=4"):
@@ -415,7 +432,7 @@ def test_search_against_raw_policy_match_and_cli(tiny, capsys):
 
 def test_redis_version_with_search(tiny, monkeypatch):
     fakeredis = pytest.importorskip("fakeredis")
-    from keisei_stream.play.search import SearchPlayer
+    from keisei_stream.play.engine.search_player import SearchPlayer
     from keisei_stream.wire.keys import Keys
 
     cfg, model, _ = tiny

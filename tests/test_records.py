@@ -12,10 +12,10 @@ from cshogi import CSA, KIF
 
 from keisei_stream.cli.main import main as cli_main
 from keisei_stream.play import records
-from keisei_stream.play.match import play_game, play_match
-from keisei_stream.play.players import GreedyPlayer, RandomPlayer
+from keisei_stream.play.evaluation.baselines import GreedyPlayer, RandomPlayer
+from keisei_stream.play.evaluation.match import play_game, play_match
 from keisei_stream.play.records import Game, RecordError, game_fields, parse_game_fields
-from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
+from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, legal_move_from_usi
 from keisei_stream.wire import client
 
 from tests.helpers import Scripted
@@ -65,6 +65,26 @@ def test_stream_fields_round_trip():
                 {"moves": "7g7f", "result": "2"}, {"moves": "", "start_sfen": "xx"}, {"usi": "position foo"}):
         with pytest.raises(RecordError):
             parse_game_fields(bad)
+
+
+def test_usi_text_becomes_a_legal_move_or_a_clear_error():
+    """The one USI text -> legal move check the engine, matches and records share."""
+    board = cshogi.Board()
+    assert legal_move_from_usi(board, "7g7f") in list(board.legal_moves)
+    # cshogi's is_legal takes a promotion outside the zone; the generator's moves do not have it
+    assert board.is_legal(board.move_from_usi("2g2f+"))
+    with pytest.raises(ValueError, match="is not a legal move"):
+        legal_move_from_usi(board, "2g2f+")
+    board.push_usi("7g7f")
+    for bad in ("7g7f", "7g7a", "P*5e", "1a1b+", "", "resign", "x" * 40, "7g7f\x00", None, 76):
+        with pytest.raises(ValueError, match="is not a legal move"):
+            legal_move_from_usi(board, bad)
+    assert cshogi.move_to_usi(legal_move_from_usi(board, "3c3d")) == "3c3d"
+    # the records report the move's number; a game with an illegal move exports nothing
+    with pytest.raises(RecordError, match="move 2 '7g7f' is not legal"):
+        parse_game_fields({"moves": "7g7f 7g7f"})
+    with pytest.raises(RecordError, match="move 1"):
+        records.to_kif(Game(STARTING_SFEN, ["5e5d"], 0, "max_plies"))
 
 
 def test_kif_and_csa_reparse_to_same_moves(tmp_path):

@@ -1,4 +1,4 @@
-"""PUCT tree search (keisei_stream.play.search): mates, legality, visit accounting, batching,
+"""PUCT tree search (keisei_stream.play.engine): mates, legality, visit accounting, batching,
 tree reuse, terminal rules, stop flag, the player. Small random-init nets (configs/tiny.yaml)."""
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ import pytest
 import torch
 
 from keisei_stream.config import load_config
-from keisei_stream.play.search import (
-    MATE_IN_1,
-    MCTS,
-    SearchPlayer,
-    _game_end,
-    _LeafBatch,
-    search_player_from_spec,
-)
-from keisei_stream.play.match import play_game
-from keisei_stream.play.players import RandomPlayer
+from keisei_stream.play.engine.leaves import LeafBatch
+from keisei_stream.play.engine.mcts import MCTS
+from keisei_stream.play.engine.search_player import SearchPlayer
+from keisei_stream.play.engine.tree import MATE_IN_1, game_end
+from keisei_stream.play.evaluation.baselines import RandomPlayer
+from keisei_stream.play.evaluation.match import play_game
+from keisei_stream.play.evaluation.specs import search_player_from_spec
 from keisei_stream.rl.checkpoint import checkpoint_name, save_checkpoint
 from keisei_stream.rl.model import build_model
 from keisei_stream.shogi import EndReason, VecEnv, encode_observation, legal_moves_and_actions, usi_to_action
@@ -45,6 +42,10 @@ SHUFFLE_SFEN = "k8/9/9/9/9/9/9/9/8K b - 1"
 SHUFFLE_CYCLE = ["1i1h", "9a9b", "1h1i", "9b9a"]
 #: Entering king: after 5d5c and any White reply, Black (to move) can declare (CSA 27/28 points).
 NYUGYOKU_SFEN = "1GSG1GSG1/R1B1B1R2/9/4K4/9/9/9/9/4k4 b 18P2S4N4L 1"
+#: Black's only legal move is 9i8h (the king takes the rook); White has replies, none mates.
+ONE_LEGAL_SFEN = "8k/9/9/9/9/9/9/1r7/K8 b - 1"
+#: Issue 18's position: Black's only legal move is 9i8i, after which White mates in one.
+FORCED_LOSS_SFEN = "1p6k/9/9/9/9/9/g8/5+r3/K8 b gs 1"
 
 
 @pytest.fixture(scope="module")
@@ -113,21 +114,26 @@ def random_positions(count: int, seed: int, max_len: int = 120) -> list[cshogi.B
 
 def test_leaf_batch_equals_encode_observation():
     boards = random_positions(12, seed=3)
-    batch = _LeafBatch(len(boards), max_plies=96)
+    batch = LeafBatch(len(boards), max_plies=96)
     for i, b in enumerate(boards):
         batch.add(b, len(b.history), i % 3, list(b.legal_moves))
     obs, moves, actions, counts = batch.finish()
     off = 0
     for i, b in enumerate(boards):
-        np.testing.assert_array_equal(obs[i], encode_observation(b, len(b.history), i % 3, 96))
+        # plies past the training limit are shown as its last ply (95), the rest as they are
+        np.testing.assert_array_equal(obs[i], encode_observation(b, min(len(b.history), 95), i % 3, 96))
         ref_moves, ref_actions = legal_moves_and_actions(b)
         np.testing.assert_array_equal(moves[off:off + counts[i]], ref_moves.astype(np.int64))
         np.testing.assert_array_equal(actions[off:off + counts[i]], ref_actions)
         off += counts[i]
+    assert sum(len(b.history) > 95 for b in boards) >= 2 and sum(len(b.history) < 95 for b in boards) >= 2
     batch.clear()  # reused: the piece planes are zeroed again
     b = boards[0]
     batch.add(b, 5, 0, list(b.legal_moves))
     np.testing.assert_array_equal(batch.finish()[0][0], encode_observation(b, 5, 0, 96))
+    batch.clear()
+    batch.add(b, 400, 0, list(b.legal_moves))
+    assert batch.finish()[0][0, 43, 0, 0] == np.float32(95) / np.float32(96)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def test_tree_search_with_leaf_mate_check_wins_mate_in_3(tiny, sfen):
 
 
 def test_never_returns_an_illegal_move(tiny):
-    s = make(tiny, batch_size=8)
+    s = make(tiny, batch_size=8, draw_plies=0)  # no move limit: these random games run past 64 plies
     for i, board in enumerate(random_positions(50, seed=11)):
         s.reset()
         r = s.search(board, nodes=16)
@@ -195,9 +201,12 @@ def test_never_returns_an_illegal_move(tiny):
             continue
         assert board.is_legal(r.best_move), (board.sfen(), r.best_usi)
         assert r.best_usi == cshogi.move_to_usi(r.best_move)
-        assert set(r.moves) == set(board.legal_moves)
         assert r.pv[0] == r.best_usi
-        assert r.total_visits == (0 if r.mate_in else 16)
+        if r.shortcut:  # a mate found, the only legal move, or every move ends the game
+            assert r.nodes == r.total_visits == 0 and r.moves == []
+            continue
+        assert set(r.moves) == set(board.legal_moves)
+        assert r.total_visits == 16
 
 
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
@@ -205,7 +214,7 @@ def test_root_visits_add_up_to_simulations(tiny, batch_size):
     """Convention: the root's own evaluation is not a simulation; each simulation adds one visit to
     one root edge. So visits sum to exactly ``nodes``, and a second search adds ``nodes`` more."""
     board = random_positions(1, seed=5)[0]
-    s = make(tiny, batch_size=batch_size)
+    s = make(tiny, batch_size=batch_size, draw_plies=0)
     r = s.search(board, nodes=77)
     assert r.nodes == 77 and int(r.visits.sum()) == 77 == r.total_visits
     assert r.evaluations + r.terminal_hits == 77 + 1  # + the root
@@ -356,7 +365,7 @@ def _play_vecenv(sfen: str, moves: list[str], max_plies: int = 512):
         board.push_usi(usi)
         k = board.zobrist_hash()
         counts[k] = counts.get(k, 0) + 1
-        ours = _game_end(board, len(board.legal_moves), counts[k], len(board.history), max_plies)
+        ours = game_end(board, len(board.legal_moves), counts[k], len(board.history), max_plies)
         out.append((int(res.reason[0]), float(res.reward[0]), ours))
         if res.done[0]:
             break
@@ -408,7 +417,7 @@ def test_terminal_rules_match_vecenv_random_games():
             board.push_usi(usi)
             k = board.zobrist_hash()
             counts[k] = counts.get(k, 0) + 1
-            ours = _game_end(board, len(board.legal_moves), counts[k], len(board.history), 60)
+            ours = game_end(board, len(board.legal_moves), counts[k], len(board.history), 60)
             assert _agree(int(res.reason[0]), float(res.reward[0]), ours)
             if res.done[0]:
                 break
@@ -435,24 +444,34 @@ def test_search_values_repetition_and_entering_king_exactly(tiny):
     child = s.root.children.get(idx)
     assert child is not None and child.reason == EndReason.PERPETUAL_CHECK and child.terminal == -1.0
     assert s.root.w[idx] == s.root.n[idx]  # +1 for White each visit
-    # entering king: after 5d5c every White reply lets Black declare
+    # entering king: after 5d5c every White reply lets Black declare, so White's every move ends
+    # the game (a loss): answered at once with that exact value, no tree
     board = cshogi.Board(NYUGYOKU_SFEN)
     board.push_usi("5d5c")
     s = make(tiny, batch_size=4, mate_search_plies=0)
     r = s.search(board, nodes=40)
-    assert all(c.reason == EndReason.ENTERING_KING for c in s.root.children.values())
-    assert r.root_value == -1.0
+    assert r.shortcut == "every_move_ends_the_game" and r.value == r.root_value == -1.0
+    assert r.nodes == r.evaluations == 0 and s.root is None and board.is_legal(r.best_move)
     # at the root itself: declare
     board.push_usi("5i5h")
     assert make(tiny).search(board, nodes=10).best_usi == "win"
 
 
 def test_max_plies_leaves_are_draws(tiny):
+    """At the move limit's last move every move draws: answered at once with the exact value;
+    one ply earlier every simulation ends on a draw two plies down, and the tree values it so."""
     board = cshogi.Board()
     s = make(tiny, batch_size=4, draw_plies=1)
     r = s.search(board, nodes=30)
-    assert all(c.reason == EndReason.MAX_PLIES for c in s.root.children.values())
-    assert r.root_value == 0.0 and r.evaluations == 1
+    assert r.shortcut == "every_move_ends_the_game" and r.value == 0.0 and r.evaluations == 0
+    s = make(tiny, batch_size=4, draw_plies=2, leaf_mate_in_1=False)
+    r = s.search(board, nodes=300)
+    grandchildren = [g for c in s.root.children.values() for g in c.children.values()]
+    assert grandchildren and all(g.reason == EndReason.MAX_PLIES for g in grandchildren)
+    assert r.nodes == 300 == r.evaluations - 1 + r.terminal_hits  # terminal hits count as simulations
+    assert r.terminal_hits > 0
+    for idx, child in s.root.children.items():  # its network value once, then draws (0) only
+        assert s.root.w[idx] == pytest.approx(-child.value, abs=1e-9) and s.root.n[idx] >= 1
 
 
 def test_leaf_mate_in_1_marks_won_leaves(tiny):
@@ -471,6 +490,87 @@ def test_no_legal_move_resigns(tiny):
 
 # ------------------------------------------------------------------------------------------------
 # limits
+
+
+def test_positions_are_what_they_claim_forced_moves():
+    b = cshogi.Board(ONE_LEGAL_SFEN)
+    assert [cshogi.move_to_usi(m) for m in b.legal_moves] == ["9i8h"]
+    b.push_usi("9i8h")
+    assert len(b.legal_moves) > 0 and not has_mate_in_1(b)
+    b = cshogi.Board(FORCED_LOSS_SFEN)
+    assert [cshogi.move_to_usi(m) for m in b.legal_moves] == ["9i8i"]
+    b.push_usi("9i8i")
+    assert not b.is_check() and has_mate_in_1(b)
+
+
+def test_the_only_legal_move_is_played_without_a_search(tiny):
+    s = make(tiny, batch_size=4)
+    board = cshogi.Board(ONE_LEGAL_SFEN)
+    r = s.search(board, stop_event=threading.Event())  # go infinite: still answered at once
+    assert (r.best_usi, r.shortcut, r.nodes, r.evaluations) == ("9i8h", "one_legal_move", 0, 0)
+    assert r.pv == ["9i8h"] and np.isnan(r.value) and not r.stopped
+    # a root in the kept tree stays the root (its subtree serves the next search)
+    board = cshogi.Board()
+    s.search(board, nodes=64)
+    child_idx = s.root.child_index(s.root.moves[0])
+    kept = s.root
+    assert s.search(board, nodes=10).reused_visits == 64 and s.root is kept and child_idx >= 0
+
+
+def test_every_move_ending_the_game_is_answered_with_the_best_exact_value(tiny):
+    """Issue 18: the only move loses to a mate in one (MATE_IN_1 child): answered at once with the
+    exact value, under any limit, the time limit too, not searched until the tree-size bound."""
+    s = make(tiny, batch_size=4)
+    for kw in ({"nodes": 800}, {"time_limit": 0.3}, {"stop_event": threading.Event()}):
+        r = s.search(cshogi.Board(FORCED_LOSS_SFEN), **kw)
+        assert (r.best_usi, r.shortcut, r.value, r.nodes) == ("9i8i", "every_move_ends_the_game", -1.0, 0)
+    # a choice between exact values on the move limit's last move: the mate (checkmate is judged
+    # before the limit) beats the draws of every other move; the root mate search is off
+    r = make(tiny, draw_plies=1, mate_search_plies=0).search(cshogi.Board(MATE1_SFEN), nodes=50)
+    assert (r.best_usi, r.shortcut, r.value) == (MATE1_MOVE, "every_move_ends_the_game", 1.0)
+
+
+def _terminal_only_tree(tiny, **kw) -> tuple[MCTS, cshogi.Board]:
+    """The start position with a move limit of 2 plies, searched once: its 30 children are valued
+    by the network; from then on every simulation ends on a draw two plies down (no leaf to queue)."""
+    s = make(tiny, batch_size=8, draw_plies=2, leaf_mate_in_1=False, **kw)
+    board = cshogi.Board()
+    r = s.search(board, nodes=200)
+    assert r.evaluations == 1 + len(board.legal_moves) and r.terminal_hits == 200 - len(board.legal_moves)
+    return s, board
+
+
+def test_a_search_of_terminal_hits_keeps_its_deadline_and_its_node_budget(tiny):
+    """Issue 18: when simulations only reach terminal nodes no leaf is queued; the search must still
+    read the clock and the budget before every simulation. Before, it ran on to the 1,000,000-visit
+    tree bound: 13 s for a 0.2 s limit here."""
+    s, board = _terminal_only_tree(tiny)
+    t = time.perf_counter()
+    r = s.search(board, time_limit=0.2)
+    wall = time.perf_counter() - t
+    assert r.evaluations == 0 and r.terminal_hits == r.nodes > 0
+    assert r.total_visits < s.options.max_tree_visits
+    assert wall < 0.2 + 2.0  # loose: the bound is the point, not the machine's speed
+    r = s.search(board, nodes=5_000)
+    assert r.nodes == r.terminal_hits == 5_000 and r.evaluations == 0
+    s, board = _terminal_only_tree(tiny, max_tree_visits=3_000)
+    r = s.search(board, stop_event=threading.Event())
+    assert r.total_visits == 3_000 and not r.stopped
+
+
+def test_stop_ends_a_search_of_terminal_hits(tiny):
+    """Before issue 18 this search answered 20 s after the stop (at the tree bound)."""
+    s, board = _terminal_only_tree(tiny)
+    ev = threading.Event()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", s.search(board, stop_event=ev)))
+    t.start()
+    time.sleep(0.3)
+    ev.set()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    r = out["r"]
+    assert r.stopped and r.terminal_hits == r.nodes > 0 and r.total_visits < s.options.max_tree_visits
 
 
 def test_stop_event_from_another_thread(tiny):
@@ -543,7 +643,7 @@ def test_search_player_from_spec(tmp_path, tiny):
                            version=1, updates=0, config_json=cfg.to_json())
     p = search_player_from_spec(str(path), {"nodes": "12", "batch_size": "4", "leaf_mate_in_1": "false",
                                             "name": "s12"})
-    assert p.nodes == 12 and p.mcts.batch_size == 4 and not p.mcts.leaf_mate_in_1 and p.name == "s12"
+    assert p.nodes == 12 and p.mcts.batch_size == 4 and not p.mcts.options.leaf_mate_in_1 and p.name == "s12"
     assert p.mcts.max_plies == cfg.env.max_plies
     assert p.choose(cshogi.Board(), 0) in set(cshogi.Board().legal_moves)
     with pytest.raises(ValueError):

@@ -7,16 +7,20 @@ referee. Small random-init net (configs/tiny.yaml)."""
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import threading
 import time
 
 import cshogi
+import numpy as np
 import pytest
 
-from keisei_stream.play.engine import UsiEngine, parse_go, parse_position, time_budget_ms, value_to_cp
-from keisei_stream.play.match import play_match
+from keisei_stream.play.engine.protocol import parse_go, parse_position, time_budget_ms, value_to_cp
+from keisei_stream.play.engine.usi_server import UsiEngine
+from keisei_stream.play.evaluation.match import play_match
+from keisei_stream.shogi import EndReason, random_opening
 
 from tests.conftest import ROOT
 
@@ -375,6 +379,12 @@ def test_parse_position_and_cp():
     b, start, moves, err = parse_position("sfen lnsgkgsnl/1r5b1/ppppppppp/9/9/9/PPPPPPPPP/1B5R1/LNSGKGSNL b - 1 moves 7g7f".split())
     assert err is None and moves == ["7g7f"] and b.turn == cshogi.WHITE
     assert parse_position(["moves"])[3] is not None
+    # an illegal move stops the replay: the position before it is kept and said so; a promotion
+    # outside the zone is one (cshogi's is_legal alone would accept 2g2f+)
+    b, _, moves, err = parse_position("startpos moves 7g7f 3c3d 2g2f+ 8c8d".split())
+    assert moves == ["7g7f", "3c3d"] and "illegal move '2g2f+' after 2 moves" in err and b.move_number == 3
+    b, _, moves, err = parse_position(f"sfen {BOARD_AT.format(300)} moves 7g7f".split())
+    assert err is None and b.move_number == 301  # the SFEN's move number is kept
     assert value_to_cp(0.0) == 0 and value_to_cp(-0.5) == -value_to_cp(0.5)
     assert value_to_cp(0.5) == round(600 * __import__("math").log(3))  # p = 0.75
     assert 0 < value_to_cp(1.0) <= 30000 and value_to_cp(float("nan")) == 0
@@ -440,61 +450,252 @@ def test_cli_errors(ckpt, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr and "unknown device" in p.stdout.splitlines()[-1]
 
 
-def test_clock_is_never_exceeded_over_pipes(ckpt):
+class EnginePipe:
+    """``keisei usi`` in a subprocess, spoken to over pipes like a GUI: :meth:`ask` writes lines and
+    reads the answer lines (a reader thread, so a silent engine fails the test instead of hanging
+    it), timing the last line from the moment the first was written, as a server's clock does."""
+
+    def __init__(self, ckpt, *extra):
+        self.proc = subprocess.Popen(engine_cmd(ckpt, *extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def send(self, *lines):
+        for line in lines:
+            self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, *lines, until="bestmove", timeout=60.0) -> tuple[list[str], float]:
+        """Send ``lines``; return the lines read up to the one starting with ``until`` (included)
+        and the seconds from writing the last line sent to reading that one."""
+        self.send(*lines)
+        t = time.perf_counter()
+        got = []
+        while True:
+            line = self.lines.get(timeout=timeout)
+            assert line is not None, f"engine closed its output after {got}"
+            got.append(line)
+            if line.startswith(until):
+                return got, time.perf_counter() - t
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.send("quit")
+            try:
+                assert self.proc.wait(timeout=30) == 0
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+@pytest.fixture
+def pipe(ckpt):
+    p = EnginePipe(ckpt, "--batch-size", "4")
+    p.ask("usi", until="usiok")
+    p.ask("isready", until="readyok")
+    yield p
+    p.close()
+
+
+def info_field(lines: list[str], key: str) -> int:
+    """The integer after ``key`` in the last ``info depth`` line of ``lines``."""
+    tokens = [line for line in lines if line.startswith("info depth")][-1].split()
+    return int(tokens[tokens.index(key) + 1])
+
+
+def test_clock_is_never_exceeded_over_pipes(pipe):
     """A game of 30 plies against itself over pipes, the clock kept like a server's (the time from
     writing ``go`` to reading ``bestmove``): Black on 1,500 ms + 100 ms/move (Fischer), White on
     0 + 600 ms byoyomi (300 ms searched), the default ByoyomiMargin of 300 ms."""
-    p = subprocess.Popen(engine_cmd(ckpt, "--batch-size", "4"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, bufsize=1)
+    pipe.send("usinewgame")
+    clock = {"b": 1500.0, "w": 0.0}
+    moves: list[str] = []
+    board = cshogi.Board()
+    used = []
+    for ply in range(30):
+        side = "b" if ply % 2 == 0 else "w"
+        lines, seconds = pipe.ask("position startpos" + (" moves " + " ".join(moves) if moves else ""),
+                                  f"go btime {int(clock['b'])} wtime {int(clock['w'])} binc 100 winc 0 byoyomi "
+                                  + ("0" if side == "b" else "600"))
+        best = lines[-1].split()[1]
+        ms = seconds * 1000
+        allowed = clock[side] + (600 if side == "w" else 0)
+        used.append((side, round(ms), round(allowed)))
+        assert ms < allowed, used
+        if side == "b":
+            clock["b"] += 100 - ms
+        if best in ("resign", "win"):
+            break
+        m = board.move_from_usi(best)
+        assert board.is_legal(m)
+        board.push(m)
+        moves.append(best)
+        if board.is_game_over():
+            break
 
-    def send(line):
-        p.stdin.write(line + "\n")
-        p.stdin.flush()
 
-    def wait(prefix):
-        while True:
-            line = p.stdout.readline()
-            assert line, "engine closed its output"
-            if line.startswith(prefix):
-                return line.split()
+#: Issue 18's position: Black's only legal move is 9i8i, after which White mates in one.
+FORCED_LOSS_SFEN = "1p6k/9/9/9/9/9/g8/5+r3/K8 b gs 1"
+#: Black's only legal move is 9i8h (the king takes the rook), and the game goes on.
+ONE_LEGAL_SFEN = "8k/9/9/9/9/9/9/1r7/K8 b - 1"
+#: The start position's pieces at move 512 and 511: with MaxMovesToDraw 512, every move of the first
+#: ends the game (a draw), and every simulation from the second ends on a draw one move down.
+BOARD_AT = "lnsgkgsnl/1r5b1/ppppppppp/9/9/9/PPPPPPPPP/1B5R1/LNSGKGSNL b - {}"
+#: The clocks of issue 18 (ms): byoyomi, a move time, main time with Fischer increments.
+CLOCKS = ("go btime 0 wtime 0 byoyomi 300", "go movetime 300", "go btime 2000 wtime 2000 binc 500 winc 500")
 
-    try:
-        send("usi")
-        wait("usiok")
-        send("isready")
-        wait("readyok")
-        send("usinewgame")
-        clock = {"b": 1500.0, "w": 0.0}
-        moves: list[str] = []
-        board = cshogi.Board()
-        used = []
-        for ply in range(30):
-            side = "b" if ply % 2 == 0 else "w"
-            send("position startpos" + (" moves " + " ".join(moves) if moves else ""))
-            t = time.perf_counter()
-            send(f"go btime {int(clock['b'])} wtime {int(clock['w'])} binc 100 winc 0 byoyomi "
-                 + ("0" if side == "b" else "600"))
-            best = wait("bestmove")[1]
-            ms = (time.perf_counter() - t) * 1000
-            allowed = clock[side] + (600 if side == "w" else 0)
-            used.append((side, round(ms), round(allowed)))
-            assert ms < allowed, used
-            if side == "b":
-                clock["b"] += 100 - ms
-            if best in ("resign", "win"):
-                break
-            m = board.move_from_usi(best)
-            assert board.is_legal(m)
-            board.push(m)
-            moves.append(best)
-            if board.is_game_over():
-                break
-        send("quit")
-        assert p.wait(timeout=30) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+
+def clock_budget_ms(go: str, move_number: int, margin: int = 300) -> float:
+    """What the engine may spend on ``go`` (:func:`time_budget_ms` as the engine applies it)."""
+    from keisei_stream.play.engine.protocol import parse_go
+
+    return parse_go(go.split()[1:])[0].budget_ms(cshogi.BLACK, move_number, margin)
+
+
+@pytest.mark.parametrize("go", CLOCKS)
+def test_decided_positions_answer_at_once_under_every_clock(pipe, go):
+    """Issue 18: the only legal move, and a move limit's last move (every move draws), are answered
+    without a search (``nodes 0``: deterministic), so within any clock; before, the first took
+    2.1-2.3 s under byoyomi 300 (the search ran to the tree-size bound)."""
+    pipe.send("setoption name MaxMovesToDraw value 512", "usinewgame")
+    for sfen, best, value in ((FORCED_LOSS_SFEN, "9i8i", -1.0), (BOARD_AT.format(512), None, 0.0)):
+        lines, seconds = pipe.ask(f"position sfen {sfen}", go)
+        move = lines[-1].split()[1]
+        assert move == best if best else legal_after_sfen(sfen, move), lines
+        # the exact value: lost (a mate in one follows), or drawn
+        assert info_field(lines, "nodes") == 0 and info_field(lines, "cp") == value_to_cp(value), lines
+        assert info_field(lines, "time") <= clock_budget_ms(go, int(sfen.split()[-1])), lines
+        assert seconds < 10.0  # a hang, not the clock: the pipes of a loaded machine are slow
+    # the only legal move, not a decided game: played at once, with no score (it has no value)
+    lines, _ = pipe.ask(f"position sfen {ONE_LEGAL_SFEN}", go)
+    assert lines[-1] == "bestmove 9i8h" and info_field(lines, "nodes") == 0 and " score " not in lines[-2]
+
+
+@pytest.mark.parametrize("go", CLOCKS)
+def test_a_search_whose_simulations_end_on_the_move_limit_keeps_the_clock(pipe, go):
+    """Issue 18: at move 511 of a 512-move game each simulation past the root's children ends on a
+    draw, queuing nothing for the network; the search still ends on its budget (the engine's own
+    ``time``; ``ByoyomiMargin`` is the slack for the pipes) and far from the tree bound."""
+    pipe.send("setoption name MaxMovesToDraw value 512", "usinewgame")
+    lines, _ = pipe.ask(f"position sfen {BOARD_AT.format(511)}", go)
+    assert legal_after_sfen(BOARD_AT.format(511), lines[-1].split()[1]), lines
+    budget = clock_budget_ms(go, 511)
+    # the budget plus the margin it keeps: the byoyomi / move time itself (300 ms; the margin is
+    # cut to half of it), or the budget + 300 ms under a main time of 2 s
+    limit = 300 if "byoyomi" in go or "movetime" in go else budget + 300
+    assert 0 < info_field(lines, "nodes") < 1_000_000
+    assert info_field(lines, "time") <= limit, (budget, lines)
+
+
+def legal_after_sfen(sfen: str, move: str) -> bool:
+    b = cshogi.Board(sfen)
+    return b.is_legal(b.move_from_usi(move))
+
+
+def test_stop_answers_at_once_when_every_simulation_ends_on_a_terminal(eng):
+    """Issue 18: ``go infinite`` then ``stop``: in the forced position the answer is ready at once
+    (held until ``stop``); two moves before a move limit every simulation ends on a draw, and
+    ``stop`` still ends the search (before: 1.4 s and 20 s after ``stop``, at the tree bound)."""
+    e, out = eng
+    e.handle(f"position sfen {FORCED_LOSS_SFEN}")
+    e.handle("go infinite")
+    time.sleep(0.2)
+    assert out.count("bestmove") == 0
+    n = len(out.lines)
+    e.handle("stop")
+    i, _, best = out.wait("bestmove", after=n)
+    assert best == "bestmove 9i8i" and info_field(out.text()[:i], "nodes") == 0
+    e.handle("setoption name MaxMovesToDraw value 2")
+    e.handle("usinewgame")
+    e.handle("position startpos")
+    e.handle("go nodes 200")  # the 30 children are valued; deeper simulations end on draws
+    out.wait("bestmove", after=i + 1)
+    n = len(out.lines)
+    e.handle("go infinite")
+    time.sleep(0.3)
+    e.handle("stop")  # returns once the search thread has answered
+    i, _, best = out.wait("bestmove", after=n)
+    assert legal_after([], best.split()[1])
+    assert 0 < info_field(out.text()[n:i], "nodes") < 1_000_000
+    assert e.mcts.root.n_sum < e.mcts.options.max_tree_visits
+
+
+def network_value(e: UsiEngine, board: cshogi.Board, ply: int) -> float:
+    """The engine's network's value of ``board`` shown at ``ply`` (no repetition)."""
+    import torch
+
+    from keisei_stream.shogi import encode_observation
+
+    with torch.inference_mode():
+        _, v = e.player.model(torch.from_numpy(encode_observation(board, ply, 0, e.mcts.max_plies))[None])
+    return float(v[0])
+
+
+def test_the_sfen_move_number_sets_the_ply_plane_and_the_move_limit(eng):
+    """Issue 18: ``position sfen ... N`` is N - 1 moves into the game: the network sees that ply
+    (clamped to the last training ply, 63 for this net's max_plies 64), a game from move 300 goes
+    on past the training limit (no draw without MaxMovesToDraw) and the GUI's limit counts from
+    the game's start."""
+    e, out = eng
+    body = BOARD_AT.format(1).rsplit(" ", 1)[0]
+    e.handle(f"position sfen {body} 21 moves 7g7f")  # ply 21: below the training limit
+    e.handle("go nodes 8")
+    out.wait("bestmove")
+    board = cshogi.Board(f"{body} 21")
+    board.push_usi("7g7f")
+    assert e.mcts.root.value == pytest.approx(network_value(e, board, 21), abs=1e-5)
+    assert abs(network_value(e, board, 21) - network_value(e, board, 1)) > 1e-4  # the test can tell
+    # a game from move 300: four moves, the engine playing both sides, each search's root shown at
+    # the clamped ply 63 (not at 0-3, the moves since the SFEN) and no move a draw
+    moves: list[str] = []
+    for _ in range(4):
+        n = len(out.lines)
+        e.handle(f"position sfen {body} 300" + (" moves " + " ".join(moves) if moves else ""))
+        e.handle("go nodes 16")
+        _, _, best = out.wait("bestmove", after=n)
+        board = cshogi.Board(f"{body} 300")
+        for m in moves:
+            board.push_usi(m)
+        assert e.mcts.root.value == pytest.approx(network_value(e, board, 63), abs=1e-5)
+        assert all(c.reason != int(EndReason.MAX_PLIES) for c in e.mcts.root.children.values())
+        moves.append(best.split()[1])
+        assert board.is_legal(board.move_from_usi(moves[-1]))
+    assert abs(network_value(e, board, 63) - network_value(e, board, 3)) > 1e-4
+    # the GUI's limit: 301 moves, so at move 301 every move draws (answered at once, cp 0)
+    e.handle("setoption name MaxMovesToDraw value 301")
+    n = len(out.lines)
+    e.handle(f"position sfen {body} 300 moves {moves[0]}")
+    e.handle("go nodes 100")
+    i, _, best = out.wait("bestmove", after=n)
+    assert info_field(out.text()[n:i], "nodes") == 0 and " score cp 0 " in out.text()[i - 1]
+
+
+def test_the_training_limit_is_not_a_draw_rule(eng):
+    """This net was trained with max_plies 64; a game 70 moves long goes on: its children are
+    searched positions, not draws (before, every child was a draw from ply 63 on)."""
+    e, out = eng
+    board = cshogi.Board()
+    moves, _, _ = random_opening(board, 70, np.random.default_rng(0))
+    usi = [cshogi.move_to_usi(m) for m in moves]
+    e.handle("position startpos moves " + " ".join(usi))
+    e.handle("go nodes 64")
+    _, _, best = out.wait("bestmove")
+    assert legal_after(usi, best.split()[1])
+    assert e.mcts.root.n_sum == 64 and not any(c.terminal is not None and c.reason == int(EndReason.MAX_PLIES)
+                                               for c in e.mcts.root.children.values())
+    # the raw policy sees the same clamped ply: its score is the network's value at ply 63
+    e.handle("setoption name Nodes value 0")
+    n = len(out.lines)
+    e.handle("go")
+    i, _, _ = out.wait("bestmove", after=n)
+    assert info_field(out.text()[n:i], "cp") == value_to_cp(network_value(e, board, 63))
 
 
 def test_complete_games_under_cshogi_cli(ckpt, tmp_path):

@@ -3,7 +3,8 @@ JSON), the run's Elo-over-versions table (``--table``), or continuous evaluation
 
 ``--follow`` also saves every evaluation in ``{runs_dir}/{run}/eval`` (``eval.jsonl``,
 ``elo_table.json``) and the Elo curve in ``{runs_dir}/{run}/tensorboard``
-(:class:`keisei_stream.play.follow.EvalFiles`), so ``--table`` still answers after the run's Redis is gone.
+(:class:`keisei_stream.play.evaluation.follow.EvalFiles`), so ``--table`` still answers after the
+run's Redis is gone.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from rich.console import Console
 
 from keisei_stream.cli.common import find_redis, run_dir
 from keisei_stream.config import ConfigError, config_from_json
-from keisei_stream.play.follow import ELO_TABLE, elo_table, follow, merge_tables, render_elo_table, saved_elo_table
-from keisei_stream.play.match import play_match
+from keisei_stream.play.evaluation.follow import (
+    ELO_TABLE, elo_table, follow, merge_tables, render_elo_table, saved_elo_table,
+)
+from keisei_stream.play.evaluation.match import play_match
 from keisei_stream.play.players import SpecError
 
 

@@ -137,7 +137,7 @@ examples:
         "network (go nodes / movetime / byoyomi / btime wtime binc winc / infinite / ponder, with "
         "stop and ponderhit), or one forward pass per move with --nodes 0. USI options: Nodes, "
         "BatchSize, Threads, Device, USI_Ponder, USI_Hash, ByoyomiMargin, MateSearchPlies, "
-        "InfoInterval, Temperature, Seed (a bad value is answered with 'info string' and ignored).")
+        "InfoInterval, Temperature, Seed, MaxMovesToDraw (a bad value is answered with 'info string' and ignored).")
     pu.add_argument("--checkpoint", required=True, help="checkpoint file (ckpt_*.pt)")
     pu.add_argument("--nodes", type=int, default=800,
                     help="simulations per move when go gives no limit; 0 = no search, one forward pass "

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from keisei_stream.cli.common import find_redis, make_console, run_dir
-from keisei_stream.play.follow import ELO_TABLE, EVAL_LOG, latest_rating, saved_elo_table, saved_latest_rating
+from keisei_stream.play.evaluation.follow import ELO_TABLE, EVAL_LOG, latest_rating, saved_elo_table, saved_latest_rating
 from keisei_stream.wire import archive, status
 from keisei_stream.wire.keys import Keys
 
@@ -37,7 +37,7 @@ def collect_status(r, run_id: str) -> dict:
         ``run``, ``control``, ``workers`` (list of heartbeat dicts plus ``age_s``, seconds since
         last seen), ``learner``, ``stream``, ``accounting`` (dicts as wire.status reads them),
         ``settled_positions``, ``unsettled_positions`` (ints), ``rating``
-        (:func:`keisei_stream.play.follow.latest_rating`, or None), ``losses`` (the newest 20
+        (:func:`keisei_stream.play.evaluation.follow.latest_rating`, or None), ``losses`` (the newest 20
         entries of the ``losses`` stream: Redis restarts that lost the run's data).
 
     Raises:

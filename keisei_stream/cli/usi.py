@@ -1,5 +1,5 @@
 """``keisei usi --checkpoint FILE``: the trained network with tree search as a USI engine on
-stdin/stdout (:mod:`keisei_stream.play.engine`). A GUI registers it as ``python -m
+stdin/stdout (:mod:`keisei_stream.play.engine.usi_server`). A GUI registers it as ``python -m
 keisei_stream.cli usi --checkpoint FILE``."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from keisei_stream.play.engine import OPTIONS, run_engine
+from keisei_stream.play.engine.usi_options import OPTIONS
+from keisei_stream.play.engine.usi_server import run_engine
 
 
 def command(args: argparse.Namespace) -> int:

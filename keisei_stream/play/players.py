@@ -1,4 +1,5 @@
-"""The player protocol, its errors, and the two players without a model: random and 1-ply greedy.
+"""The player protocol and its errors: what matches (:mod:`keisei_stream.play.evaluation.match`)
+need of a player, and what every player (the engine's and the evaluation's) implements.
 
 Every player follows the :class:`Player` protocol:
 
@@ -9,19 +10,22 @@ Every player follows the :class:`Player` protocol:
 - ``choose(board, ply) -> str | int``: the move for the side to move of ``board`` (a
   ``cshogi.Board`` whose ``history`` holds every move since ``start_sfen``), as a cshogi move
   code or a USI string (``"resign"`` and ``"win"``, the entering-king declaration, are allowed);
-  ``ply`` = moves played so far (opening included). The referee, not the player, judges legality;
+  ``ply`` = moves played so far (opening included). The match judges legality (with the
+  referee, :mod:`keisei_stream.shogi.referee`), not the player;
 - ``game_over(result)``: optional notification, ``result`` in ``"win" | "lose" | "draw"``;
 - ``close()``: release processes and memory.
 
 A player that cannot answer raises :class:`PlayerError` with ``reason`` ``"timeout"`` (no
 answer in time; the engine process is killed), ``"crash"`` (the engine process died or closed its
-output) or ``"illegal"`` (unparseable answer); the referee (:func:`keisei_stream.play.match.play_game`)
-scores that game as a loss with the reason and the match goes on (a USI engine is restarted at
-the next ``new_game``).
+output) or ``"illegal"`` (unparseable answer); the match
+(:func:`keisei_stream.play.evaluation.match.play_game`) scores that game as a loss with the
+reason and the match goes on (a USI engine is restarted at the next ``new_game``).
 
-The other players: :class:`keisei_stream.play.model_player.ModelPlayer` (the policy network) and
-:class:`keisei_stream.play.usi_client.UsiEnginePlayer` (an external USI engine); all of them are
-built from spec strings by :func:`keisei_stream.play.specs.make_player`.
+The players: :class:`keisei_stream.play.engine.model_player.ModelPlayer` (the policy network),
+:class:`keisei_stream.play.engine.search_player.SearchPlayer` (the tree search),
+:class:`keisei_stream.play.evaluation.usi_client.UsiEnginePlayer` (an external USI engine) and the
+random and greedy movers of :mod:`keisei_stream.play.evaluation.baselines`; all of them are built
+from spec strings by :func:`keisei_stream.play.evaluation.specs.make_player`.
 """
 
 from __future__ import annotations
@@ -29,41 +33,9 @@ from __future__ import annotations
 from typing import Optional, Protocol, Sequence, Union
 
 import cshogi
-import numpy as np
 
 #: ``start_sfen`` of a game from the standard starting position.
 STARTPOS = "startpos"
-
-#: Piece values indexed by cshogi piece type (0 = none, 1 PAWN, 2 LANCE, 3 KNIGHT, 4 SILVER,
-#: 5 BISHOP, 6 ROOK, 7 GOLD, 8 KING, 9 +P, 10 +L, 11 +N, 12 +S, 13 HORSE, 14 DRAGON), in
-#: centipawn-like units, ``(16,) int64``. Source: the material values of Bonanza 6.0, which the
-#: YaneuraOu engine keeps as its material evaluation (pawn 90, lance 315, knight 405, silver 495,
-#: gold 540, bishop 855, rook 990, promoted pawn/lance/knight/silver 540, horse 945, dragon 1395);
-#: the king is given 15000 (never captured in legal play).
-PIECE_VALUES = np.array(
-    [0, 90, 315, 405, 495, 855, 990, 540, 15000, 540, 540, 540, 540, 945, 1395, 0], dtype=np.int64
-)
-#: Gain of promoting a piece of each (unpromoted) type: value(promoted) - value(piece), ``(16,) int64``.
-PROMOTION_GAIN = np.zeros(16, dtype=np.int64)
-for _pt, _ppt in ((1, 9), (2, 10), (3, 11), (4, 12), (5, 13), (6, 14)):
-    PROMOTION_GAIN[_pt] = PIECE_VALUES[_ppt] - PIECE_VALUES[_pt]
-
-
-def move_gains(moves: np.ndarray) -> np.ndarray:
-    """1-ply material gain of cshogi move codes: captured value + promotion gain.
-
-    Args:
-        moves: ``(K,)`` uint32 cshogi move codes (bits 14 = promotion, 16-19 = moved piece type,
-            20-23 = captured piece type; see ``cshogi.move_cap`` / ``move_from_piece_type``).
-
-    Returns:
-        ``(K,)`` int64 gains in :data:`PIECE_VALUES` units.
-    """
-    m = moves.astype(np.int64)
-    cap = (m >> 20) & 0xF
-    moved = (m >> 16) & 0xF
-    promo = (m >> 14) & 1
-    return PIECE_VALUES[cap] + promo * PROMOTION_GAIN[moved]
 
 
 class PlayerError(Exception):
@@ -81,7 +53,7 @@ class SpecError(ValueError):
 
 
 class Player(Protocol):
-    """What the referee needs of a player (module docstring)."""
+    """What a match needs of a player (module docstring)."""
 
     name: str
 
@@ -90,53 +62,3 @@ class Player(Protocol):
     def choose(self, board: cshogi.Board, ply: int) -> Union[str, int]: ...
 
     def close(self) -> None: ...
-
-
-def _legal_array(board: cshogi.Board) -> np.ndarray:
-    return np.fromiter(board.legal_moves, dtype=np.uint32)
-
-
-class RandomPlayer:
-    """Uniformly random legal move (cshogi's legal move generator).
-
-    Args:
-        seed: seed of the move choice (``new_game(seed=...)`` reseeds it).
-        name: shown in results.
-    """
-
-    def __init__(self, seed: int = 0, name: str = "random"):
-        self.name = name
-        self.rng = np.random.default_rng(seed)
-
-    def new_game(self, start_sfen: str = STARTPOS, moves: Sequence[str] = (), seed: Optional[int] = None) -> None:
-        """Reseed the move choice with ``seed`` (if given); the position is not needed."""
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-
-    def choose(self, board: cshogi.Board, ply: int) -> Union[str, int]:
-        """A cshogi move code, or ``"resign"`` without a legal move."""
-        legal = _legal_array(board)
-        if len(legal) == 0:
-            return "resign"
-        return int(legal[self.rng.integers(len(legal))])
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
-class GreedyPlayer(RandomPlayer):
-    """1-ply material greedy: the move with the largest :func:`move_gains` (capture of the most
-    valuable piece, plus promotion gain), ties broken uniformly at random; with no capture or
-    promotion available, a uniformly random legal move."""
-
-    def __init__(self, seed: int = 0, name: str = "greedy"):
-        super().__init__(seed, name)
-
-    def choose(self, board: cshogi.Board, ply: int) -> Union[str, int]:
-        """A cshogi move code, or ``"resign"`` without a legal move."""
-        legal = _legal_array(board)
-        if len(legal) == 0:
-            return "resign"
-        gains = move_gains(legal)
-        best = np.flatnonzero(gains == gains.max())
-        return int(legal[best[self.rng.integers(len(best))]])

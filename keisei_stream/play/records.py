@@ -38,12 +38,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import cshogi
 from cshogi import CSA, KIF
 
-from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, validate_sfen
+from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, legal_move_from_usi, validate_sfen
 from keisei_stream.wire import status
 from keisei_stream.wire.client import as_str
 from keisei_stream.wire.archive import read_newest
@@ -137,15 +137,25 @@ def _replay(start: str, moves: list[str]) -> cshogi.Board:
     board.set_sfen(start)
     if not board.is_ok():
         raise RecordError(f"bad start sfen {start!r}")
+    for _ in _walk(board, moves):
+        pass
+    return board
+
+
+def _walk(board: cshogi.Board, moves: Iterable[str]) -> Iterator[int]:
+    """Yield each USI move of ``moves`` as a cshogi move code legal in ``board`` at that point
+    (:func:`keisei_stream.shogi.legal_move_from_usi`); ``board`` plays it after the yield.
+
+    Raises:
+        RecordError: a move that is not legal (numbered from 1).
+    """
     for i, mv in enumerate(moves):
         try:
-            m = board.move_from_usi(mv)
-        except Exception:
-            m = 0
-        if not m or not board.is_legal(m):
-            raise RecordError(f"move {i + 1} {mv!r} is not legal")
+            m = legal_move_from_usi(board, mv)
+        except ValueError:
+            raise RecordError(f"move {i + 1} {mv!r} is not legal") from None
+        yield m
         board.push(m)
-    return board
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,17 +238,19 @@ def _winner_jp(result: int) -> str:
 
 
 def to_kif(game: Game) -> str:
-    """The game as KIF text (header, numbered moves, the ending and the ``まで`` result line)."""
+    """The game as KIF text (header, numbered moves, the ending and the ``まで`` result line).
+
+    Raises:
+        RecordError: a move of the game is not legal.
+    """
     exp = KIF.Exporter()
     exp.kifu = io.StringIO()
     exp.prev_move = None
     exp.move_number = 1
     board = _board(game)
     exp.header([game.black, game.white], handicap=None if game.start_sfen == STARTING_SFEN else board.copy())
-    for mv in game.moves:
-        m = board.move_from_usi(mv)
+    for m in _walk(board, game.moves):
         exp.move(m)
-        board.push(m)
     n = game.plies
     side_to_move_loses = game.result != 0 and (game.result > 0) == (board.turn == cshogi.WHITE)
     word = {"checkmate": "詰み", "resign": "投了", "repetition": "千日手", "max_plies": "持将棋",
@@ -256,16 +268,18 @@ def to_kif(game: Game) -> str:
 
 
 def to_csa(game: Game) -> str:
-    """The game as CSA V2.2 text (names, start position, moves, ``%`` ending)."""
+    """The game as CSA V2.2 text (names, start position, moves, ``%`` ending).
+
+    Raises:
+        RecordError: a move of the game is not legal.
+    """
     exp = CSA.Exporter()
     exp.f = io.StringIO()
     board = _board(game)
     var_info = {k: str(v) for k, v in game.meta.items() if k in ("worker", "version", "detail") and str(v)}
     exp.info(board.copy(), [game.black, game.white], var_info=var_info or None, version="V2.2")
-    for mv in game.moves:
-        m = board.move_from_usi(mv)
+    for m in _walk(board, game.moves):
         exp.move(m)
-        board.push(m)
     loser_sign = "+" if game.result < 0 else "-"
     side_to_move_loses = game.result != 0 and (game.result > 0) == (board.turn == cshogi.WHITE)
     end = {"checkmate": "%TORYO", "resign": "%TORYO", "repetition": "%SENNICHITE", "max_plies": "%MAX_MOVES",
@@ -406,13 +420,15 @@ def board_after(game: Game, ply: Optional[int] = None) -> tuple[cshogi.Board, Op
     Returns:
         ``(board, last_move, n)``: a new ``cshogi.Board``, the cshogi move code of the last move
         played (None at the start position) and the number of moves played.
+
+    Raises:
+        RecordError: a move of the game is not legal.
     """
     n = game.plies if ply is None else max(0, min(ply, game.plies))
     board = _board(game)
     last = None
-    for mv in game.moves[:n]:
-        last = board.move_from_usi(mv)
-        board.push(last)
+    for last in _walk(board, game.moves[:n]):
+        pass
     return board, last, n
 
 

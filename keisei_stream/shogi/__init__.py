@@ -14,13 +14,13 @@ from .env import StepResult, VecEnv, validate_sfen
 from .observation import HAND_MAX, NUM_PLANES, encode_observation, encode_positions, encode_positions_compact
 from .referee import (
     BOARD_END_REASONS, MOVER_SCORES, ONGOING, STARTING_SFEN, EndReason, GameRecord, RepetitionTracker, Verdict,
-    can_declare, judge, random_opening, repetition_feature,
+    can_declare, judge, legal_move_from_usi, random_opening, repetition_feature,
 )
 
 __all__ = [
     "BOARD_END_REASONS", "BOARD_MOVE_ACTIONS", "MOVER_SCORES", "HAND_MAX", "NUM_ACTIONS", "NUM_PLANES", "ONGOING",
     "STARTING_SFEN", "EndReason", "GameRecord", "RepetitionTracker", "StepResult", "VecEnv", "Verdict",
     "action_to_move", "action_to_usi", "can_declare", "encode_observation", "encode_positions", "encode_positions_compact", "judge",
-    "legal_mask", "legal_moves_and_actions", "moves_to_actions", "random_opening", "repetition_feature",
+    "legal_mask", "legal_move_from_usi", "legal_moves_and_actions", "moves_to_actions", "random_opening", "repetition_feature",
     "usi_to_action", "validate_sfen",
 ]

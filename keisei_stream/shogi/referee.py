@@ -1,9 +1,11 @@
 """The referee: the one place that says whether, why and for whom a game of shogi ended.
 
 Everything that judges a game uses this module: :class:`~keisei_stream.shogi.env.VecEnv` (self-play),
-``keisei_stream.play.evaluation.play_game`` (matches) and ``keisei_stream.wire.codec.replay_check``
-(the learner's replay of recorded games). cshogi supplies every rule; this module fixes which
-rules apply and in which order.
+``keisei_stream.play.evaluation.match.play_game`` (matches), ``keisei_stream.wire.replay.replay_check``
+(the learner's replay of recorded games) and the tree search of ``keisei_stream.play.engine`` (its
+terminal nodes and root). cshogi supplies every rule; this module fixes which rules apply and in
+which order. :func:`legal_move_from_usi` is the one way a USI move text from outside (a USI
+``position`` command, an engine's ``bestmove``, a game record) becomes a move.
 
 **End reasons** (:class:`EndReason`, ``uint8`` on the wire): one vocabulary. The integer codes
 are the wire format; :attr:`EndReason.label` gives the lower-case names used in evaluation
@@ -226,6 +228,31 @@ def can_declare(board: cshogi.Board) -> bool:
     ``is_nyugyoku()``; module docstring, rule 3). Also what a USI ``bestmove win`` is checked
     against."""
     return board.is_nyugyoku()
+
+
+def legal_move_from_usi(board: cshogi.Board, usi: str) -> int:
+    """The cshogi move code of the USI move text ``usi`` (``7g7f``, ``8h2b+``, ``P*5e``) when it is
+    one of the legal moves of the side to move in ``board``'s position (the code cshogi's move
+    generator gives, moved and captured piece included).
+
+    Membership in ``board.legal_moves`` is the test, not ``board.is_legal``: cshogi 1.1's
+    ``is_legal`` accepts a promotion outside the promotion zone (``2g2f+`` at the start).
+
+    Raises:
+        ValueError: ``usi`` is not a legal move in this position (malformed text, a square without
+            the side to move's piece, a piece it does not hold, a move that leaves the king in
+            check, nifu, pawn-drop mate, a promotion it may not make...).
+    """
+    try:
+        move = board.move_from_usi(usi) if isinstance(usi, str) else 0
+    except Exception:  # cshogi raises on some non-ASCII text; any failure is "not a move"
+        move = 0
+    if move:
+        m16 = move & 0xFFFF
+        for legal in board.legal_moves:
+            if legal & 0xFFFF == m16:
+                return legal
+    raise ValueError(f"{usi!r} is not a legal move in this position")
 
 
 def judge(board: cshogi.Board, repetitions: int, ply: int, max_plies: int,

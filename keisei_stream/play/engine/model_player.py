@@ -1,4 +1,10 @@
-"""The policy network as a player: :class:`ModelPlayer`, one forward pass per move."""
+"""The network a player plays with: loading it from a checkpoint (:func:`load_player_model`, on the
+device :func:`resolve_device` picks) and its raw policy as a player (:class:`ModelPlayer`, one
+forward pass per move; the USI engine's ``Nodes 0`` and its fallback).
+
+Errors come out as :class:`keisei_stream.play.players.SpecError`, since the model is named by a
+player spec string or the engine's ``--checkpoint``.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,49 @@ import numpy as np
 import torch
 from torch import nn
 
-from keisei_stream.config import Config
-from keisei_stream.play.loaders import load_player_model
+from keisei_stream.config import Config, ConfigError
+from keisei_stream.play.engine.leaves import training_ply
 from keisei_stream.play.players import STARTPOS, SpecError
-from keisei_stream.shogi import RepetitionTracker, encode_observation, legal_moves_and_actions, repetition_feature
+from keisei_stream.rl import checkpoint
+from keisei_stream.rl.model import pick_device
+from keisei_stream.shogi import (
+    RepetitionTracker, encode_observation, legal_move_from_usi, legal_moves_and_actions, repetition_feature,
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``).
+
+    Raises:
+        SpecError: unknown name, or CUDA requested but not available.
+    """
+    try:
+        return pick_device(name)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def load_player_model(source: Union[str, Path, tuple], device: str = "cpu") -> tuple[nn.Module, Config, dict, str]:
+    """The model a player plays with: ``source`` is a checkpoint path or ``(model, config[, meta])``.
+
+    Returns:
+        ``(model, config, meta, default_name)``: the model in eval mode on ``device`` (a given model
+        is used as it is), its run config, the checkpoint's info (version, updates, extra) or the
+        given meta, and a name for the player (the checkpoint's file stem, or ``"model"``).
+
+    Raises:
+        SpecError: unreadable checkpoint, a config it cannot be built from, or a bad device.
+    """
+    if isinstance(source, tuple):
+        return source[0], source[1], dict(source[2]) if len(source) > 2 else {}, "model"
+    dev = resolve_device(device)
+    try:
+        model, info = checkpoint.load_model_from_checkpoint(source, map_location="cpu")
+    except (checkpoint.CheckpointError, ConfigError) as exc:
+        raise SpecError(str(exc)) from None
+    config = info.pop("config")
+    info.pop("config_json")
+    return model.to(dev), config, info, Path(source).stem
 
 
 class ModelPlayer:
@@ -32,8 +77,9 @@ class ModelPlayer:
         threads: torch intra-op threads to set for this process (default 1; None = leave as is).
 
     The observation is ``keisei_stream.shogi.encode_observation(board, ply, repetition,
-    cfg.env.max_plies)`` ``(46, 9, 9) float32``, with ``repetition`` = earlier occurrences of the
-    position in this game (counted from the positions seen since :meth:`new_game`, opening
+    cfg.env.max_plies)`` ``(46, 9, 9) float32``, with ``ply`` clamped as in training
+    (:func:`keisei_stream.play.engine.leaves.training_ply`), ``repetition`` = earlier occurrences
+    of the position in this game (counted from the positions seen since :meth:`new_game`, opening
     included) and the model's own training ``max_plies``; the legal moves and their action
     indices come from ``keisei_stream.shogi.legal_moves_and_actions``.
 
@@ -71,7 +117,11 @@ class ModelPlayer:
 
     def new_game(self, start_sfen: str = STARTPOS, moves: Sequence[str] = (), seed: Optional[int] = None) -> None:
         """Forget the last game's positions, count those of the opening ``moves`` (for the
-        repetition plane), and reseed the sampling generator with ``seed`` (if given)."""
+        repetition plane), and reseed the sampling generator with ``seed`` (if given).
+
+        Raises:
+            ValueError: an opening move that is not legal.
+        """
         self._tracker = RepetitionTracker()
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -80,7 +130,7 @@ class ModelPlayer:
         b = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
         for mv in moves:
             self._tracker.push(b)
-            b.push_usi(mv)
+            b.push(legal_move_from_usi(b, mv))
 
     def choose(self, board: cshogi.Board, ply: int) -> Union[str, int]:
         """The policy's move (cshogi move code), or ``"resign"`` without a legal move."""
@@ -104,7 +154,8 @@ class ModelPlayer:
         moves, actions = legal_moves_and_actions(board)
         if len(moves) == 0:
             return "resign", 0.0
-        obs = encode_observation(board, ply, min(max(int(repetition), 0), 2), self.max_plies)
+        obs = encode_observation(board, int(training_ply(ply, self.max_plies)), min(max(int(repetition), 0), 2),
+                                 self.max_plies)
         with torch.inference_mode():
             x = torch.from_numpy(obs)[None].to(self.device)
             logits, value = self.model(x)

@@ -15,9 +15,9 @@ Options are separated by ``;``; the USI command line is split with :func:`shlex.
 Model players play the raw policy (one forward pass per move: ``temperature`` 0 = argmax, > 0
 samples ``softmax(logits / T)``) unless they search: ``search:PATH`` always does (``nodes``
 default 800), and a ``checkpoint:`` or ``redis:`` spec does when it has ``nodes=`` or
-``time_limit=``. A searching player is a :class:`keisei_stream.play.search.SearchPlayer` (PUCT
-tree search, ``nodes`` simulations per move, the tree kept between the moves of a game); every
-keyword of :func:`keisei_stream.play.search.search_player_from_spec` is accepted (``nodes``,
+``time_limit=``. A searching player is a :class:`keisei_stream.play.engine.search_player.SearchPlayer`
+(PUCT tree search, ``nodes`` simulations per move, the tree kept between the moves of a game);
+every keyword of :func:`search_player_from_spec` is accepted (``nodes``,
 ``time_limit``, ``batch_size``, ``c_init``, ``mate_search_plies``, ``temperature`` = sampling in
 proportion to ``visits ** (1 / T)``, ...). So one match can compare a version's raw policy
 (``redis:URL#RUN@12``) with its searched strength (``redis:URL#RUN@12;nodes=200``).
@@ -26,9 +26,11 @@ proportion to ``visits ** (1 / T)``, ...). So one match can compare a version's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
-from keisei_stream.play.players import GreedyPlayer, Player, RandomPlayer, SpecError
-from keisei_stream.play.usi_client import UsiEnginePlayer
+from keisei_stream.play.evaluation.baselines import GreedyPlayer, RandomPlayer
+from keisei_stream.play.evaluation.usi_client import UsiEnginePlayer
+from keisei_stream.play.players import Player, SpecError
 
 @dataclass
 class PlayerSpec:
@@ -122,17 +124,18 @@ def make_player(spec: str, *, seed: int = 0, temperature: float = 0.0, device: s
         # imported here, not at the top: torch (about 2 s to import) is loaded only when a model
         # player is built, so matches between random, greedy and USI players, and each of their
         # worker processes, start without it
-        from keisei_stream.play import loaders, model_player
+        from keisei_stream.play.engine.model_player import ModelPlayer
+        from keisei_stream.play.evaluation.run_weights import load_model_from_redis
 
         source, default = ps.body, None
         if ps.kind == "redis":
             url, run, version = parse_redis_body(ps.body)
-            model, cfg, meta = loaders.load_model_from_redis(url, run, version, dev)
+            model, cfg, meta = load_model_from_redis(url, run, version, dev)
             source = (model, cfg, meta)
             default = f"{run}@v{meta['version']}" if meta.get("version") is not None else f"{run}@{meta['sha256'][:12]}"
         if searching:
             return _search_player(spec, source, o, default, seed=seed, temperature=temp, device=dev)
-        return model_player.ModelPlayer(source, temperature=temp, device=dev, name=name or default, seed=seed)
+        return ModelPlayer(source, temperature=temp, device=dev, name=name or default, seed=seed)
     # usi
     setopts = {k[len("option."):]: v for k, v in o.items() if k.startswith("option.")}
     unknown = [k for k in o if not k.startswith("option.") and k not in ("go", "timeout", "name", "cwd")]
@@ -147,10 +150,8 @@ def make_player(spec: str, *, seed: int = 0, temperature: float = 0.0, device: s
 
 
 def _search_player(spec: str, source, options: dict, default_name, *, seed: int, temperature: float, device: str):
-    """A :class:`keisei_stream.play.search.SearchPlayer` for a ``search:`` spec, or a model spec
-    with ``nodes=`` / ``time_limit=`` (``source``: a path or a loaded ``(model, config, meta)``)."""
-    from keisei_stream.play.search import search_player_from_spec
-
+    """A :class:`keisei_stream.play.engine.search_player.SearchPlayer` for a ``search:`` spec, or a
+    model spec with ``nodes=`` / ``time_limit=`` (``source``: a path or a loaded ``(model, config, meta)``)."""
     opts = dict(options)
     opts["temperature"] = str(temperature)
     if "nodes" not in opts and "time_limit" not in opts:
@@ -164,3 +165,51 @@ def _search_player(spec: str, source, options: dict, default_name, *, seed: int,
         raise
     except ValueError as exc:
         raise SpecError(f"player spec {spec!r}: {exc}") from None
+
+
+_SPEC_INT = ("nodes", "batch_size", "mate_search_plies", "seed", "threads", "draw_plies", "max_plies",
+             "max_tree_visits")
+_SPEC_FLOAT = ("time_limit", "c_init", "c_base", "c_init_root", "c_base_root", "fpu_reduction",
+               "fpu_reduction_root", "virtual_loss", "policy_temperature", "temperature",
+               "dirichlet_alpha", "dirichlet_epsilon")
+_SPEC_BOOL = ("leaf_mate_in_1", "reuse_tree", "amp")
+
+
+def search_player_from_spec(body: Union[str, tuple], options: dict, *, seed: int = 0,
+                            device: str = "cpu") -> Player:
+    """Build a :class:`keisei_stream.play.engine.search_player.SearchPlayer` from a parsed spec
+    ``search:PATH;nodes=N;...`` (body = PATH, or a loaded ``(model, config, meta)`` for
+    ``redis:...;nodes=N``; options = the ``key=value`` pairs; ``device`` and ``name`` as for
+    checkpoint players, every :class:`keisei_stream.play.engine.mcts.MCTS` keyword accepted;
+    ``time_limit`` without ``nodes`` searches for that many seconds a move). For :func:`make_player`.
+
+    Raises:
+        ValueError: unknown option or unparsable value.
+        SpecError: the model cannot be loaded.
+    """
+    kw: dict = {}
+    dev = options.get("device", device)
+    name = options.get("name")
+    for k, v in options.items():
+        if k in ("device", "name"):
+            continue
+        try:
+            if k in _SPEC_INT:
+                kw[k] = int(v)
+            elif k in _SPEC_FLOAT:
+                kw[k] = float(v)
+            elif k in _SPEC_BOOL:
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(v)
+                kw[k] = v.lower() in ("1", "true", "yes", "on")
+            else:
+                raise ValueError(f"unknown search player option {k!r}")
+        except ValueError as exc:
+            raise ValueError(f"search player option {k}={v!r}: {exc}") from None
+    kw.setdefault("seed", seed)
+    if "time_limit" in kw and "nodes" not in kw:
+        kw["nodes"] = None
+    # imported here, not at the top: torch (about 2 s to import) comes with the engine's players
+    from keisei_stream.play.engine.search_player import SearchPlayer
+
+    return SearchPlayer(body, device=dev, name=name, **kw)

@@ -1,30 +1,31 @@
-"""Matches between players, judged by cshogi, scored with Elo.
+"""Matches between players, judged by the referee, scored with Elo.
 
-**The referee** (:func:`play_game`): cshogi checks every move and ending.
+**One game** (:func:`play_game`): the referee (:func:`keisei_stream.shogi.judge`, the same rules
+as self-play, in the same order: checkmate, 4-fold repetition or perpetual check, entering-king
+declaration by the CSA 27-point rule, the move limit) judges the position after every move; this
+module adds what only a match between players sees, the players' own failures:
 
-- A move that is not legal in the position (``board.is_legal``), or an unparseable answer:
-  the mover loses (``illegal``). ``"resign"``: the mover loses (``resign``). ``"win"`` (USI
-  entering-king declaration): a win if ``board.is_nyugyoku()`` holds, else a loss (``illegal``).
-  A player that raises :class:`keisei_stream.play.players.PlayerError` loses with its reason
-  (``timeout``: no answer in time, the engine is killed; ``crash``: the engine died).
-- After each move: no legal move for the side to move -> ``checkmate`` (the mover wins; cshogi
-  forbids pawn-drop mate, so it never happens as a legal move);
-  the fourth occurrence of a position (Zobrist hash with hands and side to move, official
-  sennichite rule) -> ``board.is_draw()`` tells a plain repetition (``repetition``, draw) from
-  perpetual check (``perpetual_check``, the checking side loses);
-  the side to move can declare entering king (``board.is_nyugyoku()``, 24/27-point rule) -> it
-  wins (``entering_king``; the referee declares for every player);
-  ``max_plies`` moves played (random opening included) -> draw (``max_plies``).
+- a move that is not legal in the position (:func:`keisei_stream.shogi.legal_move_from_usi`), or
+  an unparseable answer: the mover loses (``illegal``). ``"resign"``: the
+  mover loses (``resign``). ``"win"`` (USI entering-king declaration): a win when
+  :func:`keisei_stream.shogi.can_declare` holds, else a loss (``illegal``; the referee declares
+  for every player as soon as it is possible, so a valid ``win`` only comes late). A player that
+  raises :class:`keisei_stream.play.players.PlayerError` loses with its reason (``timeout``: no
+  answer in time, the engine is killed; ``crash``: the engine died).
+- the referee's endings: ``checkmate`` (the mover wins), ``repetition`` (draw),
+  ``perpetual_check`` (the checking side loses), ``entering_king`` (the side to move wins),
+  ``max_plies`` (``max_plies`` moves played, random opening included: a draw).
 
 **A match** (:func:`play_match`): ``games`` games, colours alternate (game ``i`` even: player A
 is Black). With ``opening_plies = k > 0`` both games of a pair (``2j``, ``2j + 1``) start after
 the same k uniformly random legal plies (seeded by ``seed`` and ``j``). Games run in
 ``processes`` worker processes (multiprocessing, ``spawn`` by default); each worker builds its
-players from the spec strings once (:func:`keisei_stream.play.specs.make_player`), so no live
+players from the spec strings once (:func:`keisei_stream.play.evaluation.specs.make_player`), so no live
 object crosses a process boundary. Per-game seeds derive from ``(seed, game index)``, so a
 match's results do not depend on the number of processes.
 
-Continuous evaluation of a run (``keisei eval --follow``) is in :mod:`keisei_stream.play.follow`.
+Continuous evaluation of a run (``keisei eval --follow``) is in
+:mod:`keisei_stream.play.evaluation.follow`.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from keisei_stream.play import elo as elo_math
+from keisei_stream.play.evaluation import elo as elo_math
+from keisei_stream.play.evaluation.specs import make_player, parse_spec
 from keisei_stream.play.players import STARTPOS, Player, PlayerError
-from keisei_stream.play.specs import make_player, parse_spec
-from keisei_stream.shogi import EndReason, RepetitionTracker, can_declare, judge, validate_sfen
+from keisei_stream.shogi import (
+    EndReason, RepetitionTracker, can_declare, judge, legal_move_from_usi, validate_sfen,
+)
 from keisei_stream.shogi import random_opening as referee_opening
 
 #: Reasons a game ends (labels in records), derived from EndReason: ``timeout``/``crash``/``illegal``/
@@ -90,9 +93,43 @@ def _failure(exc: PlayerError) -> EndReason:
     return reason if reason in (EndReason.ILLEGAL, EndReason.TIMEOUT, EndReason.CRASH) else EndReason.CRASH
 
 
+def _choice_to_move(board: cshogi.Board, side: int, choice) -> tuple[int, Optional[tuple]]:
+    """The move a player's ``choice`` (a cshogi move code or a USI string) plays in ``board``:
+    ``(move, None)``, or ``(0, (winner, reason, detail))`` when the choice ends the game
+    (``resign``, a ``win`` declaration, an illegal or unparseable move)."""
+    if choice == "resign":
+        return 0, (_opp(side), EndReason.RESIGN, "")
+    if choice == "win":  # the referee declares as soon as it is possible, so this is late
+        if can_declare(board):
+            return 0, (side, EndReason.ENTERING_KING, "")
+        return 0, (_opp(side), EndReason.ILLEGAL, "entering-king declaration not valid")
+    usi = choice if isinstance(choice, str) else cshogi.move_to_usi(int(choice)) if choice else str(choice)
+    try:
+        return legal_move_from_usi(board, usi), None
+    except ValueError:
+        return 0, (_opp(side), EndReason.ILLEGAL, f"illegal move {usi!r}")
+
+
+def _start_board(start_sfen: str, opening: Sequence[str]) -> tuple[cshogi.Board, RepetitionTracker]:
+    """The board after ``opening`` from ``start_sfen``, and the positions counted so far.
+
+    Raises:
+        ValueError: malformed ``start_sfen`` or an illegal opening move.
+    """
+    board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(validate_sfen(start_sfen))
+    tracker = RepetitionTracker(board)
+    for mv in opening:
+        try:
+            board.push(legal_move_from_usi(board, mv))
+        except ValueError:
+            raise ValueError(f"opening move {mv!r} is not legal") from None
+        tracker.push(board)
+    return board, tracker
+
+
 def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen: str = STARTPOS,
               opening: Sequence[str] = (), seeds: tuple[Optional[int], Optional[int]] = (None, None)) -> dict:
-    """Play one game between two players, cshogi judging every move and the ending.
+    """Play one game between two players, the referee judging every move and the ending.
 
     Args:
         black, white: :class:`keisei_stream.play.players.Player` objects.
@@ -111,60 +148,28 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
     """
     if start_sfen != STARTPOS:
         start_sfen = validate_sfen(start_sfen)  # cshogi aborts on some malformed SFENs
-    board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
-    tracker = RepetitionTracker(board)
-    moves: list[str] = []
-    for mv in opening:
-        m = board.move_from_usi(mv)
-        if not board.is_legal(m):
-            raise ValueError(f"opening move {mv!r} is not legal")
-        board.push(m)
-        moves.append(mv)
-        tracker.push(board)
+    board, tracker = _start_board(start_sfen, opening)
+    moves: list[str] = list(opening)
     players = (black, white)
-    winner: Optional[int] = None
-    reason, detail = EndReason.NONE, ""
+    ended: Optional[tuple] = None  # (winner, reason, detail) of a player's failure
     for color, (p, s) in enumerate(zip(players, seeds)):
         try:
             p.new_game(start_sfen, list(opening), s)
         except PlayerError as exc:  # an engine that cannot start (or hangs at start) loses
-            if not reason:
-                winner, reason, detail = _opp(color), _failure(exc), exc.message
+            ended = ended or (_opp(color), _failure(exc), exc.message)
     verdict = judge(board, tracker.count(board), len(moves), max_plies)
-    while not reason and not verdict:
+    while ended is None and not verdict:
         side = board.turn
-        player = players[side]
         try:
-            choice = player.choose(board, len(moves))
+            m, ended = _choice_to_move(board, side, players[side].choose(board, len(moves)))
         except PlayerError as exc:
-            winner, reason, detail = _opp(side), _failure(exc), exc.message
-            break
-        if isinstance(choice, str):
-            if choice == "resign":
-                winner, reason = _opp(side), EndReason.RESIGN
-                break
-            if choice == "win":  # the referee declares as soon as it is possible, so this is late
-                if can_declare(board):
-                    winner, reason = side, EndReason.ENTERING_KING
-                else:
-                    winner, reason, detail = _opp(side), EndReason.ILLEGAL, "entering-king declaration not valid"
-                break
-            try:
-                m = board.move_from_usi(choice)
-            except Exception:
-                m = 0
-            usi = choice
-        else:
-            m = int(choice)
-            usi = cshogi.move_to_usi(m) if m else str(choice)
-        if not m or not board.is_legal(m):
-            winner, reason, detail = _opp(side), EndReason.ILLEGAL, f"illegal move {usi!r}"
+            ended = (_opp(side), _failure(exc), exc.message)
+        if ended is not None:
             break
         board.push(m)
         moves.append(cshogi.move_to_usi(m))
         verdict = judge(board, tracker.push(board), len(moves), max_plies)
-    if not reason:
-        winner, reason = verdict.winner(board.turn), verdict.reason
+    winner, reason, detail = ended or (verdict.winner(board.turn), verdict.reason, "")
     result = 0 if winner is None else (1 if winner == cshogi.BLACK else -1)
     for color, p in enumerate(players):
         go = getattr(p, "game_over", None)
@@ -185,7 +190,7 @@ def play_game(black: Player, white: Player, *, max_plies: int = 256, start_sfen:
 class MatchResult:
     """Result of :func:`play_match`, from player A's point of view.
 
-    ``estimate``: the :class:`keisei_stream.play.elo.EloEstimate` of A minus B from A's wins,
+    ``estimate``: the :class:`keisei_stream.play.evaluation.elo.EloEstimate` of A minus B from A's wins,
     losses and draws; its numbers are also attributes of the result (``games``, ``wins``,
     ``losses``, ``draws``, ``score`` in [0, 1], ``elo`` with its 95 % interval ``elo_lo`` /
     ``elo_hi`` (Elo points; bounds may be +-inf at a 0 %/100 % score), ``los`` in [0, 1]);
@@ -289,7 +294,7 @@ def play_match(player_a: str, player_b: str, games: int = 100, opening_plies: in
     """Play ``games`` games between two player specs and score them for player A.
 
     Args:
-        player_a, player_b: spec strings (:mod:`keisei_stream.play.specs`).
+        player_a, player_b: spec strings (:mod:`keisei_stream.play.evaluation.specs`).
         games: number of games (>= 1); colours alternate, A is Black in even games.
         opening_plies: random plies before the players move (same opening for both games of a pair).
         processes: worker processes (1 = play in this process).

@@ -1,6 +1,6 @@
-"""Getting a trained model for a player: from a checkpoint file or an in-memory model
-(:func:`load_player_model`), a run's weights from Redis (:func:`load_model_from_redis`), and the
-device to put it on (:func:`resolve_device`).
+"""A run's published weights from Redis as a model for a ``redis:`` player
+(:func:`load_model_from_redis`). Checkpoint files are loaded by
+:func:`keisei_stream.play.engine.model_player.load_player_model`.
 
 Errors come out as :class:`keisei_stream.play.players.SpecError`, since the model is named by a
 player spec string.
@@ -10,53 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from keisei_stream.config import Config, ConfigError, config_from_json
+from keisei_stream.play.engine.model_player import resolve_device
 from keisei_stream.play.players import SpecError
 from keisei_stream.rl import checkpoint
-from keisei_stream.rl.model import build_model, pick_device
+from keisei_stream.rl.model import build_model
 from keisei_stream.wire import client, status, weights
 from keisei_stream.wire.keys import Keys
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``).
-
-    Raises:
-        SpecError: unknown name, or CUDA requested but not available.
-    """
-    try:
-        return pick_device(name)
-    except ValueError as exc:
-        raise SpecError(str(exc)) from None
-
-
-def load_player_model(source: Union[str, Path, tuple], device: str = "cpu") -> tuple[nn.Module, Config, dict, str]:
-    """The model a player plays with: ``source`` is a checkpoint path or ``(model, config[, meta])``.
-
-    Returns:
-        ``(model, config, meta, default_name)``: the model in eval mode on ``device`` (a given model
-        is used as it is), its run config, the checkpoint's info (version, updates, extra) or the
-        given meta, and a name for the player (the checkpoint's file stem, or ``"model"``).
-
-    Raises:
-        SpecError: unreadable checkpoint, a config it cannot be built from, or a bad device.
-    """
-    if isinstance(source, tuple):
-        return source[0], source[1], dict(source[2]) if len(source) > 2 else {}, "model"
-    dev = resolve_device(device)
-    try:
-        model, info = checkpoint.load_model_from_checkpoint(source, map_location="cpu")
-    except (checkpoint.CheckpointError, ConfigError) as exc:
-        raise SpecError(str(exc)) from None
-    config = info.pop("config")
-    info.pop("config_json")
-    return model.to(dev), config, info, Path(source).stem
 
 
 def load_model_from_redis(url: str, run: str, version: Union[int, str] = "latest",
@@ -71,7 +35,7 @@ def load_model_from_redis(url: str, run: str, version: Union[int, str] = "latest
         url: Redis URL (``redis://``, ``rediss://``, ``unix://``).
         run: run id.
         version: ``"latest"``, a version number (int or decimal str) or ``"sha256:HEX"``.
-        device: as :func:`resolve_device`.
+        device: as :func:`keisei_stream.play.engine.model_player.resolve_device`.
 
     Returns:
         ``(model, config, meta)``: the model in eval mode on ``device``, the run's

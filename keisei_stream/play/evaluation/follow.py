@@ -53,8 +53,8 @@ from rich.console import Console
 from rich.table import Table
 
 from keisei_stream.config import Config, config_from_json
-from keisei_stream.play import elo as elo_math
-from keisei_stream.play.match import play_match
+from keisei_stream.play.evaluation import elo as elo_math
+from keisei_stream.play.evaluation.match import play_match
 from keisei_stream.play.players import SpecError
 from keisei_stream.wire import client, status, weights
 from keisei_stream.wire.keys import Keys
@@ -90,7 +90,7 @@ def get_anchor(r, run: str, opponent: str, *, games: int, processes: int, openin
                max_plies: int, seed: int, progress: bool) -> dict:
     """Rating of an opponent spec on the random = 0 scale: 0 for ``random``; else cached in the
     Elo hash (``anchor:{spec}``) or measured now by a match of ``games`` games against ``random``
-    (arguments as :func:`keisei_stream.play.match.play_match`) and cached.
+    (arguments as :func:`keisei_stream.play.evaluation.match.play_match`) and cached.
 
     Returns:
         ``{"elo": float, "elo_lo": float, "elo_hi": float, "games": int}`` (bounds may be +-inf;
@@ -126,7 +126,7 @@ def evaluate_version(r, url: str, run: str, version: int, sha256: str, cfg: Conf
         version, sha256: the weights version and its blob's SHA-256 (hex).
         cfg: the run's config (``env.max_plies``, ``stream.eval_maxlen``).
         games, opponents, processes, opening_plies, temperature, device, seed, progress: the
-            matches' settings (:func:`keisei_stream.play.match.play_match`); the match against
+            matches' settings (:func:`keisei_stream.play.evaluation.match.play_match`); the match against
             an opponent uses ``seed + version``, its anchor match ``seed + 1``.
         console: where each match's summary line is printed (None: nowhere).
         files: where each entry and the Elo table are also saved (None: Redis only).
