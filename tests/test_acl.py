@@ -1,4 +1,6 @@
-"""Least-privilege ACL users on a real redis-server: what each role may do, and the denials."""
+"""Least-privilege ACL users on a real redis-server: what each role may do, and the denials (every
+write a worker must not make, tried as that worker's user on the server the suite runs against:
+``KEISEI_REDIS_SERVER`` picks Redis 6.2, 7.0, 7.2+ or Valkey)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import pytest
 import redis
 
 from keisei_stream.cli.main import main
-from keisei_stream.ops import acl
+from keisei_stream.ops import acl, compat
 from keisei_stream.wire import consumer as C
 from keisei_stream.wire import producer as P
 from keisei_stream.wire import status as S
@@ -22,60 +24,103 @@ K = Keys(RUN)
 
 @pytest.fixture
 def users(real_redis, redis_server):
-    """role -> client logged in as that role's user; the run has config, weights and a group."""
-    passwords = acl.create_users(real_redis, RUN)
+    """role -> client logged in as that role's user (``worker`` is worker w1's, ``other`` worker
+    w2's); the run has config, control, weights, a group and some accounting."""
+    passwords = acl.create_users(real_redis, RUN, ["w1", "w2"])
     real_redis.set(K.config, "{}")
     S.set_control(real_redis, K, "run")
     W.publish_weights(real_redis, K, 1, b"weights-v1", "float32", keep=2)
     C.ensure_group(real_redis, K)
+    real_redis.hset(K.accounting, "trained_positions", 5)
     clients = {role: connect(acl.user_url(redis_server.url, acl.username(RUN, role), pw))
                for role, pw in passwords.items()}
+    clients["worker"], clients["other"] = clients.pop("worker:w1"), clients.pop("worker:w2")
+    P.Producer(clients["other"], K, "w2", max_backlog=10)  # w2's record exists (a batch is added below)
     yield clients
     for c in clients.values():
         c.close()
-    for role in acl.ROLES:
+    for role in passwords:
         real_redis.execute_command("ACL", "DELUSER", acl.username(RUN, role))
 
 
-def test_worker_can_do_its_job(users, make_batch):
+def test_worker_can_do_its_job(users, make_batch, real_redis):
     w = users["worker"]
     assert w.get(K.config) == b"{}"
     assert S.get_control(w, K) == "run"
     assert W.read_latest_weights(w, K)[0] == 1
-    assert P.Producer(w, K, "w1", max_backlog=10).send(make_batch(100, worker_id="w1"))
+    producer = P.Producer(w, K, "w1", max_backlog=10)
+    batch = make_batch(100, worker_id="w1")
+    assert producer.send(batch)
+    assert producer.record_discarded(3) == 3
     S.write_worker_heartbeat(w, K, "w1", {"state": "playing"}, ttl_s=5)
     S.append_game(w, K, {"moves": "7g7f"}, maxlen=100)
-    w.hincrby(K.accounting, "worker_discarded_positions", 3)
     ps = w.pubsub()
     ps.subscribe(K.weights_channel)
     ps.close()
+    acc = S.read_accounting(real_redis, K)
+    assert acc["produced_positions"] == batch.num_positions and acc["produced_batches"] == 1
+    assert acc["worker_discarded_positions"] == 3 and acc["trained_positions"] == 5
+    assert [x["id"] for x in S.read_workers(real_redis, K)] == ["w1"]
+
+
+@pytest.fixture
+def other_worker_state(users, make_batch):
+    """Worker w2 has a heartbeat and a producer record."""
+    assert P.Producer(users["other"], K, "w2", max_backlog=10).send(make_batch(60, worker_id="w2"))
+    S.write_worker_heartbeat(users["other"], K, "w2", {"state": "playing"}, ttl_s=5)
 
 
 @pytest.mark.parametrize("attempt", [
     lambda w: w.hset(K.weights_latest, "version", 99),
     lambda w: w.set(K.weights_blob("0" * 64), b"evil"),
+    lambda w: w.xadd(K.weights_latest, {"x": 1}),
     lambda w: w.set(K.control, "stop"),
+    lambda w: w.xadd(K.control, {"x": 1}),
     lambda w: w.set(K.config, "{}"),
+    lambda w: w.set(K.epoch, "mine"),
+    lambda w: w.hset(K.accounting, "trained_positions", 10**9),
+    lambda w: w.hincrby(K.accounting, "produced_positions", 10**9),
+    lambda w: w.xadd(K.accounting, {"x": 1}),
     lambda w: w.hset(K.learner, "version", 1),
+    lambda w: w.xadd(K.worker("w2"), {"state": "dead"}, maxlen=1),
+    lambda w: w.xadd(K.producer("w2"), {"session": "x", "seq": 10**9, "positions": 0}, maxlen=1),
+    lambda w: P.Producer(w, K, "w2", max_backlog=10).record_discarded(5),
+    lambda w: w.pexpire(K.worker("w1"), 1),
+    lambda w: w.expire(K.config, 1),
     lambda w: w.publish(K.weights_channel, "99"),
     lambda w: w.xgroup_destroy(K.experience, K.group),
     lambda w: w.xgroup_create(K.experience, "mine", id="0"),
     lambda w: w.xreadgroup(K.group, "thief", {K.experience: ">"}, count=1),
+    lambda w: w.xrange(K.experience),
     lambda w: w.xack(K.experience, K.group, "0-1"),
     lambda w: w.xdel(K.experience, "0-1"),
     lambda w: w.xtrim(K.experience, maxlen=0),
     lambda w: w.delete(K.experience),
     lambda w: w.set("keisei:otherrun:config", "{}"),
     lambda w: w.eval("return redis.call('HSET', KEYS[1], 'version', 99)", 1, K.weights_latest),
+    lambda w: w.eval("return redis.call('HINCRBY', KEYS[1], 'trained_positions', 1)", 1, K.accounting),
     lambda w: w.flushall(),
     lambda w: w.config_set("maxmemory", "1"),
     lambda w: w.execute_command("ACL", "SETUSER", "x", "on"),
-], ids=["weights_latest", "weights_blob", "control", "config", "learner_hash", "publish", "xgroup_destroy",
-        "xgroup_create", "xreadgroup", "xack", "xdel", "xtrim", "del", "other_run", "eval_write_weights",
-        "flushall", "config_set", "acl_setuser"])
-def test_worker_is_denied(users, attempt):
-    with pytest.raises(redis.exceptions.NoPermissionError):
+], ids=["weights_latest", "weights_blob", "xadd_weights_latest", "control", "xadd_control", "config", "epoch",
+        "accounting_hset", "accounting_hincrby", "xadd_accounting", "learner_hash", "other_heartbeat",
+        "other_producer_record", "other_producer_discard", "pexpire_own", "expire_config", "publish",
+        "xgroup_destroy", "xgroup_create", "xreadgroup", "xrange", "xack", "xdel", "xtrim", "del", "other_run",
+        "eval_write_weights", "eval_write_accounting", "flushall", "config_set", "acl_setuser"])
+def test_worker_is_denied(users, other_worker_state, real_redis, attempt):
+    """Each write is refused: NOPERM, or the script's ACL failure (a command inside it); on Redis
+    6.2 (no read-only key selectors) an XADD onto the run's existing strings and hashes is refused
+    by their type instead. Nothing changed."""
+    before = {k: real_redis.dump(k) for k in real_redis.scan_iter(match=K.prefix + "*")}
+    with pytest.raises(redis.exceptions.ResponseError) as info:
         attempt(users["worker"])
+    why = str(info.value)
+    acl_refusal = isinstance(info.value, redis.exceptions.NoPermissionError) or \
+        "can't run this command" in why or "ACL failure" in why
+    wrongtype = "WRONGTYPE" in why and not compat.server_info(real_redis).read_only_selectors
+    assert acl_refusal or wrongtype, why
+    after = {k: real_redis.dump(k) for k in real_redis.scan_iter(match=K.prefix + "*")}
+    assert after == before
 
 
 def test_monitor_reads_only(users, real_redis):
@@ -113,15 +158,59 @@ def test_user_url():
 
 
 def test_keisei_users_creates_working_users(real_redis, redis_server, capsys):
-    assert main(["users", "--redis", redis_server.url, "--run", "cliusers"]) == 0
+    assert main(["users", "--redis", redis_server.url, "--run", "cliusers", "--workers", "2"]) == 0
     lines = dict(line.split()[0:3:2] for line in capsys.readouterr().out.splitlines())
-    assert set(lines) == set(acl.ROLES)
-    w = connect(lines["worker"])
+    assert set(lines) == {*acl.ROLES, "worker:w0", "worker:w1"}
+    w = connect(lines["worker:w0"])
     with pytest.raises(redis.exceptions.NoPermissionError):
         w.set("keisei:cliusers:control", "stop")
     assert w.get("keisei:cliusers:config") is None  # reading is allowed
+    S.write_worker_heartbeat(w, Keys("cliusers"), "w0", {"state": "playing"})
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        S.write_worker_heartbeat(w, Keys("cliusers"), "w1", {"state": "playing"})
     w.close()
-    assert main(["users", "--rules", "--redis", "unused", "--run", "cliusers"]) == 0
-    assert capsys.readouterr().out.count("ACL SETUSER keisei-cliusers-") == len(acl.ROLES)
-    for role in acl.ROLES:
+    assert main(["users", "--rules", "--redis", "unused", "--run", "cliusers", "--worker-id", "a"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ACL SETUSER keisei-cliusers-") == len(acl.ROLES) + 1 and "%R~" in out
+    assert main(["users", "--rules", "--redis", "unused", "--run", "cliusers", "--server-version", "6.2"]) == 0
+    assert "%R~" not in capsys.readouterr().out
+    for role in lines:
         real_redis.execute_command("ACL", "DELUSER", acl.username("cliusers", role))
+
+
+@pytest.mark.parametrize("version", ["6.2.14", "7.0.15", "7.2.4"])
+def test_rules_name_only_what_the_server_knows(version):
+    """No rule newer than the server: ``+quit`` from 7.0, ``+client|setinfo`` from 7.2, ``%R~`` from 7.0."""
+    server = compat.ServerInfo(compat.parse_version(version))
+    rules = [r for role in (*acl.ROLES, acl.worker_role("w0")) for r in acl.role_rules(K, role, server)]
+    assert ("+quit" in rules) == (server.version >= (7, 0, 0))
+    assert ("+client|setinfo" in rules) == (server.version >= (7, 2, 0))
+    assert any(r.startswith("%R~") for r in rules) == (server.version >= (7, 0, 0))
+
+
+def test_the_rules_of_the_running_server_are_accepted(real_redis):
+    """The server the suite runs against takes every role's rules (the Debian 12 Redis 7.0 refused
+    ``+client|setinfo``, which ``keisei run`` sent before)."""
+    server = compat.require_supported(real_redis)
+    for role in (*acl.ROLES, acl.worker_role("w0")):
+        real_redis.execute_command("ACL", "SETUSER", "probe", "reset", "on", ">pw", *acl.role_rules(K, role, server))
+    real_redis.execute_command("ACL", "DELUSER", "probe")
+
+
+def test_version_check_names_the_minimum():
+    class Old:
+        def info(self, section):
+            return {"redis_version": "6.0.16"}
+
+    with pytest.raises(compat.UnsupportedServer, match="6.2.0 or newer"):
+        compat.require_supported(Old())
+    assert compat.parse_version("7.2.4-rc1") == (7, 2, 4)
+    valkey = compat.server_info(type("V", (), {"info": lambda self, s: {"redis_version": "7.2.4", "server_name": "valkey",
+                                                                          "valkey_version": "9.1.2"}})())
+    assert valkey.name == "valkey" and valkey.describe() == "Valkey 9.1.2 (Redis 7.2.4 compatible)"
+
+
+def test_worker_ids_that_cannot_be_users_are_refused():
+    for bad in ("", "a b", "a:b", "a@b", "x" * 65):
+        with pytest.raises(ValueError):
+            acl.worker_role(bad)

@@ -38,10 +38,11 @@ def test_keys_layout():
     assert K.weights_blob("ab") == "keisei:unit:weights:blob:ab"
     assert K.worker("w-1") == "keisei:unit:workers:w-1" and K.workers_pattern == "keisei:unit:workers:*"
     assert K.accounting == "keisei:unit:accounting" and K.group == "learners"
+    assert K.producer("w-1") == "keisei:unit:producers:w-1" and K.producers_pattern == "keisei:unit:producers:*"
     # every key of the run, spelled out (the names are a contract with redis-cli users and other processes)
     names = {"experience": "experience", "deadletter": "deadletter", "metrics": "metrics", "games": "games",
              "eval": "eval", "config": "config", "control": "control", "learner": "learner",
-             "accounting": "accounting", "producers": "producers", "weights_latest": "weights:latest",
+             "accounting": "accounting", "supervisor": "supervisor", "weights_latest": "weights:latest",
              "weights_index": "weights:index", "weights_channel": "weights", "losses": "losses", "epoch": "epoch"}
     assert {attr: getattr(K, attr) for attr in names} == {a: "keisei:unit:" + n for a, n in names.items()}
     assert Keys("unit") == K and hash(Keys("unit")) == hash(K)
@@ -74,8 +75,8 @@ def test_admission_script_is_idempotent(fake_redis, make_batch):
     p = Producer(fake_redis, K, "w1", max_backlog=10)
     b = make_batch(50)
     fields = encode_batch(b)
-    argv = [10, "w1", p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
-    keys = [K.experience, K.accounting, K.producers]
+    argv = [10, p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
+    keys = [K.experience, K.producer("w1")]
     assert int(p._script(keys=keys, args=argv)[0]) == 1
     assert int(p._script(keys=keys, args=argv)[0]) == 2  # the retry after a lost reply
     assert fake_redis.xlen(K.experience) == 1
@@ -175,7 +176,13 @@ def test_heartbeats_control_metrics(fake_redis):
     write_worker_heartbeat(fake_redis, K, "w2", {"positions": 5}, ttl_s=30)
     ws = read_workers(fake_redis, K)
     assert [w["id"] for w in ws] == ["w1", "w2"] and ws[0]["positions"] == "10"
-    assert 0 < fake_redis.pttl(K.worker("w1")) <= 30_000
+    write_worker_heartbeat(fake_redis, K, "w1", {"positions": 11}, ttl_s=30)
+    assert fake_redis.xlen(K.worker("w1")) == 1  # the newest heartbeat only
+    ws = read_workers(fake_redis, K)
+    assert ws[0]["positions"] == "11" and ws[0]["alive"] == "1"
+    write_worker_heartbeat(fake_redis, K, "w2", {"positions": 5, "last_seen": time.time() - 60}, ttl_s=30)
+    assert [w["alive"] for w in read_workers(fake_redis, K)] == ["1", "0"]
+    assert [w["id"] for w in read_workers(fake_redis, K, max_age_s=30)] == ["w1"]
     assert get_control(fake_redis, K) == "run"
     set_control(fake_redis, K, "pause")
     assert get_control(fake_redis, K) == "pause"

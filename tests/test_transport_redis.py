@@ -137,8 +137,8 @@ def test_retried_add_is_trained_once(real_redis, make_batch):
     b = make_batch(50)
     b.batch_id = p.next_batch_id()
     fields = encode_batch(b)
-    argv = [100, "w1", p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
-    keys = [K.experience, K.accounting, K.producers]
+    argv = [100, p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
+    keys = [K.experience, K.producer("w1")]
     assert int(p._script(keys=keys, args=argv)[0]) == 1
     assert int(p._script(keys=keys, args=argv)[0]) == 2
     real_redis.xadd(K.experience, fields)  # a raw duplicate (e.g. XADD retried by redis-py)

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--learners", type=int, default=1,
                     help="data-parallel learner ranks (torch.distributed; > 1 starts them with torchrun)")
     pr.add_argument("--learner-restarts", type=int, default=3,
-                    help="with --learners > 1: times torchrun restarts the ranks after one fails (--max-restarts)")
+                    help="times a learner that exits with an error is restarted with --resume (with --learners > 1: "
+                         "torchrun's --max-restarts of the ranks)")
+    pr.add_argument("--restart-backoff", type=float, default=1.0,
+                    help="seconds before a crashed worker (or learner) is restarted; doubles with each crash that "
+                         "comes within a minute of its start, up to 30 s")
 
     ps = sub.add_parser("status", help="workers, learner, stream and accounting of a run",
                         description="The live status from the run's Redis; when that does not answer (a "
@@ -186,13 +190,19 @@ examples:
     ls = gsub.add_parser("list", help="table of the newest games", description=games_doc)
     common(ls)
 
-    pa = sub.add_parser("users", help="create the run's least-privilege Redis users (worker, learner, evaluator, "
-                        "monitor) on a server and print their URLs")
+    pa = sub.add_parser("users", help="create the run's least-privilege Redis users (learner, evaluator, monitor, "
+                        "one per worker) on a server and print their URLs")
     pa.add_argument("--redis", required=True, help="URL of a user allowed to run ACL SETUSER (the server's admin)")
     pa.add_argument("--run", required=True, help="run id")
     pa.add_argument("--url", default=None, help="the URL the processes will use (default: --redis without its user)")
+    pa.add_argument("--workers", type=int, default=0, help="also create one user for each of the worker ids "
+                    "w0 .. w{N-1} (the ids keisei run gives; python -m workers --id ID must use its user's id)")
+    pa.add_argument("--worker-id", dest="worker_ids", action="append", default=[], metavar="ID",
+                    help="also create a user for this worker id (repeatable)")
     pa.add_argument("--rules", action="store_true", help="only print the ACL SETUSER rules (for redis-cli); "
                     "connect to nothing")
+    pa.add_argument("--server-version", default=None, metavar="X.Y",
+                    help="with --rules: the rules for this server version (default: 7.2, the newest rules)")
     return p
 
 

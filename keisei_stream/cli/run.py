@@ -1,204 +1,192 @@
 """``keisei run``: a whole local run in one command: a private, persistent Redis with least-privilege
-users (unless ``--redis``), the learner and N workers as child processes (``python -m learner`` as
-the run's ``learner`` user, ``python -m workers`` as its ``worker`` user; logs in
-``{run.dir}/{run.id}/logs``), a live status view, and a clean stop."""
+users (unless ``--redis``), the learner and N workers as supervised child processes
+(``python -m learner`` as the run's ``learner`` user, ``python -m workers`` each as its own worker
+user; logs in ``{run.dir}/{run.id}/logs``), a live status view, and a clean stop.
+
+:func:`command` reads as its steps; the supervision itself is :mod:`keisei_stream.ops.supervise`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from rich.live import Live
 
 from keisei_stream.cli.common import make_console, url_file
 from keisei_stream.cli.status import collect_status, render_status
-from keisei_stream.config import ConfigError, load_config
-from keisei_stream.ops import acl, embedded_redis
+from keisei_stream.config import Config, ConfigError, load_config
+from keisei_stream.ops import compat, embedded_redis, local, supervise
 from keisei_stream.wire import client, status
 from keisei_stream.wire.keys import Keys
 
 
-def _child_preexec() -> None:  # pragma: no cover - runs in the child
-    """New session (a terminal's Ctrl-C reaches only ``keisei run``, which stops the children in
-    order), and SIGTERM to the child if ``keisei run`` dies (Linux PR_SET_PDEATHSIG)."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(sig)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def start_private_redis(run_dir: Path, run_id: str, args: argparse.Namespace, console) -> tuple:
-    """The run's private Redis: persistent (append-only file in ``run_dir/appendonlydir`` with
-    ``args.appendfsync``), with one ACL user per role (:mod:`keisei_stream.ops.acl`; passwords in
-    ``run_dir/redis-users.json``, mode 600). A run started without ``--resume`` begins from an empty
-    server (the previous append-only file is removed); with ``--resume`` the server loads it, so
-    the stream, its pending entries and the accounting are back.
-
-    Returns:
-        ``(server, admin_url, learner_url, worker_url)``.
-    """
-    aof = run_dir / "appendonlydir"
-    if aof.exists() and not args.resume:
-        console.print(f"starting fresh: removing the previous run's Redis data in {aof} (--resume continues it)")
-        shutil.rmtree(aof)
-    server = embedded_redis.start_redis(run_dir, maxmemory=args.maxmemory, appendonly=True,
-                                        appendfsync=args.appendfsync)
-    admin = client.connect(server.url)
-    passwords = acl.create_users(admin, run_id)
-    admin.close()
-    users = run_dir / "redis-users.json"
-    users.touch(mode=0o600)
-    users.write_text(json.dumps({acl.username(run_id, role): pw for role, pw in passwords.items()}, indent=2))
-    learner_url = acl.user_url(server.url, acl.username(run_id, "learner"), passwords["learner"])
-    worker_url = acl.user_url(server.url, acl.username(run_id, "worker"), passwords["worker"])
-    return server, server.url, learner_url, worker_url
-
-
 def command(args: argparse.Namespace) -> int:
-    """``keisei run``: start the run, show its status until ``--duration``, Ctrl-C, SIGTERM or
-    the learner's exit, then stop it in order (workers, then the learner).
+    """``keisei run``: start the run, supervise it until ``--duration``, Ctrl-C, SIGTERM or the
+    learner's exit for good, then stop it in order (workers, then the learner).
 
     Returns:
-        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config.
+        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config or an
+        unsupported Redis.
     """
     console = make_console()
+    cfg = load_run_config(args, console)
+    if cfg is None:
+        return 2
+    run_id, run_dir = cfg.run.id, Path(cfg.run.dir) / cfg.run.id
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    worker_ids = [f"w{i}" for i in range(n_workers(args))]
+    try:
+        rr = start_redis_and_users(args, run_dir, run_id, worker_ids, console)
+    except (compat.UnsupportedServer, embedded_redis.RedisStartError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    url_file(run_dir).write_text(rr.url + "\n")
+    r = client.connect(rr.url)
+    keys = Keys(run_id)
+    status.set_control(r, keys, "run")
+    sup = make_supervisor(args, rr, r, keys, run_dir, worker_ids, console)
+    console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
+                  f"{len(worker_ids)} workers, logs in {run_dir / 'logs'}"
+                  + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
+    sup.start()
+    with stop_signals_interrupt():
+        why = watch_with_view(args, sup, r, run_id, console)
+    console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and checkpoints")
+    supervise.stop_in_order(sup, args.learner_stop_timeout)
+    learner_state = final_status(r, run_id, run_dir, console)
+    rr.stop()
+    if rr.server is not None:
+        url_file(run_dir).unlink(missing_ok=True)
+    report_checkpoint(run_dir, console)
+    # torchrun exits 1 when it is stopped by a signal, even after its ranks stopped cleanly: rank 0
+    # then wrote the learner state "stopped"
+    code = sup.learner.returncode
+    return 0 if code == 0 or (args.learners > 1 and learner_state == "stopped") else 1
+
+
+def load_run_config(args: argparse.Namespace, console) -> Config | None:
+    """The config with ``--set`` overrides and ``--run``; None (after printing why) when invalid."""
     try:
         cfg = load_config(args.config, args.overrides)
         if args.run:
             cfg.run.id = args.run
     except (ConfigError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
-        return 2
-    run_id = cfg.run.id
-    run_dir = Path(cfg.run.dir) / run_id
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    n_workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+        return None
+    return cfg
 
-    server = None
-    learner_url = worker_url = url = args.redis
-    if not args.redis:
-        server, url, learner_url, worker_url = start_private_redis(run_dir, run_id, args, console)
-    url_file(run_dir).write_text(url + "\n")
-    r = client.connect(url)
-    keys = Keys(run_id)
-    status.set_control(r, keys, "run")
+
+def n_workers(args: argparse.Namespace) -> int:
+    """``--workers``, default the cores left after the learner (at least 1)."""
+    return args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+
+
+def start_redis_and_users(args: argparse.Namespace, run_dir: Path, run_id: str, worker_ids: list[str],
+                          console) -> local.RunRedis:
+    """The private Redis with the run's users (:func:`keisei_stream.ops.local.start_private_redis`),
+    or the ``--redis`` server; either checked for a supported version.
+
+    Raises:
+        compat.UnsupportedServer, embedded_redis.RedisStartError.
+    """
+    if args.redis:
+        return local.use_redis(args.redis)
+    return local.start_private_redis(run_dir, run_id, worker_ids, resume=args.resume, maxmemory=args.maxmemory,
+                                     appendfsync=args.appendfsync, say=console.print)
+
+
+def make_supervisor(args: argparse.Namespace, rr: local.RunRedis, r, keys: Keys, run_dir: Path,
+                    worker_ids: list[str], console) -> supervise.Supervisor:
+    """The learner and worker children (not started yet); their Redis URLs (with the passwords)
+    go in the environment variable ``KEISEI_REDIS``, not on command lines where ``ps`` shows them."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    py = sys.executable
-    learner_cmd = learner_command(args, run_id)
-    console.print(f"keisei run [bold]{run_id}[/bold]: Redis {url}, {args.learners} learner(s) + {n_workers} workers, "
-                  f"logs in {logs}" + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
-    learner = subprocess.Popen(learner_cmd, stdout=open(logs / "learner.out", "ab"), stderr=subprocess.STDOUT,
-                               env=dict(env, KEISEI_REDIS=learner_url), preexec_fn=_child_preexec)
-    workers = []
-    for i in range(n_workers):
-        cmd = [py, "-m", "workers", "--run", run_id, "--id", f"w{i}"]  # the URL (a password) in the environment
-        if args.games:
-            cmd += ["--games", str(args.games)]
-        workers.append(subprocess.Popen(cmd, stdout=open(logs / f"worker-w{i}.out", "ab"),
-                                        stderr=subprocess.STDOUT, env=dict(env, KEISEI_REDIS=worker_url),
-                                        preexec_fn=_child_preexec))
-    t0 = time.monotonic()
+    logs = run_dir / "logs"
+    cmd = learner_command(args, keys.run)
+    resume_cmd = cmd if args.resume else learner_command(argparse.Namespace(**{**vars(args), "resume": True}), keys.run)
+    learner = supervise.Child("learner", cmd, dict(env, KEISEI_REDIS=rr.url_for("learner")), logs / "learner.out",
+                              resume_cmd=resume_cmd)
+    workers = [supervise.Child(wid, worker_command(args, keys.run, wid),
+                               dict(env, KEISEI_REDIS=rr.url_for(f"worker:{wid}")), logs / f"worker-{wid}.out")
+               for wid in worker_ids]
+    return supervise.Supervisor(r, keys, learner, workers, redis=rr if rr.server is not None else None,
+                                backoff=supervise.Backoff(base_s=args.restart_backoff),
+                                learner_restarts=args.learner_restarts if args.learners == 1 else 0,
+                                say=lambda line: console.print(line, highlight=False))
 
+
+def worker_command(args: argparse.Namespace, run_id: str, worker_id: str) -> list[str]:
+    """``python -m workers --run RUN --id ID [--games N]`` (the URL: ``KEISEI_REDIS``)."""
+    cmd = [sys.executable, "-m", "workers", "--run", run_id, "--id", worker_id]
+    return cmd + (["--games", str(args.games)] if args.games else [])
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT both raise ``KeyboardInterrupt`` ("stop the run in order"; SIGINT is set
+    explicitly: a shell starts background jobs with SIGINT ignored); restored afterwards."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    # SIGTERM and SIGINT both mean "stop the run in order" (SIGINT is set explicitly: a shell
-    # starts background jobs with SIGINT ignored).
     old_term = signal.signal(signal.SIGTERM, interrupt)
     old_int = signal.signal(signal.SIGINT, interrupt)
     try:
-        def loop(update):
-            while True:
-                if args.duration and time.monotonic() - t0 >= args.duration:
-                    return
-                if learner.poll() is not None:
-                    console.print(f"[red]learner exited with {learner.returncode}[/red]; see {logs / 'learner.out'}")
-                    return
-                time.sleep(2.0)
-                update()
-
-        if args.no_live or not console.is_terminal:
-            last_print = [-1e9]
-
-            def update():  # a line every --print-every seconds; the loop checks the duration every 2 s
-                if time.monotonic() - last_print[0] < args.print_every:
-                    return
-                last_print[0] = time.monotonic()
-                st = collect_status(r, run_id)
-                ln = st["learner"]
-                console.print(f"[{time.monotonic() - t0:7.0f}s] version {ln.get('version', '-')} "
-                              f"updates {ln.get('updates', '-')} backlog {st['stream'].get('backlog', '-')} "
-                              f"produced {st['accounting'].get('produced_positions', 0)} "
-                              f"trained {st['accounting'].get('trained_positions', 0)}", highlight=False)
-            loop(update)
-        else:
-            with Live(render_status(collect_status(r, run_id)), console=console, refresh_per_second=1) as live:
-                loop(lambda: live.update(render_status(collect_status(r, run_id))))
-    except KeyboardInterrupt:
-        pass
+        yield
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-        console.print("stopping: workers first (control=stop), then the learner drains, updates and checkpoints")
-        try:
-            status.set_control(r, keys, "stop")
-        except Exception as exc:  # Redis gone: signals still stop everything
-            console.print(f"[yellow]could not set control=stop: {exc}[/yellow]")
-        deadline = time.monotonic() + 30.0
-        for p in workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _terminate([p], signal.SIGTERM, 10.0)
-                if p.poll() is None:
-                    p.kill()
-        _terminate([learner], signal.SIGTERM, args.learner_stop_timeout)
-        if learner.poll() is None:
-            console.print("[red]learner did not stop in time; killed[/red]")
-            learner.kill()
-            learner.wait()
-        try:
+
+
+def watch_with_view(args: argparse.Namespace, sup: supervise.Supervisor, r, run_id: str, console) -> str:
+    """:func:`keisei_stream.ops.supervise.watch` with the live status table, or with a status
+    line every ``--print-every`` seconds (``--no-live`` or no terminal); returns why it ended."""
+    if args.no_live or not console.is_terminal:
+        last = [-1e9]
+        t0 = [None]
+
+        def line() -> None:
+            now = time.monotonic()
+            t0[0] = t0[0] or now
+            if now - last[0] < args.print_every:
+                return
+            last[0] = now
             st = collect_status(r, run_id)
-            console.print(render_status(st))
-            (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
-        except Exception as exc:
-            console.print(f"[yellow]final status unavailable: {exc}[/yellow]")
-        learner_state = _learner_state(url, run_id)
-        if server is not None:
-            server.stop()
-            url_file(run_dir).unlink(missing_ok=True)
-    # imported only now: the supervisor needs torch (about 2 s to import) for nothing but this
-    # file name, so the run starts without it
+            ln, acc = st["learner"], st["accounting"]
+            console.print(f"[{now - t0[0]:7.0f}s] version {ln.get('version', '-')} updates {ln.get('updates', '-')} "
+                          f"backlog {st['stream'].get('backlog', '-')} produced {acc.get('produced_positions', 0)} "
+                          f"trained {acc.get('trained_positions', 0)} worker restarts {sup.worker_restarts()}",
+                          highlight=False)
+        return supervise.watch(sup, args.duration, line)
+    with Live(render_status(collect_status(r, run_id)), console=console, refresh_per_second=1) as live:
+        return supervise.watch(sup, args.duration, lambda: live.update(render_status(collect_status(r, run_id))))
+
+
+def final_status(r, run_id: str, run_dir: Path, console) -> str | None:
+    """Print the final status table and save it as ``final_status.json``; returns the learner's
+    last state (None when Redis does not answer)."""
+    try:
+        st = collect_status(r, run_id)
+        console.print(render_status(st))
+        (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
+        return st["learner"].get("state")
+    except Exception as exc:  # noqa: BLE001 - the run is over either way; say why there is no table
+        console.print(f"[yellow]final status unavailable: {exc}[/yellow]")
+        return None
+
+
+def report_checkpoint(run_dir: Path, console) -> None:
+    """Print the newest checkpoint's path (torch is imported only here: the supervisor needs it,
+    about 2 s to import, for nothing but this file name)."""
     from keisei_stream.rl.checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    console.print(f"checkpoint: {ckpt}")
-    # torchrun exits 1 when it is stopped by a signal, even after its ranks stopped cleanly: rank 0
-    # then wrote the learner state "stopped"
-    clean = learner.returncode == 0 or (args.learners > 1 and learner_state == "stopped")
-    return 0 if clean else 1
+    console.print(f"checkpoint: {latest_checkpoint(run_dir / 'checkpoints')}")
 
 
 def learner_command(args: argparse.Namespace, run_id: str) -> list[str]:
@@ -220,12 +208,3 @@ def learner_command(args: argparse.Namespace, run_id: str) -> list[str]:
     if args.resume:
         cmd.append("--resume")
     return cmd
-
-
-def _learner_state(url: str, run_id: str) -> str | None:
-    try:
-        return status.read_learner_status(client.connect(url), Keys(run_id)).get("state")
-    except Exception:  # the Redis is gone: the state is unknown
-        return None
-
-

@@ -38,7 +38,8 @@ def collect_status(r, run_id: str) -> dict:
         last seen), ``learner``, ``stream``, ``accounting`` (dicts as wire.status reads them),
         ``settled_positions``, ``unsettled_positions`` (ints), ``rating``
         (:func:`keisei_stream.play.evaluation.follow.latest_rating`, or None), ``losses`` (the newest 20
-        entries of the ``losses`` stream: Redis restarts that lost the run's data).
+        entries of the ``losses`` stream: Redis restarts that lost the run's data),
+        ``supervisor`` (``keisei run``'s restart counts: ``worker_restarts``, ``restarts:{id}``).
 
     Raises:
         redis.RedisError: Redis unreachable.
@@ -63,7 +64,8 @@ def collect_status(r, run_id: str) -> dict:
     losses = [fields for _id, fields in status.read_stream(r, keys.losses, 20)]
     return {"run": run_id, "control": control, "workers": workers, "learner": learner,
             "stream": stream, "accounting": acc, "settled_positions": settled,
-            "unsettled_positions": produced - settled, "rating": rating, "losses": losses}
+            "unsettled_positions": produced - settled, "rating": rating, "losses": losses,
+            "supervisor": status.read_supervisor(r, keys)}
 
 
 def render_status(st: dict, stopped: bool = False) -> Group:
@@ -71,15 +73,18 @@ def render_status(st: dict, stopped: bool = False) -> Group:
     stopped run's saved final status (no worker is alive)."""
     state = "stopped, final status" if stopped else f"control: {st['control']}"
     wt = Table(title=f"run {st['run']}  ({state})", title_justify="left")
-    for col in ("worker", "state", "alive", "positions/s", "games", "positions", "version", "backpressure s", "host:pid"):
+    sv = st.get("supervisor") or {}
+    for col in ("worker", "state", "alive", "positions/s", "games", "positions", "version", "backpressure s",
+                "restarts", "host:pid"):
         wt.add_column(col, justify="right" if col not in ("worker", "state", "host:pid") else "left")
     for w in st["workers"]:  # read_workers sorts them by id
-        alive = "no (stopped)" if stopped else "yes" if w.get("age_s", 1e9) < 10 else f"? {w.get('age_s')}s"
+        alive = "no (stopped)" if stopped else "yes" if w.get("alive", "1") == "1" else f"no (seen {w.get('age_s')}s ago)"
         wt.add_row(str(w.get("id")), str(w.get("state", "")), alive, str(w.get("positions_per_s", "")),
                    str(w.get("games", "")), str(w.get("positions", "")), str(w.get("version", "")),
-                   str(w.get("backpressure_s", "")), f"{w.get('host', '')}:{w.get('pid', '')}")
+                   str(w.get("backpressure_s", "")), str(sv.get(f"restarts:{w.get('id')}", 0)),
+                   f"{w.get('host', '')}:{w.get('pid', '')}")
     if not st["workers"]:
-        wt.add_row("(no live workers)", "", "", "", "", "", "", "", "")
+        wt.add_row("(no live workers)", "", "", "", "", "", "", "", "", "")
 
     lt = Table(title="learner", title_justify="left")
     ln = st["learner"]
@@ -115,6 +120,8 @@ def render_status(st: dict, stopped: bool = False) -> Group:
         parts.append(f"learner ranks: {ln['ranks']} (positions trained by each: {ln.get('rank_trained_positions', '-')})")
     if int(a.get("double_acks", 0) or 0):
         parts.append(f"entries trained by two learners (one stalled past claim_idle_ms), counted once: {a['double_acks']}")
+    if sv.get("worker_restarts"):
+        parts.append(f"workers restarted by keisei run after an unexpected exit: {sv['worker_restarts']}")
     if ln.get("redis_outages") not in (None, "0"):
         parts.append(f"Redis outages seen by the learner: {ln.get('redis_outages')} "
                      f"({float(ln.get('redis_outage_s', 0)):.1f} s in all)")

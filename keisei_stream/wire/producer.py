@@ -1,12 +1,20 @@
 """The experience stream's producer: admission under the backlog limit, exactly once.
 
-One Lua script checks the backlog, makes the add idempotent and adds the entry (``XADD``), all
-atomically. The backlog is ``XLEN experience``: the learner deletes (``XDEL``) every entry it
-acknowledges, so the stream holds exactly the unacknowledged entries (delivered-but-pending plus
-never-delivered).
+One Lua script checks the backlog, makes the add idempotent, adds the entry (``XADD``) and
+updates the worker's own producer record, all atomically. The backlog is ``XLEN experience``:
+the learner deletes (``XDEL``) every entry it acknowledges, so the stream holds exactly the
+unacknowledged entries (delivered-but-pending plus never-delivered).
 ``MAXLEN`` is never used on this stream. A full stream makes the producer wait with exponential
 backoff (it keeps its games); a lost connection makes it retry. A retry of a script call that
-did run is recognised by the ``producers`` hash (``worker -> "session:seq"``) and not added twice.
+did run is recognised by the worker's record (``producers:{id}``: its last ``session`` and
+``seq``) and not added twice.
+
+The record is a stream holding one entry (``XADD ... MAXLEN 1``): every write a worker makes is
+an ``XADD``, which is what lets its Redis user be that narrow on every supported server
+(:mod:`keisei_stream.ops.acl`). Its fields (:data:`keisei_stream.wire.keys.PRODUCER_FIELDS`):
+``session``, ``seq``, ``positions`` and ``batches`` (added in all, by every session of this
+worker id), ``discarded`` (positions of games dropped at stops, :meth:`Producer.record_discarded`);
+:func:`keisei_stream.wire.status.read_producers` reads them.
 
 Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.client.connect`.
 """
@@ -23,27 +31,44 @@ from .codec import ExperienceBatch, encode_batch
 from .retry import TRANSIENT_ERRORS, is_oom
 from .keys import Keys
 
-# KEYS: experience, accounting, producers
-# ARGV: max_backlog, producer id, session, seq, positions, then field/value pairs for XADD
+# Reads the record of KEYS[2] into `rec`; shared by both scripts.
+_READ_RECORD = """
+local rec = {session = '', seq = '-1', positions = '0', batches = '0', discarded = '0'}
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if last[1] then
+  local f = last[1][2]
+  for i = 1, #f, 2 do rec[f[i]] = f[i + 1] end
+end
+"""
+_WRITE_RECORD = """
+redis.call('XADD', KEYS[2], 'MAXLEN', '1', '*', 'session', rec.session, 'seq', rec.seq,
+           'positions', rec.positions, 'batches', rec.batches, 'discarded', rec.discarded)
+"""
+
+# KEYS: experience, producers:{id}
+# ARGV: max_backlog, session, seq, positions, then field/value pairs for XADD
 # Returns {1, id} added, {2, ""} already added (a retry), {0, xlen} stream full.
-_ADMIT_LUA = """
-local last = redis.call('HGET', KEYS[3], ARGV[2])
-if last then
-  local sep = string.find(last, ':', 1, true)
-  if sep and string.sub(last, 1, sep - 1) == ARGV[3]
-     and tonumber(string.sub(last, sep + 1)) >= tonumber(ARGV[4]) then
-    return {2, ''}
-  end
+_ADMIT_LUA = _READ_RECORD + """
+if rec.session == ARGV[2] and tonumber(rec.seq) >= tonumber(ARGV[3]) then
+  return {2, ''}
 end
 local len = redis.call('XLEN', KEYS[1])
 if len >= tonumber(ARGV[1]) then
   return {0, len}
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 6))
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3] .. ':' .. ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'produced_positions', ARGV[5])
-redis.call('HINCRBY', KEYS[2], 'produced_batches', 1)
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5))
+rec.session, rec.seq = ARGV[2], ARGV[3]
+rec.positions = string.format('%d', tonumber(rec.positions) + tonumber(ARGV[4]))
+rec.batches = string.format('%d', tonumber(rec.batches) + 1)
+""" + _WRITE_RECORD + """
 return {1, id}
+"""
+
+# KEYS: (unused), producers:{id}; ARGV: positions discarded
+_DISCARD_LUA = _READ_RECORD + """
+rec.discarded = string.format('%d', tonumber(rec.discarded) + tonumber(ARGV[1]))
+""" + _WRITE_RECORD + """
+return rec.discarded
 """
 
 
@@ -65,7 +90,7 @@ class Producer:
     Args:
         r: client (``decode_responses=False``).
         keys: the run's keys.
-        worker_id: this worker's id (field ``w``; the idempotency record is per worker id).
+        worker_id: this worker's id (field ``w``; its record is ``producers:{worker_id}``).
         max_backlog: entries allowed in the stream (unacknowledged) before producers wait.
         backoff_max_s: cap of the exponential wait (starts at 10 ms, doubles).
 
@@ -90,6 +115,7 @@ class Producer:
         self.oom_waits = 0
         self.retries = 0
         self._script = r.register_script(_ADMIT_LUA)
+        self._discard = r.register_script(_DISCARD_LUA)
 
     def next_batch_id(self) -> str:
         """The id the next sent batch gets."""
@@ -113,13 +139,13 @@ class Producer:
         batch.batch_id = self.next_batch_id()
         batch.worker_id = self.worker_id
         fields = encode_batch(batch)
-        argv: list[Any] = [self.max_backlog, self.worker_id, self.session, self.seq, batch.num_positions]
+        argv: list[Any] = [self.max_backlog, self.session, self.seq, batch.num_positions]
         for k, v in fields.items():
             argv += [k, v]
         delay = 0.01
         while True:
             try:
-                status, _ = self._script(keys=[self.keys.experience, self.keys.accounting, self.keys.producers], args=argv)
+                status, _ = self._script(keys=[self.keys.experience, self.keys.producer(self.worker_id)], args=argv)
             except TRANSIENT_ERRORS:
                 self.retries += 1
                 status = -1
@@ -144,3 +170,10 @@ class Producer:
             if stopped:
                 return False
             delay = min(delay * 2, self.backoff_max_s)
+
+    def record_discarded(self, positions: int) -> int:
+        """Add ``positions`` (of games dropped at a stop) to this worker's record; returns its new
+        ``discarded`` total. Raises the client's errors (an ``OOM`` refusal included)."""
+        return int(self._discard(keys=[self.keys.experience, self.keys.producer(self.worker_id)],
+                                 args=[int(positions)]))
+

@@ -1,6 +1,7 @@
 """Run status over Redis: worker heartbeats, learner status, the capped metrics / games / eval
-streams, the control key, the stored config, the accounting counters and the experience stream's
-state.
+streams, the control key, the stored config, the accounting counters (the learner's ``accounting``
+hash plus the workers' producer records), the supervisor's restart counts and the experience
+stream's state.
 
 Hash and stream values are written flat (numbers as text, booleans as 0/1, None as empty) and
 read back as ``str``. Every function takes a ``redis.Redis`` made by
@@ -17,7 +18,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from .client import as_str
-from .keys import ACCOUNTING_FIELDS, Keys
+from .keys import ACCOUNTING_FIELDS, PRODUCER_FIELDS, Keys
 
 
 def _flat(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,26 +38,70 @@ def _flat(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_worker_heartbeat(r: redis.Redis, keys: Keys, worker_id: str, fields: Mapping[str, Any], ttl_s: float) -> None:
-    """``HSET workers:{id}`` (plus ``id``, ``last_seen`` unix seconds) with a TTL of ``ttl_s``."""
-    k = keys.worker(worker_id)
+def write_worker_heartbeat(r: redis.Redis, keys: Keys, worker_id: str, fields: Mapping[str, Any],
+                           ttl_s: float | None = None) -> None:
+    """Replace the heartbeat of worker ``worker_id`` (plus ``id``, ``pid``, ``last_seen`` unix
+    seconds): ``XADD workers:{id} MAXLEN 1``, the only kind of write a worker's Redis user has
+    (:mod:`keisei_stream.ops.acl`). ``ttl_s`` is recorded as ``ttl_s``: a heartbeat older than
+    that reads as not alive (:func:`read_workers`); the key itself stays (one entry a worker)."""
     data = _flat({"id": worker_id, "last_seen": time.time(), "pid": os.getpid(), **fields})
-    pipe = r.pipeline(transaction=True)
-    pipe.hset(k, mapping=data)
-    pipe.pexpire(k, max(1, int(ttl_s * 1000)))
-    pipe.execute()
+    if ttl_s is not None:
+        data["ttl_s"] = repr(float(ttl_s))
+    r.xadd(keys.worker(worker_id), data, maxlen=1, approximate=False)
 
 
-def read_workers(r: redis.Redis, keys: Keys) -> list[dict[str, str]]:
-    """Every live worker heartbeat as a dict of strings (sorted by id)."""
+def read_workers(r: redis.Redis, keys: Keys, max_age_s: float | None = None) -> list[dict[str, str]]:
+    """The newest heartbeat of every worker as a dict of strings (sorted by id), with ``alive``
+    (``"1"`` while younger than its ``ttl_s``, else ``"0"``); only those seen in the last
+    ``max_age_s`` seconds when given. Keys that are not heartbeat streams are skipped."""
     out = []
+    now = time.time()
     for k in r.scan_iter(match=keys.workers_pattern, count=200):
-        h = r.hgetall(k)
-        if h:
-            d = {as_str(a): as_str(b) for a, b in h.items()}
-            d.setdefault("id", as_str(k).rsplit(":", 1)[-1])
-            out.append(d)
+        try:
+            last = r.xrevrange(k, count=1)
+        except ResponseError:  # WRONGTYPE: not a heartbeat stream
+            continue
+        if not last:
+            continue
+        d = {as_str(a): as_str(b) for a, b in last[0][1].items()}
+        d.setdefault("id", as_str(k).rsplit(":", 1)[-1])
+        age = now - _float(d.get("last_seen"), 0.0)
+        if max_age_s is not None and age > max_age_s:
+            continue
+        d["alive"] = "1" if age <= _float(d.get("ttl_s"), 30.0) else "0"
+        out.append(d)
     return sorted(out, key=lambda d: d.get("id", ""))
+
+
+def _float(v: Any, default: float) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def read_producers(r: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
+    """Every worker's producer record (:class:`keisei_stream.wire.producer.Producer` writes it):
+    worker id -> ``session`` (str) and ``seq``, ``positions``, ``batches``, ``discarded`` (ints).
+    Keys that are not such streams are skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    head = keys.prefix + "producers:"
+    for k in r.scan_iter(match=keys.producers_pattern, count=500):
+        try:
+            last = r.xrevrange(k, count=1)
+        except ResponseError:  # WRONGTYPE: not a record
+            continue
+        if not last:
+            continue
+        f = {as_str(a): as_str(b) for a, b in last[0][1].items()}
+        rec: dict[str, Any] = {"session": f.get("session", "")}
+        for name in PRODUCER_FIELDS[1:]:
+            try:
+                rec[name] = int(f.get(name, 0))
+            except ValueError:
+                rec[name] = 0
+        out[as_str(k)[len(head):]] = rec
+    return out
 
 
 def write_learner_status(r: redis.Redis, keys: Keys, fields: Mapping[str, Any]) -> None:
@@ -128,14 +173,58 @@ def read_config(r: redis.Redis, keys: Keys) -> str | None:
 
 
 def read_accounting(r: redis.Redis, keys: Keys) -> dict[str, int]:
-    """The ``accounting`` hash as ints, every field of ``ACCOUNTING_FIELDS`` present (0 if unset)."""
+    """The run's position accounting as ints, every field of ``ACCOUNTING_FIELDS`` present (0 if
+    unset): the learner's ``accounting`` hash, plus the sums over the workers' producer records
+    (:func:`read_producers`): ``produced_positions``, ``produced_batches`` and
+    ``worker_discarded_positions``. (A run from before the producer records kept these in the
+    hash; what is there is added.)"""
     d = {f: 0 for f in ACCOUNTING_FIELDS}
+    d["worker_discarded_positions"] = 0
     for k, v in r.hgetall(keys.accounting).items():
         try:
             d[as_str(k)] = int(v)
         except ValueError:
             pass
+    for rec in read_producers(r, keys).values():
+        d["produced_positions"] += rec["positions"]
+        d["produced_batches"] += rec["batches"]
+        d["worker_discarded_positions"] += rec["discarded"]
     return d
+
+
+def stream_positions(r: redis.Redis, keys: Keys, page: int = 1000) -> int:
+    """Positions in the entries still in the experience stream (the sum of their ``n`` fields,
+    read with ``XRANGE`` pages of ``page``; an entry without a readable ``n`` counts 0)."""
+    total, start = 0, "-"
+    while True:
+        items = r.xrange(keys.experience, min=start, count=page)
+        for _id, fields in items:
+            try:
+                total += max(0, int(fields.get(b"n", fields.get("n", 0))))
+            except (TypeError, ValueError):
+                pass
+        if len(items) < page:
+            return total
+        start = "(" + as_str(items[-1][0])
+
+
+def count_worker_restart(r: redis.Redis, keys: Keys, worker_id: str) -> int:
+    """``HINCRBY supervisor worker_restarts 1`` and ``restarts:{worker_id}``; returns the total."""
+    pipe = r.pipeline(transaction=True)
+    pipe.hincrby(keys.supervisor, "worker_restarts", 1)
+    pipe.hincrby(keys.supervisor, f"restarts:{worker_id}", 1)
+    return int(pipe.execute()[0])
+
+
+def read_supervisor(r: redis.Redis, keys: Keys) -> dict[str, int]:
+    """The ``supervisor`` hash as ints (``worker_restarts``, ``restarts:{id}``; empty when unset)."""
+    out = {}
+    for k, v in r.hgetall(keys.supervisor).items():
+        try:
+            out[as_str(k)] = int(v)
+        except ValueError:
+            pass
+    return out
 
 
 def stream_info(r: redis.Redis, keys: Keys) -> dict[str, Any]:

@@ -1,0 +1,131 @@
+"""The Redis of a local run (``keisei run``): a private, persistent server with the run's users,
+or a server given by URL; either way checked for a supported version first.
+
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from keisei_stream.ops import acl, compat, embedded_redis
+from keisei_stream.wire import client
+
+#: The file with the private server's user names and passwords (mode 600).
+USERS_FILE = "redis-users.json"
+
+
+@dataclass
+class RunRedis:
+    """The run's Redis.
+
+    Attributes:
+        url: the admin's URL (the private server's default user on its unix socket; or ``--redis``).
+        urls: role -> the URL its processes use (``learner``, ``worker:{id}``...; with
+            ``--redis`` every role gets ``url``).
+        server: the private server (None with ``--redis``). info: its version.
+        passwords: role -> password of the private server's users (empty with ``--redis``).
+    """
+
+    url: str
+    urls: dict[str, str]
+    info: compat.ServerInfo
+    server: embedded_redis.RedisServer | None = None
+    passwords: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""
+    maxmemory: str = "1gb"
+    appendfsync: str = "everysec"
+
+    def url_for(self, role: str) -> str:
+        """The URL of ``role`` (``learner``, ``worker:{id}``...): its user's, else the admin's."""
+        return self.urls.get(role, self.url)
+
+    def alive(self) -> bool:
+        """True while the private server runs (always True with ``--redis``: not ours to watch)."""
+        return self.server is None or self.server.alive()
+
+    def returncode(self) -> int | None:
+        return None if self.server is None else self.server.process.returncode
+
+    def restart(self) -> None:
+        """Start the private server again on its directory (it loads its append-only file) and
+        create the run's users again with their passwords (ACL users are not in the file)."""
+        old = self.server
+        if old is None:
+            return
+        if old.alive():
+            old.process.kill()
+        old.process.wait()
+        self.server = embedded_redis.start_redis(old.run_dir, maxmemory=self.maxmemory, appendonly=True,
+                                                 appendfsync=self.appendfsync, socket_path=old.socket_path)
+        self.server._tmpdir, old._tmpdir = old._tmpdir, None  # the same socket (a short path) goes on
+        _create_users(self.server.url, self.run_id, [r[len("worker:"):] for r in self.passwords
+                                                      if r.startswith("worker:")], self.passwords)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None) -> dict[str, str]:
+    admin = client.connect(url)
+    try:
+        return acl.create_users(admin, run_id, workers, passwords)
+    finally:
+        admin.close()
+
+
+def check_server(url: str) -> compat.ServerInfo:
+    """The server's version, checked (:func:`keisei_stream.ops.compat.require_supported`).
+
+    Raises:
+        compat.UnsupportedServer: older than the minimum (the message names it).
+    """
+    r = client.connect(url)
+    try:
+        return compat.require_supported(r)
+    finally:
+        r.close()
+
+
+def start_private_redis(run_dir: Path, run_id: str, workers: list[str], *, resume: bool, maxmemory: str,
+                        appendfsync: str, say: Callable[[str], None] = print) -> RunRedis:
+    """The run's private Redis: persistent (append-only file in ``run_dir/appendonlydir`` with
+    ``appendfsync``), with a user per role and per worker id (:mod:`keisei_stream.ops.acl`;
+    names and passwords in ``run_dir/redis-users.json``, mode 600). Without ``resume`` it begins
+    from an empty server (the previous append-only file is removed); with ``resume`` the server
+    loads it, so the stream, its pending entries and the accounting are back.
+
+    Raises:
+        embedded_redis.RedisStartError: the server did not start.
+        compat.UnsupportedServer: the server binary is too old (it is stopped again).
+    """
+    aof = run_dir / "appendonlydir"
+    if aof.exists() and not resume:
+        say(f"starting fresh: removing the previous run's Redis data in {aof} (--resume continues it)")
+        shutil.rmtree(aof)
+    server = embedded_redis.start_redis(run_dir, maxmemory=maxmemory, appendonly=True, appendfsync=appendfsync)
+    try:
+        info = check_server(server.url)
+        passwords = _create_users(server.url, run_id, workers, None)
+    except BaseException:
+        server.stop()
+        raise
+    users = run_dir / USERS_FILE
+    users.touch(mode=0o600)
+    users.write_text(json.dumps({acl.username(run_id, role): pw for role, pw in passwords.items()}, indent=2))
+    urls = {role: acl.user_url(server.url, acl.username(run_id, role), pw) for role, pw in passwords.items()}
+    return RunRedis(server.url, urls, info, server, passwords, run_id, maxmemory, appendfsync)
+
+
+def use_redis(url: str) -> RunRedis:
+    """A run on the server at ``url`` (``--redis``): every process uses that URL.
+
+    Raises:
+        compat.UnsupportedServer: the server is too old.
+    """
+    return RunRedis(url, {}, check_server(url))

@@ -1,0 +1,256 @@
+"""Supervision of a local run's processes: start the learner and the workers as children, watch
+them, restart what exits unexpectedly (with backoff), stop them in order.
+
+Used by ``keisei run`` (:mod:`keisei_stream.cli.run`) and ``benchmarks/chaos.py``. Plain
+functions over two small dataclasses: a :class:`Child` is one supervised process (its command,
+environment, log and restart state); a :class:`Supervisor` holds the learner, the workers and
+the private Redis (:class:`keisei_stream.ops.local.RunRedis`, or None with ``--redis``).
+
+Restarts: a worker that exits while the run is not stopping (and ``control`` is not ``stop``) is
+started again after ``min(cap, base * 2**(n - 1))`` seconds, ``n`` counting its exits that came
+less than ``reset_after_s`` after its start (a worker that ran longer starts again after
+``base``): exponential backoff without jitter (the children of one machine do not stampede a
+server), as in M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015.
+Each restart is counted in the run's ``supervisor`` hash (:func:`keisei_stream.wire.status.count_worker_restart`),
+which ``keisei status`` shows. A single learner that exits with an error is restarted with
+``--resume`` the same way, at most ``learner_restarts`` times (several ranks under torchrun
+restart themselves). A private Redis that dies is started again on its directory: it loads its
+append-only file, and the run's users are created again with the same passwords.
+
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from keisei_stream.wire import status
+from keisei_stream.wire.keys import Keys
+
+log = logging.getLogger("keisei.run")
+
+#: Seconds the workers get to stop on ``control=stop`` before SIGTERM (then 10 s more, then SIGKILL).
+WORKER_STOP_S = 30.0
+
+
+def _child_preexec() -> None:  # pragma: no cover - runs in the child
+    """New session (a terminal's Ctrl-C reaches only the supervisor, which stops the children in
+    order), and SIGTERM to the child if the supervisor dies (Linux PR_SET_PDEATHSIG)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Backoff:
+    """Restart delays: ``min(cap_s, base_s * 2**(quick - 1))`` for the ``quick``-th exit in a row
+    that came less than ``reset_after_s`` after its start."""
+
+    base_s: float = 1.0
+    cap_s: float = 30.0
+    reset_after_s: float = 60.0
+
+    def delay(self, quick_exits: int) -> float:
+        return min(self.cap_s, self.base_s * 2 ** max(0, quick_exits - 1))
+
+
+@dataclass
+class Child:
+    """One supervised process. ``name``: ``learner`` or the worker id; ``resume_cmd``: the
+    command of a restart (the learner's with ``--resume``), default ``cmd``."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    resume_cmd: list[str] | None = None
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_exits: int = 0
+    restart_at: float | None = None  # monotonic time of a pending restart
+    exit_codes: list[int] = field(default_factory=list)
+
+    def start(self, restart: bool = False) -> None:
+        """Start the process (appending to its log) in its own session."""
+        cmd = (self.resume_cmd or self.cmd) if restart else self.cmd
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         preexec_fn=_child_preexec)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
+
+
+@dataclass
+class Supervisor:
+    """The processes of one local run.
+
+    Attributes:
+        r: a client of the run's Redis (the admin's for a private one); keys: the run's keys.
+        learner, workers: the children. redis: the private server's handle (None with ``--redis``).
+        backoff: restart delays. learner_restarts: restarts left for the learner (single rank).
+        stopping: set once the stop began (nothing is restarted any more).
+    """
+
+    r: Any
+    keys: Keys
+    learner: Child
+    workers: list[Child]
+    redis: Any = None
+    backoff: Backoff = field(default_factory=Backoff)
+    learner_restarts: int = 0
+    stopping: bool = False
+    say: Callable[[str], None] = print
+    redis_restarts: int = 0
+
+    def children(self) -> list[Child]:
+        return [self.learner, *self.workers]
+
+    def start(self) -> None:
+        """Start the learner, then the workers."""
+        self.learner.start()
+        for w in self.workers:
+            w.start()
+
+    def worker_restarts(self) -> int:
+        return sum(w.restarts for w in self.workers)
+
+
+def check_redis(sup: Supervisor) -> None:
+    """Start the private Redis again when its process has exited (it loads its append-only
+    file; the users come back with their passwords). Nothing to do with ``--redis``."""
+    if sup.redis is None or sup.stopping or sup.redis.alive():
+        return
+    sup.say(f"the private Redis exited ({sup.redis.returncode()}); starting it again from its append-only file")
+    sup.redis.restart()
+    sup.redis_restarts += 1
+
+
+def check_children(sup: Supervisor, now: float | None = None) -> str | None:
+    """One round of supervision (no Redis call unless a worker exited: then ``control`` is read
+    and the restart counted). Returns a reason to end the run (the learner exited for good),
+    else None."""
+    now = time.monotonic() if now is None else now
+    check_redis(sup)
+    lr = sup.learner
+    if lr.restart_at is None and not lr.running():
+        code = lr.returncode
+        if code == 0 or sup.learner_restarts <= 0 or sup.stopping:
+            return f"the learner exited with {code}"
+        _schedule(sup, lr, now)
+        sup.learner_restarts -= 1
+    for child in sup.workers:
+        if child.restart_at is None and not child.running() and not sup.stopping:
+            if status.get_control(sup.r, sup.keys) == "stop":
+                continue  # stopped on purpose (someone set control=stop)
+            _schedule(sup, child, now)
+            status.count_worker_restart(sup.r, sup.keys, child.name)
+    for child in sup.children():
+        if child.restart_at is not None and now >= child.restart_at and not sup.stopping:
+            child.start(restart=True)
+            sup.say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
+    return None
+
+
+def _schedule(sup: Supervisor, child: Child, now: float) -> None:
+    """Note ``child``'s exit and when it starts again."""
+    code = child.returncode
+    child.exit_codes.append(code if code is not None else -1)
+    ran = now - child.started_at
+    child.quick_exits = child.quick_exits + 1 if ran < sup.backoff.reset_after_s else 1
+    delay = sup.backoff.delay(child.quick_exits)
+    child.restart_at = now + delay
+    child.restarts += 1
+    sup.say(f"{child.name} exited with {code} after {ran:.0f} s; restarting in {delay:.0f} s (log: {child.log_path})")
+
+
+def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None] | None = None,
+          tick_s: float = 2.0) -> str:
+    """Supervise until ``duration_s`` seconds have passed, the learner exits for good, or a
+    ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM turned into one by the caller); calls ``on_tick``
+    every ``tick_s`` seconds. Returns why it ended."""
+    t0 = time.monotonic()
+    try:
+        while True:
+            if duration_s and time.monotonic() - t0 >= duration_s:
+                return "duration reached"
+            why = check_children(sup)
+            if why:
+                return why
+            time.sleep(tick_s)
+            if on_tick is not None:
+                on_tick()
+    except KeyboardInterrupt:
+        return "interrupted"
+
+
+def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_in_order(sup: Supervisor, learner_stop_timeout: float) -> None:
+    """``control=stop`` (every worker sends what it can and exits), then SIGTERM to the learner
+    (it drains the stream into its last updates, acknowledges, checkpoints and exits);
+    SIGTERM/SIGKILL whatever does not stop in time."""
+    sup.stopping = True
+    check_redis_for_stop(sup)
+    try:
+        status.set_control(sup.r, sup.keys, "stop")
+    except Exception as exc:  # noqa: BLE001 - Redis gone: signals still stop everything
+        sup.say(f"could not set control=stop: {exc}")
+    deadline = time.monotonic() + WORKER_STOP_S
+    for w in sup.workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
+        if w.proc is None:
+            continue
+        try:
+            w.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _terminate([w.proc], signal.SIGTERM, 10.0)
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+    lp = sup.learner.proc
+    if lp is None:
+        return
+    _terminate([lp], signal.SIGTERM, learner_stop_timeout)
+    if lp.poll() is None:
+        sup.say("the learner did not stop in time; killed")
+        lp.kill()
+        lp.wait()
+
+
+def check_redis_for_stop(sup: Supervisor) -> None:
+    """A private Redis that died just before the stop is started again: the learner needs it to
+    acknowledge what it trains last."""
+    if sup.redis is not None and not sup.redis.alive():
+        sup.redis.restart()
+        sup.redis_restarts += 1
