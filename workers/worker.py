@@ -12,8 +12,8 @@ meanwhile.
 
 At a stop every game's unsent positions are cut into segments and sent (waiting up to
 :data:`FINAL_SEND_S` seconds for room): nothing played is discarded unless the learner cannot take
-it in that time; what is left is counted in the run's accounting (``worker_discarded_positions``)
-and the last heartbeat.
+it in that time; what is left is counted in the worker's producer record (``discarded``, summed
+into the accounting's ``worker_discarded_positions``) and the last heartbeat.
 """
 
 from __future__ import annotations
@@ -232,16 +232,15 @@ class Worker:
 
     def shutdown(self) -> None:
         """Cut every game's unsent positions into segments and send them (waiting up to
-        :data:`FINAL_SEND_S` for room), then count what could not be sent in the run's accounting
-        (``worker_discarded_positions``) and the last heartbeat."""
+        :data:`FINAL_SEND_S` for room), then count what could not be sent in the worker's producer
+        record (``discarded``) and the last heartbeat."""
         self.queue(self.selfplay.flush())
         deadline = time.monotonic() + FINAL_SEND_S
         self.send(lambda: time.monotonic() > deadline)
         discarded = self.outbox_positions
         self.stats.discarded_positions += discarded
         if discarded:
-            retry.best_effort("discard count", self.r.hincrby, self.keys.accounting, "worker_discarded_positions",
-                              discarded)
+            retry.best_effort("discard count", self.producer.record_discarded, discarded)
         self.heartbeat("stopped", force=True)
         log.info("worker %s: stopped (%d positions sent, %d discarded at stop)", self.worker_id,
                  self.stats.positions_sent, discarded)
