@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,7 +79,8 @@ def test_status_of_a_stopped_run_shows_the_saved_final_status(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A short `keisei run` of configs/tiny.yaml (private Redis, learner, one worker, 25 s) with a
-    `keisei eval --follow` beside it; returns the runs dir once both have stopped."""
+    `keisei eval --follow` beside it, and the worker killed (-9) once, after version 2: `keisei
+    run` restarts it; returns the runs dir once both have stopped."""
     runs = tmp_path_factory.mktemp("runs")
     cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
            "--workers", "1", "--duration", "25s", "--no-live", "--run", "cli-run",
@@ -91,7 +93,17 @@ def finished_run(tmp_path_factory):
         [sys.executable, "-m", "keisei_stream.cli", "eval", "--follow", "--run", "cli-run", "--runs-dir", str(runs),
          "--every", "1", "--games", "2", "--opponents", "random", "--no-progress", "--poll-s", "0.5",
          "--max-evals", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
     try:
+        r = connect((runs / "cli-run" / "redis.url").read_text().strip())
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and int(r.hget(Keys("cli-run").weights_latest, "version") or 0) < 2:
+            time.sleep(0.3)
+        pids = _pids_of("-m workers", "--run cli-run")
+        if pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        r.close()
         out, _ = run.communicate(timeout=240)
         f_out, _ = follower.communicate(timeout=60)
     finally:
@@ -100,7 +112,20 @@ def finished_run(tmp_path_factory):
                 p.kill()
                 p.wait()
     return {"runs": runs, "dir": runs / "cli-run", "rc": run.returncode, "out": out,
-            "follower_rc": follower.returncode, "follower_out": f_out}
+            "follower_rc": follower.returncode, "follower_out": f_out, "killed": killed}
+
+
+def _pids_of(*needles: str) -> list[int]:
+    """Processes whose command line holds every one of ``needles``."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") if d.name.isdigit() else ""
+        except OSError:
+            continue
+        if cmd and all(n in cmd for n in needles):
+            out.append(int(d.name))
+    return out
 
 
 @pytest.mark.redis
@@ -117,6 +142,10 @@ def test_keisei_run_end_to_end_stops_cleanly_and_balances(finished_run):
     assert st["stream"]["length"] == 0 and st["unsettled_positions"] == 0, st
     assert int(st["learner"]["version"]) >= 2
     assert not (run_dir / "redis.url").exists(), "the private Redis was not cleaned up"
+    # the worker killed by the fixture was restarted, and the restart counted in the status
+    assert finished_run["killed"] is not None
+    assert st["supervisor"]["worker_restarts"] >= 1 and st["supervisor"]["restarts:w0"] >= 1, st["supervisor"]
+    assert "w0 restarted" in finished_run["out"]
 
 
 def _after(finished_run, *argv) -> list[str]:

@@ -49,7 +49,7 @@ def command(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     url_file(run_dir).write_text(rr.url + "\n")
-    r = client.connect(rr.url)
+    r = supervise.supervisor_client(rr.url)
     keys = Keys(run_id)
     status.set_control(r, keys, "run")
     sup = make_supervisor(args, rr, r, keys, run_dir, worker_ids, console)
@@ -61,7 +61,7 @@ def command(args: argparse.Namespace) -> int:
         why = watch_with_view(args, sup, r, run_id, console)
     console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and checkpoints")
     supervise.stop_in_order(sup, args.learner_stop_timeout)
-    learner_state = final_status(r, run_id, run_dir, console)
+    learner_state = final_status(client.connect(rr.url), run_id, run_dir, console)
     rr.stop()
     if rr.server is not None:
         url_file(run_dir).unlink(missing_ok=True)
@@ -169,10 +169,13 @@ def watch_with_view(args: argparse.Namespace, sup: supervise.Supervisor, r, run_
 
 
 def final_status(r, run_id: str, run_dir: Path, console) -> str | None:
-    """Print the final status table and save it as ``final_status.json``; returns the learner's
-    last state (None when Redis does not answer)."""
+    """Print the final status table and save it as ``final_status.json`` (with the positions of
+    the entries left in the stream, ``stream.positions``); returns the learner's last state (None
+    when Redis does not answer)."""
     try:
         st = collect_status(r, run_id)
+        # after the drain the stream is short: the positions of what is left (read once, here)
+        st["stream"]["positions"] = status.stream_positions(r, Keys(run_id))
         console.print(render_status(st))
         (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
         return st["learner"].get("state")

@@ -120,8 +120,9 @@ def render_status(st: dict, stopped: bool = False) -> Group:
         parts.append(f"learner ranks: {ln['ranks']} (positions trained by each: {ln.get('rank_trained_positions', '-')})")
     if int(a.get("double_acks", 0) or 0):
         parts.append(f"entries trained by two learners (one stalled past claim_idle_ms), counted once: {a['double_acks']}")
-    if sv.get("worker_restarts"):
-        parts.append(f"workers restarted by keisei run after an unexpected exit: {sv['worker_restarts']}")
+    if sv.get("worker_restarts") or sv.get("learner_restarts") or sv.get("redis_restarts"):
+        parts.append(f"restarted by keisei run after an unexpected exit: workers {sv.get('worker_restarts', 0)}, "
+                     f"learner {sv.get('learner_restarts', 0)}, private Redis {sv.get('redis_restarts', 0)}")
     if ln.get("redis_outages") not in (None, "0"):
         parts.append(f"Redis outages seen by the learner: {ln.get('redis_outages')} "
                      f"({float(ln.get('redis_outage_s', 0)):.1f} s in all)")

@@ -11,8 +11,11 @@ started again after ``min(cap, base * 2**(n - 1))`` seconds, ``n`` counting its 
 less than ``reset_after_s`` after its start (a worker that ran longer starts again after
 ``base``): exponential backoff without jitter (the children of one machine do not stampede a
 server), as in M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015.
-Each restart is counted in the run's ``supervisor`` hash (:func:`keisei_stream.wire.status.count_worker_restart`),
-which ``keisei status`` shows. A single learner that exits with an error is restarted with
+Each restart is counted in the run's ``supervisor`` hash (:func:`keisei_stream.wire.status.count_restart`),
+which ``keisei status`` shows. The supervisor's own Redis calls are bounded (its client gives up
+after a few seconds, see :func:`supervisor_client`): it must go on watching, and restart the
+private Redis, while that server is stopped or gone; counts that could not be written yet are
+written at a later round. A single learner that exits with an error is restarted with
 ``--resume`` the same way, at most ``learner_restarts`` times (several ranks under torchrun
 restart themselves). A private Redis that dies is started again on its directory: it loads its
 append-only file, and the run's users are created again with the same passwords.
@@ -32,13 +35,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from keisei_stream.wire import status
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from keisei_stream.wire import client, retry, status
 from keisei_stream.wire.keys import Keys
 
 log = logging.getLogger("keisei.run")
 
 #: Seconds the workers get to stop on ``control=stop`` before SIGTERM (then 10 s more, then SIGKILL).
 WORKER_STOP_S = 30.0
+
+
+def supervisor_client(url: str) -> redis.Redis:
+    """A client whose calls give up after about 10 s (3 retries, 5 s socket timeout) instead of
+    waiting out an outage like the run's processes do: the supervisor must keep watching."""
+    return client.connect(url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 3),
+                          socket_timeout=5.0, socket_connect_timeout=2.0)
+
+
+#: What a bounded Redis call of the supervisor may raise when the server is stopped or gone.
+REDIS_DOWN = (*retry.TRANSIENT_ERRORS, redis.exceptions.BusyLoadingError, redis.exceptions.AuthenticationError)
 
 
 def _child_preexec() -> None:  # pragma: no cover - runs in the child
@@ -123,6 +141,7 @@ class Supervisor:
     stopping: bool = False
     say: Callable[[str], None] = print
     redis_restarts: int = 0
+    unreported: list[str] = field(default_factory=list)  # restarts not yet counted in Redis
 
     def children(self) -> list[Child]:
         return [self.learner, *self.workers]
@@ -140,36 +159,54 @@ class Supervisor:
 def check_redis(sup: Supervisor) -> None:
     """Start the private Redis again when its process has exited (it loads its append-only
     file; the users come back with their passwords). Nothing to do with ``--redis``."""
-    if sup.redis is None or sup.stopping or sup.redis.alive():
+    if sup.redis is None or sup.redis.alive():
         return
     sup.say(f"the private Redis exited ({sup.redis.returncode()}); starting it again from its append-only file")
     sup.redis.restart()
     sup.redis_restarts += 1
+    sup.unreported.append("redis")
+
+
+def _control(sup: Supervisor) -> str:
+    try:
+        return status.get_control(sup.r, sup.keys)
+    except REDIS_DOWN:
+        return "run"
+
+
+def report_restarts(sup: Supervisor) -> None:
+    """Count the restarts not yet counted in the ``supervisor`` hash (kept for later while Redis
+    does not answer)."""
+    while sup.unreported:
+        try:
+            status.count_restart(sup.r, sup.keys, sup.unreported[0])
+        except REDIS_DOWN:
+            return
+        sup.unreported.pop(0)
 
 
 def check_children(sup: Supervisor, now: float | None = None) -> str | None:
-    """One round of supervision (no Redis call unless a worker exited: then ``control`` is read
-    and the restart counted). Returns a reason to end the run (the learner exited for good),
-    else None."""
+    """One round of supervision: the private Redis, then the learner, then the workers (a worker
+    that exited while ``control`` is ``stop`` stopped on purpose and stays stopped). Returns a
+    reason to end the run (the learner exited for good), else None."""
     now = time.monotonic() if now is None else now
+    if sup.stopping:
+        return None
     check_redis(sup)
     lr = sup.learner
     if lr.restart_at is None and not lr.running():
-        code = lr.returncode
-        if code == 0 or sup.learner_restarts <= 0 or sup.stopping:
-            return f"the learner exited with {code}"
+        if lr.returncode == 0 or sup.learner_restarts <= 0:
+            return f"the learner exited with {lr.returncode}"
         _schedule(sup, lr, now)
         sup.learner_restarts -= 1
     for child in sup.workers:
-        if child.restart_at is None and not child.running() and not sup.stopping:
-            if status.get_control(sup.r, sup.keys) == "stop":
-                continue  # stopped on purpose (someone set control=stop)
+        if child.restart_at is None and not child.running() and _control(sup) != "stop":
             _schedule(sup, child, now)
-            status.count_worker_restart(sup.r, sup.keys, child.name)
     for child in sup.children():
-        if child.restart_at is not None and now >= child.restart_at and not sup.stopping:
+        if child.restart_at is not None and now >= child.restart_at:
             child.start(restart=True)
             sup.say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
+    report_restarts(sup)
     return None
 
 
@@ -182,6 +219,7 @@ def _schedule(sup: Supervisor, child: Child, now: float) -> None:
     delay = sup.backoff.delay(child.quick_exits)
     child.restart_at = now + delay
     child.restarts += 1
+    sup.unreported.append(child.name)
     sup.say(f"{child.name} exited with {code} after {ran:.0f} s; restarting in {delay:.0f} s (log: {child.log_path})")
 
 
@@ -200,7 +238,10 @@ def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None]
                 return why
             time.sleep(tick_s)
             if on_tick is not None:
-                on_tick()
+                try:
+                    on_tick()
+                except REDIS_DOWN as exc:  # the view waits; supervision goes on
+                    sup.say(f"status unavailable ({type(exc).__name__}); Redis is stopped or restarting")
     except KeyboardInterrupt:
         return "interrupted"
 
@@ -217,17 +258,21 @@ def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
             pass
 
 
-def stop_in_order(sup: Supervisor, learner_stop_timeout: float) -> None:
+def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: float = WORKER_STOP_S) -> None:
     """``control=stop`` (every worker sends what it can and exits), then SIGTERM to the learner
     (it drains the stream into its last updates, acknowledges, checkpoints and exits);
-    SIGTERM/SIGKILL whatever does not stop in time."""
+    SIGTERM/SIGKILL whatever does not stop in time. A private Redis that died just before is
+    started again first: the learner needs it to acknowledge what it trains last."""
     sup.stopping = True
-    check_redis_for_stop(sup)
-    try:
-        status.set_control(sup.r, sup.keys, "stop")
-    except Exception as exc:  # noqa: BLE001 - Redis gone: signals still stop everything
-        sup.say(f"could not set control=stop: {exc}")
-    deadline = time.monotonic() + WORKER_STOP_S
+    check_redis(sup)
+    for attempt in range(3):
+        try:
+            status.set_control(sup.r, sup.keys, "stop")
+            break
+        except REDIS_DOWN as exc:  # stopped or restarting: try again, then rely on signals
+            if attempt == 2:
+                sup.say(f"could not set control=stop ({exc}); the workers get SIGTERM")
+    deadline = time.monotonic() + worker_stop_s
     for w in sup.workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
         if w.proc is None:
             continue
@@ -239,18 +284,10 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float) -> None:
                 w.proc.kill()
                 w.proc.wait()
     lp = sup.learner.proc
-    if lp is None:
-        return
-    _terminate([lp], signal.SIGTERM, learner_stop_timeout)
-    if lp.poll() is None:
-        sup.say("the learner did not stop in time; killed")
-        lp.kill()
-        lp.wait()
-
-
-def check_redis_for_stop(sup: Supervisor) -> None:
-    """A private Redis that died just before the stop is started again: the learner needs it to
-    acknowledge what it trains last."""
-    if sup.redis is not None and not sup.redis.alive():
-        sup.redis.restart()
-        sup.redis_restarts += 1
+    if lp is not None:
+        _terminate([lp], signal.SIGTERM, learner_stop_timeout)
+        if lp.poll() is None:
+            sup.say("the learner did not stop in time; killed")
+            lp.kill()
+            lp.wait()
+    report_restarts(sup)

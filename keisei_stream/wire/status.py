@@ -208,16 +208,20 @@ def stream_positions(r: redis.Redis, keys: Keys, page: int = 1000) -> int:
         start = "(" + as_str(items[-1][0])
 
 
-def count_worker_restart(r: redis.Redis, keys: Keys, worker_id: str) -> int:
-    """``HINCRBY supervisor worker_restarts 1`` and ``restarts:{worker_id}``; returns the total."""
+def count_restart(r: redis.Redis, keys: Keys, name: str) -> int:
+    """Count one restart by ``keisei run`` of ``name`` (a worker id, ``learner`` or ``redis``) in
+    the ``supervisor`` hash: ``restarts:{name}`` and the total ``worker_restarts``,
+    ``learner_restarts`` or ``redis_restarts``; returns that total."""
+    total = "learner_restarts" if name == "learner" else "redis_restarts" if name == "redis" else "worker_restarts"
     pipe = r.pipeline(transaction=True)
-    pipe.hincrby(keys.supervisor, "worker_restarts", 1)
-    pipe.hincrby(keys.supervisor, f"restarts:{worker_id}", 1)
+    pipe.hincrby(keys.supervisor, total, 1)
+    pipe.hincrby(keys.supervisor, f"restarts:{name}", 1)
     return int(pipe.execute()[0])
 
 
 def read_supervisor(r: redis.Redis, keys: Keys) -> dict[str, int]:
-    """The ``supervisor`` hash as ints (``worker_restarts``, ``restarts:{id}``; empty when unset)."""
+    """The ``supervisor`` hash as ints (``worker_restarts``, ``learner_restarts``, ``redis_restarts``,
+    ``restarts:{name}``; empty when unset)."""
     out = {}
     for k, v in r.hgetall(keys.supervisor).items():
         try:

@@ -1,0 +1,84 @@
+"""``keisei run``'s supervision (keisei_stream.ops.supervise) on real child processes: a worker that
+exits unexpectedly is restarted with backoff and counted; one stopped on purpose is not; the
+learner is restarted with its resume command, and ends the run once its restarts are used up."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from keisei_stream.ops import supervise
+from keisei_stream.wire import status
+from keisei_stream.wire.keys import Keys
+
+K = Keys("sup")
+EXIT3 = [sys.executable, "-c", "import sys; sys.exit(3)"]
+SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def _sup(fake_redis, tmp_path, learner_cmd=SLEEP, worker_cmds=(EXIT3,), learner_restarts=0, resume_cmd=None):
+    learner = supervise.Child("learner", list(learner_cmd), {}, tmp_path / "learner.out", resume_cmd=resume_cmd)
+    workers = [supervise.Child(f"w{i}", list(c), {}, tmp_path / f"w{i}.out") for i, c in enumerate(worker_cmds)]
+    lines: list[str] = []
+    sup = supervise.Supervisor(fake_redis, K, learner, workers, backoff=supervise.Backoff(base_s=0.2, cap_s=0.8),
+                               learner_restarts=learner_restarts, say=lines.append)
+    return sup, lines
+
+
+def _rounds(sup, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        why = supervise.check_children(sup)
+        if why:
+            return why
+        time.sleep(0.05)
+    return None
+
+
+def test_a_crashing_worker_is_restarted_with_backoff_and_counted(fake_redis, tmp_path):
+    sup, lines = _sup(fake_redis, tmp_path)
+    sup.start()
+    try:
+        assert _rounds(sup, 2.5) is None
+        w = sup.workers[0]
+        # delays 0.2, 0.4, 0.8, 0.8 ... (exits within reset_after_s of the start): 3 to 5 restarts in 2.5 s
+        assert 3 <= w.restarts <= 6, lines
+        assert w.exit_codes[:3] == [3, 3, 3]
+        counted = status.read_supervisor(fake_redis, K)
+        assert counted["worker_restarts"] == counted["restarts:w0"] == w.restarts
+        assert any("w0 exited with 3" in x for x in lines) and any("w0 restarted" in x for x in lines)
+    finally:
+        supervise.stop_in_order(sup, learner_stop_timeout=5, worker_stop_s=1)
+    assert status.get_control(fake_redis, K) == "stop" and not sup.learner.running()
+
+
+def test_a_worker_stopped_on_purpose_is_not_restarted(fake_redis, tmp_path):
+    status.set_control(fake_redis, K, "stop")
+    sup, _ = _sup(fake_redis, tmp_path)
+    sup.start()
+    try:
+        assert _rounds(sup, 1.0) is None
+        assert sup.workers[0].restarts == 0 and status.read_supervisor(fake_redis, K) == {}
+    finally:
+        supervise.stop_in_order(sup, learner_stop_timeout=5, worker_stop_s=1)
+
+
+def test_the_learner_is_restarted_with_resume_then_ends_the_run(fake_redis, tmp_path):
+    marker = tmp_path / "resumed"
+    resume = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x'); import sys; sys.exit(4)"]
+    sup, lines = _sup(fake_redis, tmp_path, learner_cmd=EXIT3, worker_cmds=(SLEEP,), learner_restarts=2,
+                      resume_cmd=resume)
+    sup.start()
+    try:
+        why = _rounds(sup, 10.0)
+    finally:
+        supervise.stop_in_order(sup, learner_stop_timeout=5, worker_stop_s=1)
+    assert why == "the learner exited with 4", lines
+    assert marker.read_text() == "xx"  # both restarts ran the resume command
+    assert status.read_supervisor(fake_redis, K)["learner_restarts"] == 2
+    assert sup.workers[0].restarts == 0
+
+
+def test_backoff_doubles_up_to_the_cap():
+    b = supervise.Backoff(base_s=1.0, cap_s=30.0)
+    assert [b.delay(n) for n in (1, 2, 3, 5, 6, 10)] == [1.0, 2.0, 4.0, 16.0, 30.0, 30.0]
