@@ -64,3 +64,34 @@ def test_a_stop_check_ends_the_wait(tmp_path):
     finally:
         retry.set_stop_check(None)
         r.close()
+
+
+def test_wait_for_room_waits_out_a_full_server_and_logs_once(caplog):
+    """An OOM refusal at start is backpressure: retried with backoff until the write goes in."""
+    import logging
+
+    from redis.exceptions import OutOfMemoryError, ResponseError
+
+    from keisei_stream.wire import retry
+
+    calls = []
+
+    def write():
+        calls.append(1)
+        if len(calls) < 4:
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        return "OK"
+
+    with caplog.at_level(logging.WARNING, logger="keisei.redis"):
+        assert retry.wait_for_room("the group", write) == "OK"
+    assert len(calls) == 4
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("waits until it has room" in x for x in lines) == 1 and sum("room again" in x for x in lines) == 1
+
+    def other():
+        raise ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    import pytest
+
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        retry.wait_for_room("x", other)

@@ -177,3 +177,34 @@ def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
 
 
 _skipping: set[str] = set()
+
+#: Backoff of :func:`wait_for_room` (seconds): 50 ms doubling up to 2 s.
+ROOM_BASE_S, ROOM_CAP_S = 0.05, 2.0
+
+
+def wait_for_room(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a Redis write a process cannot start without (creating the consumer group, the run's
+    epoch, its config), waiting while the server refuses it for lack of memory: backpressure, as
+    for the workers' adds, instead of exiting. One log line when the wait starts (``what`` names
+    the write) and one when it ends; backoff 50 ms doubling to 2 s. A stop requested meanwhile
+    (:func:`set_stop_check`) ends the wait by raising the ``OOM`` error.
+
+    Raises:
+        every error of ``fn`` but an ``OOM`` refusal (and that one after a stop request).
+    """
+    delay, since = ROOM_BASE_S, None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except ResponseError as exc:
+            if not is_oom(exc) or (_stop_check is not None and _stop_check()):
+                raise
+            if since is None:
+                since = time.monotonic()
+                log.warning("Redis is full (%s): %s waits until it has room (backpressure)", exc, what)
+            time.sleep(delay)
+            delay = min(delay * 2, ROOM_CAP_S)
+            continue
+        if since is not None:
+            log.warning("Redis has room again after %.1f s: %s done", time.monotonic() - since, what)
+        return result
