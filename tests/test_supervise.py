@@ -82,3 +82,33 @@ def test_the_learner_is_restarted_with_resume_then_ends_the_run(fake_redis, tmp_
 def test_backoff_doubles_up_to_the_cap():
     b = supervise.Backoff(base_s=1.0, cap_s=30.0)
     assert [b.delay(n) for n in (1, 2, 3, 5, 6, 10)] == [1.0, 2.0, 4.0, 16.0, 30.0, 30.0]
+
+
+def test_restart_counts_wait_while_redis_is_full(fake_redis, tmp_path):
+    """A full Redis (OOM) must not end the supervision: the count is written once there is room
+    (the chaos run found `keisei run` exiting on this)."""
+    from redis.exceptions import OutOfMemoryError
+
+    class Full:
+        def __init__(self, r):
+            self.r, self.full = r, True
+
+        def __getattr__(self, name):
+            return getattr(self.r, name)
+
+        def pipeline(self, *a, **kw):
+            if self.full:
+                raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+            return self.r.pipeline(*a, **kw)
+
+    sup, _ = _sup(fake_redis, tmp_path)
+    sup.r = Full(fake_redis)
+    sup.start()
+    try:
+        assert _rounds(sup, 0.8) is None and sup.workers[0].restarts >= 1
+        assert sup.unreported and status.read_supervisor(fake_redis, K) == {}
+        sup.r.full = False
+        supervise.report_restarts(sup)
+        assert not sup.unreported and status.read_supervisor(fake_redis, K)["worker_restarts"] == sup.workers[0].restarts
+    finally:
+        supervise.stop_in_order(sup, learner_stop_timeout=5, worker_stop_s=1)

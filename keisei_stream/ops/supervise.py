@@ -167,10 +167,18 @@ def check_redis(sup: Supervisor) -> None:
     sup.unreported.append("redis")
 
 
+def _unavailable(exc: BaseException) -> bool:
+    """The supervisor's Redis call failed because the server is stopped, gone or full (``OOM``):
+    try again later, never end the run for it."""
+    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc)
+
+
 def _control(sup: Supervisor) -> str:
     try:
         return status.get_control(sup.r, sup.keys)
-    except REDIS_DOWN:
+    except redis.RedisError as exc:
+        if not _unavailable(exc):
+            raise
         return "run"
 
 
@@ -180,7 +188,9 @@ def report_restarts(sup: Supervisor) -> None:
     while sup.unreported:
         try:
             status.count_restart(sup.r, sup.keys, sup.unreported[0])
-        except REDIS_DOWN:
+        except redis.RedisError as exc:
+            if not _unavailable(exc):
+                raise
             return
         sup.unreported.pop(0)
 
@@ -240,8 +250,10 @@ def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None]
             if on_tick is not None:
                 try:
                     on_tick()
-                except REDIS_DOWN as exc:  # the view waits; supervision goes on
-                    sup.say(f"status unavailable ({type(exc).__name__}); Redis is stopped or restarting")
+                except redis.RedisError as exc:  # the view waits; supervision goes on
+                    if not _unavailable(exc):
+                        raise
+                    sup.say(f"status unavailable ({type(exc).__name__}); Redis is stopped, restarting or full")
     except KeyboardInterrupt:
         return "interrupted"
 
@@ -265,13 +277,16 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
     started again first: the learner needs it to acknowledge what it trains last."""
     sup.stopping = True
     check_redis(sup)
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             status.set_control(sup.r, sup.keys, "stop")
             break
-        except REDIS_DOWN as exc:  # stopped or restarting: try again, then rely on signals
-            if attempt == 2:
+        except redis.RedisError as exc:  # stopped, restarting or full: try again, then rely on signals
+            if not _unavailable(exc):
+                raise
+            if attempt == 4:
                 sup.say(f"could not set control=stop ({exc}); the workers get SIGTERM")
+            time.sleep(1.0)
     deadline = time.monotonic() + worker_stop_s
     for w in sup.workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
         if w.proc is None:
