@@ -187,8 +187,6 @@ def test_a_full_redis_is_backpressure_and_the_run_recovers(tmp_path, servers, pr
     assert int(heartbeat["oom_waits"]) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 item 2: a learner restarted on a full Redis exits at start "
-                   "(XGROUP CREATE in ensure_group is refused with OOM) instead of waiting")
 def test_a_learner_restarted_on_a_full_redis_and_the_accounting_stays_exact(tmp_path, servers, procs):
     """Issue 19's scenario: the learner stopped (SIGSTOP) while a worker fills Redis to maxmemory,
     killed (-9) and restarted with --resume while Redis is still full, then memory freed and the

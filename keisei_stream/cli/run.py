@@ -24,7 +24,7 @@ from keisei_stream.cli.common import make_console, url_file
 from keisei_stream.cli.status import collect_status, render_status
 from keisei_stream.config import Config, ConfigError, load_config
 from keisei_stream.ops import compat, embedded_redis, local, supervise
-from keisei_stream.wire import client, retry, status
+from keisei_stream.wire import client, status
 from keisei_stream.wire.keys import Keys
 
 
@@ -51,7 +51,7 @@ def command(args: argparse.Namespace) -> int:
     url_file(run_dir).write_text(rr.url + "\n")
     r = supervise.supervisor_client(rr.url)
     keys = Keys(run_id)
-    retry.wait_for_room("control=run", status.set_control, client.connect(rr.url), keys, "run")
+    status.set_control(client.connect(rr.url), keys, "run")  # also on a full Redis (--resume)
     sup = make_supervisor(args, rr, r, keys, run_dir, worker_ids, console)
     console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
                   f"{len(worker_ids)} workers, logs in {run_dir / 'logs'}"

@@ -6,7 +6,9 @@ full server gets memory back, and the weights replace a blob pruned just before)
 the server that holds the run's data: after a restart without persistence, counts meant for the
 old server would corrupt the new one's accounting. :func:`run_atomic` runs them in one Lua script
 that first checks the run's ``epoch`` key; when the server refuses for lack of memory it runs the
-same script flagged ``allow-oom`` (Redis >= 7, https://redis.io/docs/latest/develop/interact/programmability/eval-intro/#script-flags).
+same script flagged ``allow-oom`` (Redis >= 7, https://redis.io/docs/latest/develop/interact/programmability/eval-intro/#script-flags),
+or on Redis 6.2, which has no script flags, opened by a write that a full server never refuses
+(see ``_ATOMIC_GATED_LUA``). The key ``oom-gate`` of the run is never written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import redis
 
 from .keys import Keys
-from .retry import is_oom
+from .retry import is_oom, wait_for_room
 
 # Runs the commands given in ARGV[2:] (each as: argument count, command, arguments...) atomically,
 # but only while the run's epoch (KEYS[1]) is still ARGV[1] ('' = not checked): acknowledgements and
@@ -53,6 +55,12 @@ return 1
 # The same, allowed to run while the server is at maxmemory ("allow-oom", Redis >= 7):
 # acknowledging and deleting entries is how a full server gets memory back.
 _ATOMIC_ALLOW_OOM_LUA = "#!lua flags=allow-oom" + _ATOMIC_BODY
+# Redis 6.2 has no script flags. There a script is refused for lack of memory only at its first
+# write command, and only if that command may grow memory ("denyoom"); after a first write,
+# nothing is refused (a script cannot stop half-way). So the same body opened by a DEL of a key
+# that never exists (KEYS[2], a write that is never refused) runs whole on a full 6.2 server
+# (Redis 6.2 src/scripting.c, luaRedisGenericCommand: the check applies while lua_write_dirty is 0).
+_ATOMIC_GATED_LUA = "redis.call('DEL', KEYS[2])" + _ATOMIC_BODY
 
 
 class EpochChanged(RuntimeError):
@@ -66,7 +74,6 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None)
 
     Raises:
         EpochChanged: the server lost the run's data since ``epoch`` was read (nothing ran).
-        redis.exceptions.OutOfMemoryError: the server is full and cannot run flagged scripts.
         redis.ResponseError: a command's own error.
     """
     argv: list[Any] = [epoch or ""]
@@ -83,8 +90,23 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None)
             except redis.ResponseError as again:
                 if "EPOCH" in str(again) or is_oom(again):
                     raise
-                raise exc from again  # no script flags (Redis < 7): the server is simply full
+                # no script flags (Redis < 7): the same body behind a first write that is never refused
+                r.eval(_ATOMIC_GATED_LUA, 2, keys.epoch, keys.prefix + "oom-gate", *argv)
     except redis.ResponseError as exc:
         if "EPOCH" in str(exc):
             raise EpochChanged(str(exc)) from None
         raise
+
+
+def write_small(r: redis.Redis, keys: Keys, cmd: tuple, what: str) -> None:
+    """One small write a process needs to start or to stop (the control key, the config, the
+    run's epoch, a consumer group: bytes to a few KB), done even while the server is at
+    ``maxmemory``: :func:`run_atomic` passes it with ``allow-oom`` (Redis >= 7), and where script
+    flags do not exist (6.2) it waits for room (:func:`keisei_stream.wire.retry.wait_for_room`,
+    logged once) instead of failing. A full server must not keep the learner from starting: only
+    the learner's acknowledgements give its memory back.
+
+    Raises:
+        redis.ResponseError: the command's own error (e.g. ``BUSYGROUP``).
+    """
+    wait_for_room(what, run_atomic, r, keys, [cmd], None)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import redis
 from redis.exceptions import ResponseError
 
+from .atomic import write_small
 from .client import as_str
 from .keys import ACCOUNTING_FIELDS, PRODUCER_FIELDS, Keys
 
@@ -151,19 +152,21 @@ def get_control(r: redis.Redis, keys: Keys) -> str:
 
 
 def set_control(r: redis.Redis, keys: Keys, value: str) -> None:
-    """Set the control key.
+    """Set the control key (also on a full server: :func:`keisei_stream.wire.atomic.write_small`).
 
     Raises:
         ValueError: for a value other than run/pause/stop.
     """
     if value not in CONTROL_VALUES:
         raise ValueError(f"control must be one of {CONTROL_VALUES}, got {value!r}")
-    r.set(keys.control, value)
+    write_small(r, keys, ("SET", keys.control, value), f"control={value}")
 
 
 def write_config(r: redis.Redis, keys: Keys, text: str) -> None:
-    """Store the run's resolved config (JSON text) under ``config``."""
-    r.set(keys.config, text)
+    """Store the run's resolved config (JSON text) under ``config`` (also on a full server:
+    :func:`keisei_stream.wire.atomic.write_small`; nothing is written when it is already there)."""
+    if r.get(keys.config) != (text.encode() if isinstance(text, str) else text):
+        write_small(r, keys, ("SET", keys.config, text), "the run's config")
 
 
 def read_config(r: redis.Redis, keys: Keys) -> str | None:
