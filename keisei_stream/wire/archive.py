@@ -33,6 +33,7 @@ from typing import Iterator
 
 import redis
 
+from .atomic import write_small
 from .client import as_str
 from .keys import Keys
 
@@ -209,9 +210,11 @@ class Recorder:
         self.ensure_group()
 
     def ensure_group(self) -> None:
-        """Create the group ``recorders`` on the games stream at id 0 (MKSTREAM); idempotent."""
+        """Create the group ``recorders`` on the games stream at id 0 (MKSTREAM); idempotent, and
+        also on a full server (:func:`keisei_stream.wire.atomic.write_small`)."""
         try:
-            self.r.xgroup_create(self.keys.games, GROUP, id="0", mkstream=True)
+            write_small(self.r, self.keys, ("XGROUP", "CREATE", self.keys.games, GROUP, "0", "MKSTREAM"),
+                        "the games archive's group")
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise

@@ -38,7 +38,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from . import retry
-from .atomic import EpochChanged, run_atomic
+from .atomic import EpochChanged, run_atomic, write_small
 from .client import as_str
 from .codec import ExperienceBatch, decode_entry, entry_positions
 from .keys import Keys
@@ -64,9 +64,10 @@ class Delivered:
 
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:
-    """Create the ``learners`` group on the experience stream at id 0 (MKSTREAM); idempotent."""
+    """Create the ``learners`` group on the experience stream at id 0 (MKSTREAM); idempotent, and
+    also on a full server (:func:`keisei_stream.wire.atomic.write_small`)."""
     try:
-        r.xgroup_create(keys.experience, keys.group, id="0", mkstream=True)
+        write_small(r, keys, ("XGROUP", "CREATE", keys.experience, keys.group, "0", "MKSTREAM"), "the consumer group")
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -135,7 +136,8 @@ class Consumer:
     def claim_epoch(self) -> str:
         """The run's epoch on this server: the existing one, or a new random one if the key is
         missing (the run's data is new here). Entries read from now on are acknowledged into it."""
-        self.r.set(self.keys.epoch, secrets.token_hex(8), nx=True)
+        if self.r.get(self.keys.epoch) is None:  # (also on a full server: write_small)
+            write_small(self.r, self.keys, ("SET", self.keys.epoch, secrets.token_hex(8), "NX"), "the run's epoch")
         self.epoch = as_str(self.r.get(self.keys.epoch))
         self.epoch_lost = False
         return self.epoch
