@@ -180,22 +180,36 @@ class Chaos:
             return True
         if kind == "hostile":
             n = self.rng.randint(1, 5)
+            added = 0
             for _ in range(n):
-                self.r.xadd(self.keys.experience, self.hostile_entry())
-            self.hostile += n
-            self.say(f"hostile: {n} entries")
-            return True
+                if not self.add(self.hostile_entry()):
+                    break
+                added += 1
+            self.hostile += added
+            self.say(f"hostile: {added} entries")
+            return added > 0
         if kind == "replay":
             items = self.r.xrange(self.keys.experience, count=50)
             items = [(i, f) for i, f in items if f.get(b"w", b"") != HOSTILE_WORKER.encode() and b"n" in f]
             if not items:
                 return False
             _id, fields = self.rng.choice(items)
-            self.r.xadd(self.keys.experience, fields)
+            if not self.add(fields):
+                return False
             self.replayed += int(fields[b"n"])
             self.say(f"replay: an entry of {int(fields[b'n'])} positions added again")
             return True
         raise ValueError(kind)
+
+    def add(self, fields: dict) -> bool:
+        """XADD to the experience stream; False when Redis is full (a fault of its own) and refused it."""
+        try:
+            self.r.xadd(self.keys.experience, fields)
+        except redis.ResponseError as exc:
+            if "OOM" not in str(exc):
+                raise
+            return False
+        return True
 
     def hostile_entry(self) -> dict:
         """An entry the learner rejects before decoding any position."""
