@@ -55,6 +55,7 @@ import redis  # noqa: E402
 
 from keisei_stream.wire.client import connect  # noqa: E402
 from keisei_stream.wire.keys import Keys  # noqa: E402
+from keisei_stream.wire.retry import is_oom  # noqa: E402
 
 KINDS = {"kill_worker": 3, "kill_learner": 2, "redis_stop": 2, "redis_kill": 2, "redis_full": 2, "hostile": 2,
          "replay": 2}
@@ -206,7 +207,7 @@ class Chaos:
         try:
             self.r.xadd(self.keys.experience, fields)
         except redis.ResponseError as exc:
-            if "OOM" not in str(exc):
+            if not is_oom(exc):
                 raise
             return False
         return True
