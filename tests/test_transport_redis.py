@@ -358,3 +358,30 @@ def test_a_holder_that_lost_its_entries_to_a_claim_forgets_them(real_redis, make
     assert len(other.read()) == 1
     holder.read(block_ms=10)  # its keep-alive finds the entry owned by L2
     assert got[0].entry_id not in holder.in_flight and holder.stats["lost_to_claims"] == 1
+
+
+def test_start_up_writes_and_weights_pass_maxmemory(real_redis):
+    """On a server at maxmemory (Redis 7+: allow-oom scripts; 6.2: the script opened by a write a
+    full server never refuses) a process can still start (group, epoch, config, control) and the
+    learner can publish: a full server must not keep the one process that frees it from running."""
+    from keisei_stream.wire import atomic, status as S
+
+    ensure_group(real_redis, K)
+    real_redis.set(K.epoch, "e1")
+    publish_weights(real_redis, K, 1, b"w" * 1000, "float32", keep=2, epoch="e1")
+    real_redis.config_set("maxmemory", int(real_redis.info("memory")["used_memory"]) - 10_000)
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            real_redis.set("probe", "x")
+        ensure_group(real_redis, K)  # exists: BUSYGROUP, swallowed, not OOM
+        atomic.write_small(real_redis, Keys("fresh"), ("XGROUP", "CREATE", Keys("fresh").experience, "learners", "0",
+                                                       "MKSTREAM"), "a new group")
+        S.set_control(real_redis, K, "stop")
+        S.write_config(real_redis, K, '{"run": 1}')
+        publish_weights(real_redis, K, 2, b"v" * 1000, "float32", keep=2, epoch="e1")
+    finally:
+        real_redis.config_set("maxmemory", "512mb")
+    assert S.get_control(real_redis, K) == "stop" and S.read_config(real_redis, K) == '{"run": 1}'
+    assert read_latest_weights(real_redis, K)[0] == 2
+    assert real_redis.xinfo_groups(Keys("fresh").experience)[0]["name"] == b"learners"
+    assert real_redis.exists(K.prefix + "oom-gate") == 0
