@@ -112,3 +112,30 @@ def test_restart_counts_wait_while_redis_is_full(fake_redis, tmp_path):
         assert not sup.unreported and status.read_supervisor(fake_redis, K)["worker_restarts"] == sup.workers[0].restarts
     finally:
         supervise.stop_in_order(sup, learner_stop_timeout=5, worker_stop_s=1)
+
+
+def test_keisei_run_places_its_workers_on_the_gpus_round_robin(monkeypatch, tmp_path):
+    """With GPUs (as nvidia-smi lists them) and worker.device auto or cuda, worker i runs its
+    forward pass on cuda:(i mod GPUs) and one more core is left to the learner; a config that
+    names a device, or a machine without GPUs, keeps the config's device."""
+    import argparse
+    import os
+    import stat
+
+    from keisei_stream.cli.run import n_workers, worker_command
+    from keisei_stream.ops import local
+
+    assert local.worker_devices("auto", 5, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert local.worker_devices("cuda", 2, 1) == ["cuda:0", "cuda:0"]
+    assert local.worker_devices("cpu", 2, 2) == [None, None] and local.worker_devices("cuda:1", 1, 2) == [None]
+    assert local.worker_devices("auto", 3, 0) == [None, None, None]
+    args = argparse.Namespace(workers=None, games=None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert n_workers(args, 0) == 15 and n_workers(args, 1) == 14
+    assert worker_command(args, "r", "w3", "cuda:1")[-2:] == ["--device", "cuda:1"]
+    assert "--device" not in worker_command(args, "r", "w3", None)
+    fake = tmp_path / "nvidia-smi"  # what nvidia-smi -L prints on a machine with two GPUs
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H200 (UUID: GPU-b)'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert local.gpu_count() == 2

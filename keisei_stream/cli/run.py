@@ -42,7 +42,9 @@ def command(args: argparse.Namespace) -> int:
         return 2
     run_id, run_dir = cfg.run.id, Path(cfg.run.dir) / cfg.run.id
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    worker_ids = [f"w{i}" for i in range(n_workers(args))]
+    gpus = local.gpu_count()
+    worker_ids = [f"w{i}" for i in range(n_workers(args, gpus))]
+    devices = dict(zip(worker_ids, local.worker_devices(cfg.worker.device, len(worker_ids), gpus)))
     try:
         rr = start_redis_and_users(args, run_dir, run_id, worker_ids, console)
     except (compat.UnsupportedServer, embedded_redis.RedisStartError) as exc:
@@ -52,9 +54,10 @@ def command(args: argparse.Namespace) -> int:
     r = supervise.supervisor_client(rr.url)
     keys = Keys(run_id)
     status.set_control(client.connect(rr.url), keys, "run")  # also on a full Redis (--resume)
-    sup = make_supervisor(args, rr, r, keys, run_dir, worker_ids, console)
+    sup = make_supervisor(args, rr, r, keys, run_dir, devices, console)
     console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
-                  f"{len(worker_ids)} workers, logs in {run_dir / 'logs'}"
+                  f"{len(worker_ids)} workers" + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
+                  + f", logs in {run_dir / 'logs'}"
                   + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
     sup.start()
     with stop_signals_interrupt():
@@ -84,9 +87,14 @@ def load_run_config(args: argparse.Namespace, console) -> Config | None:
     return cfg
 
 
-def n_workers(args: argparse.Namespace) -> int:
-    """``--workers``, default the cores left after the learner (at least 1)."""
-    return args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 1)
+def n_workers(args: argparse.Namespace, gpus: int = 0) -> int:
+    """``--workers``; by default the cores left after the learner (at least 1), and on a machine
+    with GPUs one core fewer: the workers' forward passes run on the GPUs, each worker process
+    steps its boards on one core, and the learner's main thread decodes the next entries while
+    its training thread drives the GPU."""
+    if args.workers is not None:
+        return args.workers
+    return max(1, (os.cpu_count() or 2) - (2 if gpus else 1))
 
 
 def start_redis_and_users(args: argparse.Namespace, run_dir: Path, run_id: str, worker_ids: list[str],
@@ -104,28 +112,29 @@ def start_redis_and_users(args: argparse.Namespace, run_dir: Path, run_id: str, 
 
 
 def make_supervisor(args: argparse.Namespace, rr: local.RunRedis, r, keys: Keys, run_dir: Path,
-                    worker_ids: list[str], console) -> supervise.Supervisor:
-    """The learner and worker children (not started yet); their Redis URLs (with the passwords)
-    go in the environment variable ``KEISEI_REDIS``, not on command lines where ``ps`` shows them."""
+                    devices: dict[str, str | None], console) -> supervise.Supervisor:
+    """The learner and worker children (not started yet; ``devices``: worker id -> its
+    ``--device`` or None); their Redis URLs (with the passwords) go in the environment variable
+    ``KEISEI_REDIS``, not on command lines where ``ps`` shows them."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     logs = run_dir / "logs"
     cmd = learner_command(args, keys.run)
     resume_cmd = cmd if args.resume else learner_command(argparse.Namespace(**{**vars(args), "resume": True}), keys.run)
     learner = supervise.Child("learner", cmd, dict(env, KEISEI_REDIS=rr.url_for("learner")), logs / "learner.out",
                               resume_cmd=resume_cmd)
-    workers = [supervise.Child(wid, worker_command(args, keys.run, wid),
+    workers = [supervise.Child(wid, worker_command(args, keys.run, wid, device),
                                dict(env, KEISEI_REDIS=rr.url_for(f"worker:{wid}")), logs / f"worker-{wid}.out")
-               for wid in worker_ids]
+               for wid, device in devices.items()]
     return supervise.Supervisor(r, keys, learner, workers, redis=rr if rr.server is not None else None,
                                 backoff=supervise.Backoff(base_s=args.restart_backoff),
                                 learner_restarts=args.learner_restarts if args.learners == 1 else 0,
                                 say=lambda line: console.print(line, highlight=False))
 
 
-def worker_command(args: argparse.Namespace, run_id: str, worker_id: str) -> list[str]:
-    """``python -m workers --run RUN --id ID [--games N]`` (the URL: ``KEISEI_REDIS``)."""
+def worker_command(args: argparse.Namespace, run_id: str, worker_id: str, device: str | None = None) -> list[str]:
+    """``python -m workers --run RUN --id ID [--games N] [--device D]`` (the URL: ``KEISEI_REDIS``)."""
     cmd = [sys.executable, "-m", "workers", "--run", run_id, "--id", worker_id]
-    return cmd + (["--games", str(args.games)] if args.games else [])
+    return cmd + (["--games", str(args.games)] if args.games else []) + (["--device", device] if device else [])
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,28 @@ from keisei_stream.wire import client
 
 #: The file with the private server's user names and passwords (mode 600).
 USERS_FILE = "redis-users.json"
+
+
+def gpu_count() -> int:
+    """The GPUs ``nvidia-smi -L`` lists (0 without the tool, a driver or a GPU): how ``keisei run``
+    places its workers without importing torch (about 2 s) into the supervisor."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def worker_devices(config_device: str, workers: int, gpus: int) -> list[str | None]:
+    """The ``--device`` of each of ``workers`` workers: with GPUs and ``worker.device`` ``auto`` or
+    ``cuda``, ``cuda:0``, ``cuda:1``, ... round-robin over the ``gpus``; otherwise None (the
+    worker takes its config's device)."""
+    if not gpus or config_device not in ("auto", "cuda"):
+        return [None] * workers
+    return [f"cuda:{i % gpus}" for i in range(workers)]
 
 
 @dataclass
