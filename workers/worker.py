@@ -177,27 +177,32 @@ class Worker:
         fields = {**record.to_dict(), "worker": self.worker_id, "version": self.version}
         retry.best_effort("game record", append_game, self.r, self.keys, fields, self.cfg.stream.games_maxlen)
 
-    def send(self, should_stop) -> bool:
-        """Send the outbox as one batch; waits (heartbeating, loading weights) while the learner's
-        backlog or Redis is full, asking ``should_stop()`` before each wait. False when stopped
-        first (the segments stay)."""
-        if not self.outbox:
-            return True
-        batch = segments_to_batch(self.outbox)
+    def send(self, should_stop, everything: bool = False) -> bool:
+        """Send the outbox in entries of about ``stream.batch_positions`` positions (whole
+        segments; a smaller rest waits for more unless ``everything``); waits (heartbeating,
+        loading weights) while the learner's backlog or Redis is full, asking ``should_stop()``
+        before each wait. False when stopped first (the unsent segments stay)."""
+        target = self.cfg.stream.batch_positions
 
         def on_wait(_seconds: float) -> None:  # while backpressure holds us: heartbeat, new weights
             self.heartbeat("backpressure")
             self.load_new_weights()
 
-        waited0 = self.producer.waited_s
-        sent = self.producer.send(batch, should_stop=should_stop, on_wait=on_wait)
-        self.stats.backpressure_s += self.producer.waited_s - waited0
-        if sent:
+        while self.outbox and (everything or self.outbox_positions >= target):
+            k, n = 0, 0
+            while k < len(self.outbox) and n < target:
+                n, k = n + self.outbox[k].num_positions, k + 1
+            batch = segments_to_batch(self.outbox[:k])
+            waited0 = self.producer.waited_s
+            sent = self.producer.send(batch, should_stop=should_stop, on_wait=on_wait)
+            self.stats.backpressure_s += self.producer.waited_s - waited0
+            if not sent:
+                return False
             self.stats.batches_sent += 1
             self.stats.positions_sent += batch.num_positions
             self.stats.games_sent += batch.games_ended
-            self.outbox, self.outbox_positions = [], 0
-        return sent
+            self.outbox, self.outbox_positions = self.outbox[k:], self.outbox_positions - n
+        return True
 
     def check_server(self) -> None:
         """After an outage: a missing or changed ``epoch`` key means Redis restarted without the
@@ -236,7 +241,7 @@ class Worker:
         record (``discarded``) and the last heartbeat."""
         self.queue(self.selfplay.flush())
         deadline = time.monotonic() + FINAL_SEND_S
-        self.send(lambda: time.monotonic() > deadline)
+        self.send(lambda: time.monotonic() > deadline, everything=True)
         discarded = self.outbox_positions
         self.stats.discarded_positions += discarded
         if discarded:
