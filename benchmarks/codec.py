@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
-from pathlib import Path
 
 import lz4.block
 import msgpack

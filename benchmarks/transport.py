@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 
 from keisei_stream.shogi import encode_positions

@@ -31,21 +31,6 @@ def run_dir(args: argparse.Namespace) -> Path:
     return Path(args.runs_dir) / args.run
 
 
-def resolve_redis(args: argparse.Namespace) -> str:
-    """The ``--redis`` URL, else the one recorded by a local ``keisei run`` of ``--run`` under
-    ``--runs-dir``.
-
-    Raises:
-        SystemExit: neither is there (the message names the file looked for).
-    """
-    if args.redis:
-        return args.redis
-    f = url_file(run_dir(args))
-    if f.exists():
-        return f.read_text().strip()
-    raise SystemExit(f"error: no --redis given and no local run found at {f}")
-
-
 @dataclass
 class RunRedis:
     """The outcome of :func:`find_redis`: ``client`` answers, or is None and ``why`` says why
