@@ -49,6 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).eval()
     sp = SelfPlay(model, games=n, max_plies=cfg.env.max_plies, segment_plies=cfg.worker.segment_plies,
+                  lookahead_plies=cfg.worker.lookahead_plies, gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda,
                   temperature=cfg.worker.temperature, seed=0, device=device, groups=args.groups, amp=cfg.worker.amp)
     games = [0]
 

@@ -127,6 +127,9 @@ class WorkerConfig(_Section):
     amp: bool = Field(True, description="bf16 autocast of the forward pass on CUDA (ignored on CPU)")
     segment_plies: int = Field(32, ge=1, le=65535, description="a game's positions are sent every this many plies "
                                "(with the bootstrap value of the position after the cut), and at its end")
+    lookahead_plies: int = Field(32, ge=0, le=65535, description="plies played after a cut before its segment is "
+                                 "sent: the segment carries the GAE advantage of the position after the cut over "
+                                 "them, so the learner's advantages reach past the cut (0: send at once)")
 
 
 class LearnerConfig(_Section):

@@ -99,20 +99,23 @@ def fake_redis():
 
 @functools.lru_cache(maxsize=64)
 def _cached_batch(num_positions: int, max_plies: int, seed: int, num_games: int, opening_plies: int,
-                  segment_plies: int):
+                  segment_plies: int, lookahead_plies: int):
     return random_policy_batch(num_positions, max_plies=max_plies, games=num_games, seed=seed,
-                               opening_plies=opening_plies, segment_plies=segment_plies)
+                               opening_plies=opening_plies, segment_plies=segment_plies,
+                               lookahead_plies=lookahead_plies)
 
 
 @pytest.fixture
 def make_batch():
     """``make_batch(num_positions, max_plies=64, seed=0, num_games=8, opening_plies=0,
-    worker_id="w0", batch_id=None, version=1, segment_plies=0) -> ExperienceBatch`` (a fresh copy
-    each call): uniformly random self-play, whole games (``segment_plies`` 0) or cut as workers do."""
+    worker_id="w0", batch_id=None, version=1, segment_plies=0, lookahead_plies=0) -> ExperienceBatch``
+    (a fresh copy each call): uniformly random self-play, whole games (``segment_plies`` 0) or cut
+    as workers do."""
     def factory(num_positions: int = 200, max_plies: int = 64, seed: int = 0, num_games: int = 8,
                 opening_plies: int = 0, worker_id: str = "w0", batch_id: str | None = None, version: int = 1,
-                segment_plies: int = 0):
-        b = copy.deepcopy(_cached_batch(num_positions, max_plies, seed, num_games, opening_plies, segment_plies))
+                segment_plies: int = 0, lookahead_plies: int = 0):
+        b = copy.deepcopy(_cached_batch(num_positions, max_plies, seed, num_games, opening_plies, segment_plies,
+                                        lookahead_plies))
         b.worker_id = worker_id
         b.batch_id = batch_id or f"{worker_id}:test:{seed}"
         b.version = np.full(b.num_positions, version, np.uint32)
@@ -226,6 +229,7 @@ def _mutations():
         "offsets_bad_end": lambda f, p, rng: pack(arr_set(p, "segment_offsets", "<u4", lambda a: a.__setitem__(-1, a[-1] + 1)), f),
         "bootstrap_nan": lambda f, p, rng: pack(arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), np.nan)), f),
         "bootstrap_out_of_range": lambda f, p, rng: pack(arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), -3.0)), f),
+        "bootstrap_advantage_out_of_range": lambda f, p, rng: pack(arr_set(p, "bootstrap_advantage", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), 5.0)), f),
         "ended_segment_claims_cut": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(np.flatnonzero(a)[int(rng.integers(np.count_nonzero(a)))]), 0)), f),
         "cut_segment_claims_an_end": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(np.flatnonzero(a == 0)[int(rng.integers(np.count_nonzero(a == 0)))]), 1)), f),
         "ply_gap": lambda f, p, rng: pack(arr_set(p, "ply", "<u2", lambda a: a.__setitem__(int(rng.integers(1, a.size)), 7777)), f),
@@ -255,7 +259,7 @@ def hostile_entries(make_batch):
     Every one must be rejected (a few random ones, e.g. ``flip_payload_bytes``, might by chance
     remain valid; the kinds in ``ALWAYS_BAD`` never do)."""
     def factory(count: int, seed: int = 0):
-        batch = make_batch(600, max_plies=64, seed=seed, segment_plies=16)  # ended and cut segments
+        batch = make_batch(600, max_plies=64, seed=seed, segment_plies=16, lookahead_plies=8)  # ended and cut segments
         good = {k.encode(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in encode_batch(batch).items()}
         payload = msgpack.unpackb(lz4.block.decompress(good[b"d"]), raw=False)
         rng = np.random.default_rng(seed)

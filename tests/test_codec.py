@@ -46,6 +46,7 @@ def test_bytes_per_position_under_target(make_batch, segment_plies):
     b.value = np.random.default_rng(0).uniform(-1, 1, b.num_positions).astype(np.float32)
     b.log_prob = np.random.default_rng(1).uniform(-8, 0, b.num_positions).astype(np.float32)
     b.bootstrap[~b.ended] = np.random.default_rng(2).uniform(-1, 1, int((~b.ended).sum())).astype(np.float32)
+    b.bootstrap_advantage[~b.ended] = np.random.default_rng(3).uniform(-1, 1, int((~b.ended).sum())).astype(np.float32)
     per_pos = codec.wire_bytes(encode_batch(b)) / b.num_positions
     assert per_pos <= 30, per_pos
 
@@ -53,13 +54,14 @@ def test_bytes_per_position_under_target(make_batch, segment_plies):
 def test_segments_round_trip_and_replay_from_their_start(make_batch):
     """Games cut every 8 plies: the cut segments (no result, a bootstrap value) start mid-game and
     are replayed from their first position; an ended one is the game's last segment."""
-    b = make_batch(600, max_plies=64, seed=21, segment_plies=8)
+    b = make_batch(600, max_plies=64, seed=21, segment_plies=8, lookahead_plies=4)
     cut = ~b.ended
     assert cut.any() and b.ended.any()
     starts = b.ply[b.segment_offsets[:-1].astype(int)]
     assert (starts[cut] % 8 == 0).all() and (starts > 0).any()
-    assert (np.diff(b.segment_offsets)[cut] == 8).all()
+    assert (np.diff(b.segment_offsets)[cut] == 8).all() and (np.diff(b.segment_offsets)[b.ended] <= 8 + 4).all()
     assert (b.result[cut] == 0).all() and (b.bootstrap[b.ended] == 0).all() and (b.bootstrap[cut] != 0).any()
+    assert (b.bootstrap_advantage[b.ended] == 0).all() and (b.bootstrap_advantage[cut] != 0).any()
     d = decode_entry(as_wire(encode_batch(b)), max_plies=64)
     for name in schema.COLUMNS:
         assert np.array_equal(getattr(d, name), getattr(b, name)), name
@@ -130,7 +132,8 @@ def _play(usi_moves, max_plies=64, sfen=None):
         repetition=np.array([r[2] for r in rows], np.uint8), action=np.array([r[3] for r in rows], np.uint16),
         log_prob=np.full(p, -1.0, np.float32), value=np.zeros(p, np.float32), version=np.ones(p, np.uint32),
         segment_offsets=np.array([0, p], np.uint32), result=np.array([int(res.reward[0]) * mover], np.int8),
-        reason=np.array([res.reason[0]], np.uint8), bootstrap=np.zeros(1, np.float32), game=np.zeros(1, np.uint64))
+        reason=np.array([res.reason[0]], np.uint8), bootstrap=np.zeros(1, np.float32),
+        bootstrap_advantage=np.zeros(1, np.float32), game=np.zeros(1, np.uint64))
 
 
 def test_repetition_game_validated():
@@ -294,6 +297,7 @@ def _golden_batch():
         result=np.array([1, -1, 0], np.int8),
         reason=np.array([1, 3, 0], np.uint8),
         bootstrap=np.array([0.0, 0.0, -0.375], np.float32),
+        bootstrap_advantage=np.array([0.0, 0.0, 0.0625], np.float32),
         game=np.array([7 << 32, (7 << 32) + 1, (7 << 32) + 2], np.uint64),
     )
 
@@ -304,17 +308,17 @@ def test_golden_wire_bytes():
     digest (schema 1, whole games, had its own digests until then)."""
     f = encode_batch(_golden_batch())
     assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 2}
-    assert len(f["d"]) == 900
-    assert hashlib.sha256(f["d"]).hexdigest() == "0faa274d0b8ec765222a36053c3a044296a3a4f006d349182310c7ce8ce89138"
+    assert len(f["d"]) == 919
+    assert hashlib.sha256(f["d"]).hexdigest() == "d2bda765c3a7368d849b590bdb1e63ef7fec5dd9d436ceb3304c6f0d54305c09"
     raw = lz4.block.decompress(f["d"])
-    assert hashlib.sha256(raw).hexdigest() == "ae80f9910c2644926faf82aae07f9d0a288dcaa6449303f9a3c21a41a40aacc7"
+    assert hashlib.sha256(raw).hexdigest() == "9c9b9da55c350d0a02c96933e149fd204ea5891670914707270dec0f84c796a1"
 
 
 def test_schema_columns():
-    assert schema.BYTES_PER_POSITION == 49 and schema.BYTES_PER_SEGMENT == 18
+    assert schema.BYTES_PER_POSITION == 49 and schema.BYTES_PER_SEGMENT == 22
     assert list(schema.COLUMNS) == [*schema.POSITION.names, "segment_offsets", *schema.SEGMENT.names]
     assert [c.dtype.str for c in schema.COLUMNS.values()] == ["|u1", "<u2", "|u1", "<u2", "<f4", "<f4", "<u4",
-                                                              "<u4", "|i1", "|u1", "<f4", "<u8"]
+                                                              "<u4", "|i1", "|u1", "<f4", "<f4", "<u8"]
     buffers = schema.zeros(schema.POSITION, (4, 6))
     assert buffers["hcp"].shape == (4, 6, 32) and buffers["log_prob"].dtype == np.float32
     b = _golden_batch()

@@ -56,6 +56,30 @@ def test_segments_carry_the_value_of_the_position_after_the_cut():
     assert len(ended) == len(records) and all(s.bootstrap == 0.0 for s in ended)
 
 
+def test_a_cut_carries_the_advantage_of_the_position_after_it_over_the_look_ahead():
+    """Segments of 8 plies sent 8 plies later: a cut's bootstrap advantage is the GAE advantage of
+    the next segment's first position over that segment (the look-ahead), bootstrapped from the
+    value after it, with the run's gamma and lambda."""
+    from keisei_stream.rl.gae import compute_gae
+
+    sp = _selfplay(lookahead_plies=8, gamma=0.9, lam=0.8)
+    segments, _ = _play(sp, 120)
+    by_game: dict[int, list] = {}
+    for s in segments:
+        by_game.setdefault(s.game, []).append(s)
+    checked = 0
+    for parts in by_game.values():
+        for a, b in zip(parts, parts[1:]):
+            if b.reason or b.num_positions != 8:
+                continue
+            adv, _ = compute_gae(b.positions["value"], np.array([0, 8]), np.zeros(1), 0.9, 0.8,
+                                 bootstrap=np.array([b.bootstrap]))
+            assert a.bootstrap == pytest.approx(float(b.positions["value"][0]))
+            assert a.bootstrap_advantage == pytest.approx(float(adv[0]), abs=1e-6)
+            checked += 1
+    assert checked > 5
+
+
 def test_at_a_stop_every_position_played_is_sent():
     sp = _selfplay()
     segments, _ = _play(sp, 37)

@@ -116,10 +116,12 @@ class Worker:
         dev = pick_device(device or cfg.worker.device)
         model = build_model(cfg.model).to(dev).eval()
         selfplay = SelfPlay(model, games=games or cfg.worker.games, max_plies=cfg.env.max_plies,
-                            segment_plies=cfg.worker.segment_plies, temperature=cfg.worker.temperature, seed=seed,
-                            device=dev, amp=cfg.worker.amp)
-        log.info("worker %s: %d games on %s (%d group(s)%s), segments of %d plies", worker_id, selfplay.num_games,
-                 dev, len(selfplay.groups), ", overlapped" if selfplay.overlap else "", cfg.worker.segment_plies)
+                            segment_plies=cfg.worker.segment_plies, lookahead_plies=cfg.worker.lookahead_plies,
+                            gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda, temperature=cfg.worker.temperature,
+                            seed=seed, device=dev, amp=cfg.worker.amp)
+        log.info("worker %s: %d games on %s (%d group(s)%s), segments of %d plies sent %d plies later", worker_id,
+                 selfplay.num_games, dev, len(selfplay.groups), ", overlapped" if selfplay.overlap else "",
+                 cfg.worker.segment_plies, cfg.worker.lookahead_plies)
         return cls(cfg=cfg, r=r, keys=keys, worker_id=worker_id, selfplay=selfplay,
                    producer=Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s),
                    watcher=WeightsWatcher(r, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))

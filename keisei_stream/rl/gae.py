@@ -7,8 +7,11 @@ value is from the side to move's view, so the next position's value enters with 
 Workers send games in segments (:mod:`keisei_stream.wire.schema`); :func:`segment_advantages`
 joins the consecutive segments of one game that an update holds (so a game whose segments are all
 there gets exactly the advantages of the whole game) and bootstraps at a cut whose continuation is
-not there, from the cut's bootstrap value, as IMPALA and Sample Factory do at a rollout's end
-(Espeholt et al. 2018, arXiv:1802.01561, sec. 4).
+not there, as IMPALA and Sample Factory do at a rollout's end (Espeholt et al. 2018,
+arXiv:1802.01561, sec. 4), from the cut's bootstrap value *and* its bootstrap advantage: the GAE
+advantage of the position after the cut, which the worker computed over the plies it played after
+the cut before it sent the segment. The advantages then equal the whole game's up to the worker's
+look-ahead, not only up to the cut (exactly, when the game ended within the look-ahead).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def compute_gae(
     gamma: float,
     lam: float,
     bootstrap: np.ndarray | None = None,
+    bootstrap_advantage: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GAE over runs of consecutive self-play positions with the zero-sum sign flip between plies.
 
@@ -40,7 +44,9 @@ def compute_gae(
     * ``delta_{T-1} = r_final - gamma * B - V_{T-1}``: a run that ended its game has ``B = 0`` (no
       bootstrap past the end of a game); a run cut before the end bootstraps from ``B``, the value
       of the position after its last move from the side to move there, and ``r_final = 0``,
-    * ``A_t = delta_t - gamma * lam * A_{t+1}``, ``A_{T-1} = delta_{T-1}``,
+    * ``A_t = delta_t - gamma * lam * A_{t+1}``, ``A_{T-1} = delta_{T-1} - gamma * lam * A_B``,
+      where ``A_B`` is the advantage of the position after the cut (same view as ``B``; 0 when
+      unknown or when the game ended): with the true ``A_B`` this is the GAE of the uncut game,
     * ``returns = A + V``.
 
     A game cut at ``max_plies`` is a draw: its final reward is 0 and nothing is bootstrapped.
@@ -56,6 +62,7 @@ def compute_gae(
         gamma: discount per ply, in (0, 1].
         lam: GAE lambda, in [0, 1].
         bootstrap: ``(G,)`` float ``B`` of each run (0 for runs that ended their game); None: all 0.
+        bootstrap_advantage: ``(G,)`` float ``A_B`` of each run; None: all 0.
 
     Returns:
         ``(advantages (P,) float32, returns (P,) float32)``, each from its position's mover's view.
@@ -71,9 +78,11 @@ def compute_gae(
         raise ValueError(f"offsets must start at 0, be non-decreasing and end at {p}")
     if fr.shape[0] != off.shape[0] - 1:
         raise ValueError(f"final_rewards has {fr.shape[0]} runs, offsets describe {off.shape[0] - 1}")
-    boot = np.zeros_like(fr) if bootstrap is None else np.asarray(bootstrap, dtype=np.float64).reshape(-1)
-    if boot.shape != fr.shape:
-        raise ValueError(f"bootstrap has {boot.shape[0]} runs, offsets describe {fr.shape[0]}")
+    boot, boot_adv = (np.zeros_like(fr) if x is None else np.asarray(x, dtype=np.float64).reshape(-1)
+                      for x in (bootstrap, bootstrap_advantage))
+    if boot.shape != fr.shape or boot_adv.shape != fr.shape:
+        raise ValueError(f"bootstrap has {boot.shape[0]} runs, bootstrap_advantage {boot_adv.shape[0]}, "
+                         f"offsets describe {fr.shape[0]}")
     if p == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
     lengths = np.diff(off)
@@ -82,7 +91,9 @@ def compute_gae(
     last = from_end == 0
     v_next = np.zeros(p)
     v_next[:-1] = v[1:]
-    delta = np.where(last, fr[game] - gamma * boot[game] - v, -gamma * v_next - v)
+    # at a run's last position this is A_{T-1} itself (delta_{T-1} - gamma * lam * A_B): the scan's start
+    tail = fr - gamma * boot - gamma * lam * boot_adv
+    delta = np.where(last, tail[game] - v, -gamma * v_next - v)
     # Backward scan: positions with from_end == k depend on their successor (from_end == k - 1).
     adv = np.empty(p)
     order = np.argsort(from_end, kind="stable")
@@ -121,6 +132,7 @@ class Chains:
         offsets: ``(C+1,) int64`` run boundaries in ``order``.
         final_rewards: ``(C,) float32`` reward of each run's last mover (0 for a cut run).
         bootstrap: ``(C,) float32`` each run's bootstrap value (0 when its game ended in it).
+        bootstrap_advantage: ``(C,) float32`` each run's bootstrap advantage (likewise).
         joins: segments joined to their predecessor.
     """
 
@@ -128,6 +140,7 @@ class Chains:
     offsets: np.ndarray
     final_rewards: np.ndarray
     bootstrap: np.ndarray
+    bootstrap_advantage: np.ndarray
     joins: int
 
 
@@ -186,7 +199,7 @@ def chain_segments(b: ExperienceBatch) -> Chains:
     return Chains(order=np.concatenate(order) if order else np.zeros(0, np.int64),
                   offsets=np.concatenate([[0], np.cumsum(run_lengths, dtype=np.int64)]).astype(np.int64),
                   final_rewards=b.final_rewards()[tails_a], bootstrap=b.bootstrap.astype(np.float32)[tails_a],
-                  joins=int(has_pred.sum()))
+                  bootstrap_advantage=b.bootstrap_advantage.astype(np.float32)[tails_a], joins=int(has_pred.sum()))
 
 
 def segment_advantages(b: ExperienceBatch, values: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -203,5 +216,5 @@ def segment_advantages(b: ExperienceBatch, values: np.ndarray, gamma: float, lam
     c = chain_segments(b)
     adv, ret = np.empty(b.num_positions, np.float32), np.empty(b.num_positions, np.float32)
     adv[c.order], ret[c.order] = compute_gae(np.asarray(values)[c.order], c.offsets, c.final_rewards, gamma, lam,
-                                             c.bootstrap)
+                                             c.bootstrap, c.bootstrap_advantage)
     return adv, ret, c.joins

@@ -5,11 +5,15 @@ in segments.
 game (one forward pass per group of games), samples a move from the masked policy, records the
 position (the 32-byte HCP, ply, repetition count, action, behaviour log-probability, value, model
 version) and plays the move. A game's positions leave as a :class:`Segment` every
-``segment_plies`` plies, carrying the value of the position after its cut (the **bootstrap**,
-from the side to move there: the forward pass that evaluates that position gives it), and at the
-game's end with its result; :meth:`SelfPlay.flush` cuts every game at a stop, so nothing played
-is lost. Sample Factory and IMPALA ship fixed-length rollouts with a bootstrap value the same way
-(Petrenko et al. 2020, arXiv:2006.11751; Espeholt et al. 2018, arXiv:1802.01561).
+``segment_plies`` plies, once ``lookahead_plies`` more have been played after the cut, carrying
+the **bootstrap** of the position after the cut (from the side to move there): its value and its
+GAE advantage over the look-ahead plies (with the run's gamma and lambda, bootstrapped at the
+look-ahead's end), so that the learner's advantages reach past the cut (:mod:`.gae`); a game's
+last segment leaves at its end with its result; :meth:`SelfPlay.flush` cuts every game at a stop,
+so nothing played is lost. Sample Factory and IMPALA ship fixed-length rollouts with a bootstrap
+value the same way (Petrenko et al. 2020, arXiv:2006.11751; Espeholt et al. 2018,
+arXiv:1802.01561); the look-ahead is the actor-side return of Ape-X (Horgan et al. 2018,
+arXiv:1803.00933), here a GAE advantage.
 
 **On a GPU** the games form two groups: while one group's forward pass runs on the device, the
 CPU steps the other group's boards (the compact inputs cross from pinned memory with non-blocking
@@ -30,9 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from keisei_stream.rl.gae import compute_gae
 from keisei_stream.rl.inputs import expand_on_device
 from keisei_stream.rl.policy import act, sample_actions
-from keisei_stream.shogi import GameRecord, VecEnv
+from keisei_stream.shogi import NUM_ACTIONS, GameRecord, VecEnv
 from keisei_stream.wire import schema
 from keisei_stream.wire.codec import ExperienceBatch, concat_batches
 
@@ -51,6 +56,8 @@ class Segment:
         reason: its :class:`~keisei_stream.shogi.EndReason` code, ``NONE`` (0) for a cut.
         bootstrap: a cut segment's value of the position after its last move (side to move's
             view, [-1, 1]); 0 when the game ended.
+        bootstrap_advantage: that position's GAE advantage over the look-ahead (same view); 0
+            without look-ahead or when the game ended.
         game: the game's number (the same for all its segments).
     """
 
@@ -58,6 +65,7 @@ class Segment:
     result: int
     reason: int
     bootstrap: float
+    bootstrap_advantage: float
     game: int
 
     @property
@@ -99,11 +107,16 @@ class Trajectories:
             col[rows, t] = values[name]
         self.length += 1
 
-    def take(self, i: int) -> dict[str, np.ndarray]:
-        """Copy out game ``i``'s positions (one ``(length, *row shape)`` array per column) and clear it."""
-        k = int(self.length[i])
-        self.length[i] = 0
-        return {name: col[i, :k].copy() for name, col in self.columns.items()}
+    def take(self, i: int, k: int | None = None) -> dict[str, np.ndarray]:
+        """Copy out game ``i``'s first ``k`` positions (all when None; one ``(k, *row shape)``
+        array per column) and move the rest to the front."""
+        n = int(self.length[i])
+        k = n if k is None else k
+        out = {name: col[i, :k].copy() for name, col in self.columns.items()}
+        for col in self.columns.values():
+            col[i, :n - k] = col[i, k:n]
+        self.length[i] = n - k
+        return out
 
 
 @dataclass
@@ -138,36 +151,42 @@ class SelfPlay:
         games: games played at once (split evenly over the groups).
         max_plies: a game reaching this many plies is a draw.
         segment_plies: positions per segment of a game still going on.
+        lookahead_plies: plies played after a cut before its segment leaves (0: at once).
+        gamma, lam: GAE's discount and lambda for the look-ahead advantage (the run's ``ppo``).
         temperature: sampling temperature (0 = argmax).
         seed: seeds the boards' openings and the sampling noise (group ``k``: ``seed + k``).
         device: where the forward pass runs.
         groups: groups of games (default 2 on CUDA, else 1).
         overlap: pipeline the groups (default: on CUDA); without it the groups take turns.
         amp: bf16 autocast on CUDA.
+        opening_plies: random legal moves at the start of every game (``VecEnv``'s).
 
     Raises:
         ValueError: fewer games than groups, or bad arguments of the env.
     """
 
     def __init__(self, model: torch.nn.Module, *, games: int, max_plies: int, segment_plies: int,
-                 temperature: float, seed: int, device: torch.device | str = "cpu", groups: int | None = None,
-                 overlap: bool | None = None, amp: bool = True):
+                 temperature: float, seed: int, lookahead_plies: int = 0, gamma: float = 1.0, lam: float = 1.0,
+                 device: torch.device | str = "cpu", groups: int | None = None, overlap: bool | None = None,
+                 amp: bool = True, opening_plies: int = 0):
         self.model, self.device = model, torch.device(device)
         cuda = self.device.type == "cuda"
         n_groups = groups or (2 if cuda else 1)
         if games < n_groups:
             raise ValueError(f"{games} games cannot make {n_groups} groups")
         self.overlap = cuda if overlap is None else overlap
-        self.temperature, self.segment_plies = float(temperature), int(segment_plies)
+        self.temperature, self.segment_plies, self.lookahead = float(temperature), int(segment_plies), int(lookahead_plies)
+        self.gamma, self.lam = float(gamma), float(lam)
         self.amp = amp and cuda
         self._session = secrets.randbits(32) << 32  # game numbers: unique per worker session
         self._next_game = 0
         sizes = [len(a) for a in np.array_split(np.arange(games), n_groups)]
-        self.groups = [self._group(n, max_plies, seed + k) for k, n in enumerate(sizes)]
+        self.groups = [self._group(n, VecEnv(n, max_plies, seed=seed + k, opening_plies=opening_plies), seed + k)
+                       for k, n in enumerate(sizes)]
 
-    def _group(self, n: int, max_plies: int, seed: int) -> _Group:
+    def _group(self, n: int, env: VecEnv, seed: int) -> _Group:
         rng = torch.Generator(device=self.device).manual_seed(seed)
-        g = _Group(VecEnv(n, max_plies, seed=seed), Trajectories.empty(n, self.segment_plies),
+        g = _Group(env, Trajectories.empty(n, self.segment_plies + self.lookahead),
                    self._new_games(n), rng)
         if self.device.type == "cuda":
             def pinned(shape, dtype):
@@ -217,25 +236,44 @@ class SelfPlay:
             g.pending = None
             _actions, _log_prob, value = self._collect(pending)
             for i in np.flatnonzero(g.traj.length):
-                segments.append(Segment(g.traj.take(int(i)), 0, 0, float(value[i]), int(g.game[i])))
+                segments.append(Segment(g.traj.take(int(i)), 0, 0, float(value[i]), 0.0, int(g.game[i])))
         return segments
 
     def _advance(self, g: _Group, pending: _Pending, out: Step) -> None:
         """Cut the full segments (bootstrapped from this forward pass's values), record the
         positions, play the moves, and emit the segments of the games that ended."""
         actions, log_prob, value = self._collect(pending)
-        for i in np.flatnonzero(g.traj.length >= self.segment_plies):
-            out.segments.append(Segment(g.traj.take(int(i)), 0, 0, float(value[i]), int(g.game[i])))
+        out.segments += self._cut(g, value)
         hcp, ply, repetition, _turn = g.env.positions()
         g.traj.record({"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
                        "value": value, "version": pending.version})
         res = g.env.step(actions)
         out.positions += g.env.num_games
         for i, record in zip(np.flatnonzero(res.done), res.finished):
-            out.segments.append(Segment(g.traj.take(int(i)), int(record.result), int(record.reason), 0.0,
+            out.segments.append(Segment(g.traj.take(int(i)), int(record.result), int(record.reason), 0.0, 0.0,
                                         int(g.game[i])))
             out.finished.append(record)
             g.game[i] = self._new_games(1)[0]
+
+    def _cut(self, g: _Group, value: np.ndarray) -> list[Segment]:
+        """The segments of ``g``'s games that hold ``segment_plies`` + ``lookahead_plies``
+        positions: the first ``segment_plies`` leave, bootstrapped from the value of the position
+        after them and its GAE advantage over the look-ahead (:func:`~keisei_stream.rl.gae.compute_gae`
+        on the look-ahead's recorded values, itself bootstrapped from ``value``, this forward pass's
+        values of the current positions); the look-ahead stays for the next segment."""
+        s, h = self.segment_plies, self.lookahead
+        cut = np.flatnonzero(g.traj.length >= s + h)
+        if not len(cut):
+            return []
+        if h:
+            window = g.traj.columns["value"][cut, s:s + h].reshape(-1)
+            adv, _ = compute_gae(window, np.arange(0, len(window) + 1, h), np.zeros(len(cut)), self.gamma, self.lam,
+                                 bootstrap=value[cut])
+            boot, boot_adv = g.traj.columns["value"][cut, s], adv[::h]
+        else:
+            boot, boot_adv = value[cut], np.zeros(len(cut), np.float32)
+        return [Segment(g.traj.take(int(i), s), 0, 0, float(b), float(a), int(g.game[i]))
+                for i, b, a in zip(cut, boot, boot_adv)]
 
     # ------------------------------------------------------------------------------ the forward pass
     def _launch(self, g: _Group, version: int) -> _Pending:
@@ -285,44 +323,43 @@ def segments_to_batch(segments: list[Segment]) -> ExperienceBatch:
     return concat_batches([
         ExperienceBatch("", "", **s.positions, segment_offsets=np.array([0, s.num_positions], np.uint32),
                         result=np.array([s.result], np.int8), reason=np.array([s.reason], np.uint8),
-                        bootstrap=np.array([s.bootstrap], np.float32), game=np.array([s.game], np.uint64))
+                        bootstrap=np.array([s.bootstrap], np.float32),
+                        bootstrap_advantage=np.array([s.bootstrap_advantage], np.float32),
+                        game=np.array([s.game], np.uint64))
         for s in segments])
 
 
-def random_policy_batch(num_positions: int, *, max_plies: int = 256, games: int = 32, segment_plies: int = 0,
-                        seed: int = 0, version: int = 1, worker_id: str = "w0", batch_id: str = "w0:test:0",
-                        opening_plies: int = 0) -> ExperienceBatch:
-    """A batch of uniformly random self-play: realistic positions for tests and benchmarks.
+class UniformPolicy(torch.nn.Module):
+    """A stand-in actor-critic: the same logit for every action (uniformly random moves, log-prob
+    ``-log(legal moves)``) and values drawn uniformly from [-1, 1] with its own seeded generator."""
 
-    Plays ``games`` games at once with :class:`~keisei_stream.shogi.VecEnv` until the segments
-    sent hold at least ``num_positions`` positions. ``segment_plies`` 0 sends whole games only;
-    otherwise games are cut every ``segment_plies`` plies as :class:`SelfPlay` cuts them (the
-    bootstrap is the next position's value). ``log_prob`` is the uniform policy's
-    (``-log(legal moves)``), ``value`` uniform in [-1, 1] (seeded), ``version`` constant.
-    Deterministic for given arguments (game numbers are ``seed``-based).
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a device
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = obs.shape[0]
+        return torch.zeros(b, NUM_ACTIONS), torch.rand(b, generator=self.gen) * 2 - 1
+
+
+def random_policy_batch(num_positions: int, *, max_plies: int = 256, games: int = 32, segment_plies: int = 0,
+                        lookahead_plies: int = 0, seed: int = 0, version: int = 1, worker_id: str = "w0",
+                        batch_id: str = "w0:test:0", opening_plies: int = 0) -> ExperienceBatch:
+    """A batch of uniformly random self-play, played and cut by :class:`SelfPlay` itself with a
+    :class:`UniformPolicy`: realistic positions for tests and benchmarks.
+
+    Steps ``games`` games until the segments sent hold at least ``num_positions`` positions.
+    ``segment_plies`` 0 sends whole games only; otherwise games are cut as workers cut them (with
+    ``lookahead_plies``, gamma = lambda = 1). ``version`` is the model version recorded.
+    Deterministic for given arguments (game numbers aside).
     """
-    rng = np.random.default_rng(seed)
-    env = VecEnv(games, max_plies, seed=seed, opening_plies=opening_plies)
-    traj = Trajectories.empty(games, segment_plies or max_plies)
-    game = (np.uint64(seed) << np.uint64(32)) + np.arange(games, dtype=np.uint64)
-    next_game, segments, total = games, [], 0
-    while total < num_positions:
-        value = rng.uniform(-1, 1, games).astype(np.float32)
-        if segment_plies:
-            for i in np.flatnonzero(traj.length >= segment_plies):
-                segments.append(Segment(traj.take(int(i)), 0, 0, float(value[i]), int(game[i])))
-                total += segments[-1].num_positions
-        legal = [env.legal_actions(i) for i in range(games)]
-        actions = np.array([rng.choice(a) for a in legal], np.int64)
-        log_prob = -np.log(np.array([len(a) for a in legal], np.float32))
-        hcp, ply, repetition, _turn = env.positions()
-        traj.record({"hcp": hcp, "ply": ply, "repetition": repetition, "action": actions, "log_prob": log_prob,
-                     "value": value, "version": version})
-        res = env.step(actions)
-        for i, record in zip(np.flatnonzero(res.done), res.finished):
-            segments.append(Segment(traj.take(int(i)), int(record.result), int(record.reason), 0.0, int(game[i])))
-            total += segments[-1].num_positions
-            game[i], next_game = (np.uint64(seed) << np.uint64(32)) + np.uint64(next_game), next_game + 1
+    sp = SelfPlay(UniformPolicy(seed), games=games, max_plies=max_plies, segment_plies=segment_plies or max_plies,
+                  lookahead_plies=lookahead_plies if segment_plies else 0, temperature=1.0, seed=seed,
+                  opening_plies=opening_plies)
+    segments: list[Segment] = []
+    while sum(x.num_positions for x in segments) < num_positions:
+        segments += sp.step(version).segments
     batch = segments_to_batch(segments)
     batch.worker_id, batch.batch_id = worker_id, batch_id
     return batch

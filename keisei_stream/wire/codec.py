@@ -13,7 +13,7 @@ session and sequence number), ``schema`` (int), and one key per column of
 ``keisei_stream.wire.schema.COLUMNS`` holding the column's raw little-endian bytes, in that order
 (the schema module documents every column's dtype, shape, meaning and units).
 
-That is 49 bytes per position before compression plus 18 per segment; lz4 brings batches of
+That is 49 bytes per position before compression plus 22 per segment; lz4 brings batches of
 random-play segments with random float32 values/log-probs to ~25 bytes per position on the wire
 (``benchmarks/codec.py``; consecutive HCPs share most bytes), under the 30-byte target.
 ``value`` stays float32: float16 would save 2 bytes per position (~4%) at a relative error of
@@ -57,7 +57,7 @@ VALUE_TOLERANCE = 1e-6
 _MAP_KEYS = frozenset(("batch_id", "schema", *COLUMNS))
 _FIELD_KEYS = frozenset((b"d", b"w", b"v", b"n", b"s"))
 # Bound on the decompressed map, checked before allocating: every position with one segment of
-# its own (a segment has at least one position) plus a byte of slack each (68 bytes per
+# its own (a segment has at least one position) plus a byte of slack each (72 bytes per
 # position), and the map's keys, ids and bin headers.
 _MAX_RAW_BYTES_PER_POSITION = BYTES_PER_POSITION + BYTES_PER_SEGMENT + 1
 _MAX_MAP_OVERHEAD = 1024 + 2 * MAX_ID_CHARS * 4
@@ -72,14 +72,14 @@ class ExperienceBatch:
         **columns: exactly one array per column of ``schema.COLUMNS``: the per-position columns
             ``(P, *row shape)`` (``hcp`` ``(P, 32) uint8``, ``ply`` ``(P,) uint16``, ...),
             ``segment_offsets`` ``(S+1,) uint32`` and the per-segment columns ``(S,)``
-            (``result``, ``reason``, ``bootstrap``, ``game``); their dtypes and meaning are the
+            (``result``, ``reason``, ``bootstrap``, ``bootstrap_advantage``, ``game``); their dtypes and meaning are the
             schema module's. Shapes and dtypes are checked by :func:`encode_batch` and guaranteed
             by :func:`decode_entry`, not here.
 
     Attributes:
         batch_id, worker_id: as given.
         hcp, ply, repetition, action, log_prob, value, version, segment_offsets, result, reason,
-        bootstrap, game: the columns (attribute per name in ``schema.COLUMNS``).
+        bootstrap, bootstrap_advantage, game: the columns (attribute per name in ``schema.COLUMNS``).
 
     Raises:
         TypeError: a column is missing or unknown.
@@ -233,11 +233,12 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
 
     Raises:
         BadEntry: for anything wrong: missing or extra fields, non-integer ``v``/``n``/``s``,
-            wrong schema, lz4 errors, a claimed decompressed size above ``68 * n + 2624`` bytes
+            wrong schema, lz4 errors, a claimed decompressed size above ``72 * n + 2624`` bytes
             (refused before allocating), msgpack errors, missing/extra/mistyped map keys, array byte
             lengths inconsistent with ``n`` and the segment offsets, non-monotone offsets,
             actions >= 13527, non-finite log-probabilities or outside [``MIN_LOG_PROB``, 0],
-            values or bootstraps outside [-1, 1], a version newer than ``max_version``,
+            values or bootstraps outside [-1, 1] (bootstrap advantages [-2, 2]), a version newer
+            than ``max_version``,
             versions inconsistent with ``v``, non-consecutive plies, plies >= ``max_plies``,
             results inconsistent with the end reason, a cut segment with a result or reaching
             ``max_plies``, an ended one with a bootstrap, malformed positions, and
@@ -381,12 +382,12 @@ def _check_position_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
         raise BadEntry(f"log_prob: {float(lp.max()):.3g} > 0")
     if float(lp.min()) < MIN_LOG_PROB:
         raise BadEntry(f"log_prob: {float(lp.min()):.3g} < {MIN_LOG_PROB} (no policy samples such a move)")
-    for name in ("value", "bootstrap"):
+    for name, bound in (("value", 1.0), ("bootstrap", 1.0), ("bootstrap_advantage", 2.0)):
         val = getattr(b, name)
         if not np.isfinite(val).all():
             raise BadEntry(f"{name}: not finite")
-        if float(np.abs(val).max()) > 1.0 + VALUE_TOLERANCE:
-            raise BadEntry(f"{name}: {float(np.abs(val).max()):.3g} outside [-1, 1]")
+        if float(np.abs(val).max()) > bound + VALUE_TOLERANCE:
+            raise BadEntry(f"{name}: {float(np.abs(val).max()):.3g} outside [-{bound:g}, {bound:g}]")
     if int(b.version.max()) != v:
         raise BadEntry(f"version: newest {int(b.version.max())} != field v {v}")
     if int(b.repetition.max()) > 2:
@@ -420,7 +421,7 @@ def _check_segment_ends(b: ExperienceBatch, max_plies: int) -> None:
     cut = rsn == EndReason.NONE
     if (cut & (res != 0)).any():
         raise BadEntry("a cut segment with a result")
-    if (~cut & (b.bootstrap != 0)).any():
+    if (~cut & ((b.bootstrap != 0) | (b.bootstrap_advantage != 0))).any():
         raise BadEntry("a segment that ended its game with a bootstrap value")
     if (cut & (end_ply >= max_plies)).any() or ((rsn == EndReason.MAX_PLIES) & (end_ply != max_plies)).any():
         raise BadEntry("a segment reaching max_plies not ended as MAX_PLIES exactly there")

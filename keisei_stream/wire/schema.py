@@ -5,8 +5,9 @@ row per segment, or one row per segment plus one (the offsets). A **segment** is
 consecutive positions of one game: a worker sends every game's positions each
 ``worker.segment_plies`` plies, and whatever is unsent when the game ends or the worker stops.
 A segment either ended its game (``reason`` says how, ``result`` who won) or was cut (``reason``
-0), and then carries the **bootstrap** value of the position after its last move, from the side to
-move there. This module is the only place that lists the columns; the batch class, the encoder
+0), and then carries the **bootstrap** of the position after its last move, from the side to move
+there: its value and its GAE advantage over the plies the worker played after the cut before it
+sent the segment (the look-ahead), so that a cut costs the advantages little. This module is the only place that lists the columns; the batch class, the encoder
 and decoder, the worker's trajectory buffers and the learner's batch assembly all derive from it.
 
 Per position, :data:`POSITION` (a packed structured dtype, 49 bytes)::
@@ -30,6 +31,10 @@ Per segment, :data:`SEGMENT`::
                           0 (``NONE``) for a cut segment
     bootstrap   <f4       a cut segment's value of the position after its last move, from the side
                           to move there, in [-1, 1]; 0 when the game ended in the segment
+    bootstrap_advantage
+                <f4       a cut segment's GAE advantage of that position (same view), computed by
+                          the worker over the look-ahead plies with the run's gamma and lambda, in
+                          [-2, 2]; 0 without look-ahead and when the game ended
     game        <u8       the game: the same number for every segment of one game (a worker's
                           random 32-bit session prefix and its game counter), so that the learner
                           can join consecutive segments it holds together
@@ -39,7 +44,7 @@ and ``segment_offsets`` ``(S+1,) <u4``: segment ``s`` is positions ``off[s]:off[
 start ply is its first position's ``ply``.
 
 On the wire every column is its raw little-endian bytes, in the order of :data:`COLUMNS`
-(positions, offsets, segments): 49 bytes per position and 18 per segment before compression.
+(positions, offsets, segments): 49 bytes per position and 22 per segment before compression.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ SEGMENT = np.dtype([
     ("result", "i1"),
     ("reason", "u1"),
     ("bootstrap", "<f4"),
+    ("bootstrap_advantage", "<f4"),
     ("game", "<u8"),
 ])
 #: Name and element dtype of the ``(S+1,)`` column of segment boundaries.
@@ -75,7 +81,7 @@ SEGMENT_OFFSETS_DTYPE = np.dtype("<u4")
 
 #: Uncompressed wire bytes of one position (49).
 BYTES_PER_POSITION = POSITION.itemsize
-#: Uncompressed wire bytes of one segment: its columns plus one offset (18).
+#: Uncompressed wire bytes of one segment: its columns plus one offset (22).
 BYTES_PER_SEGMENT = SEGMENT.itemsize + SEGMENT_OFFSETS_DTYPE.itemsize
 
 
