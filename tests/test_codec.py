@@ -303,15 +303,15 @@ def _golden_batch():
 
 
 def test_golden_wire_bytes():
-    """The wire bytes of a fixed batch never change. These digests were computed for schema 2
-    (segments) when it was introduced; a schema change needs a new ``SCHEMA_VERSION``, not a new
-    digest (schema 1, whole games, had its own digests until then)."""
+    """The wire bytes of a fixed batch never change. These digests were computed for schema 3
+    (segments with a bootstrap advantage) when it was introduced; a schema change needs a new
+    ``SCHEMA_VERSION``, not a new digest (schemas 1 and 2 had their own digests until then)."""
     f = encode_batch(_golden_batch())
-    assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 2}
+    assert {k: v for k, v in f.items() if k != "d"} == {"w": "golden", "v": 8, "n": 37, "s": 3}
     assert len(f["d"]) == 919
-    assert hashlib.sha256(f["d"]).hexdigest() == "d2bda765c3a7368d849b590bdb1e63ef7fec5dd9d436ceb3304c6f0d54305c09"
+    assert hashlib.sha256(f["d"]).hexdigest() == "0cb37e5a9b8698e2996f251c78ae536719d3521db04057addb15298306ebc508"
     raw = lz4.block.decompress(f["d"])
-    assert hashlib.sha256(raw).hexdigest() == "9c9b9da55c350d0a02c96933e149fd204ea5891670914707270dec0f84c796a1"
+    assert hashlib.sha256(raw).hexdigest() == "1d2856a42bf9f002373088247962f66f329f600b56514cd469194debc402eb90"
 
 
 def test_schema_columns():

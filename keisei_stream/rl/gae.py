@@ -10,8 +10,9 @@ there gets exactly the advantages of the whole game) and bootstraps at a cut who
 not there, as IMPALA and Sample Factory do at a rollout's end (Espeholt et al. 2018,
 arXiv:1802.01561, sec. 4), from the cut's bootstrap value *and* its bootstrap advantage: the GAE
 advantage of the position after the cut, which the worker computed over the plies it played after
-the cut before it sent the segment. The advantages then equal the whole game's up to the worker's
-look-ahead, not only up to the cut (exactly, when the game ended within the look-ahead).
+the cut before it sent the segment. The advantages are then the whole game's GAE truncated at the
+end of the worker's look-ahead instead of at the cut (given the whole game's advantage there, they
+are exactly the whole game's).
 """
 
 from __future__ import annotations

@@ -53,9 +53,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-#: Schema version of the wire format (stream field ``s`` and msgpack key ``schema``); 2: segments
-#: (1 sent whole games only).
-SCHEMA_VERSION = 2
+#: Schema version of the wire format (stream field ``s`` and msgpack key ``schema``); 3: segments
+#: with a bootstrap advantage (2: segments with a bootstrap value only; 1: whole games only).
+SCHEMA_VERSION = 3
 
 #: One position's columns (packed: ``POSITION.itemsize`` is the bytes per position on the wire).
 POSITION = np.dtype([
