@@ -36,13 +36,19 @@ def _play(sp: SelfPlay, steps: int) -> tuple[list, list]:
     return segments, records
 
 
+def _by_game(segments) -> dict[int, list]:
+    """The segments of each game, in the order sent."""
+    by_game: dict[int, list] = {}
+    for s in segments:
+        by_game.setdefault(s.game, []).append(s)
+    return by_game
+
+
 def test_segments_carry_the_value_of_the_position_after_the_cut():
     sp = _selfplay()
     segments, records = _play(sp, 100)
     assert records, "no game ended in 100 steps of 40-ply games"
-    by_game: dict[int, list] = {}
-    for s in segments:
-        by_game.setdefault(s.game, []).append(s)
+    by_game = _by_game(segments)
     checked = 0
     for parts in by_game.values():
         for a, b in zip(parts, parts[1:]):
@@ -64,9 +70,7 @@ def test_a_cut_carries_the_advantage_of_the_position_after_it_over_the_look_ahea
 
     sp = _selfplay(lookahead_plies=8, gamma=0.9, lam=0.8)
     segments, _ = _play(sp, 120)
-    by_game: dict[int, list] = {}
-    for s in segments:
-        by_game.setdefault(s.game, []).append(s)
+    by_game = _by_game(segments)
     checked = 0
     for parts in by_game.values():
         for a, b in zip(parts, parts[1:]):
