@@ -358,8 +358,11 @@ def random_policy_batch(num_positions: int, *, max_plies: int = 256, games: int 
                   lookahead_plies=lookahead_plies if segment_plies else 0, temperature=1.0, seed=seed,
                   opening_plies=opening_plies)
     segments: list[Segment] = []
-    while sum(x.num_positions for x in segments) < num_positions:
-        segments += sp.step(version).segments
+    total = 0
+    while total < num_positions:
+        new = sp.step(version).segments
+        segments += new
+        total += sum(x.num_positions for x in new)
     batch = segments_to_batch(segments)
     batch.worker_id, batch.batch_id = worker_id, batch_id
     return batch
