@@ -222,20 +222,20 @@ def layout(widths=(4, 8, 16, 24, 32, 48, 80), edges: int = 80, iters: int = 4000
     return {"edges": edges, "us_per_select_and_update": res}
 
 
-def _engine_script(directory: Path, checkpoint: str, extra: list[str]) -> Path:
+def _engine_script(directory: Path, checkpoint: str) -> Path:
     """A one-line executable that starts ``keisei usi`` (cshogi's client runs one program path)."""
     script = directory / "keisei_engine.sh"
-    args = " ".join([sys.executable, "-m", "keisei_stream.cli", "usi", "--checkpoint", checkpoint, *extra])
+    args = " ".join([sys.executable, "-m", "keisei_stream.cli", "usi", "--checkpoint", checkpoint])
     script.write_text(f"#!/bin/sh\nexec {args}\n")
     script.chmod(0o755)
     return script
 
 
-def _clock_positions(games_dir: str, count: int, seed: int) -> tuple[list[tuple[str, list[str]]], int, int]:
-    """``count`` positions ``("startpos" or "sfen SFEN", moves)`` drawn uniformly without
-    replacement among the positions of the archive's games before each of their moves, with the
-    numbers of games and of such positions."""
-    from keisei_stream.play.records import read_archive_games
+def _clock_positions(games_dir: str, count: int, seed: int) -> tuple[list[tuple[str, list[str], cshogi.Board]], int, int]:
+    """``count`` positions ``("startpos" or "sfen SFEN", moves, board after them)`` drawn uniformly
+    without replacement among the positions of the archive's games before each of their moves,
+    with the numbers of games and of such positions."""
+    from keisei_stream.play.records import board_after, read_archive_games
     from keisei_stream.shogi import STARTING_SFEN
 
     games = read_archive_games(games_dir)
@@ -247,7 +247,7 @@ def _clock_positions(games_dir: str, count: int, seed: int) -> tuple[list[tuple[
     for i in sorted(picks.tolist()):
         g, ply = pairs[i]
         start = "startpos" if g.start_sfen == STARTING_SFEN else f"sfen {g.start_sfen}"
-        out.append((start, list(g.moves[:ply])))
+        out.append((start, list(g.moves[:ply]), board_after(g, ply)[0]))
     return out, len(games), len(pairs)
 
 
@@ -256,8 +256,19 @@ def _last_info(lines: list[str], key: str) -> int:
     return int(tokens[tokens.index(key) + 1])
 
 
+def _is_legal(board: cshogi.Board, usi: str) -> bool:
+    """Whether ``usi`` is a legal move in ``board`` (the referee's test, not cshogi's ``is_legal``)."""
+    from keisei_stream.shogi import legal_move_from_usi
+
+    try:
+        legal_move_from_usi(board, usi)
+    except ValueError:
+        return False
+    return True
+
+
 def clock(checkpoint: str, games_dir: str, count: int = 200, byoyomi: int = 300, seed: int = 0,
-          margin: int = 300, extra: tuple[str, ...] = ()) -> dict:
+          margin: int = 300) -> dict:
     """Issue 18's answer-time measurement (module docstring, ``clock`` section)."""
     import tempfile
 
@@ -269,7 +280,7 @@ def clock(checkpoint: str, games_dir: str, count: int = 200, byoyomi: int = 300,
     walls, reported, nodes, without_search, illegal = [], [], [], 0, 0
     slowest = (0.0, None)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(str(_engine_script(Path(tmp), checkpoint, list(extra))))
+        engine = Engine(str(_engine_script(Path(tmp), checkpoint)))
         engine.setoption("ByoyomiMargin", margin)
         engine.isready()
         round_trips = []
@@ -277,16 +288,13 @@ def clock(checkpoint: str, games_dir: str, count: int = 200, byoyomi: int = 300,
             t = time.perf_counter()
             engine.isready()
             round_trips.append((time.perf_counter() - t) * 1000)
-        for start, moves in picked:
+        for start, moves, board in picked:
             engine.position(moves=moves, sfen=start)
             lines: list[str] = []
             t = time.perf_counter()
             best, _ = engine.go(btime=0, wtime=0, byoyomi=byoyomi, listener=lines.append)
             ms = (time.perf_counter() - t) * 1000
-            board = cshogi.Board() if start == "startpos" else cshogi.Board(start[5:])
-            for m in moves:
-                board.push_usi(m)
-            illegal += best not in ("resign", "win") and not board.is_legal(board.move_from_usi(best))
+            illegal += best not in ("resign", "win") and not _is_legal(board, best)
             walls.append(ms)
             reported.append(_last_info(lines, "time"))
             nodes.append(_last_info(lines, "nodes"))
