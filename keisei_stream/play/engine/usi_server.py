@@ -81,9 +81,9 @@ from typing import IO, Any, Optional
 import cshogi
 
 from keisei_stream.play.engine.protocol import GoParams, parse_go, parse_position, value_to_cp
-from keisei_stream.play.engine.tree import SearchLimits, root_shortcut
+from keisei_stream.play.engine.tree import SearchLimits, position_counts, root_shortcut
 from keisei_stream.play.engine.usi_options import DEFAULT_BATCH_SIZE, DEFAULT_NODES, OPTION_BY_NAME, OPTIONS
-from keisei_stream.shogi import EndReason, RepetitionTracker, legal_move_from_usi, repetition_feature
+from keisei_stream.shogi import EndReason, repetition_feature
 
 ENGINE_NAME = "keisei-stream"
 AUTHOR = "keisei-stream contributors"
@@ -138,8 +138,6 @@ class UsiEngine:
         self.mcts = None     # MCTS over the same model
         self._loaded: dict[str, Any] = {}
         self.board = cshogi.Board()
-        self.start = "startpos"
-        self.moves: list[str] = []
         self.repetition = 0
         self._out_lock = threading.Lock()
         self._lock = threading.Lock()     # the job's hold/answer state
@@ -240,7 +238,7 @@ class UsiEngine:
                     self.mcts.reset()
                 self._reseed()
             elif cmd == "position":
-                self.board, self.start, self.moves, err = parse_position(args)
+                self.board, _start, _moves, err = parse_position(args)
                 self.repetition = self._repetition()
                 if err:
                     self.send(f"info string {err}")
@@ -291,13 +289,9 @@ class UsiEngine:
         self.values[opt.name] = parsed
 
     def _repetition(self) -> int:
-        """Earlier occurrences (0..2) of the current position in the game given by ``position``."""
-        b = cshogi.Board() if self.start == "startpos" else cshogi.Board(self.start)
-        tracker = RepetitionTracker()
-        for mv in self.moves:
-            tracker.push(b)
-            b.push(legal_move_from_usi(b, mv))
-        return repetition_feature(tracker.count(self.board) + 1)
+        """Earlier occurrences (0..2) of the current position in the game given by ``position``
+        (counted over the board's own history, which ``parse_position`` has just played)."""
+        return repetition_feature(position_counts(self.board)[self.board.zobrist_hash()])
 
     # -- search jobs
     def _searching(self) -> bool:

@@ -111,12 +111,13 @@ def _choice_to_move(board: cshogi.Board, side: int, choice) -> tuple[int, Option
 
 
 def _start_board(start_sfen: str, opening: Sequence[str]) -> tuple[cshogi.Board, RepetitionTracker]:
-    """The board after ``opening`` from ``start_sfen``, and the positions counted so far.
+    """The board after ``opening`` from ``start_sfen`` (``"startpos"`` or a SFEN that
+    :func:`play_game` has validated), and the positions counted so far.
 
     Raises:
-        ValueError: malformed ``start_sfen`` or an illegal opening move.
+        ValueError: an illegal opening move.
     """
-    board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(validate_sfen(start_sfen))
+    board = cshogi.Board() if start_sfen == STARTPOS else cshogi.Board(start_sfen)
     tracker = RepetitionTracker(board)
     for mv in opening:
         try:
