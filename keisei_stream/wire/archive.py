@@ -33,7 +33,7 @@ from typing import Iterator
 
 import redis
 
-from .atomic import write_small
+from .atomic import create_group
 from .client import as_str
 from .keys import Keys
 
@@ -211,13 +211,8 @@ class Recorder:
 
     def ensure_group(self) -> None:
         """Create the group ``recorders`` on the games stream at id 0 (MKSTREAM); idempotent, and
-        also on a full server (:func:`keisei_stream.wire.atomic.write_small`)."""
-        try:
-            write_small(self.r, self.keys, ("XGROUP", "CREATE", self.keys.games, GROUP, "0", "MKSTREAM"),
-                        "the games archive's group")
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        also on a full server (:func:`keisei_stream.wire.atomic.create_group`)."""
+        create_group(self.r, self.keys, self.keys.games, GROUP, "the games archive's group")
 
     def _read(self, start: str) -> list[tuple[str, dict]]:
         try:

@@ -101,12 +101,27 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None)
 def write_small(r: redis.Redis, keys: Keys, cmd: tuple, what: str) -> None:
     """One small write a process needs to start or to stop (the control key, the config, the
     run's epoch, a consumer group: bytes to a few KB), done even while the server is at
-    ``maxmemory``: :func:`run_atomic` passes it with ``allow-oom`` (Redis >= 7), and where script
-    flags do not exist (6.2) it waits for room (:func:`keisei_stream.wire.retry.wait_for_room`,
-    logged once) instead of failing. A full server must not keep the learner from starting: only
-    the learner's acknowledgements give its memory back.
+    ``maxmemory``: :func:`run_atomic` passes it (``allow-oom`` on Redis >= 7, behind the gate on
+    6.2); should the server still refuse it for lack of memory, it waits for room
+    (:func:`keisei_stream.wire.retry.wait_for_room`, logged once) instead of failing. A full
+    server must not keep the learner from starting: only the learner's acknowledgements give its
+    memory back.
 
     Raises:
         redis.ResponseError: the command's own error (e.g. ``BUSYGROUP``).
     """
     wait_for_room(what, run_atomic, r, keys, [cmd], None)
+
+
+def create_group(r: redis.Redis, keys: Keys, stream: str, group: str, what: str) -> None:
+    """``XGROUP CREATE stream group 0 MKSTREAM`` through :func:`write_small` (also on a full
+    server); idempotent: an existing group (``BUSYGROUP``) is left as it is.
+
+    Raises:
+        redis.ResponseError: any other error of the command.
+    """
+    try:
+        write_small(r, keys, ("XGROUP", "CREATE", stream, group, "0", "MKSTREAM"), what)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

@@ -38,7 +38,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from . import retry
-from .atomic import EpochChanged, run_atomic, write_small
+from .atomic import EpochChanged, create_group, run_atomic, write_small
 from .client import as_str
 from .codec import ExperienceBatch, decode_entry, entry_positions
 from .keys import Keys
@@ -65,12 +65,8 @@ class Delivered:
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:
     """Create the ``learners`` group on the experience stream at id 0 (MKSTREAM); idempotent, and
-    also on a full server (:func:`keisei_stream.wire.atomic.write_small`)."""
-    try:
-        write_small(r, keys, ("XGROUP", "CREATE", keys.experience, keys.group, "0", "MKSTREAM"), "the consumer group")
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    also on a full server (:func:`keisei_stream.wire.atomic.create_group`)."""
+    create_group(r, keys, keys.experience, keys.group, "the consumer group")
 
 
 class Consumer:

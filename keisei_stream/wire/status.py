@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import redis
 from redis.exceptions import ResponseError
@@ -57,21 +57,37 @@ def read_workers(r: redis.Redis, keys: Keys, max_age_s: float | None = None) -> 
     ``max_age_s`` seconds when given. Keys that are not heartbeat streams are skipped."""
     out = []
     now = time.time()
-    for k in r.scan_iter(match=keys.workers_pattern, count=200):
-        try:
-            last = r.xrevrange(k, count=1)
-        except ResponseError:  # WRONGTYPE: not a heartbeat stream
-            continue
-        if not last:
-            continue
-        d = {as_str(a): as_str(b) for a, b in last[0][1].items()}
-        d.setdefault("id", as_str(k).rsplit(":", 1)[-1])
+    for k, d in _newest_entries(r, keys.workers_pattern):
+        d.setdefault("id", k.rsplit(":", 1)[-1])
         age = now - _float(d.get("last_seen"), 0.0)
         if max_age_s is not None and age > max_age_s:
             continue
         d["alive"] = "1" if age <= _float(d.get("ttl_s"), 30.0) else "0"
         out.append(d)
     return sorted(out, key=lambda d: d.get("id", ""))
+
+
+def _newest_entries(r: redis.Redis, pattern: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(key, newest entry's fields as strings)`` of every non-empty stream matching ``pattern``
+    (``SCAN`` + ``XREVRANGE ... COUNT 1``); keys that are not streams are skipped."""
+    for k in r.scan_iter(match=pattern, count=500):
+        try:
+            last = r.xrevrange(k, count=1)
+        except ResponseError:  # WRONGTYPE: not one of ours
+            continue
+        if last:
+            yield as_str(k), {as_str(a): as_str(b) for a, b in last[0][1].items()}
+
+
+def _int_hash(r: redis.Redis, key: str) -> dict[str, int]:
+    """The fields of hash ``key`` whose values are integers, as ints (the others are skipped)."""
+    out = {}
+    for k, v in r.hgetall(key).items():
+        try:
+            out[as_str(k)] = int(v)
+        except ValueError:
+            pass
+    return out
 
 
 def _float(v: Any, default: float) -> float:
@@ -87,21 +103,14 @@ def read_producers(r: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
     Keys that are not such streams are skipped."""
     out: dict[str, dict[str, Any]] = {}
     head = keys.prefix + "producers:"
-    for k in r.scan_iter(match=keys.producers_pattern, count=500):
-        try:
-            last = r.xrevrange(k, count=1)
-        except ResponseError:  # WRONGTYPE: not a record
-            continue
-        if not last:
-            continue
-        f = {as_str(a): as_str(b) for a, b in last[0][1].items()}
+    for k, f in _newest_entries(r, keys.producers_pattern):
         rec: dict[str, Any] = {"session": f.get("session", "")}
         for name in PRODUCER_FIELDS[1:]:
             try:
                 rec[name] = int(f.get(name, 0))
             except ValueError:
                 rec[name] = 0
-        out[as_str(k)[len(head):]] = rec
+        out[k[len(head):]] = rec
     return out
 
 
@@ -183,11 +192,7 @@ def read_accounting(r: redis.Redis, keys: Keys) -> dict[str, int]:
     hash; what is there is added.)"""
     d = {f: 0 for f in ACCOUNTING_FIELDS}
     d["worker_discarded_positions"] = 0
-    for k, v in r.hgetall(keys.accounting).items():
-        try:
-            d[as_str(k)] = int(v)
-        except ValueError:
-            pass
+    d.update(_int_hash(r, keys.accounting))
     for rec in read_producers(r, keys).values():
         d["produced_positions"] += rec["positions"]
         d["produced_batches"] += rec["batches"]
@@ -211,27 +216,21 @@ def stream_positions(r: redis.Redis, keys: Keys, page: int = 1000) -> int:
         start = "(" + as_str(items[-1][0])
 
 
-def count_restart(r: redis.Redis, keys: Keys, name: str) -> int:
+def count_restart(r: redis.Redis, keys: Keys, name: str) -> None:
     """Count one restart by ``keisei run`` of ``name`` (a worker id, ``learner`` or ``redis``) in
     the ``supervisor`` hash: ``restarts:{name}`` and the total ``worker_restarts``,
-    ``learner_restarts`` or ``redis_restarts``; returns that total."""
+    ``learner_restarts`` or ``redis_restarts``."""
     total = "learner_restarts" if name == "learner" else "redis_restarts" if name == "redis" else "worker_restarts"
     pipe = r.pipeline(transaction=True)
     pipe.hincrby(keys.supervisor, total, 1)
     pipe.hincrby(keys.supervisor, f"restarts:{name}", 1)
-    return int(pipe.execute()[0])
+    pipe.execute()
 
 
 def read_supervisor(r: redis.Redis, keys: Keys) -> dict[str, int]:
     """The ``supervisor`` hash as ints (``worker_restarts``, ``learner_restarts``, ``redis_restarts``,
     ``restarts:{name}``; empty when unset)."""
-    out = {}
-    for k, v in r.hgetall(keys.supervisor).items():
-        try:
-            out[as_str(k)] = int(v)
-        except ValueError:
-            pass
-    return out
+    return _int_hash(r, keys.supervisor)
 
 
 def stream_info(r: redis.Redis, keys: Keys) -> dict[str, Any]:
