@@ -53,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
+from keisei_stream.cli.common import url_file  # noqa: E402
+from keisei_stream.cli.status import FINAL_STATUS  # noqa: E402
 from keisei_stream.wire.client import connect  # noqa: E402
 from keisei_stream.wire.keys import Keys  # noqa: E402
 from keisei_stream.wire.retry import is_oom  # noqa: E402
@@ -95,6 +97,7 @@ class Chaos:
         self.log: list[str] = []
         self.proc: subprocess.Popen | None = None
         self.r: redis.Redis | None = None
+        self.url = ""
         self.maxmemory = 0
 
     def say(self, line: str) -> None:
@@ -112,13 +115,14 @@ class Chaos:
                *[x for ov in a.set for x in ("--set", ov)]]
         self.out = open(self.runs / "keisei-run.out", "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
-        url_file = self.runs / self.run_id / "redis.url"
+        url_path = url_file(self.runs / self.run_id)
         deadline = time.monotonic() + 120
-        while not url_file.exists():
+        while not url_path.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError(f"keisei run did not start: see {self.runs / 'keisei-run.out'}")
             time.sleep(0.2)
-        self.r = connect(url_file.read_text().strip())
+        self.url = url_path.read_text().strip()
+        self.r = connect(self.url)
         self.maxmemory = int(self.r.config_get("maxmemory")["maxmemory"])
         threading.Thread(target=self.sample_versions, daemon=True).start()
         self.wait_for(lambda: self.version() >= 2, 300, "version 2")
@@ -130,7 +134,7 @@ class Chaos:
 
     def sample_versions(self) -> None:
         """``weights:latest`` version once a second (a client of its own: never blocks the faults)."""
-        r = connect((self.runs / self.run_id / "redis.url").read_text().strip())
+        r = connect(self.url)
         while not self.stop_sampling.is_set():
             try:
                 self.versions.append(int(r.hget(self.keys.weights_latest, "version") or 0))
@@ -240,7 +244,7 @@ class Chaos:
                 pass
 
     def fill_redis(self, seconds: float) -> None:
-        r = connect((self.runs / self.run_id / "redis.url").read_text().strip())
+        r = connect(self.url)
         try:
             used = int(r.info("memory")["used_memory"])
             r.config_set("maxmemory", used + 64 * 1024)
@@ -276,7 +280,7 @@ class Chaos:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        final = json.loads((self.runs / self.run_id / "final_status.json").read_text())
+        final = json.loads((self.runs / self.run_id / FINAL_STATUS).read_text())
         return self.result(final, rc)
 
     def result(self, final: dict, rc: int) -> dict:

@@ -21,7 +21,7 @@ from typing import Iterator
 from rich.live import Live
 
 from keisei_stream.cli.common import make_console, url_file
-from keisei_stream.cli.status import collect_status, render_status
+from keisei_stream.cli.status import FINAL_STATUS, collect_status, render_status
 from keisei_stream.config import Config, ConfigError, load_config
 from keisei_stream.ops import compat, embedded_redis, local, supervise
 from keisei_stream.wire import client, status
@@ -52,8 +52,9 @@ def command(args: argparse.Namespace) -> int:
         return 2
     url_file(run_dir).write_text(rr.url + "\n")
     r = supervise.supervisor_client(rr.url)
+    admin = client.connect(rr.url)  # waits Redis out, unlike the supervisor's bounded client
     keys = Keys(run_id)
-    status.set_control(client.connect(rr.url), keys, "run")  # also on a full Redis (--resume)
+    status.set_control(admin, keys, "run")  # also on a full Redis (--resume)
     sup = make_supervisor(args, rr, r, keys, run_dir, devices, console)
     console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
                   f"{len(worker_ids)} workers" + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
@@ -64,7 +65,8 @@ def command(args: argparse.Namespace) -> int:
         why = watch_with_view(args, sup, r, run_id, console)
     console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and checkpoints")
     supervise.stop_in_order(sup, args.learner_stop_timeout)
-    learner_state = final_status(client.connect(rr.url), run_id, run_dir, console)
+    learner_state = final_status(admin, run_id, run_dir, console)
+    admin.close()
     rr.stop()
     if rr.server is not None:
         url_file(run_dir).unlink(missing_ok=True)
@@ -125,7 +127,7 @@ def make_supervisor(args: argparse.Namespace, rr: local.RunRedis, r, keys: Keys,
     workers = [supervise.Child(wid, worker_command(args, keys.run, wid, device),
                                dict(env, KEISEI_REDIS=rr.url_for(f"worker:{wid}")), logs / f"worker-{wid}.out")
                for wid, device in devices.items()]
-    return supervise.Supervisor(r, keys, learner, workers, redis=rr if rr.server is not None else None,
+    return supervise.Supervisor(r, keys, learner, workers, redis=rr,
                                 backoff=supervise.Backoff(base_s=args.restart_backoff),
                                 learner_restarts=args.learner_restarts if args.learners == 1 else 0,
                                 say=lambda line: console.print(line, highlight=False))
@@ -186,7 +188,7 @@ def final_status(r, run_id: str, run_dir: Path, console) -> str | None:
         # after the drain the stream is short: the positions of what is left (read once, here)
         st["stream"]["positions"] = status.stream_positions(r, Keys(run_id))
         console.print(render_status(st))
-        (run_dir / "final_status.json").write_text(json.dumps(st, default=str, indent=2))
+        (run_dir / FINAL_STATUS).write_text(json.dumps(st, default=str, indent=2))
         return st["learner"].get("state")
     except Exception as exc:  # noqa: BLE001 - the run is over either way; say why there is no table
         console.print(f"[yellow]final status unavailable: {exc}[/yellow]")

@@ -58,7 +58,9 @@ def worker_role(worker_id: str) -> str:
 
 def _split(role: str) -> tuple[str, str | None]:
     if role.startswith("worker:"):
-        return "worker", worker_role(role[len("worker:"):])[len("worker:"):]
+        wid = role[len("worker:"):]
+        worker_role(wid)  # checks the id
+        return "worker", wid
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES} or worker:ID, got {role!r}")
     return role, None

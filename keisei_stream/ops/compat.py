@@ -61,11 +61,6 @@ class ServerInfo:
         """``+client|setinfo`` accepted as an ACL rule (Redis >= 7.2)."""
         return self.version >= (7, 2, 0)
 
-    @property
-    def script_flags(self) -> bool:
-        """``#!lua flags=...`` script shebangs (Redis >= 7.0)."""
-        return self.version >= (7, 0, 0)
-
     def describe(self) -> str:
         """``"Redis 7.0.15"``, ``"Valkey 9.1.2 (Redis 7.2.4 compatible)"``."""
         v = ".".join(map(str, self.version))

@@ -75,7 +75,9 @@ def find_server_binary() -> str:
     return str(path)
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def set_pdeathsig() -> None:  # runs in the child between fork and exec
+    """SIGTERM to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing):
+    the ``preexec_fn`` of every child a run starts."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -193,7 +195,7 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=_set_pdeathsig,
+        preexec_fn=set_pdeathsig,
         start_new_session=True,
         cwd=str(run_dir),
     )

@@ -87,17 +87,18 @@ class RunRedis:
                                                  appendfsync=self.appendfsync, socket_path=old.socket_path)
         self.server._tmpdir, old._tmpdir = old._tmpdir, None  # the same socket (a short path) goes on
         _create_users(self.server.url, self.run_id, [r[len("worker:"):] for r in self.passwords
-                                                      if r.startswith("worker:")], self.passwords)
+                                                      if r.startswith("worker:")], self.passwords, self.info)
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
 
 
-def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None) -> dict[str, str]:
+def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None,
+                  server: compat.ServerInfo) -> dict[str, str]:
     admin = client.connect(url)
     try:
-        return acl.create_users(admin, run_id, workers, passwords)
+        return acl.create_users(admin, run_id, workers, passwords, server)
     finally:
         admin.close()
 
@@ -134,7 +135,7 @@ def start_private_redis(run_dir: Path, run_id: str, workers: list[str], *, resum
     server = embedded_redis.start_redis(run_dir, maxmemory=maxmemory, appendonly=True, appendfsync=appendfsync)
     try:
         info = check_server(server.url)
-        passwords = _create_users(server.url, run_id, workers, None)
+        passwords = _create_users(server.url, run_id, workers, None, info)
     except BaseException:
         server.stop()
         raise

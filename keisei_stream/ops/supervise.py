@@ -25,9 +25,7 @@ Never imports torch.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
 import subprocess
 import time
@@ -39,6 +37,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from keisei_stream.ops import embedded_redis
 from keisei_stream.wire import client, retry, status
 from keisei_stream.wire.keys import Keys
 
@@ -57,16 +56,6 @@ def supervisor_client(url: str) -> redis.Redis:
 
 #: What a bounded Redis call of the supervisor may raise when the server is stopped or gone.
 REDIS_DOWN = (*retry.TRANSIENT_ERRORS, redis.exceptions.BusyLoadingError, redis.exceptions.AuthenticationError)
-
-
-def _child_preexec() -> None:  # pragma: no cover - runs in the child
-    """New session (a terminal's Ctrl-C reaches only the supervisor, which stops the children in
-    order), and SIGTERM to the child if the supervisor dies (Linux PR_SET_PDEATHSIG)."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -100,11 +89,13 @@ class Child:
     exit_codes: list[int] = field(default_factory=list)
 
     def start(self, restart: bool = False) -> None:
-        """Start the process (appending to its log) in its own session."""
+        """Start the process (appending to its log) in its own session (a terminal's Ctrl-C reaches
+        only the supervisor, which stops the children in order), SIGTERM to it if the supervisor
+        dies (:func:`~keisei_stream.ops.embedded_redis.set_pdeathsig`)."""
         cmd = (self.resume_cmd or self.cmd) if restart else self.cmd
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         preexec_fn=_child_preexec)
+                                         start_new_session=True, preexec_fn=embedded_redis.set_pdeathsig)
         self.started_at = time.monotonic()
         self.restart_at = None
 
@@ -140,7 +131,6 @@ class Supervisor:
     learner_restarts: int = 0
     stopping: bool = False
     say: Callable[[str], None] = print
-    redis_restarts: int = 0
     unreported: list[str] = field(default_factory=list)  # restarts not yet counted in Redis
 
     def children(self) -> list[Child]:
@@ -163,7 +153,6 @@ def check_redis(sup: Supervisor) -> None:
         return
     sup.say(f"the private Redis exited ({sup.redis.returncode()}); starting it again from its append-only file")
     sup.redis.restart()
-    sup.redis_restarts += 1
     sup.unreported.append("redis")
 
 
@@ -258,16 +247,17 @@ def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None]
         return "interrupted"
 
 
-def _terminate(procs: list[subprocess.Popen], sig: int, timeout: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(sig)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+def _terminate(p: subprocess.Popen, timeout: float) -> bool:
+    """SIGTERM to ``p``, up to ``timeout`` seconds for it to exit, then SIGKILL; True when killed."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return True
 
 
 def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: float = WORKER_STOP_S) -> None:
@@ -294,15 +284,8 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
         try:
             w.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _terminate([w.proc], signal.SIGTERM, 10.0)
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait()
+            _terminate(w.proc, 10.0)
     lp = sup.learner.proc
-    if lp is not None:
-        _terminate([lp], signal.SIGTERM, learner_stop_timeout)
-        if lp.poll() is None:
-            sup.say("the learner did not stop in time; killed")
-            lp.kill()
-            lp.wait()
+    if lp is not None and _terminate(lp, learner_stop_timeout):
+        sup.say("the learner did not stop in time; killed")
     report_restarts(sup)
