@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from keisei_stream.rl.selfplay import random_policy_batch
-from keisei_stream.wire.codec import ExperienceBatch
+from keisei_stream.experience import ExperienceBatch
 
 
 def benchmark_batches(count: int, positions: int, *, max_plies: int, num_games: int,

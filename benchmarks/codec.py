@@ -21,7 +21,8 @@ import msgpack
 import numpy as np
 
 from keisei_stream.shogi import encode_positions
-from keisei_stream.wire import codec, schema
+from keisei_stream.experience import schema
+from keisei_stream.wire import codec
 
 from batches import benchmark_batches  # noqa: E402 - this script's folder is on sys.path
 

@@ -44,7 +44,7 @@ from keisei_stream.wire import retry
 from keisei_stream.wire.archive import GameArchive, Recorder
 from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.client import connect
-from keisei_stream.wire.codec import concat_batches
+from keisei_stream.experience import concat_batches
 from keisei_stream.wire.consumer import Consumer, Delivered, group_updates
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.status import write_config

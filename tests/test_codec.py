@@ -12,9 +12,10 @@ import pytest
 
 from conftest import MAYBE_VALID, MUTATIONS
 from keisei_stream.shogi import EndReason, VecEnv, encode_positions, usi_to_action
-from keisei_stream.wire import codec, replay, schema
+from keisei_stream.experience import ExperienceBatch, concat_batches, schema
+from keisei_stream.wire import codec, replay
 from keisei_stream.wire.codec import decode_entry, encode_batch
-from keisei_stream.wire.schema import BadEntry
+from keisei_stream.wire.errors import BadEntry
 
 
 def as_wire(fields):
@@ -126,7 +127,7 @@ def _play(usi_moves, max_plies=64, sfen=None):
     assert res is not None and res.done[0], "game did not end"
     p = len(rows)
     mover = 1 if rows[-1][4] == 0 else -1
-    return codec.ExperienceBatch(
+    return ExperienceBatch(
         batch_id="t:0:0", worker_id="t",
         hcp=np.stack([r[0] for r in rows]), ply=np.array([r[1] for r in rows], np.uint16),
         repetition=np.array([r[2] for r in rows], np.uint8), action=np.array([r[3] for r in rows], np.uint16),
@@ -167,7 +168,7 @@ def test_entering_king_game_validated():
 
 def _one_game(b, g):
     s, e = int(b.segment_offsets[g]), int(b.segment_offsets[g + 1])
-    return codec.ExperienceBatch(
+    return ExperienceBatch(
         batch_id=b.batch_id, worker_id=b.worker_id,
         **{name: getattr(b, name)[s:e].copy() for name in schema.POSITION.names},
         **{name: getattr(b, name)[g:g + 1].copy() for name in schema.SEGMENT.names},
@@ -273,7 +274,7 @@ def test_hcp_validator_matches_cshogi(make_batch):
 
 def test_concat_batches(make_batch):
     a, b = make_batch(100, seed=12), make_batch(100, seed=13)
-    c = codec.concat_batches([a, b])
+    c = concat_batches([a, b])
     assert c.num_positions == a.num_positions + b.num_positions and c.num_segments == a.num_segments + b.num_segments
     assert c.segment_offsets[a.num_segments] == a.num_positions
     decode_entry(as_wire(encode_batch(c)), max_plies=64)
@@ -284,7 +285,7 @@ def _golden_batch():
     does not validate)."""
     p = 37
     i = np.arange(p)
-    return codec.ExperienceBatch(
+    return ExperienceBatch(
         batch_id="golden:s:0", worker_id="golden",
         hcp=(np.arange(p * 32) * 7 % 251).astype(np.uint8).reshape(p, 32),
         ply=np.concatenate([np.arange(10), np.arange(15), 3 + np.arange(12)]).astype(np.uint16),
@@ -325,6 +326,6 @@ def test_schema_columns():
     columns = b.columns()
     del columns["value"]
     with pytest.raises(TypeError, match=r"missing \['value'\]"):
-        codec.ExperienceBatch("x", "y", **columns)
+        ExperienceBatch("x", "y", **columns)
     with pytest.raises(TypeError, match=r"unknown \['extra'\]"):
-        codec.ExperienceBatch("x", "y", **b.columns(), extra=np.zeros(1))
+        ExperienceBatch("x", "y", **b.columns(), extra=np.zeros(1))

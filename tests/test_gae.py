@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from keisei_stream.rl.gae import chain_segments, compute_gae, segment_advantages
-from keisei_stream.wire.codec import ExperienceBatch, concat_batches
-from keisei_stream.wire.schema import COLUMNS, POSITION, SEGMENT
+from keisei_stream.experience import COLUMNS, POSITION, SEGMENT, ExperienceBatch, concat_batches
 
 G, L = 0.9, 0.8
 

@@ -162,7 +162,7 @@ def test_advantages_come_from_the_values_of_the_model_at_the_start_of_the_update
     import keisei_stream.rl.trainer as trainer_module
     from keisei_stream.rl.gae import segment_advantages
     from keisei_stream.rl.ppo import proximal_pass
-    from keisei_stream.wire.codec import concat_batches
+    from keisei_stream.experience import concat_batches
     from keisei_stream.shogi import encode_positions
 
     cfg, lrn = _learner(real_redis, redis_server, tmp_path, f"values{recompute}", f"ppo.recompute_values={recompute}")

@@ -4,7 +4,7 @@ segments, and the staleness filter.
 Source: GAE, Schulman, Moritz, Levine, Jordan, Abbeel 2016, "High-Dimensional Continuous Control
 Using Generalized Advantage Estimation", arXiv:1506.02438 (eqs. 11-16), in negamax form: every
 value is from the side to move's view, so the next position's value enters with a minus sign.
-Workers send games in segments (:mod:`keisei_stream.wire.schema`); :func:`segment_advantages`
+Workers send games in segments (:mod:`keisei_stream.experience.schema`); :func:`segment_advantages`
 joins the consecutive segments of one game that an update holds (so a game whose segments are all
 there gets exactly the advantages of the whole game) and bootstraps at a cut whose continuation is
 not there, as IMPALA and Sample Factory do at a rollout's end (Espeholt et al. 2018,
@@ -23,7 +23,7 @@ import cshogi
 import numpy as np
 
 from keisei_stream.shogi import action_to_move
-from keisei_stream.wire.codec import ExperienceBatch
+from keisei_stream.experience import ExperienceBatch
 
 
 def compute_gae(

@@ -38,8 +38,7 @@ from keisei_stream.rl.gae import compute_gae
 from keisei_stream.rl.inputs import expand_on_device
 from keisei_stream.rl.policy import act, sample_actions
 from keisei_stream.shogi import NUM_ACTIONS, GameRecord, VecEnv
-from keisei_stream.wire import schema
-from keisei_stream.wire.codec import ExperienceBatch, concat_batches
+from keisei_stream.experience import ExperienceBatch, concat_batches, schema
 
 #: Most legal moves of a shogi position (593 is the known maximum): the pinned buffer of a group's
 #: legal actions holds this many per game.

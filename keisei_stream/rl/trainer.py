@@ -1,7 +1,7 @@
 """The trainer: one learner update from a batch of experience, read top to bottom.
 
 :meth:`Trainer.update` takes the positions of the entries an update holds
-(:class:`~keisei_stream.wire.codec.ExperienceBatch`, joined by ``concat_batches``) and runs, in
+(:class:`~keisei_stream.experience.ExperienceBatch`, joined by ``concat_batches``) and runs, in
 this order:
 
 1. **staleness** (:func:`~keisei_stream.rl.gae.filter_stale`): positions played by a model older
@@ -43,7 +43,7 @@ from keisei_stream.rl.inputs import compact_nbytes, expand_inputs
 from keisei_stream.rl.model import build_model, maybe_compile
 from keisei_stream.rl.ppo import apply_config, make_optimizer, make_scheduler, ppo_update, proximal_pass
 from keisei_stream.shogi import NUM_PLANES, EndReason, encode_positions, encode_positions_compact
-from keisei_stream.wire.codec import ExperienceBatch
+from keisei_stream.experience import ExperienceBatch
 
 
 @dataclass

@@ -3,9 +3,9 @@
 - :mod:`.keys`: the Redis key names of a run.
 - :mod:`.client`: the Redis client every process uses (timeouts, the one retry policy).
 - :mod:`.retry`: the retry policy, outage bookkeeping and the stop flag.
-- :mod:`.schema`: the column schema of an experience batch (one definition of every column).
-- :mod:`.codec`: :class:`~.codec.ExperienceBatch`, encoding to and validated decoding from one
-  stream entry.
+- :mod:`.codec`: encoding an :class:`~keisei_stream.experience.ExperienceBatch` (the batch type and
+  its columns live in :mod:`keisei_stream.experience`) to one stream entry, and validated decoding.
+- :mod:`.errors`: :class:`~.errors.BadEntry`, the one exception of that validation.
 - :mod:`.replay`: HCP validation and replay of whole games with cshogi (used by the decoder).
 - :mod:`.producer` / :mod:`.consumer`: the experience stream's admission and consumer group.
 - :mod:`.atomic`: groups of writes that run atomically, past ``maxmemory``, only in the run's epoch.

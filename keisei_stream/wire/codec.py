@@ -10,7 +10,7 @@ Stream entry fields (the README's "Wire format" section)::
 
 The msgpack map (string keys, exactly these): ``batch_id`` (str, unique per worker, producer
 session and sequence number), ``schema`` (int), and one key per column of
-``keisei_stream.wire.schema.COLUMNS`` holding the column's raw little-endian bytes, in that order
+``keisei_stream.experience.schema.COLUMNS`` holding the column's raw little-endian bytes, in that order
 (the schema module documents every column's dtype, shape, meaning and units).
 
 That is 49 bytes per position before compression plus 22 per segment; lz4 brings batches of
@@ -20,7 +20,7 @@ random-play segments with random float32 values/log-probs to ~25 bytes per posit
 5e-4, not worth a second dtype in the learner.
 
 :func:`decode_entry` validates everything before any of it reaches training and raises
-:class:`~keisei_stream.wire.schema.BadEntry` (one exception type, with a short ``reason``) for any
+:class:`~keisei_stream.wire.errors.BadEntry` (one exception type, with a short ``reason``) for any
 problem; it never raises anything else on hostile bytes and never hands cshogi a position that
 could crash it (see :mod:`keisei_stream.wire.replay`). No pickle anywhere; this module does not
 import torch.
@@ -34,17 +34,17 @@ import lz4.block
 import msgpack
 import numpy as np
 
+from keisei_stream.experience import (BYTES_PER_POSITION, BYTES_PER_SEGMENT, COLUMNS, MAX_ID_CHARS, SCHEMA_VERSION,
+                                     SEGMENT_OFFSETS, ExperienceBatch)
 from keisei_stream.shogi import BOARD_END_REASONS, MOVER_SCORES, NUM_ACTIONS, EndReason
 
+from .errors import BadEntry
 from .replay import replay_check, validate_hcp
-from .schema import BYTES_PER_POSITION, BYTES_PER_SEGMENT, COLUMNS, SCHEMA_VERSION, SEGMENT_OFFSETS, BadEntry
 
 #: Most positions one entry may carry.
 MAX_POSITIONS = 1 << 20
 #: Most bytes of field ``d``.
 MAX_COMPRESSED_BYTES = 64 << 20
-#: Longest batch id / worker id accepted.
-MAX_ID_CHARS = 200
 #: ``log_prob`` may exceed 0 by this much (float32 rounding of log-softmax of a forced move).
 LOG_PROB_TOLERANCE = 1e-4
 #: Smallest behaviour log-probability accepted. A sampled move has probability below e^-40
@@ -61,90 +61,6 @@ _FIELD_KEYS = frozenset((b"d", b"w", b"v", b"n", b"s"))
 # position), and the map's keys, ids and bin headers.
 _MAX_RAW_BYTES_PER_POSITION = BYTES_PER_POSITION + BYTES_PER_SEGMENT + 1
 _MAX_MAP_OVERHEAD = 1024 + 2 * MAX_ID_CHARS * 4
-
-
-class ExperienceBatch:
-    """Game segments of one worker: P positions in S segments, one array per column.
-
-    Args:
-        batch_id: unique id (``Producer.send`` sets it to ``{worker}:{session}:{seq}``).
-        worker_id: the producing worker.
-        **columns: exactly one array per column of ``schema.COLUMNS``: the per-position columns
-            ``(P, *row shape)`` (``hcp`` ``(P, 32) uint8``, ``ply`` ``(P,) uint16``, ...),
-            ``segment_offsets`` ``(S+1,) uint32`` and the per-segment columns ``(S,)``
-            (``result``, ``reason``, ``bootstrap``, ``bootstrap_advantage``, ``game``); their dtypes and meaning are the
-            schema module's. Shapes and dtypes are checked by :func:`encode_batch` and guaranteed
-            by :func:`decode_entry`, not here.
-
-    Attributes:
-        batch_id, worker_id: as given.
-        hcp, ply, repetition, action, log_prob, value, version, segment_offsets, result, reason,
-        bootstrap, bootstrap_advantage, game: the columns (attribute per name in ``schema.COLUMNS``).
-
-    Raises:
-        TypeError: a column is missing or unknown.
-    """
-
-    def __init__(self, batch_id: str, worker_id: str, **columns: np.ndarray):
-        if columns.keys() != COLUMNS.keys():
-            missing = sorted(COLUMNS.keys() - columns.keys())
-            unknown = sorted(columns.keys() - COLUMNS.keys())
-            raise TypeError(f"ExperienceBatch columns: missing {missing}, unknown {unknown}")
-        self.batch_id = batch_id
-        self.worker_id = worker_id
-        for name in COLUMNS:
-            setattr(self, name, columns[name])
-
-    def __repr__(self) -> str:
-        return (f"ExperienceBatch(batch_id={self.batch_id!r}, worker_id={self.worker_id!r}, "
-                f"positions={self.num_positions}, segments={self.num_segments}, games_ended={self.games_ended})")
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """``{name: array}`` of every column, in wire order (the arrays themselves, not copies)."""
-        return {name: getattr(self, name) for name in COLUMNS}
-
-    @property
-    def num_positions(self) -> int:
-        """P."""
-        return int(self.action.shape[0])
-
-    @property
-    def num_segments(self) -> int:
-        """S."""
-        return int(self.segment_offsets.shape[0]) - 1
-
-    @property
-    def ended(self) -> np.ndarray:
-        """``(S,) bool``: the game ended in the segment (else the segment was cut)."""
-        return self.reason != EndReason.NONE
-
-    @property
-    def games_ended(self) -> int:
-        """Segments in which their game ended."""
-        return int(self.ended.sum())
-
-    @property
-    def newest_version(self) -> int:
-        """Largest ``version`` (the entry's ``v`` field); 0 for an empty batch."""
-        return int(self.version.max()) if self.version.size else 0
-
-    def turns(self) -> np.ndarray:
-        """``(P,) uint8`` side to move of each position (0 Black, 1 White): bit 0 of the HCP."""
-        return (self.hcp[:, 0] & 1).astype(np.uint8)
-
-    def final_rewards(self) -> np.ndarray:
-        """``(S,) float32`` reward of each segment's last mover: +1 won, -1 lost, 0 draw or cut.
-
-        ``result`` is from Black's view; the last mover is the side to move of each segment's last
-        position, so the reward is ``result`` for Black and ``-result`` for White.
-        """
-        last = self.segment_offsets[1:].astype(np.int64) - 1
-        sign = 1.0 - 2.0 * (self.hcp[last, 0] & 1).astype(np.float32)
-        return (self.result.astype(np.float32) * sign).astype(np.float32)
-
-    def segment_index(self) -> np.ndarray:
-        """``(P,) int64`` segment of each position."""
-        return np.repeat(np.arange(self.num_segments, dtype=np.int64), np.diff(self.segment_offsets.astype(np.int64)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,36 +346,12 @@ def _check_segment_ends(b: ExperienceBatch, max_plies: int) -> None:
             raise BadEntry(f"{reason.name} segment with a result its rule does not give the last mover")
 
 
-def concat_batches(batches: list[ExperienceBatch]) -> ExperienceBatch:
-    """Join batches into one (offsets shifted; ``batch_id`` / ``worker_id`` joined by ``+``).
-
-    An empty list gives a batch of 0 positions and 0 segments (a learner rank that holds nothing
-    still takes part in a distributed update).
-    """
-    if not batches:
-        return ExperienceBatch("", "", **{name: np.zeros((col.rows(0, 0), *col.shape), col.native)
-                                          for name, col in COLUMNS.items()})
-    if len(batches) == 1:
-        return batches[0]
-    arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in COLUMNS if name != SEGMENT_OFFSETS}
-    shifts = np.cumsum([0] + [b.num_positions for b in batches[:-1]])
-    offs = [np.zeros(1, np.uint32)] + [(b.segment_offsets[1:].astype(np.int64) + s).astype(np.uint32)
-                                       for b, s in zip(batches, shifts)]
-    return ExperienceBatch(
-        batch_id="+".join(b.batch_id for b in batches)[:MAX_ID_CHARS],
-        worker_id="+".join(sorted({b.worker_id for b in batches}))[:MAX_ID_CHARS],
-        **arrays,
-        **{SEGMENT_OFFSETS: np.concatenate(offs)},
-    )
-
-
 def wire_bytes(fields: Mapping[Any, Any]) -> int:
     """Bytes an entry's field names and values occupy (what XADD sends, protocol overhead aside)."""
     return sum(len(_as_bytes(k)) + len(_as_bytes(v)) for k, v in fields.items())
 
 
 __all__ = [
-    "MAX_POSITIONS", "MAX_COMPRESSED_BYTES", "MAX_ID_CHARS", "LOG_PROB_TOLERANCE", "MIN_LOG_PROB", "VALUE_TOLERANCE",
-    "ExperienceBatch", "encode_batch", "decode_entry", "entry_positions",
-    "concat_batches", "wire_bytes",
+    "MAX_POSITIONS", "MAX_COMPRESSED_BYTES", "LOG_PROB_TOLERANCE", "MIN_LOG_PROB", "VALUE_TOLERANCE",
+    "encode_batch", "decode_entry", "entry_positions", "wire_bytes",
 ]

@@ -40,9 +40,11 @@ from redis.exceptions import ResponseError
 from . import retry
 from .atomic import EpochChanged, create_group, run_atomic, write_small
 from .client import as_str
-from .codec import ExperienceBatch, decode_entry, entry_positions
+from keisei_stream.experience import ExperienceBatch
+
+from .codec import decode_entry, entry_positions
 from .keys import Keys
-from .schema import BadEntry
+from .errors import BadEntry
 from .status import append_losses
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.

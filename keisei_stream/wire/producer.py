@@ -27,7 +27,9 @@ from typing import Any, Callable
 
 import redis
 
-from .codec import ExperienceBatch, encode_batch
+from keisei_stream.experience import ExperienceBatch
+
+from .codec import encode_batch
 from .retry import TRANSIENT_ERRORS, is_oom
 from .keys import Keys
 

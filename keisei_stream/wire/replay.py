@@ -20,10 +20,10 @@ from keisei_stream.shogi import EndReason, RepetitionTracker, judge, repetition_
 # shogi layer's own table, so that replay and self-play can never disagree on an action.
 from keisei_stream.shogi.actions import _ACTION_TO_KEY
 
-from .schema import BadEntry
+from .errors import BadEntry
 
-if TYPE_CHECKING:  # codec imports this module: the batch type is needed for annotations only
-    from .codec import ExperienceBatch
+if TYPE_CHECKING:
+    from keisei_stream.experience import ExperienceBatch
 
 # --------------------------------------------------------------------------------------------
 # HCP validation (NumPy port of Apery's HuffmanCodedPos decoder, which cshogi uses)

@@ -7,8 +7,9 @@ consecutive positions of one game: a worker sends every game's positions each
 A segment either ended its game (``reason`` says how, ``result`` who won) or was cut (``reason``
 0), and then carries the **bootstrap** of the position after its last move, from the side to move
 there: its value and its GAE advantage over the plies the worker played after the cut before it
-sent the segment (the look-ahead), so that a cut costs the advantages little. This module is the only place that lists the columns; the batch class, the encoder
-and decoder, the worker's trajectory buffers and the learner's batch assembly all derive from it.
+sent the segment (the look-ahead), so that a cut costs the advantages little. This module is the only place that lists the columns; the batch class
+(:mod:`keisei_stream.experience.batch`), the wire's encoder and decoder, the worker's trajectory
+buffers and the learner's batch assembly all derive from it.
 
 Per position, :data:`POSITION` (a packed structured dtype, 49 bytes)::
 
@@ -138,24 +139,7 @@ def zeros(record: np.dtype, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return {name: np.zeros((*shape, *col.shape), col.native) for name, col in _columns(record, "").items()}
 
 
-class BadEntry(ValueError):
-    """A stream entry that must not reach training; ``reason`` says why (at most 300 characters).
-
-    ``positions`` is the number of positions actually decoded from the entry before it was found
-    bad (0 when its arrays could not be decoded): what the accounting counts, never the entry's
-    own claim.
-    """
-
-    def __init__(self, reason: str, positions: int = 0):
-        reason = str(reason)
-        if len(reason) > 300:
-            reason = reason[:297] + "..."
-        super().__init__(reason)
-        self.reason = reason
-        self.positions = int(positions)
-
-
 __all__ = [
     "SCHEMA_VERSION", "POSITION", "SEGMENT", "SEGMENT_OFFSETS", "SEGMENT_OFFSETS_DTYPE", "BYTES_PER_POSITION",
-    "BYTES_PER_SEGMENT", "Column", "COLUMNS", "zeros", "BadEntry",
+    "BYTES_PER_SEGMENT", "Column", "COLUMNS", "zeros",
 ]
