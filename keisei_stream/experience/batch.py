@@ -28,8 +28,8 @@ class ExperienceBatch:
             ``(P, *row shape)`` (``hcp`` ``(P, 32) uint8``, ``ply`` ``(P,) uint16``, ...),
             ``segment_offsets`` ``(S+1,) uint32`` and the per-segment columns ``(S,)``
             (``result``, ``reason``, ``bootstrap``, ``bootstrap_advantage``, ``game``); their dtypes and meaning are the
-            schema module's. Shapes and dtypes are checked by :func:`encode_batch` and guaranteed
-            by :func:`decode_entry`, not here.
+            schema module's. Shapes and dtypes are checked by the wire's ``encode_batch`` and
+            guaranteed by its ``decode_entry`` (:mod:`keisei_stream.wire.codec`), not here.
 
     Attributes:
         batch_id, worker_id: as given.
