@@ -40,7 +40,7 @@ Protocol: USI (http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description)
   Answers: ``info depth D seldepth S nodes N nps X time MS score cp C|mate M pv ...`` every
   ``InfoInterval`` ms and once at the end, then ``bestmove MOVE [ponder REPLY]``;
   ``bestmove win`` when the side to move can declare entering king, ``bestmove resign`` without
-  a legal move (both judged by the referee, :func:`keisei_stream.play.engine.tree.root_shortcut`).
+  a legal move (both judged by the referee, :func:`keisei_stream.play.engine.shortcuts.root_shortcut`).
   ``nodes`` counts the simulations of this ``go`` (a reused tree's earlier visits are not
   counted); ``depth`` is the length of the principal variation (most visited child at each
   level), ``seldepth`` the deepest simulation.
@@ -52,7 +52,7 @@ The rules of the game searched are the referee's (:func:`keisei_stream.shogi.jud
 game's own move limit, the option ``MaxMovesToDraw`` (0, the default: none), never the
 ``env.max_plies`` the network was trained with. The only legal move, or a position where every
 move ends the game (the best exact value), is answered at once without a search
-(:mod:`keisei_stream.play.engine.mcts`, "Root shortcuts"); a search checks ``stop``,
+(:mod:`keisei_stream.play.engine.shortcuts`); a search checks ``stop``,
 ``ponderhit``'s new deadline and its time budget before every simulation.
 
 Scores: ``score cp`` is the best move's mean value ``q`` in [-1, 1] (the network's root value
@@ -81,7 +81,8 @@ from typing import IO, Any, Optional
 import cshogi
 
 from keisei_stream.play.engine.protocol import GoParams, parse_go, parse_position, value_to_cp
-from keisei_stream.play.engine.tree import SearchLimits, position_counts, root_shortcut
+from keisei_stream.play.engine.shortcuts import root_shortcut
+from keisei_stream.play.engine.tree import SearchLimits, position_counts
 from keisei_stream.play.engine.usi_options import DEFAULT_BATCH_SIZE, DEFAULT_NODES, OPTION_BY_NAME, OPTIONS
 from keisei_stream.shogi import EndReason, repetition_feature
 
