@@ -55,7 +55,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import cshogi
 import numpy as np
@@ -222,7 +222,7 @@ class KeptTree:
             self.raw_prior = None
         self.root, self.history16, self.ply = node, history16, ply
 
-    def advance(self, move) -> bool:
+    def advance(self, move: Union[int, str]) -> bool:
         """Make the child reached by ``move`` (cshogi code or USI) the root, keeping its subtree.
 
         Returns:
