@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping
 import redis
 from redis.exceptions import ResponseError
 
+from keisei_stream.shogi import GameRecord
+
 from .atomic import write_small
 from .client import as_str
 from .keys import ACCOUNTING_FIELDS, PRODUCER_FIELDS, Keys
@@ -129,9 +131,17 @@ def append_metrics(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen
     return as_str(r.xadd(keys.metrics, _flat(fields), maxlen=maxlen, approximate=True))
 
 
-def append_game(r: redis.Redis, keys: Keys, record_fields: Mapping[str, Any], maxlen: int) -> str:
-    """``XADD games MAXLEN ~ maxlen`` (e.g. ``GameRecord.to_dict()`` plus worker/version)."""
-    return as_str(r.xadd(keys.games, _flat(record_fields), maxlen=maxlen, approximate=True))
+def game_fields(record: GameRecord, **meta: Any) -> dict[str, Any]:
+    """The fields of one ``games`` stream entry: ``record.to_dict()`` (``start_sfen``, ``moves``,
+    ``result``, ``result_str``, ``reason``, ``plies``, ``opening_plies``) plus ``meta`` (the worker
+    adds ``worker`` and ``version``), flat as Redis takes them. Read back by
+    :func:`keisei_stream.play.records.parse_game_fields`."""
+    return _flat({**record.to_dict(), **meta})
+
+
+def append_game(r: redis.Redis, keys: Keys, record: GameRecord, maxlen: int, **meta: Any) -> str:
+    """``XADD games MAXLEN ~ maxlen`` of a finished game (:func:`game_fields`); returns the entry id."""
+    return as_str(r.xadd(keys.games, game_fields(record, **meta), maxlen=maxlen, approximate=True))
 
 
 def append_eval(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen: int) -> str:

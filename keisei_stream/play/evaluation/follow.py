@@ -62,7 +62,7 @@ from keisei_stream.wire.keys import Keys
 
 def elo_key(run: str) -> str:
     """``keisei:{run}:elo``: the hash holding the Elo-over-versions table (module docstring)."""
-    return Keys(run).prefix + "elo"
+    return Keys(run).elo
 
 
 #: files the follower keeps in ``{runs_dir}/{run}/eval`` (module docstring)
