@@ -106,7 +106,8 @@ def start_redis_and_users(args: argparse.Namespace, run_dir: Path, run_id: str, 
     or the ``--redis`` server; either checked for a supported version.
 
     Raises:
-        compat.UnsupportedServer, embedded_redis.RedisStartError.
+        compat.UnsupportedServer: the server is older than Redis 6.2.
+        embedded_redis.RedisStartError: the private server did not start.
     """
     if args.redis:
         return local.use_redis(args.redis)
