@@ -127,7 +127,7 @@ def _pids_of(*needles: str) -> list[int]:
 @pytest.mark.redis
 @pytest.mark.slow
 def test_keisei_run_end_to_end_stops_cleanly_and_balances(finished_run):
-    """The README's main command on the tiny config: private Redis, learner, a worker, a stop at
+    """The main command (keisei run) on the tiny config: private Redis, learner, a worker, a stop at
     --duration, a checkpoint, and a final accounting that balances exactly."""
     assert finished_run["rc"] == 0, finished_run["out"][-3000:]
     run_dir = finished_run["dir"]
