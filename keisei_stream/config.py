@@ -102,10 +102,10 @@ class StreamConfig(_Section):
     games_maxlen: int = Field(10_000, ge=1, description="approximate cap of the games stream")
     eval_maxlen: int = Field(10_000, ge=1, description="approximate cap of the eval stream")
     heartbeat_s: float = Field(2.0, gt=0, description="seconds between heartbeat/status writes of every process")
-    heartbeat_ttl_s: float = Field(30.0, gt=0, description="seconds after its last heartbeat that a silent worker is shown as not alive (its "
-                                   "heartbeat stream stays)")
-    backoff_max_s: float = Field(2.0, gt=0, description="cap (seconds) of a worker's exponential backoff while the backlog is "
-                                 "full (10 ms doubling)")
+    heartbeat_ttl_s: float = Field(30.0, gt=0, description="seconds after its last heartbeat that a silent "
+                                   "worker is shown as not alive (its heartbeat stream stays)")
+    backoff_max_s: float = Field(2.0, gt=0, description="cap (seconds) of a worker's exponential backoff while "
+                                 "the backlog is full (10 ms doubling)")
 
     @model_validator(mode="after")
     def _ttl_exceeds_heartbeat(self) -> "StreamConfig":

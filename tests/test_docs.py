@@ -54,8 +54,8 @@ def test_the_configuration_page_shows_what_the_shipped_configs_set():
     quickstart = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     for section, values in quickstart.items():
         for name, value in values.items():
-            assert f"quickstart: `{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`" \
-                in rows[f"{section}.{name}"][2], (section, name)
+            shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            assert f"quickstart: `{shown}`" in rows[f"{section}.{name}"][2], (section, name)
 
 
 def test_the_keys_page_lists_every_key_of_keys():

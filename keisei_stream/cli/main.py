@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "append-only file (the entries still in the stream are trained)")
     pr.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec",
                     help="fsync policy of the private Redis's append-only file (docs: reliability, persistence)")
-    pr.add_argument("--maxmemory", default="1gb", help="maxmemory of the private Redis (docs: reliability, sizing maxmemory)")
+    pr.add_argument("--maxmemory", default="1gb",
+                    help="maxmemory of the private Redis (docs: reliability, sizing maxmemory)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pr.add_argument("--no-live", action="store_true", help="print a status line instead of the live view")
     pr.add_argument("--print-every", type=float, default=30.0, help="seconds between status lines (--no-live)")

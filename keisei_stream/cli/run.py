@@ -58,7 +58,8 @@ def command(args: argparse.Namespace) -> int:
     status.set_control(admin, keys, "run")  # also on a full Redis (--resume)
     sup = make_supervisor(args, rr, r, keys, run_dir, devices, console)
     console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
-                  f"{len(worker_ids)} workers" + (" + the evaluator" if args.eval else "") + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
+                  f"{len(worker_ids)} workers" + (" + the evaluator" if args.eval else "")
+                  + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
                   + f", logs in {run_dir / 'logs'}"
                   + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
     sup.start()
