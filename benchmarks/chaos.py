@@ -30,7 +30,7 @@ in_stream (must be 0; hostile entries decode to 0 positions), ``versions_monoton
 parameter of the final checkpoint), the restarts ``keisei run`` counted, and ``ok``. With
 ``--check`` the exit code is 1 unless ``ok``.
 
-Measured on this project's shared 2-core machine (no GPU); see the README's "Reliability".
+Measured on this project's shared 2-core machine (no GPU); see the manual's results page (docs/results.md, chaos runs).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class RunConfig(_Section):
     """Identity and places of a run."""
 
     id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="run id, the `{run}` of every Redis key")
-    dir: str = Field("runs", description="parent of the run directory runs/{id}/ (config, checkpoints, events, logs)")
+    dir: str = Field("runs", description="parent of the run directory {dir}/{id}/ (config, checkpoints, metrics.jsonl, "
+                     "games, eval, logs, the private Redis' files)")
     seed: int = Field(0, ge=0, description="base seed; a worker adds its process id unless given --seed")
 
 
@@ -101,8 +102,10 @@ class StreamConfig(_Section):
     games_maxlen: int = Field(10_000, ge=1, description="approximate cap of the games stream")
     eval_maxlen: int = Field(10_000, ge=1, description="approximate cap of the eval stream")
     heartbeat_s: float = Field(2.0, gt=0, description="seconds between heartbeat/status writes of every process")
-    heartbeat_ttl_s: float = Field(30.0, gt=0, description="TTL of a worker's heartbeat hash: a silent worker disappears after it")
-    backoff_max_s: float = Field(2.0, gt=0, description="cap of the exponential backoff while waiting")
+    heartbeat_ttl_s: float = Field(30.0, gt=0, description="seconds after its last heartbeat that a silent "
+                                   "worker is shown as not alive (its heartbeat stream stays)")
+    backoff_max_s: float = Field(2.0, gt=0, description="cap (seconds) of a worker's exponential backoff while "
+                                 "the backlog is full (10 ms doubling)")
 
     @model_validator(mode="after")
     def _ttl_exceeds_heartbeat(self) -> "StreamConfig":
@@ -125,11 +128,11 @@ class WorkerConfig(_Section):
                         "when present), cpu, cuda or cuda:N; on a GPU the games are split into two groups whose "
                         "board steps (CPU) and forward passes (GPU) overlap")
     amp: bool = Field(True, description="bf16 autocast of the forward pass on CUDA (ignored on CPU)")
-    segment_plies: int = Field(32, ge=1, le=65535, description="a game's positions are sent every this many plies "
-                               "(with the bootstrap value of the position after the cut), and at its end")
-    lookahead_plies: int = Field(32, ge=0, le=65535, description="plies played after a cut before its segment is "
-                                 "sent: the segment carries the GAE advantage of the position after the cut over "
-                                 "them, so the learner's advantages reach past the cut (0: send at once)")
+    segment_plies: int = Field(32, ge=1, le=65535, description="a game's positions leave in segments of this many "
+                               "plies, and at its end (the manual's RL page: segments and the look-ahead)")
+    lookahead_plies: int = Field(32, ge=0, le=65535, description="plies played after a cut before its segment "
+                                 "leaves, carrying the look-ahead advantage of the position after the cut "
+                                 "(0: at once, with the bootstrap value alone)")
 
 
 class LearnerConfig(_Section):
@@ -146,7 +149,7 @@ class LearnerConfig(_Section):
     wandb_project: str = Field("keisei-stream", description="W&B project name")
     prefetch: bool = Field(False, description="read, decode and validate the next entries in the main thread while "
                            "the training thread runs the update (meant for a GPU learner; on 2 CPU cores it cost "
-                           "about 25 % of the trained positions/s, README)")
+                           "about 25 % of the trained positions/s, see the results page)")
     dist_timeout_s: float = Field(300.0, gt=0, description="several learner ranks (torchrun): seconds a collective "
                                   "waits for a missing rank before every rank exits for torchrun to restart them")
     check_sync_every: int = Field(10, ge=0, description="several learner ranks: updates between checks that every "
@@ -162,7 +165,8 @@ class EvalConfig(_Section):
     every_versions: int = Field(10, ge=1, description="continuous evaluation of every K-th version")
     opening_plies: int = Field(0, ge=0, description="random opening plies before the players take over")
     processes: int = Field(1, ge=1, le=256, description="processes playing evaluation games in parallel")
-    temperature: float = Field(0.0, ge=0, description="0 = argmax")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature of the evaluated version's moves; "
+                                                       "0 = argmax")
 
 
 class Config(_Section):

@@ -16,7 +16,9 @@ from rich.console import Console
 from keisei_stream.config import Config
 from keisei_stream.wire import retry
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import append_metrics, read_accounting, write_learner_status
+from keisei_stream.wire.status import (
+    METRICS_FILE, append_metrics, metrics_line, read_accounting, write_learner_status,
+)
 
 log = logging.getLogger("keisei.learner")
 
@@ -26,7 +28,9 @@ PHASES = ("wait", "decode", "rebuild", "train", "ack", "publish")
 
 
 class MetricsSinks:
-    """Every sink of the metrics of an update.
+    """Every sink of the metrics of an update: the ``metrics`` stream and its copy in the run
+    directory (:data:`~keisei_stream.wire.status.METRICS_FILE`, appended across ``--resume``),
+    TensorBoard, W&B and the console.
 
     Args:
         cfg: the run config (``learner.tensorboard``, ``learner.wandb``...). r, keys: the run's Redis.
@@ -38,6 +42,7 @@ class MetricsSinks:
         self.cfg, self.r, self.keys, self.primary = cfg, r, keys, primary
         self.console = None if quiet or not primary else Console()
         self.tb = self.wandb = None
+        self.file = open(run_dir / METRICS_FILE, "a", buffering=1) if primary else None  # line-buffered
         if cfg.learner.tensorboard and primary:
             try:  # optional dependency (extra "tensorboard")
                 from torch.utils.tensorboard import SummaryWriter
@@ -62,6 +67,7 @@ class MetricsSinks:
         if not self.primary:
             return
         fields = {"version": version, "updates": step, **metrics}
+        self.file.write(metrics_line(fields, time.time()))
         retry.best_effort("metrics entry", append_metrics, self.r, self.keys, fields, self.cfg.stream.metrics_maxlen)
         if self.tb is not None:
             for k, v in metrics.items():
@@ -73,6 +79,8 @@ class MetricsSinks:
             self.console.print(line, highlight=False)
 
     def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

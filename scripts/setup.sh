@@ -14,7 +14,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if [[ ! -f "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  EXTRAS="test,tensorboard"
+  EXTRAS="test,tensorboard,docs"
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     # PyPI's Linux build of torch is the CUDA one; local CPU wheels (find-links) are not looked at,
     # and a CPU build already in the venv is replaced

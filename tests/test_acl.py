@@ -9,6 +9,7 @@ import redis
 
 from keisei_stream.cli.main import main
 from keisei_stream.ops import acl, compat
+from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
 from keisei_stream.wire import consumer as C
 from keisei_stream.wire import producer as P
 from keisei_stream.wire import status as S
@@ -53,7 +54,7 @@ def test_worker_can_do_its_job(users, make_batch, real_redis):
     assert producer.send(batch)
     assert producer.record_discarded(3) == 3
     S.write_worker_heartbeat(w, K, "w1", {"state": "playing"}, ttl_s=5)
-    S.append_game(w, K, {"moves": "7g7f"}, maxlen=100)
+    S.append_game(w, K, GameRecord(STARTING_SFEN, ["7g7f"], 0, EndReason.MAX_PLIES, 1), maxlen=100, worker="w1")
     ps = w.pubsub()
     ps.subscribe(K.weights_channel)
     ps.close()
@@ -192,9 +193,21 @@ def test_the_rules_of_the_running_server_are_accepted(real_redis):
     """The server the suite runs against takes every role's rules (the Debian 12 Redis 7.0 refused
     ``+client|setinfo``, which ``keisei run`` sent before)."""
     server = compat.require_supported(real_redis)
-    for role in (*acl.ROLES, acl.worker_role("w0")):
-        real_redis.execute_command("ACL", "SETUSER", "probe", "reset", "on", ">pw", *acl.role_rules(K, role, server))
-    real_redis.execute_command("ACL", "DELUSER", "probe")
+    try:
+        for role in (*acl.ROLES, acl.worker_role("w0")):
+            rules = acl.role_rules(K, role, server)
+            reply = real_redis.execute_command("ACL", "SETUSER", "probe", "reset", "on", ">pw", *rules)
+            assert reply in (True, b"OK", "OK"), (role, reply)
+            # the server holds the role's key and channel patterns as given, none dropped (commands it
+            # rewrites into its own form, so only the patterns can be compared as text)
+            listed = next(line for line in (x.decode() if isinstance(x, bytes) else x
+                                            for x in real_redis.execute_command("ACL", "LIST"))
+                          if line.startswith("user probe "))
+            for rule in rules:
+                if rule[0] in "~%&":
+                    assert rule in listed.split(), (role, rule, listed)
+    finally:
+        real_redis.execute_command("ACL", "DELUSER", "probe")
 
 
 def test_version_check_names_the_minimum():

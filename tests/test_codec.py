@@ -235,8 +235,12 @@ def test_specific_reasons(make_batch):
 
 def test_log_prob_rounding_tolerated(make_batch):
     b = make_batch(100, max_plies=64, seed=9)
-    b.log_prob[0] = 1e-7  # float32 log-softmax of a forced move
-    decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    b.log_prob[0] = 1e-7  # float32 log-softmax of a forced move: just above 0, within LOG_PROB_TOLERANCE
+    back = decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    assert back.num_positions == b.num_positions and np.array_equal(back.log_prob, b.log_prob)  # accepted, unchanged
+    b.log_prob[0] = 10 * codec.LOG_PROB_TOLERANCE  # past the tolerance: refused
+    with pytest.raises(BadEntry, match="log_prob"):
+        decode_entry(as_wire(encode_batch(b)), max_plies=64)
 
 
 def test_fuzz_never_crashes(make_batch):

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord
 from keisei_stream.wire.codec import encode_batch
 from keisei_stream.wire.consumer import Consumer, DEADLETTER_FIELD_BYTES
 from keisei_stream.wire.keys import ACCOUNTING_FIELDS, Keys
@@ -192,7 +193,10 @@ def test_heartbeats_control_metrics(fake_redis):
         append_metrics(fake_redis, K, {"update": i, "loss": 0.5}, maxlen=10)
     assert fake_redis.xlen(K.metrics) <= 50
     assert read_stream(fake_redis, K.metrics, 3)[-1][1]["update"] == "49"
-    append_game(fake_redis, K, {"moves": "7g7f 3c3d", "result": 0}, maxlen=10)
+    game = GameRecord(STARTING_SFEN, ["7g7f", "3c3d"], 0, EndReason.MAX_PLIES, 2)
+    append_game(fake_redis, K, game, maxlen=10, worker="w1", version=3)
+    entry = read_stream(fake_redis, K.games, 1)[-1][1]
+    assert entry["moves"] == "7g7f 3c3d" and entry["reason"] == "MAX_PLIES" and entry["worker"] == "w1"
     write_learner_status(fake_redis, K, {"version": 3, "loss": 0.1})
     assert read_learner_status(fake_redis, K)["version"] == "3"
     write_config(fake_redis, K, '{"a": 1}')

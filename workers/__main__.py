@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
 import sys
 
 from keisei_stream.config import ConfigError
+from keisei_stream.wire.client import add_redis_argument
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
-    p.add_argument("--redis", default=os.environ.get("KEISEI_REDIS"), required="KEISEI_REDIS" not in os.environ,
-                   help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock (default: the "
-                        "environment variable KEISEI_REDIS, which keeps a password out of the process list)")
+    add_redis_argument(p)
     p.add_argument("--run", required=True, help="run id (the learner writes the run's config under keisei:{run}:config)")
     p.add_argument("--games", type=int, default=None, help="games played at once (default: config worker.games)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: config worker.threads)")

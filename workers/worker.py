@@ -176,8 +176,8 @@ class Worker:
 
     def record_game(self, record: GameRecord) -> None:
         """The finished game to the capped ``games`` stream (skipped while Redis is full)."""
-        fields = {**record.to_dict(), "worker": self.worker_id, "version": self.version}
-        retry.best_effort("game record", append_game, self.r, self.keys, fields, self.cfg.stream.games_maxlen)
+        retry.best_effort("game record", append_game, self.r, self.keys, record, self.cfg.stream.games_maxlen,
+                          worker=self.worker_id, version=self.version)
 
     def send(self, should_stop, everything: bool = False) -> bool:
         """Send the outbox in entries of about ``stream.batch_positions`` positions (whole

@@ -1,7 +1,8 @@
 """``keisei run``: a whole local run in one command: a private, persistent Redis with least-privilege
 users (unless ``--redis``), the learner and N workers as supervised child processes
 (``python -m learner`` as the run's ``learner`` user, ``python -m workers`` each as its own worker
-user; logs in ``{run.dir}/{run.id}/logs``), a live status view, and a clean stop.
+user; with ``--eval`` also ``keisei eval --follow`` as the ``evaluator`` user; logs in
+``{run.dir}/{run.id}/logs``), a live status view, and a clean stop.
 
 :func:`command` reads as its steps; the supervision itself is :mod:`keisei_stream.ops.supervise`.
 """
@@ -57,7 +58,8 @@ def command(args: argparse.Namespace) -> int:
     status.set_control(admin, keys, "run")  # also on a full Redis (--resume)
     sup = make_supervisor(args, rr, r, keys, run_dir, devices, console)
     console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
-                  f"{len(worker_ids)} workers" + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
+                  f"{len(worker_ids)} workers" + (" + the evaluator" if args.eval else "")
+                  + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
                   + f", logs in {run_dir / 'logs'}"
                   + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
     sup.start()
@@ -105,7 +107,8 @@ def start_redis_and_users(args: argparse.Namespace, run_dir: Path, run_id: str, 
     or the ``--redis`` server; either checked for a supported version.
 
     Raises:
-        compat.UnsupportedServer, embedded_redis.RedisStartError.
+        compat.UnsupportedServer: the server is older than Redis 6.2.
+        embedded_redis.RedisStartError: the private server did not start.
     """
     if args.redis:
         return local.use_redis(args.redis)
@@ -122,12 +125,16 @@ def make_supervisor(args: argparse.Namespace, rr: local.RunRedis, r, keys: Keys,
     logs = run_dir / "logs"
     cmd = learner_command(args, keys.run)
     resume_cmd = cmd if args.resume else learner_command(argparse.Namespace(**{**vars(args), "resume": True}), keys.run)
-    learner = supervise.Child("learner", cmd, dict(env, KEISEI_REDIS=rr.url_for("learner")), logs / "learner.out",
+    learner = supervise.Child("learner", cmd, {**env, client.URL_ENV: rr.url_for("learner")}, logs / "learner.out",
                               resume_cmd=resume_cmd)
     workers = [supervise.Child(wid, worker_command(args, keys.run, wid, device),
-                               dict(env, KEISEI_REDIS=rr.url_for(f"worker:{wid}")), logs / f"worker-{wid}.out")
+                               {**env, client.URL_ENV: rr.url_for(f"worker:{wid}")}, logs / f"worker-{wid}.out")
                for wid, device in devices.items()]
-    return supervise.Supervisor(r, keys, learner, workers, redis=rr,
+    evaluator = None
+    if args.eval:
+        evaluator = supervise.Child("evaluator", evaluator_command(keys.run, run_dir.parent),
+                                    {**env, client.URL_ENV: rr.url_for("evaluator")}, logs / "evaluator.out")
+    return supervise.Supervisor(r, keys, learner, workers, redis=rr, evaluator=evaluator,
                                 backoff=supervise.Backoff(base_s=args.restart_backoff),
                                 learner_restarts=args.learner_restarts if args.learners == 1 else 0,
                                 say=lambda line: console.print(line, highlight=False))
@@ -137,6 +144,14 @@ def worker_command(args: argparse.Namespace, run_id: str, worker_id: str, device
     """``python -m workers --run RUN --id ID [--games N] [--device D]`` (the URL: ``KEISEI_REDIS``)."""
     cmd = [sys.executable, "-m", "workers", "--run", run_id, "--id", worker_id]
     return cmd + (["--games", str(args.games)] if args.games else []) + (["--device", device] if device else [])
+
+
+def evaluator_command(run_id: str, runs_dir: Path) -> list[str]:
+    """``keisei eval --follow --run RUN --runs-dir DIR`` (``keisei run --eval``): every
+    ``eval.every_versions``-th version against ``eval.opponents``, into the ``eval`` stream, the
+    ``elo`` hash and ``DIR/RUN/eval/`` (the URL: ``KEISEI_REDIS``, the run's ``evaluator`` user)."""
+    return [sys.executable, "-m", "keisei_stream.cli", "eval", "--follow", "--run", run_id,
+            "--runs-dir", str(runs_dir), "--no-progress"]
 
 
 @contextmanager

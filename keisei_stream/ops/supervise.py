@@ -118,6 +118,7 @@ class Supervisor:
     Attributes:
         r: a client of the run's Redis (the admin's for a private one); keys: the run's keys.
         learner, workers: the children. redis: the private server's handle (None with ``--redis``).
+        evaluator: the continuous evaluation (``keisei run --eval``), supervised like a worker.
         backoff: restart delays. learner_restarts: restarts left for the learner (single rank).
         stopping: set once the stop began (nothing is restarted any more).
     """
@@ -132,14 +133,20 @@ class Supervisor:
     stopping: bool = False
     say: Callable[[str], None] = print
     unreported: list[str] = field(default_factory=list)  # restarts not yet counted in Redis
+    evaluator: Child | None = None
 
     def children(self) -> list[Child]:
-        return [self.learner, *self.workers]
+        return [self.learner, *self.controlled()]
+
+    def controlled(self) -> list[Child]:
+        """The children that ``control=stop`` stops (and that are restarted while it is not
+        ``stop``): the workers, and the evaluator when there is one."""
+        return [*self.workers, *([self.evaluator] if self.evaluator is not None else [])]
 
     def start(self) -> None:
-        """Start the learner, then the workers."""
+        """Start the learner, then the workers (and the evaluator)."""
         self.learner.start()
-        for w in self.workers:
+        for w in self.controlled():
             w.start()
 
     def worker_restarts(self) -> int:
@@ -185,8 +192,8 @@ def report_restarts(sup: Supervisor) -> None:
 
 
 def check_children(sup: Supervisor, now: float | None = None) -> str | None:
-    """One round of supervision: the private Redis, then the learner, then the workers (a worker
-    that exited while ``control`` is ``stop`` stopped on purpose and stays stopped). Returns a
+    """One round of supervision: the private Redis, then the learner, then the workers and the
+    evaluator (one that exited while ``control`` is ``stop`` stopped on purpose and stays stopped). Returns a
     reason to end the run (the learner exited for good), else None."""
     now = time.monotonic() if now is None else now
     if sup.stopping:
@@ -198,7 +205,7 @@ def check_children(sup: Supervisor, now: float | None = None) -> str | None:
             return f"the learner exited with {lr.returncode}"
         _schedule(sup, lr, now)
         sup.learner_restarts -= 1
-    for child in sup.workers:
+    for child in sup.controlled():
         if child.restart_at is None and not child.running() and _control(sup) != "stop":
             _schedule(sup, child, now)
     for child in sup.children():
@@ -278,7 +285,7 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
                 sup.say(f"could not set control=stop ({exc}); the workers get SIGTERM")
             time.sleep(1.0)
     deadline = time.monotonic() + worker_stop_s
-    for w in sup.workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
+    for w in sup.controlled():  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
         if w.proc is None:
             continue
         try:

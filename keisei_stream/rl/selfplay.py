@@ -5,15 +5,11 @@ in segments.
 game (one forward pass per group of games), samples a move from the masked policy, records the
 position (the 32-byte HCP, ply, repetition count, action, behaviour log-probability, value, model
 version) and plays the move. A game's positions leave as a :class:`Segment` every
-``segment_plies`` plies, once ``lookahead_plies`` more have been played after the cut, carrying
-the **bootstrap** of the position after the cut (from the side to move there): its value and its
-GAE advantage over the look-ahead plies (with the run's gamma and lambda, bootstrapped at the
-look-ahead's end), so that the learner's advantages reach past the cut (:mod:`.gae`); a game's
-last segment leaves at its end with its result; :meth:`SelfPlay.flush` cuts every game at a stop,
-so nothing played is lost. Sample Factory and IMPALA ship fixed-length rollouts with a bootstrap
-value the same way (Petrenko et al. 2020, arXiv:2006.11751; Espeholt et al. 2018,
-arXiv:1802.01561); the look-ahead is the actor-side return of Ape-X (Horgan et al. 2018,
-arXiv:1803.00933), here a GAE advantage.
+``segment_plies`` plies, ``lookahead_plies`` plies after the cut, carrying the bootstrap value and
+look-ahead advantage of the position after the cut; a game's last segment leaves at its end with
+its result, and :meth:`SelfPlay.flush` cuts every game at a stop, so nothing played is lost. Why
+and how: the manual's RL page, "Segments and the look-ahead" (docs/rl.md), the one place the
+mechanism is explained.
 
 **On a GPU** the games form two groups: while one group's forward pass runs on the device, the
 CPU steps the other group's boards (the compact inputs cross from pinned memory with non-blocking

@@ -91,7 +91,7 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None)
                 if "EPOCH" in str(again) or is_oom(again):
                     raise
                 # no script flags (Redis < 7): the same body behind a first write that is never refused
-                r.eval(_ATOMIC_GATED_LUA, 2, keys.epoch, keys.prefix + "oom-gate", *argv)
+                r.eval(_ATOMIC_GATED_LUA, 2, keys.epoch, keys.oom_gate, *argv)
     except redis.ResponseError as exc:
         if "EPOCH" in str(exc):
             raise EpochChanged(str(exc)) from None

@@ -8,6 +8,8 @@ waits out an outage of any length). :func:`as_str` reads its byte replies as tex
 
 from __future__ import annotations
 
+import argparse
+import os
 from typing import Any
 
 import redis
@@ -49,3 +51,16 @@ def as_str(value: Any) -> str:
     """A reply value of a :func:`connect` client (``bytes``, since ``decode_responses=False``) as
     ``str``: UTF-8 with invalid bytes replaced; anything else through ``str()``."""
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+#: Environment variable holding a process's Redis URL: ``keisei run`` passes each child its URL
+#: (with the password) there, where ``ps`` does not show it.
+URL_ENV = "KEISEI_REDIS"
+
+
+def add_redis_argument(parser: argparse.ArgumentParser) -> None:
+    """``--redis URL`` of a process (``python -m workers``, ``python -m learner``): required unless
+    the environment variable :data:`URL_ENV` holds the URL, which is then its default."""
+    parser.add_argument("--redis", default=os.environ.get(URL_ENV), required=URL_ENV not in os.environ,
+                        help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock (default: the "
+                             f"environment variable {URL_ENV}, which keeps a password out of the process list)")

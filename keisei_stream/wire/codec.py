@@ -1,6 +1,6 @@
 """Wire codec of experience batches: one batch of game segments = one Redis stream entry.
 
-Stream entry fields (the README's "Wire format" section)::
+Stream entry fields (the manual's wire format page, docs/wire-format.md)::
 
     d  bytes  lz4 block (4-byte little-endian uncompressed size + data) of a msgpack map
     w  str    worker id

@@ -190,7 +190,7 @@ def wait_for_room(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     (:func:`set_stop_check`) ends the wait by raising the ``OOM`` error.
 
     Raises:
-        every error of ``fn`` but an ``OOM`` refusal (and that one after a stop request).
+        Exception: every error of ``fn`` but an ``OOM`` refusal (and that one after a stop request).
     """
     delay, since = ROOM_BASE_S, None
     while True:

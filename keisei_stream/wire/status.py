@@ -10,12 +10,16 @@ read back as ``str``. Every function takes a ``redis.Redis`` made by
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from typing import Any, Iterator, Mapping
 
 import redis
 from redis.exceptions import ResponseError
+
+from keisei_stream.shogi import GameRecord
 
 from .atomic import write_small
 from .client import as_str
@@ -129,9 +133,74 @@ def append_metrics(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen
     return as_str(r.xadd(keys.metrics, _flat(fields), maxlen=maxlen, approximate=True))
 
 
-def append_game(r: redis.Redis, keys: Keys, record_fields: Mapping[str, Any], maxlen: int) -> str:
-    """``XADD games MAXLEN ~ maxlen`` (e.g. ``GameRecord.to_dict()`` plus worker/version)."""
-    return as_str(r.xadd(keys.games, _flat(record_fields), maxlen=maxlen, approximate=True))
+#: The run directory's copy of the ``metrics`` stream (``runs/{run}/metrics.jsonl``), written by the
+#: learner beside each entry and kept when a local run's Redis is gone: one JSON object per update,
+#: ``time`` (unix seconds) and the entry's fields, a non-finite number written as null.
+METRICS_FILE = "metrics.jsonl"
+
+
+def metrics_line(fields: Mapping[str, Any], now: float) -> str:
+    """One line of :data:`METRICS_FILE` (with its newline): ``{"time": now, **fields}``."""
+    def value(v: Any) -> Any:
+        try:
+            return v if math.isfinite(v) else None
+        except TypeError:
+            return v
+    return json.dumps({"time": round(now, 3), **{k: value(v) for k, v in fields.items()}}, default=float) + "\n"
+
+
+def read_metrics(r: redis.Redis, keys: Keys, page: int = 10_000) -> list[dict[str, float]]:
+    """Every entry of the ``metrics`` stream, oldest first, as numbers, with ``time`` (unix
+    seconds) taken from the entry id (the time the learner published the update)."""
+    out: list[dict[str, float]] = []
+    start = "-"
+    while True:
+        entries = r.xrange(keys.metrics, min=start, count=page)
+        for eid, f in entries:
+            row = {as_str(a): _number(as_str(b)) for a, b in f.items()}
+            row["time"] = int(as_str(eid).split("-")[0]) / 1000.0
+            out.append(row)
+        if len(entries) < page:
+            return out
+        start = "(" + as_str(entries[-1][0])
+
+
+def read_metrics_file(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The lines of a :data:`METRICS_FILE`, oldest first (null read as NaN).
+
+    Raises:
+        OSError: unreadable; ValueError: a line is not a JSON object.
+    """
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+            out.append({k: math.nan if v is None else v for k, v in row.items()})
+    return out
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def game_fields(record: GameRecord, **meta: Any) -> dict[str, Any]:
+    """The fields of one ``games`` stream entry: ``record.to_dict()`` (``start_sfen``, ``moves``,
+    ``result``, ``result_str``, ``reason``, ``plies``, ``opening_plies``) plus ``meta`` (the worker
+    adds ``worker`` and ``version``), flat as Redis takes them. Read back by
+    :func:`keisei_stream.play.records.parse_game_fields`."""
+    return _flat({**record.to_dict(), **meta})
+
+
+def append_game(r: redis.Redis, keys: Keys, record: GameRecord, maxlen: int, **meta: Any) -> str:
+    """``XADD games MAXLEN ~ maxlen`` of a finished game (:func:`game_fields`); returns the entry id."""
+    return as_str(r.xadd(keys.games, game_fields(record, **meta), maxlen=maxlen, approximate=True))
 
 
 def append_eval(r: redis.Redis, keys: Keys, fields: Mapping[str, Any], maxlen: int) -> str:
