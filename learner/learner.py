@@ -38,6 +38,7 @@ import torch
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
 from keisei_stream.rl.checkpoint import checkpoint_name, latest_checkpoint, weights_to_bytes
+from keisei_stream.rl.device import gpu_utilisation
 from keisei_stream.rl.model import count_parameters, pick_device
 from keisei_stream.rl.trainer import Trainer
 from keisei_stream.wire import retry
@@ -273,6 +274,7 @@ class Learner:
                   ("on" if self.cfg.model.compile else "off")}
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
+        fields["gpu_util_pct"] = gpu_utilisation(self.trainer.device)
         self.report.status(fields)
 
     # ------------------------------------------------------------------------------ stop

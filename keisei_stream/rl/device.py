@@ -117,6 +117,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def gpu_utilisation(device: torch.device) -> float | None:
+    """NVML's utilisation of ``device`` (percent: the share of the last sample period in which a
+    kernel ran; it reads high for many tiny launches too, so it tells "busy" only loosely), or
+    None on the CPU or without nvidia-ml-py. Never raises."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 - no pynvml, no permission: unknown
+        return None
+
+
 def use_device(device: torch.device | str) -> torch.device:
     """Make ``device`` the calling thread's current CUDA device (nothing for the CPU); call it in
     every thread that launches work on it. Returns the device with its index."""
