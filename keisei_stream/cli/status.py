@@ -129,7 +129,7 @@ def render_status(st: dict, stopped: bool = False) -> Group:
                str(a.get("duplicate_positions", 0)), str(st["unsettled_positions"]),
                str(a.get("worker_discarded_positions", 0)))
     parts = [wt, lt, at]
-    bn = st.get("bottleneck") if not stopped else None
+    bn = st.get("bottleneck") if not stopped and st.get("control") != "stop" else None
     if bn:
         parts.append(Text(f"bottleneck: {bn['line']}" + (f" -> {bn['knob']}" if bn["limit"] in ("learner", "workers")
                                                            else ""), style="bold" if bn["limit"] in ("learner", "workers")
