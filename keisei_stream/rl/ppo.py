@@ -516,7 +516,8 @@ def ppo_update(
     epochs_run = torch.zeros((), dtype=torch.float64, device=device)  # epochs begun before the stop
     for _ in range(cfg.epochs):
         epochs_run += (~stop.stopped).double()
-        perm = torch.randperm(n, device=device) if device.type == "cuda" else torch.randperm(n)
+        # on CUDA a device-side shuffle (sorting random keys) that no implementation can route through the host
+        perm = torch.rand(n, device=device).argsort() if device.type == "cuda" else torch.randperm(n)
         for j, m_global in enumerate(global_sizes):
             if poll is not None and poll.stopped():  # the stop seen without waiting: skip the rest
                 break

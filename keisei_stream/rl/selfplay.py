@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from keisei_stream.rl.device import use_device
+from keisei_stream.rl.device import sync_allowed, use_device
 from keisei_stream.rl.gae import compute_gae
 from keisei_stream.rl.inputs import expand_on_device
 from keisei_stream.rl.policy import act, sample_actions
@@ -314,7 +314,8 @@ class SelfPlay:
         (waiting for the device when it still runs)."""
         if p.done is None:
             return p.actions, p.log_prob, p.value
-        p.done.synchronize()  # the copies into the pinned outputs have run (blocking: the core sleeps)
+        with sync_allowed():  # the one wait of a step, for the results it needs (blocking: the core sleeps)
+            p.done.synchronize()  # the copies into the pinned outputs have run
         return p.actions.numpy().copy(), p.log_prob.numpy().copy(), p.value.numpy().copy()
 
 

@@ -213,6 +213,7 @@ class Trainer:
 
             warm_up_calls(self.train_model, (max(2, self.cfg.ppo.minibatch_size), SMALL_BATCH), self.device,
                           self.cfg.learner.amp)
+            self.optimizer.zero_grad(set_to_none=True)
         return time.monotonic() - t0
 
     def encode_ahead(self, batches: list[ExperienceBatch]) -> float:
