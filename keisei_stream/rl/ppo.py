@@ -512,7 +512,11 @@ def ppo_update(
     sums = _Sums.zeros(device)
     stop = _Stop(math.inf if cfg.target_kl is None else cfg.target_kl, torch.zeros((), dtype=torch.bool, device=device),
                  torch.zeros((), device=device))
-    poll = _StopPoll(device, cfg.epochs * len(global_sizes)) if device.type == "cuda" and not on_host else None
+    # one rank: the host polls the stop without waiting. Several ranks must launch the same minibatches
+    # (DDP's collectives), and their hosts see the device at different times: they read the
+    # (reduced) flag once per epoch instead, a wait per epoch.
+    poll = _StopPoll(device, cfg.epochs * len(global_sizes)) if device.type == "cuda" and not on_host and world == 1 \
+        else None
     epochs_run = torch.zeros((), dtype=torch.float64, device=device)  # epochs begun before the stop
     for _ in range(cfg.epochs):
         epochs_run += (~stop.stopped).double()
@@ -527,8 +531,8 @@ def ppo_update(
                 break
             if poll is not None:
                 poll.record(stop.stopped)
-        # the host decides at once (above); on a CUDA device the poll decides without waiting; on
-        # the CPU with the decisions on the device, reading the flag costs nothing
+        # the host decides at once (above); on one CUDA rank the poll decides without waiting; on the
+        # CPU with the decisions on the device, reading the flag costs nothing; several CUDA ranks wait here
         if poll.stopped() if poll is not None else bool(stop.stopped):
             break
 

@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
 from keisei_stream.rl.checkpoint import checkpoint_name, load_checkpoint, prune_checkpoints, save_checkpoint
-from keisei_stream.rl.compile import CompileAhead
+from keisei_stream.rl.compile import SMALL_BATCH, CompileAhead, warm_up_calls
 from keisei_stream.rl.device import to_device, use_device
 from keisei_stream.rl.gae import filter_stale, scan_advantages, segment_advantages, segment_plan
 from keisei_stream.rl.inputs import CompactAhead, compact_nbytes, expand_on_device
@@ -109,7 +109,7 @@ class Trainer:
             :func:`~keisei_stream.rl.ppo.make_scheduler`.
         compact: inputs cross to the device in compact form and GAE runs there (default: on
             CUDA; tests set it on the CPU to check this path against the dense one).
-        compiling: the background compile (:meth:`compile_ahead`), None without one.
+        compiling: the background compile (:meth:`wrap` with ``compile_ahead``), None without one.
         ahead: compact inputs encoded ahead of their update (with ``compact``).
     """
 
@@ -209,8 +209,6 @@ class Trainer:
         """
         t0 = time.monotonic()
         if self.cfg.model.compile:
-            from keisei_stream.rl.compile import SMALL_BATCH, warm_up_calls
-
             warm_up_calls(self.train_model, (max(2, self.cfg.ppo.minibatch_size), SMALL_BATCH), self.device,
                           self.cfg.learner.amp)
             self.optimizer.zero_grad(set_to_none=True)
