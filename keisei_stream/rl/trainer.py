@@ -317,7 +317,8 @@ class Trainer:
         t0 = time.monotonic()
         if compact is None:
             compact = CompactAhead(cfg.env.max_plies).take([b])
-        t = to_device({**compact, "action": b.action, "log_prob": b.log_prob, "value": b.value,
+        t = to_device({**compact, "action": b.action.astype(np.int32),  # uint16 has few CUDA kernels
+                       "log_prob": b.log_prob, "value": b.value,
                        "keep": np.flatnonzero(keep)}, dev,
                       {"action": torch.int64, "log_prob": torch.float32, "value": torch.float32, "keep": torch.int64})
         obs, mask = expand_on_device(t["pieces"], t["scalars"], t["actions"], t["counts"])
