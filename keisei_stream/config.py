@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the dotted field path."""
 
 
+#: The exit status of a process stopped by a configuration error (``EX_CONFIG`` of BSD's
+#: sysexits.h): restarting it cannot help, so ``keisei run``'s supervisor stops the run instead.
+EXIT_CONFIG = 78
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from keisei_stream.config import ConfigError, load_config
+from keisei_stream.config import EXIT_CONFIG, ConfigError, load_config
 from keisei_stream.wire.client import add_redis_argument
 
 
@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: a bad argument or config fails before torch loads (~1 s).
     from learner.learner import run_learner
 
-    run_learner(cfg, args.redis, resume=args.resume, consumer_name=args.consumer,
-                max_updates=args.max_updates, quiet=args.quiet)
+    try:
+        run_learner(cfg, args.redis, resume=args.resume, consumer_name=args.consumer,
+                    max_updates=args.max_updates, quiet=args.quiet)
+    except ConfigError as exc:  # e.g. a device torch cannot use: restarting would not help
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -38,6 +38,7 @@ import torch
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
 from keisei_stream.rl.checkpoint import checkpoint_name, latest_checkpoint, weights_to_bytes
+from keisei_stream.rl.device import gpu_utilisation
 from keisei_stream.rl.model import count_parameters, pick_device
 from keisei_stream.rl.trainer import Trainer
 from keisei_stream.wire import retry
@@ -103,7 +104,8 @@ class Learner:
         return self.consumer.held
 
     def warm_up(self) -> None:
-        """The trainer's warm-up (:meth:`keisei_stream.rl.trainer.Trainer.warm_up`), logged."""
+        """The trainer's warm-up (:meth:`keisei_stream.rl.trainer.Trainer.warm_up`; several ranks
+        compile in step before their first update), logged."""
         log.info("warm-up (torch.compile: %s) took %.1f s", self.cfg.model.compile, self.trainer.warm_up())
 
     # ------------------------------------------------------------------------------ 1-3. read
@@ -161,8 +163,12 @@ class Learner:
     def update(self, entries: list[Delivered]) -> None:
         """One update on ``entries`` (whole batches; the training thread runs it while this thread
         reads ahead), then acknowledge (which frees Redis memory), publish, metrics, checkpoint."""
-        b = concat_batches([d.batch for d in entries])
-        job = self.pool.submit(self.trainer.update, b, self.version)
+        batches = [d.batch for d in entries]
+        b = concat_batches(batches)
+        t0 = time.monotonic()
+        compact = self.trainer.take_ahead(batches)  # encoded while the previous update trained (GPU)
+        self.report.add("rebuild", time.monotonic() - t0)
+        job = self.pool.submit(self.trainer.update, b, self.version, compact)
         self.prefetch_while(job)
         upd = job.result()
         m = upd.metrics
@@ -209,6 +215,7 @@ class Learner:
         while True:
             n = len(self.held)
             self.receive(block_ms=PREFETCH_BLOCK_MS, training=True)
+            self.report.add("rebuild", self.trainer.encode_ahead([d.batch for d in self.held]))
             if job.done():
                 return
             if len(self.held) == n:
@@ -262,9 +269,12 @@ class Learner:
                   "device": str(self.trainer.device), "epoch": self.consumer.epoch,
                   "held_positions": self.consumer.held_positions(),
                   "backlog": self.r.xlen(self.keys.experience) if backlog is None else backlog,
-                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s}
+                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s,
+                  "compile": self.trainer.compiling.state if self.trainer.compiling is not None else
+                  ("on" if self.cfg.model.compile else "off")}
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
+        fields["gpu_util_pct"] = gpu_utilisation(self.trainer.device)
         self.report.status(fields)
 
     # ------------------------------------------------------------------------------ stop
@@ -302,8 +312,9 @@ class Learner:
 
 def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, resume: bool, quiet: bool) -> Learner:
     """Run directory, the trainer (from the newest checkpoint on ``resume``), Redis (config,
-    epoch), the first published version; the warm-up (``torch.compile``) starts in the
-    training thread while the first data arrive.
+    epoch), the first published version; with ``model.compile`` the compiler starts in a thread
+    of its own and the updates run eagerly until it is ready (one rank; several ranks compile
+    together before their first update).
 
     Under torchrun (``WORLD_SIZE > 1``) this process is one rank of a data-parallel learner:
     it joins the process group, takes rank 0's whole training state, reads the group as
@@ -323,7 +334,7 @@ def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, res
         log.info("resumed from %s (version %d, %d updates)", path, version, updates)
     elif resume and rank == 0:
         log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
-    trainer.wrap()
+    trainer.wrap(compile_ahead=world == 1)  # one rank: compiled in the background, eager until then
     consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
                         count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
                         deadletter_maxlen=cfg.stream.deadletter_maxlen)
@@ -336,9 +347,7 @@ def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, res
     if rank == 0:
         write_config(r, keys, cfg.to_json())
     lrn.publish()
-    if world == 1:  # the training thread compiles while the main thread reads the first entries
-        lrn.pool.submit(lrn.warm_up)
-    elif cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
+    if world > 1 and cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
         lrn.warm_up()
     log.info("learner %s (rank %d of %d, pid %d): %d parameters on %s, version %d (epoch %s)", consumer_name, rank,
              world, os.getpid(), count_parameters(trainer.model), device, lrn.version, consumer.epoch)

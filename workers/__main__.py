@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from keisei_stream.config import ConfigError
+from keisei_stream.config import EXIT_CONFIG, ConfigError
 from keisei_stream.wire.client import add_redis_argument
 
 
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_worker(args.redis, args.run, games=args.games, threads=args.threads, worker_id=args.id,
                    seed=args.seed, device=args.device, max_batches=args.max_batches)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:  # the run's config or the device cannot work: restarting would not help
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

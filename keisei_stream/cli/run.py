@@ -34,8 +34,9 @@ def command(args: argparse.Namespace) -> int:
     learner's exit for good, then stop it in order (workers, then the learner).
 
     Returns:
-        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config or an
-        unsupported Redis.
+        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config (the file, or a
+        child that stopped on a configuration error such as a device torch cannot use: the run
+        stops at once with its message) or an unsupported Redis.
     """
     console = make_console()
     cfg = load_run_config(args, console)
@@ -75,6 +76,9 @@ def command(args: argparse.Namespace) -> int:
     report_checkpoint(run_dir, console)
     # torchrun exits 1 when it is stopped by a signal, even after its ranks stopped cleanly: rank 0
     # then wrote the learner state "stopped"
+    if sup.fatal:
+        console.print(f"[red]error:[/red] {sup.fatal}", highlight=False)
+        return 2
     code = sup.learner.returncode
     return 0 if code == 0 or (args.learners > 1 and learner_state == "stopped") else 1
 

@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from keisei_stream.cli.bottleneck import diagnose
 from keisei_stream.cli.common import find_redis, make_console, run_dir
 from keisei_stream.play.evaluation.follow import ELO_TABLE, EVAL_LOG, latest_rating, saved_elo_table, saved_latest_rating
 from keisei_stream.wire import archive, status
@@ -39,12 +40,18 @@ def collect_status(r, run_id: str) -> dict:
         ``settled_positions``, ``unsettled_positions`` (ints), ``rating``
         (:func:`keisei_stream.play.evaluation.follow.latest_rating`, or None), ``losses`` (the newest 20
         entries of the ``losses`` stream: Redis restarts that lost the run's data),
-        ``supervisor`` (``keisei run``'s restart counts: ``worker_restarts``, ``restarts:{id}``).
+        ``supervisor`` (``keisei run``'s restart counts: ``worker_restarts``, ``restarts:{id}``),
+        ``redis_ping_ms`` (one ``PING``'s round trip), ``bottleneck``
+        (:func:`keisei_stream.cli.bottleneck.diagnose`: what limits the run now, and the knob);
+        ``stream`` also holds the config's ``max_backlog``.
 
     Raises:
         redis.RedisError: Redis unreachable.
     """
     keys = Keys(run_id)
+    t0 = time.perf_counter()
+    r.ping()
+    ping_ms = (time.perf_counter() - t0) * 1000.0
     now = time.time()
     workers = status.read_workers(r, keys)
     for w in workers:
@@ -52,6 +59,10 @@ def collect_status(r, run_id: str) -> dict:
         w["age_s"] = round(now - seen, 1)
     learner = status.read_learner_status(r, keys)
     stream = status.stream_info(r, keys)
+    try:
+        stream["max_backlog"] = json.loads(status.read_config(r, keys) or "{}").get("stream", {}).get("max_backlog")
+    except ValueError:
+        stream["max_backlog"] = None
     acc = status.read_accounting(r, keys)
     control = status.get_control(r, keys)
     try:
@@ -62,10 +73,12 @@ def collect_status(r, run_id: str) -> dict:
     settled = (acc.get("trained_positions", 0) + acc.get("stale_positions", 0)
                + acc.get("rejected_positions", 0) + acc.get("duplicate_positions", 0))
     losses = [fields for _id, fields in status.read_stream(r, keys.losses, 20)]
-    return {"run": run_id, "control": control, "workers": workers, "learner": learner,
-            "stream": stream, "accounting": acc, "settled_positions": settled,
-            "unsettled_positions": produced - settled, "rating": rating, "losses": losses,
-            "supervisor": status.read_supervisor(r, keys)}
+    st = {"run": run_id, "control": control, "workers": workers, "learner": learner,
+          "stream": stream, "accounting": acc, "settled_positions": settled,
+          "unsettled_positions": produced - settled, "rating": rating, "losses": losses,
+          "supervisor": status.read_supervisor(r, keys), "redis_ping_ms": round(ping_ms, 3)}
+    st["bottleneck"] = diagnose(st)
+    return st
 
 
 def render_status(st: dict, stopped: bool = False) -> Group:
@@ -116,6 +129,11 @@ def render_status(st: dict, stopped: bool = False) -> Group:
                str(a.get("duplicate_positions", 0)), str(st["unsettled_positions"]),
                str(a.get("worker_discarded_positions", 0)))
     parts = [wt, lt, at]
+    bn = st.get("bottleneck") if not stopped and st.get("control") != "stop" else None
+    if bn:
+        parts.append(Text(f"bottleneck: {bn['line']}" + (f" -> {bn['knob']}" if bn["limit"] in ("learner", "workers")
+                                                           else ""), style="bold" if bn["limit"] in ("learner", "workers")
+                          else ""))
     if ln.get("ranks"):
         parts.append(f"learner ranks: {ln['ranks']} (positions trained by each: {ln.get('rank_trained_positions', '-')})")
     if int(a.get("double_acks", 0) or 0):

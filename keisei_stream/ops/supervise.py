@@ -20,6 +20,10 @@ written at a later round. A single learner that exits with an error is restarted
 restart themselves). A private Redis that dies is started again on its directory: it loads its
 append-only file, and the run's users are created again with the same passwords.
 
+A child that exits with :data:`~keisei_stream.config.EXIT_CONFIG` stopped on a configuration
+error (a device torch cannot use, a stored config it cannot play by): restarting it cannot help,
+so the run ends at once with that child's message (:attr:`Supervisor.fatal`).
+
 Never imports torch.
 """
 
@@ -37,6 +41,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from keisei_stream.config import EXIT_CONFIG
 from keisei_stream.ops import embedded_redis
 from keisei_stream.wire import client, retry, status
 from keisei_stream.wire.keys import Keys
@@ -134,6 +139,7 @@ class Supervisor:
     say: Callable[[str], None] = print
     unreported: list[str] = field(default_factory=list)  # restarts not yet counted in Redis
     evaluator: Child | None = None
+    fatal: str | None = None  # a child's configuration error, which ended the run
 
     def children(self) -> list[Child]:
         return [self.learner, *self.controlled()]
@@ -199,6 +205,10 @@ def check_children(sup: Supervisor, now: float | None = None) -> str | None:
     if sup.stopping:
         return None
     check_redis(sup)
+    for child in sup.children():
+        if child.restart_at is None and not child.running() and child.returncode == EXIT_CONFIG:
+            sup.fatal = f"{child.name} stopped on a configuration error: {error_line(child.log_path)}"
+            return sup.fatal
     lr = sup.learner
     if lr.restart_at is None and not lr.running():
         if lr.returncode == 0 or sup.learner_restarts <= 0:
@@ -214,6 +224,19 @@ def check_children(sup: Supervisor, now: float | None = None) -> str | None:
             sup.say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
     report_restarts(sup)
     return None
+
+
+def error_line(log_path: Path, tail_bytes: int = 8192) -> str:
+    """The last ``error:`` line of a child's log (else its last line): what it said when it stopped."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError as exc:
+        return f"(its log {log_path} is unreadable: {exc})"
+    errors = [ln[len("error:"):].strip() for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [f"(nothing in {log_path})"])[-1]
 
 
 def _schedule(sup: Supervisor, child: Child, now: float) -> None:

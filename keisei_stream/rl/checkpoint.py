@@ -32,6 +32,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from keisei_stream.config import config_from_json
+from keisei_stream.rl.device import to_device
 from keisei_stream.rl.model import build_model, unwrap
 
 FORMAT = 1
@@ -297,7 +298,8 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
     """Load safetensors bytes from :func:`weights_to_bytes` into ``model`` (in place).
 
     Floating tensors are converted back to the dtype of the model's own tensors (so bfloat16
-    weights load into a float32 model); the model keeps its device.
+    weights load into a float32 model); the model keeps its device (on CUDA the new values cross
+    from pinned memory without the host waiting: a forward pass already queued uses the old ones).
 
     Raises:
         ValueError: not bytes, not safetensors, names/shapes that do not match the model, or
@@ -325,4 +327,7 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"weights: {k} holds non-finite values")
         converted[k] = t.to(ref.dtype)
+    dev = next(iter(own.values())).device if own else torch.device("cpu")
+    if dev.type == "cuda":  # staged through pinned memory: the copies queue behind the work in flight, no wait
+        converted = to_device(converted, dev)
     target.load_state_dict(converted)
