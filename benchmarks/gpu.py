@@ -400,7 +400,7 @@ def main() -> int:
                          "within minutes + 2 when parts time out")
     ap.add_argument("--config", default=None, help="run config (default configs/gpu.yaml; --cpu: configs/tiny.yaml)")
     ap.add_argument("--workers", type=int, default=None,
-                    help="workers of the run (default: 4 on a GPU, the sizing of docs/notes/gpu.md; --cpu: 1)")
+                    help="workers of the run (default: 4 on a GPU, the sizing in docs/performance.md; --cpu: 1)")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU: the same steps, no GPU figure")
     ap.add_argument("--skip", default="", help="parts to skip, comma-separated: tests,limit,selfplay")
     ap.add_argument("--record", default=None, help="save the run's metrics entries, stop time and produced samples here")
