@@ -21,8 +21,10 @@ if [[ ! -f "$STAMP" || "$ROOT/pyproject.toml" -nt "$STAMP" ]]; then
     # ignored by pip. So: no configuration files (PIP_CONFIG_FILE=/dev/null), no PIP_* variables
     # (--isolated), one index: PyPI, whose Linux torch is the CUDA build (CUDA 13.0 for 2.13.0, which
     # needs an NVIDIA driver >= 580), or KEISEI_TORCH_INDEX, e.g. https://download.pytorch.org/whl/cu126
-    # for an older driver. A CPU build already in the venv is replaced.
-    if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+    # for an older driver. A CPU build already in the venv is replaced, and so is any build when
+    # KEISEI_TORCH_INDEX names the index to take it from.
+    if [[ -n "${KEISEI_TORCH_INDEX:-}" ]] \
+       || ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
       PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" -m pip install -q --isolated --force-reinstall \
         --index-url "${KEISEI_TORCH_INDEX:-https://pypi.org/simple}" "torch==2.13.0"
     fi
