@@ -110,8 +110,10 @@ def test_opening_plies_games_accepted(make_batch):
     decode_entry(as_wire(encode_batch(b)), max_plies=64)
 
 
-def _play(usi_moves, max_plies=64, sfen=None):
-    """A batch holding one game played from the start (or ``sfen``) with the given USI moves."""
+def _play(usi_moves, max_plies=64, sfen=None, ply0=0, ended=True):
+    """A batch holding one game played from the start (or ``sfen``, recorded from ply ``ply0``: a
+    game's position at ply 0 is the initial one) with the given USI moves, as one segment (cut
+    after the moves unless the game ended)."""
     env = VecEnv(1, max_plies)
     if sfen is not None:
         env.reset_game(0, sfen)
@@ -120,11 +122,11 @@ def _play(usi_moves, max_plies=64, sfen=None):
     for u in usi_moves:
         hcp, ply, rep, turn = env.positions()
         a = usi_to_action(u, int(turn[0]))
-        rows.append((hcp[0], ply[0], rep[0], a, int(turn[0])))
+        rows.append((hcp[0], ply[0] + ply0, rep[0], a, int(turn[0])))
         res = env.step(np.array([a]))
         if res.done[0]:
             break
-    assert res is not None and res.done[0], "game did not end"
+    assert res is not None and res.done[0] == ended, "game did not end" if ended else "game ended"
     p = len(rows)
     mover = 1 if rows[-1][4] == 0 else -1
     return ExperienceBatch(
@@ -155,15 +157,21 @@ def test_repetition_game_validated():
 
 def test_entering_king_game_validated():
     # White moves, then Black (king and 10 pieces in the camp, 28 points with its hand) can declare
-    b = _play(["5i5h"], max_plies=1, sfen="B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1")
+    # (recorded from ply 1: White moves at odd plies, and a game's ply 0 is the initial position)
+    b = _play(["5i5h"], max_plies=1, sfen="B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1", ply0=1)
     assert b.reason[0] == EndReason.ENTERING_KING and b.result[0] == 1
-    decode_entry(as_wire(encode_batch(b)), max_plies=1)
+    decode_entry(as_wire(encode_batch(b)), max_plies=2)
     # the same game relabelled as a max-plies draw: the env ends it by declaration first
     bad = copy.deepcopy(b)
     bad.reason[:] = EndReason.MAX_PLIES
     bad.result[:] = 0
     with pytest.raises(BadEntry, match="referee says ENTERING_KING"):
-        decode_entry(as_wire(encode_batch(bad)), max_plies=1)
+        decode_entry(as_wire(encode_batch(bad)), max_plies=2)
+    # recorded from ply 0: not the initial position
+    with pytest.raises(BadEntry, match="White to move at ply 0"):
+        decode_entry(as_wire(encode_batch(_play(["5i5h"], max_plies=1, sfen=
+                                                "B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1"))),
+                     max_plies=1)
 
 
 def _one_game(b, g):

@@ -157,9 +157,9 @@ def check_redis(sup: Supervisor) -> None:
 
 
 def _unavailable(exc: BaseException) -> bool:
-    """The supervisor's Redis call failed because the server is stopped, gone or full (``OOM``):
-    try again later, never end the run for it."""
-    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc)
+    """The supervisor's Redis call failed because the server is stopped, gone, full (``OOM``) or
+    busy with a script (``BUSY``): try again later, never end the run for it."""
+    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc) or retry.is_busy(exc)
 
 
 def _control(sup: Supervisor) -> str:
@@ -242,7 +242,8 @@ def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None]
                 except redis.RedisError as exc:  # the view waits; supervision goes on
                     if not _unavailable(exc):
                         raise
-                    sup.say(f"status unavailable ({type(exc).__name__}); Redis is stopped, restarting or full")
+                    sup.say(f"status unavailable ({type(exc).__name__}: {str(exc)[:60]}); Redis is stopped, "
+                            "restarting, full or busy")
     except KeyboardInterrupt:
         return "interrupted"
 
@@ -271,7 +272,7 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
         try:
             status.set_control(sup.r, sup.keys, "stop")
             break
-        except redis.RedisError as exc:  # stopped, restarting or full: try again, then rely on signals
+        except redis.RedisError as exc:  # stopped, restarting, full or busy: try again, then rely on signals
             if not _unavailable(exc):
                 raise
             if attempt == 4:

@@ -1,21 +1,39 @@
-"""Replay validation of experience batches: is every position one cshogi can load, and is every
-segment a legal run of moves that ended (or not) the way it says?
+"""Replay validation of experience batches: is every position one cshogi can load, is every
+segment a legal run of moves that continues its game and ended (or not) the way the rules and the
+game's history say?
 
 :func:`validate_hcp` is a NumPy re-implementation of Apery's HuffmanCodedPos decoder (the format
 cshogi uses): cshogi's ``Board.set_hcp`` does no checks and can crash the process on malformed
 bytes, so every HCP that reaches cshogi from the wire has passed it first. :func:`replay_check`
-replays every segment with cshogi from its first position. Both are called by ``keisei_stream.wire.codec.decode_entry``;
-this module does not import torch.
+replays every segment with cshogi from its first position, following each game across its
+segments in a :class:`GameBook` (the consumer's memory of the games in flight). Both are called by
+``keisei_stream.wire.codec.decode_entry``; this module does not import torch.
+
+**Following a game.** A segment continues its game when its first ply is the ply after the
+previous segment's last move; its first position must then be the position after that move, and
+its repetition counts and its ending are judged over the whole game so far (a 4th occurrence
+ends the game; perpetual check is told from a draw by cshogi over the cycle since the previous
+occurrence, :func:`_judge_over`). A segment whose game the book does not know (never seen: the
+learner restarted, or another learner read the earlier segments; forgotten: the book was full;
+or a segment after a gap) is checked on its own, and what it could only prove with the history
+the learner has not seen is not believed: a repetition or perpetual-check ending the replay does
+not show is trained as a cut valued 0 (a draw's value; the worker's bootstrap could say as much),
+and repetition counts above what the replay shows are lowered to it. Both are counted
+(``unproven_endings``, ``repetition_clamped``); an honest segment is never refused for it. A
+game's first segment (ply 0) must start from the initial position; every segment's side to move
+must be the ply's (checked by the decoder).
 """
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import cshogi
 import numpy as np
 
-from keisei_stream.shogi import EndReason, RepetitionTracker, judge, repetition_feature
+from keisei_stream.shogi import EndReason, Verdict, judge, repetition_feature
 # (2, 13527) uint16: low 15 bits of the cshogi move code of each action, per side to move; the
 # shogi layer's own table, so that replay and self-play can never disagree on an action.
 from keisei_stream.shogi.actions import _ACTION_TO_KEY
@@ -135,30 +153,178 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
     return ~bad
 
 
-def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
-    """Replay every segment with cshogi from its first position and check it against the recorded
-    data.
+#: Recorded positions a :class:`GameBook` keeps over all games (about 42 bytes each: zobrist key,
+#: HCP, action; so at most about 44 MB), unless told otherwise.
+GAME_BOOK_POSITIONS = 1 << 20
+_REPETITION_ENDS = (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
 
-    For each segment: the first position must pass :func:`validate_hcp` and the side not to move
-    must not be in check; then the segment is replayed move by move under the one referee
-    (:func:`keisei_stream.shogi.judge` with a :class:`~keisei_stream.shogi.RepetitionTracker`, as
-    ``VecEnv`` plays): every action must be among cshogi's legal moves of the replayed board, the
-    replayed board's HCP must equal the recorded one, the game must not have ended before the last
-    move, and after it the referee's verdict (reason and result) must be the recorded one: the
-    game's end, or for a cut segment (reason ``NONE``) no end. Repetition features must match the
-    replay exactly for segments that start a game (ply 0) and may only be larger otherwise
-    (occurrences before the first recorded position are unknown, so a recorded repetition end is
-    then accepted where the referee sees none).
+
+def _initial_hcp() -> bytes:
+    board, out = cshogi.Board(), np.empty(1, dtype=cshogi.HuffmanCodedPos)
+    board.to_hcp(out)
+    return out.tobytes()
+
+
+#: HCP of the initial position: where every game's ply 0 is.
+INITIAL_HCP = _initial_hcp()
+
+
+@dataclass
+class Trail:
+    """What the learner has seen of one game in flight: its recorded positions so far and the
+    position the next segment must start from.
+
+    Attributes:
+        ply: plies played before :attr:`after` (the next segment's first ply).
+        after: HCP (32 bytes) of the position after the last recorded move.
+        keys: ``(n,) uint64`` cshogi Zobrist keys of the recorded positions, in game order.
+        hcp: ``(n, 32) uint8`` their HCPs. actions: ``(n,) uint16`` the actions played from them.
+        complete: the first recorded position is the game's start (ply 0): the counts are exact.
+    """
+
+    ply: int
+    after: bytes
+    keys: np.ndarray
+    hcp: np.ndarray
+    actions: np.ndarray
+    complete: bool
+
+    @property
+    def positions(self) -> int:
+        return int(self.keys.shape[0])
+
+
+class GameBook:
+    """The games in flight whose segments a consumer has accepted, per worker, in bounded memory.
+
+    A game is forgotten when it ends, and the least recently continued game of the worker holding
+    the most positions when all games together hold more than ``max_positions`` recorded positions
+    (so one worker's flood of games forgets its own first). What :func:`replay_check` learns from
+    an entry is staged until the owner :meth:`commit` s it (it keeps the entry) or
+    :meth:`discard` s it (a duplicate, a refusal); the next check discards what was left staged.
+
+    Args:
+        max_positions: bound on the recorded positions kept (:data:`GAME_BOOK_POSITIONS`).
+
+    Attributes:
+        counts: worker -> counter of ``continued`` (segments that continued a known game),
+            ``unknown`` (segments checked without their game's history), ``gaps`` (of those, a
+            known game not continued at its next ply), ``forgotten`` (games dropped for room),
+            ``unproven_endings`` and ``repetition_clamped`` (module doc).
+    """
+
+    def __init__(self, max_positions: int = GAME_BOOK_POSITIONS):
+        self.max_positions = int(max_positions)
+        self._games: dict[str, OrderedDict[int, Trail]] = {}
+        self._held: Counter[str] = Counter()
+        self._staged: dict[tuple[str, int], Trail | None] = {}
+        self._staged_counts: Counter[tuple[str, str]] = Counter()
+        self.counts: dict[str, Counter[str]] = {}
+
+    @property
+    def positions(self) -> int:
+        """Recorded positions held over all games."""
+        return sum(self._held.values())
+
+    def __len__(self) -> int:
+        """Games held."""
+        return sum(len(g) for g in self._games.values())
+
+    def get(self, worker: str, game: int) -> Trail | None:
+        """The trail of ``worker``'s game ``game`` as staged by the check in progress, else as
+        committed; None when unknown (or ended)."""
+        if (worker, game) in self._staged:
+            return self._staged[(worker, game)]
+        return self._games.get(worker, {}).get(game)
+
+    def stage(self, worker: str, game: int, trail: Trail | None) -> None:
+        """Stage the game's new trail (None: it ended)."""
+        self._staged[(worker, game)] = trail
+
+    def note(self, worker: str, name: str, n: int = 1) -> None:
+        """Stage ``n`` more of counter ``name`` for ``worker``."""
+        self._staged_counts[(worker, name)] += n
+
+    def discard(self) -> None:
+        """Forget what was staged."""
+        self._staged.clear()
+        self._staged_counts.clear()
+
+    def commit(self) -> None:
+        """Apply what was staged, then forget games while over ``max_positions``."""
+        for (worker, game), trail in self._staged.items():
+            games = self._games.setdefault(worker, OrderedDict())
+            old = games.pop(game, None)
+            if old is not None:
+                self._held[worker] -= old.positions
+            if trail is not None:
+                games[game] = trail
+                self._held[worker] += trail.positions
+        for (worker, name), n in self._staged_counts.items():
+            self.counts.setdefault(worker, Counter())[name] += n
+        self.discard()
+        while self.positions > self.max_positions:
+            worker = max(self._held, key=self._held.__getitem__)
+            _game, trail = self._games[worker].popitem(last=False)
+            self._held[worker] -= trail.positions
+            self.counts.setdefault(worker, Counter())["forgotten"] += 1
+
+    def forget_worker(self, worker: str) -> None:
+        """Drop every game of ``worker`` (its stream was reset)."""
+        self._games.pop(worker, None)
+        self._held.pop(worker, None)
+
+
+def _judge_over(hcp: np.ndarray, actions: np.ndarray, keys: np.ndarray, count: int, ply: int, max_plies: int,
+                has_legal_move: bool) -> Verdict:
+    """The referee's verdict on the last of a game's positions ``hcp`` (``(T+1, 32) uint8``, the
+    positions before each of ``actions`` ``(T,)`` and the one after the last; ``keys`` their
+    Zobrist keys), seen ``count`` >= 4 times, at ``ply``: cshogi replays from the previous
+    occurrence of that position, which is all ``Board.is_draw()`` reads to tell a perpetual check
+    (one side checked on every move of the cycle) from a draw."""
+    t = len(keys) - 1
+    j = int(np.flatnonzero(keys[:t] == keys[t])[-1])
+    board = cshogi.Board()
+    board.set_hcp(np.frombuffer(hcp[j].tobytes(), dtype=cshogi.HuffmanCodedPos))
+    turn = (hcp[j:t, 0] & 1).astype(np.int64)
+    for code in _ACTION_TO_KEY[turn, actions[j:t].astype(np.int64)].tolist():
+        board.push(board.move_from_move16(code))
+    return judge(board, count, ply, max_plies, has_legal_move)
+
+
+def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None = None, worker: str = "") -> None:
+    """Replay every segment with cshogi from its first position and check it against the recorded
+    data and, with ``games``, against the game's earlier segments (module doc).
+
+    For each segment: a game's first segment (ply 0) starts from the initial position; a segment
+    continuing a game ``games`` knows starts from the position after its previous segment's last
+    move; the first position must pass :func:`validate_hcp` and the side not to move must not be in
+    check; then the segment is replayed move by move under the one referee
+    (:func:`keisei_stream.shogi.judge`, as ``VecEnv`` plays): every action must be among cshogi's
+    legal moves of the replayed board, the replayed board's HCP must equal the recorded one, the
+    game must not have ended before the last move (a 4th occurrence counted over the game's known
+    history included), and after it the referee's verdict (reason and result) must be the
+    recorded one: the game's end, or for a cut segment (reason ``NONE``) no end. Repetition
+    features must match the counts over the game's history exactly when it is known from ply 0,
+    and may not be lower otherwise. What the segment's own replay cannot prove without unseen
+    history is neutralised in ``batch`` (module doc) once every segment passed: a recorded
+    repetition or perpetual-check ending the referee does not see becomes a cut valued 0 (reason
+    ``NONE``, result, bootstrap and bootstrap advantage 0; a perpetual check still needs the check
+    it implies: the side to move in check after a winning checker's move, the last mover in check
+    before a losing checker's), and a repetition feature above the replay's is lowered to it.
 
     Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch.
 
     Args:
         batch: a batch whose structure and values ``decode_entry`` has already checked (offsets,
-            action range, alternating sides to move); ``hcp`` is ``(P, 32) uint8``.
+            action range, plies consecutive and of the side to move); ``hcp`` is ``(P, 32) uint8``.
         max_plies: the run's ``env.max_plies`` (the ply limit itself is checked by the decoder).
+        games: the games in flight (staged, see :class:`GameBook`); None: every segment is checked
+            as one whose game's history is unknown (ply-0 segments exactly).
+        worker: whose games (the book's key; the stream's worker).
 
     Raises:
-        BadEntry: on the first inconsistency.
+        BadEntry: on the first inconsistency (nothing is changed in ``batch``).
     """
     hcp = np.ascontiguousarray(batch.hcp, dtype=np.uint8)
     p = batch.num_positions
@@ -169,53 +335,135 @@ def replay_check(batch: ExperienceBatch, max_plies: int) -> None:
         raise BadEntry(f"hcp: malformed first position of segment {int(np.flatnonzero(~ok)[0])}")
     hv = hcp.view(cshogi.HuffmanCodedPos).reshape(p)
     turn = (hcp[:, 0] & 1).astype(np.int64)
-    move_keys = _ACTION_TO_KEY[turn, batch.action.astype(np.int64)].tolist()
+    actions = batch.action.astype(np.int64)
+    move_keys = _ACTION_TO_KEY[turn, actions].tolist()
     replayed = np.empty(p, dtype=cshogi.HuffmanCodedPos)
-    rep = [0] * p
+    total = np.zeros(p, np.int64)  # occurrences of each position in its game so far, as far as known
+    exact = np.zeros(p, bool)  # ... known from the game's start
+    neutralise: list[int] = []
     board = cshogi.Board()
     flipped = np.empty(1, dtype=cshogi.HuffmanCodedPos)
+    after = np.empty(1, dtype=cshogi.HuffmanCodedPos)
     reasons = batch.reason.tolist()
     results = batch.result.tolist()
     plies = batch.ply.tolist()
-    full_history = (batch.ply[starts] == 0).tolist()
     for g in range(batch.num_segments):
         s, e = int(off[g]), int(off[g + 1])
+        game = int(batch.game[g])
+        trail = games.get(worker, game) if games is not None else None
+        if plies[s] == 0:
+            if hcp[s].tobytes() != INITIAL_HCP:
+                raise BadEntry(f"segment {g}: its game's first position (ply 0) is not the initial position")
+            trail = None
+            complete = True
+        elif trail is not None and trail.ply == plies[s]:
+            if trail.after != hcp[s].tobytes():
+                raise BadEntry(f"segment {g}: does not continue game {game}: its first position (ply {plies[s]}) is "
+                               f"not the position after the previous segment's last move")
+            complete = trail.complete
+            games.note(worker, "continued")
+        else:
+            if games is not None:
+                games.note(worker, "unknown")
+                if trail is not None:
+                    games.note(worker, "gaps")
+            trail, complete = None, False
         flipped.view(np.uint8)[:] = hcp[s]
         flipped.view(np.uint8)[0] ^= 1
         board.set_hcp(flipped)
         if board.is_check():
             raise BadEntry(f"segment {g}: the side not to move is in check at the start")
         board.set_hcp(hv[s:s + 1])
-        tracker = RepetitionTracker(board)
+        key = board.zobrist_hash()
+        keys = [key]
+        seen = {key: 1}
+        local = [1]
         legal = list(board.legal_moves)
-        c = 1
-        verdict = judge(board, c, plies[s], max_plies, bool(legal))
+        verdict = judge(board, 1, plies[s], max_plies, bool(legal))
+        checked_before_last = False
         for t in range(s, e):
             if verdict.reason:
                 raise BadEntry(f"position {t}: the game had already ended ({verdict.reason.name})")
             board.to_hcp(replayed[t:t + 1])
-            rep[t] = c
             mv = board.move_from_move16(move_keys[t])
             if mv not in legal:
                 raise BadEntry(f"action {int(batch.action[t])} at position {t} is not legal")
+            if t == e - 1:
+                checked_before_last = board.is_check()
             board.push(mv)
             legal = list(board.legal_moves)
-            c = tracker.push(board)
+            key = board.zobrist_hash()
+            c = seen.get(key, 0) + 1
+            seen[key] = c
+            keys.append(key)
+            local.append(c)
             verdict = judge(board, c, plies[t] + 1, max_plies, bool(legal))
+        seg_keys = np.array(keys, dtype=np.uint64)  # (k+1,): the segment's positions and the one after
+        counts = np.array(local, dtype=np.int64)
+        if trail is not None and trail.positions:
+            prior = np.sort(trail.keys)
+            counts += np.searchsorted(prior, seg_keys, "right") - np.searchsorted(prior, seg_keys, "left")
+        over = np.flatnonzero((counts[:-1] >= 4) & (np.array(local[:-1]) < 4))
+        if len(over):  # a 4th occurrence that only the game's history shows: the game ended there
+            raise BadEntry(f"position {s + int(over[0])}: the game had already ended (REPETITION, a 4th occurrence "
+                           f"with its earlier segments)")
+        if counts[-1] >= 4 and local[-1] < 4 and verdict.reason != EndReason.CHECKMATE:
+            verdict = _judge_over(np.concatenate([trail.hcp, hcp[s:e], _hcp_row(board, after)]),
+                                  np.concatenate([trail.actions.astype(np.int64), actions[s:e]]),
+                                  np.concatenate([trail.keys, seg_keys]), int(counts[-1]), plies[e - 1] + 1,
+                                  max_plies, bool(legal))
+        total[s:e], exact[s:e] = counts[:-1], complete
         want = EndReason(reasons[g])
-        if verdict.reason == want and verdict.result(board.turn) == results[g]:
-            continue
-        if (not full_history[g] and want in (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
-                and verdict.reason in (EndReason.NONE, EndReason.ENTERING_KING, EndReason.MAX_PLIES)):
-            continue  # occurrences before the first recorded position are unknown
-        raise BadEntry(f"segment {g}: recorded {want.name} result {results[g]}, the referee says "
-                       f"{verdict.reason.name} result {verdict.result(board.turn)}")
+        if not (verdict.reason == want and verdict.result(board.turn) == results[g]):
+            if complete or want not in _REPETITION_ENDS or verdict.reason not in (
+                    EndReason.NONE, EndReason.ENTERING_KING, EndReason.MAX_PLIES):
+                raise BadEntry(f"segment {g}: recorded {want.name} result {results[g]}, the referee says "
+                               f"{verdict.reason.name} result {verdict.result(board.turn)}")
+            if want == EndReason.PERPETUAL_CHECK:  # the check a perpetual check implies, history or not
+                mover_won = results[g] * (1 - 2 * int(turn[e - 1])) > 0
+                if mover_won and not checked_before_last:
+                    raise BadEntry(f"segment {g}: PERPETUAL_CHECK won by the last mover, who was not in check")
+                if not mover_won and not board.is_check():
+                    raise BadEntry(f"segment {g}: PERPETUAL_CHECK lost by the last mover, whose move gave no check")
+            neutralise.append(g)
+        if games is not None:
+            if want != EndReason.NONE:
+                games.stage(worker, game, None)
+            else:
+                prior_hcp = trail.hcp if trail is not None else np.zeros((0, 32), np.uint8)
+                prior_actions = trail.actions if trail is not None else np.zeros(0, np.uint16)
+                prior_keys = trail.keys if trail is not None else np.zeros(0, np.uint64)
+                games.stage(worker, game, Trail(plies[e - 1] + 1, _hcp_row(board, after).tobytes(),
+                                                np.concatenate([prior_keys, seg_keys[:-1]]),
+                                                np.concatenate([prior_hcp, hcp[s:e]]),
+                                                np.concatenate([prior_actions, batch.action[s:e].astype(np.uint16)]),
+                                                complete))
     rows = replayed.view(np.uint8).reshape(p, 32)
     if not np.array_equal(rows, hcp):
         bad = np.flatnonzero((rows != hcp).any(axis=1))[0]
         raise BadEntry(f"position {int(bad)} is not the previous position after its action")
-    computed = repetition_feature(np.array(rep, dtype=np.int64))
+    computed = repetition_feature(total)
     recorded = batch.repetition.astype(np.int64)
-    exact = np.repeat(np.array(full_history, dtype=bool), np.diff(off))
     if ((exact & (recorded != computed)) | (~exact & (recorded < computed))).any():
         raise BadEntry("repetition: counts inconsistent with the replayed game")
+    # everything passed: neutralise what could not be proven (module doc)
+    clamped = ~exact & (recorded > computed)
+    if clamped.any():
+        batch.repetition[clamped] = computed[clamped].astype(batch.repetition.dtype)
+    for g in neutralise:
+        batch.reason[g] = EndReason.NONE
+        batch.result[g] = 0
+        batch.bootstrap[g] = 0.0
+        batch.bootstrap_advantage[g] = 0.0
+    if games is not None:
+        if neutralise:
+            games.note(worker, "unproven_endings", len(neutralise))
+        if clamped.any():
+            games.note(worker, "repetition_clamped", int(clamped.sum()))
+
+
+def _hcp_row(board: cshogi.Board, out: np.ndarray) -> np.ndarray:
+    """``(1, 32) uint8``: the HCP of ``board``'s position (written into ``out``, a ``(1,)``
+    HuffmanCodedPos array)."""
+    board.to_hcp(out)
+    return out.view(np.uint8).reshape(1, 32).copy()

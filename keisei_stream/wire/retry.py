@@ -157,6 +157,13 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, OutOfMemoryError) or (isinstance(error, ResponseError) and "OOM" in str(error))
 
 
+def is_busy(error: BaseException) -> bool:
+    """True for a server busy running a script past its time limit (``BUSY ...``; not
+    ``BUSYGROUP``/``BUSYKEY``, which are a command's own errors): it answers nothing else until
+    the script ends or is killed."""
+    return isinstance(error, ResponseError) and str(error).startswith("BUSY ")
+
+
 def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a Redis write that may be skipped while the server is full: status hashes, heartbeats,
     capped streams. An ``OOM`` refusal is logged (``what`` names the write) and None returned;
