@@ -81,7 +81,7 @@ from .codec import decode_entry, entry_positions
 from .keys import Keys
 from .errors import BadEntry
 from .replay import GAME_BOOK_POSITIONS, GameBook
-from .status import alive_workers, append_losses, read_roster
+from .status import alive_workers, append_losses, read_roster, register_workers
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
 DEADLETTER_FIELD_BYTES = 4096
@@ -391,10 +391,10 @@ class Consumer:
         return self.epoch_lost
 
     def recover(self, accounting_before: Mapping[str, int], **fields: Any) -> dict[str, Any]:
-        """The server lost the run's data: claim a new epoch, forget the ids in flight, recreate the
-        groups, republish the credit, and record the loss in the ``losses`` stream (old/new epoch,
-        what was held and is kept, the unread positions lost by ``accounting_before``, plus
-        ``fields``).
+        """The server lost the run's data: claim a new epoch, forget the ids in flight, put the workers
+        it read back on the roster (the roster was lost with the rest), recreate the groups,
+        republish the credit, and record the loss in the ``losses`` stream (old/new epoch, what was
+        held and is kept, the unread positions lost by ``accounting_before``, plus ``fields``).
 
         Returns:
             The ``losses`` entry's fields.
@@ -403,6 +403,7 @@ class Consumer:
         held, held_positions = len(self.in_flight), sum(self.in_flight.values())
         self.claim_epoch()
         self.reset()
+        register_workers(self.r, self.keys, self.workers)
         self.credit = {}  # every roster worker's group is created again
         self.refresh(force=True)
         record = {"time": round(time.time(), 3), "detected_by": self.name, "old_epoch": old_epoch or "",
