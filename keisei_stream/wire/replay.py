@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cshogi
 import numpy as np
@@ -153,10 +153,11 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
     return ~bad
 
 
-#: Recorded positions a :class:`GameBook` keeps over all games (about 42 bytes each: zobrist key,
-#: HCP, action; so at most about 44 MB), unless told otherwise.
-GAME_BOOK_POSITIONS = 1 << 20
+#: Recorded positions a :class:`GameBook` keeps over all games (about 110 bytes each: a count
+#: per Zobrist key, the key in game order, HCP, action; so at most about 60 MB), unless told otherwise.
+GAME_BOOK_POSITIONS = 1 << 19
 _REPETITION_ENDS = (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
+_NO_COUNTS: dict[int, int] = {}
 
 
 def _initial_hcp() -> bytes:
@@ -177,21 +178,35 @@ class Trail:
     Attributes:
         ply: plies played before :attr:`after` (the next segment's first ply).
         after: HCP (32 bytes) of the position after the last recorded move.
-        keys: ``(n,) uint64`` cshogi Zobrist keys of the recorded positions, in game order.
-        hcp: ``(n, 32) uint8`` their HCPs. actions: ``(n,) uint16`` the actions played from them.
+        counts: cshogi Zobrist key -> occurrences among the recorded positions.
+        keys, hcp, actions: per accepted segment (in game order) its positions' Zobrist keys
+            (``list[int]``), HCPs (``(k, 32) uint8``) and actions (``(k,) uint16``): what the
+            rare judgement of a repetition over segments replays (:func:`_judge_over`).
         complete: the first recorded position is the game's start (ply 0): the counts are exact.
+        positions: recorded positions.
     """
 
     ply: int
     after: bytes
-    keys: np.ndarray
-    hcp: np.ndarray
-    actions: np.ndarray
+    counts: dict[int, int]
+    keys: list[list[int]]
+    hcp: list[np.ndarray]
+    actions: list[np.ndarray]
     complete: bool
+    positions: int
 
-    @property
-    def positions(self) -> int:
-        return int(self.keys.shape[0])
+    def extend(self, ply: int, after: bytes, keys: list[int], hcp: np.ndarray, actions: np.ndarray) -> None:
+        """Append a segment's positions (in place)."""
+        for k in keys:
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.keys.append(keys)
+        self.hcp.append(hcp)
+        self.actions.append(actions)
+        self.ply, self.after, self.positions = ply, after, self.positions + len(keys)
+
+    def copy(self) -> "Trail":
+        return Trail(self.ply, self.after, dict(self.counts), list(self.keys), list(self.hcp), list(self.actions),
+                     self.complete, self.positions)
 
 
 class GameBook:
@@ -217,7 +232,8 @@ class GameBook:
         self.max_positions = int(max_positions)
         self._games: dict[str, OrderedDict[int, Trail]] = {}
         self._held: Counter[str] = Counter()
-        self._staged: dict[tuple[str, int], Trail | None] = {}
+        # (worker, game) -> ("end", None) | ("new", Trail) | ("extend", (trail, ply, after, keys, hcp, actions))
+        self._staged: dict[tuple[str, int], tuple[str, Any]] = {}
         self._staged_counts: Counter[tuple[str, str]] = Counter()
         self.counts: dict[str, Counter[str]] = {}
 
@@ -233,13 +249,29 @@ class GameBook:
     def get(self, worker: str, game: int) -> Trail | None:
         """The trail of ``worker``'s game ``game`` as staged by the check in progress, else as
         committed; None when unknown (or ended)."""
-        if (worker, game) in self._staged:
-            return self._staged[(worker, game)]
-        return self._games.get(worker, {}).get(game)
+        staged = self._staged.get((worker, game))
+        if staged is None:
+            return self._games.get(worker, {}).get(game)
+        kind, value = staged
+        if kind == "extend":  # a second segment of the game in one entry: a copy to extend (rare)
+            trail, *segment = value
+            value = trail.copy()
+            value.extend(*segment)
+            self._staged[(worker, game)] = ("new", value)
+        return value
 
-    def stage(self, worker: str, game: int, trail: Trail | None) -> None:
-        """Stage the game's new trail (None: it ended)."""
-        self._staged[(worker, game)] = trail
+    def stage_end(self, worker: str, game: int) -> None:
+        """Stage that the game ended (it is forgotten)."""
+        self._staged[(worker, game)] = ("end", None)
+
+    def stage_new(self, worker: str, game: int, trail: Trail) -> None:
+        """Stage a trail that replaces what is known of the game."""
+        self._staged[(worker, game)] = ("new", trail)
+
+    def stage_extend(self, worker: str, game: int, trail: Trail, ply: int, after: bytes, keys: list[int],
+                     hcp: np.ndarray, actions: np.ndarray) -> None:
+        """Stage a segment continuing ``trail`` (the committed trail :meth:`get` returned)."""
+        self._staged[(worker, game)] = ("extend", (trail, ply, after, keys, hcp, actions))
 
     def note(self, worker: str, name: str, n: int = 1) -> None:
         """Stage ``n`` more of counter ``name`` for ``worker``."""
@@ -252,14 +284,17 @@ class GameBook:
 
     def commit(self) -> None:
         """Apply what was staged, then forget games while over ``max_positions``."""
-        for (worker, game), trail in self._staged.items():
+        for (worker, game), (kind, value) in self._staged.items():
             games = self._games.setdefault(worker, OrderedDict())
             old = games.pop(game, None)
             if old is not None:
                 self._held[worker] -= old.positions
-            if trail is not None:
-                games[game] = trail
-                self._held[worker] += trail.positions
+            if kind == "extend":  # (the committed trail itself, or a copy a second segment made)
+                value[0].extend(*value[1:])
+                value = value[0]
+            if kind != "end":
+                games[game] = value
+                self._held[worker] += value.positions
         for (worker, name), n in self._staged_counts.items():
             self.counts.setdefault(worker, Counter())[name] += n
         self.discard()
@@ -300,20 +335,22 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
     continuing a game ``games`` knows starts from the position after its previous segment's last
     move; the first position must pass :func:`validate_hcp` and the side not to move must not be in
     check; then the segment is replayed move by move under the one referee
-    (:func:`keisei_stream.shogi.judge`, as ``VecEnv`` plays): every action must be among cshogi's
-    legal moves of the replayed board, the replayed board's HCP must equal the recorded one, the
-    game must not have ended before the last move (a 4th occurrence counted over the game's known
-    history included), and after it the referee's verdict (reason and result) must be the
-    recorded one: the game's end, or for a cut segment (reason ``NONE``) no end. Repetition
-    features must match the counts over the game's history exactly when it is known from ply 0,
-    and may not be lower otherwise. What the segment's own replay cannot prove without unseen
-    history is neutralised in ``batch`` (module doc) once every segment passed: a recorded
+    (:func:`keisei_stream.shogi.judge`, as ``VecEnv`` plays, with the occurrences counted over the
+    game's known history): every action must be among cshogi's legal moves of the replayed board,
+    the replayed board's HCP must equal the recorded one, the game must not have ended before the
+    last move (a 4th occurrence included), and after it the referee's verdict (reason and result)
+    must be the recorded one: the game's end, or for a cut segment (reason ``NONE``) no end.
+    Repetition features must match the counts over the game's history exactly when it is known
+    from ply 0, and may not be lower otherwise. What the segment's own replay cannot prove without
+    unseen history is neutralised in ``batch`` (module doc) once every segment passed: a recorded
     repetition or perpetual-check ending the referee does not see becomes a cut valued 0 (reason
     ``NONE``, result, bootstrap and bootstrap advantage 0; a perpetual check still needs the check
     it implies: the side to move in check after a winning checker's move, the last mover in check
     before a losing checker's), and a repetition feature above the replay's is lowered to it.
 
-    Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch.
+    Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch;
+    following the games adds two dictionary lookups per position and a few microseconds per
+    segment (``benchmarks/validation.py``).
 
     Args:
         batch: a batch whose structure and values ``decode_entry`` has already checked (offsets,
@@ -338,7 +375,7 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
     actions = batch.action.astype(np.int64)
     move_keys = _ACTION_TO_KEY[turn, actions].tolist()
     replayed = np.empty(p, dtype=cshogi.HuffmanCodedPos)
-    total = np.zeros(p, np.int64)  # occurrences of each position in its game so far, as far as known
+    total: list[int] = []  # occurrences of each position in its game so far, as far as known
     exact = np.zeros(p, bool)  # ... known from the game's start
     neutralise: list[int] = []
     board = cshogi.Board()
@@ -368,6 +405,7 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
                 if trail is not None:
                     games.note(worker, "gaps")
             trail, complete = None, False
+        prior = trail.counts if trail is not None else _NO_COUNTS
         flipped.view(np.uint8)[:] = hcp[s]
         flipped.view(np.uint8)[0] ^= 1
         board.set_hcp(flipped)
@@ -377,10 +415,12 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
         key = board.zobrist_hash()
         keys = [key]
         seen = {key: 1}
-        local = [1]
+        c = 1 + prior.get(key, 0)
+        counts = [c]
         legal = list(board.legal_moves)
-        verdict = judge(board, 1, plies[s], max_plies, bool(legal))
+        verdict = judge(board, c, plies[s], max_plies, bool(legal))
         checked_before_last = False
+        local = 1
         for t in range(s, e):
             if verdict.reason:
                 raise BadEntry(f"position {t}: the game had already ended ({verdict.reason.name})")
@@ -393,26 +433,21 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
             board.push(mv)
             legal = list(board.legal_moves)
             key = board.zobrist_hash()
-            c = seen.get(key, 0) + 1
-            seen[key] = c
+            local = seen.get(key, 0) + 1
+            seen[key] = local
+            c = local + prior.get(key, 0)
             keys.append(key)
-            local.append(c)
+            counts.append(c)
             verdict = judge(board, c, plies[t] + 1, max_plies, bool(legal))
-        seg_keys = np.array(keys, dtype=np.uint64)  # (k+1,): the segment's positions and the one after
-        counts = np.array(local, dtype=np.int64)
-        if trail is not None and trail.positions:
-            prior = np.sort(trail.keys)
-            counts += np.searchsorted(prior, seg_keys, "right") - np.searchsorted(prior, seg_keys, "left")
-        over = np.flatnonzero((counts[:-1] >= 4) & (np.array(local[:-1]) < 4))
-        if len(over):  # a 4th occurrence that only the game's history shows: the game ended there
-            raise BadEntry(f"position {s + int(over[0])}: the game had already ended (REPETITION, a 4th occurrence "
-                           f"with its earlier segments)")
-        if counts[-1] >= 4 and local[-1] < 4 and verdict.reason != EndReason.CHECKMATE:
-            verdict = _judge_over(np.concatenate([trail.hcp, hcp[s:e], _hcp_row(board, after)]),
-                                  np.concatenate([trail.actions.astype(np.int64), actions[s:e]]),
-                                  np.concatenate([trail.keys, seg_keys]), int(counts[-1]), plies[e - 1] + 1,
-                                  max_plies, bool(legal))
-        total[s:e], exact[s:e] = counts[:-1], complete
+        after_row = _hcp_row(board, after)
+        if c >= 4 and local < 4 and verdict.reason != EndReason.CHECKMATE:
+            # a 4th occurrence that only the earlier segments show: cshogi judges it over them
+            verdict = _judge_over(np.concatenate([*trail.hcp, hcp[s:e], after_row]),
+                                  np.concatenate([*trail.actions, actions[s:e]]),
+                                  np.array([k for chunk in trail.keys for k in chunk] + keys, dtype=np.uint64),
+                                  c, plies[e - 1] + 1, max_plies, bool(legal))
+        total += counts[:-1]
+        exact[s:e] = complete
         want = EndReason(reasons[g])
         if not (verdict.reason == want and verdict.result(board.turn) == results[g]):
             if complete or want not in _REPETITION_ENDS or verdict.reason not in (
@@ -428,26 +463,29 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
             neutralise.append(g)
         if games is not None:
             if want != EndReason.NONE:
-                games.stage(worker, game, None)
+                games.stage_end(worker, game)
+                continue
+            recorded = keys[:-1]
+            seg_hcp, seg_actions = hcp[s:e].copy(), batch.action[s:e].astype(np.uint16)
+            if trail is None:
+                seen[keys[-1]] -= 1  # the counts of the recorded positions, the one after left out
+                if not seen[keys[-1]]:
+                    del seen[keys[-1]]
+                games.stage_new(worker, game, Trail(plies[e - 1] + 1, after_row.tobytes(), seen, [recorded],
+                                                    [seg_hcp], [seg_actions], complete, len(recorded)))
             else:
-                prior_hcp = trail.hcp if trail is not None else np.zeros((0, 32), np.uint8)
-                prior_actions = trail.actions if trail is not None else np.zeros(0, np.uint16)
-                prior_keys = trail.keys if trail is not None else np.zeros(0, np.uint64)
-                games.stage(worker, game, Trail(plies[e - 1] + 1, _hcp_row(board, after).tobytes(),
-                                                np.concatenate([prior_keys, seg_keys[:-1]]),
-                                                np.concatenate([prior_hcp, hcp[s:e]]),
-                                                np.concatenate([prior_actions, batch.action[s:e].astype(np.uint16)]),
-                                                complete))
+                games.stage_extend(worker, game, trail, plies[e - 1] + 1, after_row.tobytes(), recorded, seg_hcp,
+                                   seg_actions)
     rows = replayed.view(np.uint8).reshape(p, 32)
     if not np.array_equal(rows, hcp):
         bad = np.flatnonzero((rows != hcp).any(axis=1))[0]
         raise BadEntry(f"position {int(bad)} is not the previous position after its action")
-    computed = repetition_feature(total)
-    recorded = batch.repetition.astype(np.int64)
-    if ((exact & (recorded != computed)) | (~exact & (recorded < computed))).any():
+    computed = repetition_feature(np.array(total, dtype=np.int64))
+    recorded_rep = batch.repetition.astype(np.int64)
+    if ((exact & (recorded_rep != computed)) | (~exact & (recorded_rep < computed))).any():
         raise BadEntry("repetition: counts inconsistent with the replayed game")
     # everything passed: neutralise what could not be proven (module doc)
-    clamped = ~exact & (recorded > computed)
+    clamped = ~exact & (recorded_rep > computed)
     if clamped.any():
         batch.repetition[clamped] = computed[clamped].astype(batch.repetition.dtype)
     for g in neutralise:
