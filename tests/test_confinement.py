@@ -115,6 +115,17 @@ def test_each_attack_is_refused_or_confined_and_the_honest_worker_loses_nothing(
     assert w1["rejected_entries"] >= 20  # garbage and the trims' own entries, dead-lettered
     assert "w0" not in read_confined(real_redis, K)
     assert sent["w1"] > 0 and c.stats["stream_resets"] >= 1
+    # keisei status shows it per worker
+    from rich.console import Console
+
+    from keisei_stream.cli.status import collect_status, render_status
+    st = collect_status(real_redis, RUN)
+    assert st["roster"] == ["w0", "w1"] and st["per_worker"]["w0"]["credit"] == 4
+    assert st["per_worker"]["w1"]["stream_resets"] >= 1 and st["per_worker"]["w0"]["unsettled_positions"] == 0
+    console = Console(width=200, record=True)
+    console.print(render_status(st))
+    text = console.export_text()
+    assert "what its credential did to its own keys" in text and "over credit" in text
 
 
 def test_a_worker_ignoring_its_credit_is_read_no_faster(users, real_redis, make_batch):
