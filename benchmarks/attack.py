@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,6 +126,27 @@ def attack(name: str, url: str, keys: Keys, own: str = "w1", victim: str = "w0",
     return out
 
 
+def start_run(runs: Path, run_id: str, *options: str) -> tuple[subprocess.Popen, Any, str]:
+    """``keisei run --run RUN_ID --no-live ... OPTIONS`` with ``run.dir`` = ``runs`` (its output in
+    ``runs/keisei-run.out``), in a session of its own; returns ``(process, output file, admin URL)``
+    once it has written ``redis.url``.
+
+    Raises:
+        RuntimeError: it exited or wrote no URL within 120 s.
+    """
+    cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--run", run_id, "--no-live", "--print-every", "30",
+           *options, "--set", f"run.dir={runs}"]
+    out = open(runs / "keisei-run.out", "ab")  # noqa: SIM115 - the caller closes it
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    path = url_file(runs / run_id)
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"keisei run did not start: see {runs / 'keisei-run.out'}")
+        time.sleep(0.2)
+    return proc, out, path.read_text().strip()
+
+
 class Run:
     """A ``keisei run`` under attack: its process, Redis clients and samples."""
 
@@ -137,18 +159,8 @@ class Run:
         self.stop_probe = threading.Event()
 
     def start(self) -> None:
-        a = self.args
-        cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", str(a.config), "--run", self.run_id,
-               "--workers", str(a.workers), "--no-live", "--print-every", "30", "--set", f"run.dir={self.runs}"]
-        self.out = open(self.runs / "keisei-run.out", "ab")  # noqa: SIM115 - closed at the end
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
-        path = url_file(self.runs / self.run_id)
-        deadline = time.monotonic() + 120
-        while not path.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"keisei run did not start: see {self.runs / 'keisei-run.out'}")
-            time.sleep(0.2)
-        self.url = path.read_text().strip()
+        self.proc, self.out, self.url = start_run(self.runs, self.run_id, "--config", str(self.args.config),
+                                                  "--workers", str(self.args.workers))
         self.r = connect(self.url)
         monitor = acl.username(self.run_id, "monitor")
         self.monitor_url = acl.user_url(self.url, monitor,

@@ -60,14 +60,13 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from keisei_stream.cli.common import url_file  # noqa: E402
 from keisei_stream.cli.status import FINAL_STATUS  # noqa: E402
 from keisei_stream.wire.client import connect  # noqa: E402
 from keisei_stream.wire.keys import Keys  # noqa: E402
 from keisei_stream.wire.retry import is_busy, is_oom  # noqa: E402
 from keisei_stream.wire.status import read_roster  # noqa: E402
 
-from attack import ATTACKS, MUST_BE_REFUSED, attack, attacker_url  # noqa: E402 - this script's folder is on sys.path
+from attack import ATTACKS, MUST_BE_REFUSED, attack, attacker_url, start_run  # noqa: E402 - this script's folder is on sys.path
 
 KINDS = {"kill_worker": 3, "kill_learner": 2, "redis_stop": 2, "redis_kill": 2, "redis_full": 2, "hostile": 2,
          "replay": 2, "attack": 3}
@@ -121,19 +120,9 @@ class Chaos:
     def start(self) -> None:
         a = self.args
         self.t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", str(a.config), "--run", self.run_id,
-               "--workers", str(a.workers), "--no-live", "--print-every", "30", "--maxmemory", a.maxmemory,
-               "--restart-backoff", "0.5", "--learner-restarts", "1000", "--set", f"run.dir={self.runs}",
-               *[x for ov in a.set for x in ("--set", ov)]]
-        self.out = open(self.runs / "keisei-run.out", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
-        url_path = url_file(self.runs / self.run_id)
-        deadline = time.monotonic() + 120
-        while not url_path.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"keisei run did not start: see {self.runs / 'keisei-run.out'}")
-            time.sleep(0.2)
-        self.url = url_path.read_text().strip()
+        self.proc, self.out, self.url = start_run(
+            self.runs, self.run_id, "--config", str(a.config), "--workers", str(a.workers), "--maxmemory", a.maxmemory,
+            "--restart-backoff", "0.5", "--learner-restarts", "1000", *[x for ov in a.set for x in ("--set", ov)])
         self.r = connect(self.url)
         self.maxmemory = int(self.r.config_get("maxmemory")["maxmemory"])
         threading.Thread(target=self.sample_versions, daemon=True).start()

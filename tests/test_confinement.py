@@ -6,7 +6,6 @@ no faster; request-size limits; the private Redis never outlives ``keisei run``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,8 +23,7 @@ from keisei_stream.wire.client import connect
 from keisei_stream.wire.consumer import Consumer
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import (read_confined, read_worker_accounting, register_workers, stream_info,
-                                       write_worker_heartbeat)
+from keisei_stream.wire.status import read_confined, read_worker_accounting, register_workers, write_worker_heartbeat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -12,10 +12,11 @@ import pytest
 
 from keisei_stream.experience import ExperienceBatch, concat_batches, schema
 from keisei_stream.rl.selfplay import SelfPlay, UniformPolicy, segments_to_batch
-from keisei_stream.shogi import EndReason, VecEnv, usi_to_action
+from keisei_stream.shogi import EndReason
 from keisei_stream.wire.codec import decode_entry, encode_batch
 from keisei_stream.wire.errors import BadEntry
 from keisei_stream.wire.replay import GameBook
+from helpers import scripted_game
 
 #: A dragon checks the White king back and forth: the 13th move makes the 4th occurrence, Black
 #: (the last mover) gave check on every move: perpetual check, Black loses.
@@ -38,29 +39,7 @@ def check(b: ExperienceBatch, games: GameBook | None = None, max_plies: int = 64
 
 
 def play(moves, sfen=None, ply0=0, max_plies=64, game=1):
-    """One game's positions as one segment (cut after the moves unless the game ended), recorded
-    from ply ``ply0`` (the positions of a game started from ``sfen`` at that ply)."""
-    env = VecEnv(1, max_plies)
-    if sfen is not None:
-        env.reset_game(0, sfen)
-    rows, res = [], None
-    for u in moves:
-        hcp, ply, rep, turn = env.positions()
-        a = usi_to_action(u, int(turn[0]))
-        rows.append((hcp[0], int(ply[0]) + ply0, rep[0], a, int(turn[0])))
-        res = env.step(np.array([a]))
-        assert not res.done[0] or len(rows) == len(moves), "the game ended before its last move"
-    p, ended = len(rows), bool(res.done[0])
-    mover = 1 if rows[-1][4] == 0 else -1
-    return ExperienceBatch(
-        batch_id="w0:s:0", worker_id="w0",
-        hcp=np.stack([r[0] for r in rows]), ply=np.array([r[1] for r in rows], np.uint16),
-        repetition=np.array([r[2] for r in rows], np.uint8), action=np.array([r[3] for r in rows], np.uint16),
-        log_prob=np.full(p, -1.0, np.float32), value=np.zeros(p, np.float32), version=np.ones(p, np.uint32),
-        segment_offsets=np.array([0, p], np.uint32),
-        result=np.array([int(res.reward[0]) * mover if ended else 0], np.int8),
-        reason=np.array([res.reason[0] if ended else 0], np.uint8), bootstrap=np.zeros(1, np.float32),
-        bootstrap_advantage=np.zeros(1, np.float32), game=np.array([game], np.uint64))
+    return scripted_game(moves, sfen, ply0, max_plies, game)
 
 
 def split(b: ExperienceBatch, at: int) -> tuple[ExperienceBatch, ExperienceBatch]:
