@@ -225,16 +225,15 @@ class Consumer:
         share = math.ceil(self.window / max(1, len(self.live) or len(roster)))
         self._granted = {w: max(share, self.credit.get(w, share)) for w in roster}
         self.credit = {w: share for w in roster}
-        lengths = self.lengths(roster)
-        cmds: list[tuple] = []
-        for w, n in lengths.items():
-            if n > self._granted[w]:
-                self.stats["overruns"] += 1
-                cmds += [("HINCRBY", self.keys.confined, f"overruns:{w}", 1),
-                         ("HSET", self.keys.confined, f"overrun_entries:{w}", n - self._granted[w])]
         for w in sorted(self._reset_due):
             self._reset_stream(w)
-        if self.publishes:
+        cmds: list[tuple] = []
+        if self.publishes:  # (one learner rank counts and publishes)
+            for w, n in self.lengths(roster).items():
+                if n > self._granted[w]:
+                    self.stats["overruns"] += 1
+                    cmds += [("HINCRBY", self.keys.confined, f"overruns:{w}", 1),
+                             ("HSET", self.keys.confined, f"overrun_entries:{w}", n - self._granted[w])]
             for w, counts in self.games.counts.items():
                 for name in ("unproven_endings", "repetition_clamped"):
                     new = counts[name] - self._confined_sent[(w, name)]
