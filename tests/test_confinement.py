@@ -129,7 +129,7 @@ def test_each_attack_is_refused_or_confined_and_the_honest_worker_loses_nothing(
 def test_a_worker_ignoring_its_credit_is_read_no_faster(users, real_redis, make_batch):
     """w1 piles 30 valid entries into its own stream; the learner holds at most its quota (plus one
     read) of them at a time, keeps reading w0's, and counts the overrun."""
-    c = _learner(users["learner"], window=4, count=4)
+    c = _learner(users["learner"], window=4, count=4, refresh_s=60)  # refreshed by hand below
     assert c.credit == {"w0": 2, "w1": 2}
     w1 = connect(users["worker:w1"])
     pipe = w1.pipeline(transaction=False)
