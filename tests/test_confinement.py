@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from keisei_stream.ops import acl
 from keisei_stream.ops.embedded_redis import start_redis
@@ -231,7 +233,8 @@ def test_keisei_run_stops_on_a_busy_server_and_leaves_no_redis(tmp_path):
     ``keisei run`` still stops (its stop path says why, no traceback) and kills its Redis."""
     proc, r, redis_pid = _start_run(tmp_path, "busy")
     try:
-        threading.Thread(target=lambda: _eval_forever(r), daemon=True).start()
+        url = (tmp_path / "busy" / "redis.url").read_text().strip()
+        threading.Thread(target=_eval_forever, args=(url,), daemon=True).start()
         time.sleep(7.0)  # past busy-reply-threshold (5 s): every other client now gets BUSY
         proc.send_signal(signal.SIGINT)
         assert proc.wait(180) in (0, 1)
@@ -242,10 +245,13 @@ def test_keisei_run_stops_on_a_busy_server_and_leaves_no_redis(tmp_path):
         subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=False)
 
 
-def _eval_forever(r: redis.Redis) -> None:
+def _eval_forever(url: str) -> None:
+    """An admin's endless script, on a client that gives up when the server goes (no retries: it
+    must not go on waiting for the killed server, counted as an outage of this test process)."""
+    r = connect(url, retry=Retry(NoBackoff(), 0))
     try:
         r.eval("while true do end", 0)
-    except redis.RedisError:
+    except (redis.RedisError, OSError):
         pass
 
 

@@ -65,16 +65,18 @@ def command(args: argparse.Namespace) -> int:
         sup.start()
         with stop_signals_interrupt():
             why = watch_with_view(args, sup, r, run_id, console)
-        console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and "
-                      "checkpoints")
-        supervise.stop_in_order(sup, args.learner_stop_timeout)
-        learner_state = final_status(admin, run_id, run_dir, console)
+        with stop_signals_noted(console):
+            console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and "
+                          "checkpoints")
+            supervise.stop_in_order(sup, args.learner_stop_timeout)
+            learner_state = final_status(admin, run_id, run_dir, console)
     finally:  # whatever happened, the private Redis does not outlive the run
-        admin.close()
-        if rr.stop():
-            console.print("the private Redis did not stop on SIGTERM in time (busy running a script?): killed")
-        if rr.server is not None:
-            url_file(run_dir).unlink(missing_ok=True)
+        with stop_signals_noted(console):
+            admin.close()
+            if rr.stop():
+                console.print("the private Redis did not stop on SIGTERM in time (busy running a script?): killed")
+            if rr.server is not None:
+                url_file(run_dir).unlink(missing_ok=True)
     report_checkpoint(run_dir, console)
     # torchrun exits 1 when it is stopped by a signal, even after its ranks stopped cleanly: rank 0
     # then wrote the learner state "stopped"
@@ -155,6 +157,22 @@ def stop_signals_interrupt() -> Iterator[None]:
 
     old_term = signal.signal(signal.SIGTERM, interrupt)
     old_int = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+@contextmanager
+def stop_signals_noted(console) -> Iterator[None]:
+    """While the run stops in order: SIGTERM and SIGINT only print that it is stopping (a second
+    Ctrl-C must not leave the private Redis or the children half stopped); restored afterwards."""
+    def note(signum, frame):
+        console.print("already stopping in order (the private Redis goes with this process in any case)")
+
+    old_term = signal.signal(signal.SIGTERM, note)
+    old_int = signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:

@@ -158,10 +158,13 @@ def is_oom(error: BaseException) -> bool:
 
 
 def is_busy(error: BaseException) -> bool:
-    """True for a server busy running a script past its time limit (``BUSY ...``; not
-    ``BUSYGROUP``/``BUSYKEY``, which are a command's own errors): it answers nothing else until
-    the script ends or is killed."""
-    return isinstance(error, ResponseError) and str(error).startswith("BUSY ")
+    """True for a server busy running a script past its time limit (``BUSY ...``, also inside a
+    pipeline's annotated error; not ``BUSYGROUP``/``BUSYKEY``, which are a command's own errors):
+    it answers nothing else until the script ends or is killed."""
+    if not isinstance(error, ResponseError):
+        return False
+    text = str(error)
+    return getattr(error, "status_code", None) == "BUSY" or text.startswith("BUSY ") or " error: BUSY " in text
 
 
 def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
