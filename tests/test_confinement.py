@@ -209,9 +209,9 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _start_run(tmp_path: Path, run: str) -> tuple[subprocess.Popen, redis.Redis, int]:
+def _start_run(tmp_path: Path, run: str, *options: str) -> tuple[subprocess.Popen, redis.Redis, int]:
     cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run",
-           run, "--workers", "1", "--no-live", "--print-every", "5", "--set", f"run.dir={tmp_path}"]
+           run, "--workers", "1", "--no-live", "--print-every", "5", "--set", f"run.dir={tmp_path}", *options]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(tmp_path / f"{run}.out", "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = tmp_path / run / "redis.url"
@@ -231,7 +231,8 @@ def _start_run(tmp_path: Path, run: str) -> tuple[subprocess.Popen, redis.Redis,
 def test_keisei_run_stops_on_a_busy_server_and_leaves_no_redis(tmp_path):
     """An admin's endless script makes the private Redis answer BUSY to everyone and defer SIGTERM:
     ``keisei run`` still stops (its stop path says why, no traceback) and kills its Redis."""
-    proc, r, redis_pid = _start_run(tmp_path, "busy")
+    # (a learner blocked in a read on the busy server waits for its socket timeout: not waited for here)
+    proc, r, redis_pid = _start_run(tmp_path, "busy", "--learner-stop-timeout", "5")
     try:
         url = (tmp_path / "busy" / "redis.url").read_text().strip()
         threading.Thread(target=_eval_forever, args=(url,), daemon=True).start()

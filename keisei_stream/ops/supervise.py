@@ -268,9 +268,11 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
     started again first: the learner needs it to acknowledge what it trains last."""
     sup.stopping = True
     check_redis(sup)
+    control_set = False
     for attempt in range(5):
         try:
             status.set_control(sup.r, sup.keys, "stop")
+            control_set = True
             break
         except redis.RedisError as exc:  # stopped, restarting, full or busy: try again, then rely on signals
             if not _unavailable(exc):
@@ -278,7 +280,8 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
             if attempt == 4:
                 sup.say(f"could not set control=stop ({exc}); the workers get SIGTERM")
             time.sleep(1.0)
-    deadline = time.monotonic() + worker_stop_s
+    # workers that cannot read control=stop are not waited for
+    deadline = time.monotonic() + (worker_stop_s if control_set else 0.0)
     for w in sup.workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
         if w.proc is None:
             continue
