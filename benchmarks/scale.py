@@ -349,7 +349,7 @@ def capacity(entries: int, batch_positions: int, max_plies: int, tmp: Path, weig
         "memory_bytes_per_unacked_position": round(add["used_memory_delta_per_entry"] / pos_per_entry, 1),
         "weights_get_mb_per_s": round(1e6 / res["weights_blob_get"]["server_cpu_us_per_entry"] * weights_bytes / 1e6, 1)
         if res["weights_blob_get"]["server_cpu_us_per_entry"] > 0 else None,
-        "note": "1 / (server main-thread CPU per entry of admission + read + ack); no network; weights GETs "
+        "note": "1 / (server main-thread CPU per entry of the producer's add + read + ack); no network; weights GETs "
                 "share the same thread (weights_get_mb_per_s: that thread doing nothing else)",
     }
     return res

@@ -1,4 +1,4 @@
-"""Transport unit tests on fakeredis (admission, idempotency, dedup, deadletter, weights, status)."""
+"""Transport unit tests on fakeredis (credit, exactly-once adds, dedup, deadletter, weights, status)."""
 
 from __future__ import annotations
 
