@@ -93,7 +93,9 @@ class PPOConfig(_Section):
 class StreamConfig(_Section):
     """Redis stream, weights and observability settings shared by all processes."""
 
-    max_backlog: int = Field(64, ge=1, description="max unacknowledged experience entries before producers wait")
+    max_backlog: int = Field(64, ge=1, description="the run's window: unacknowledged experience entries in all "
+                             "workers' streams together; each live worker's credit is ceil(max_backlog / live workers) "
+                             "entries in its own stream before it waits")
     batch_positions: int = Field(1024, ge=1, description="a worker sends a batch once it holds this many positions")
     block_ms: int = Field(1000, ge=1, le=60_000, description="XREADGROUP BLOCK time")
     read_count: int = Field(16, ge=1, description="entries per XREADGROUP")
@@ -188,8 +190,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _progress_is_possible(self) -> "Config":
-        # Workers stop adding at max_backlog unacknowledged entries of at least batch_positions
-        # positions each; if that cannot reach samples_per_update the learner would wait forever.
+        # Workers together stop adding at about max_backlog unacknowledged entries (their credits)
+        # of at least batch_positions positions each; if that cannot reach samples_per_update the
+        # learner would wait forever.
         held = self.stream.max_backlog * self.stream.batch_positions
         if held < self.ppo.samples_per_update:
             raise ValueError(

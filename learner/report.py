@@ -122,14 +122,15 @@ class Report:
         """Count ``seconds`` (>= 0) spent in ``phase``."""
         self.seconds[phase] += seconds
 
-    def update(self, metrics: dict[str, float], step: int, version: int, stepped: bool) -> dict[str, float]:
+    def update(self, metrics: dict[str, float], step: int, version: int, stepped: bool, backlog: int) -> dict[str, float]:
         """Complete an update's metrics with its throughput (``samples_per_s``: trained positions
-        over the seconds since the previous update), the backlog, the outages and the time shares,
-        and send them to every sink when the update ``stepped``. Returns them."""
+        over the seconds since the previous update), the ``backlog`` (entries in the workers'
+        streams), the outages and the time shares, and send them to every sink when the update
+        ``stepped``. Returns them."""
         now = time.monotonic()
         elapsed = max(now - self.last_update_t, 1e-9)
         metrics.update({"samples_per_s": metrics["trained_positions"] / elapsed,
-                        "backlog": float(self.r.xlen(self.keys.experience)), **retry.OUTAGES.fields()})
+                        "backlog": float(backlog), **retry.OUTAGES.fields()})
         metrics.update({f"time_share_{k}": v / elapsed for k, v in self.seconds.items()})
         self.seconds, self.last_update_t, self.last_metrics = dict.fromkeys(PHASES, 0.0), now, metrics
         if stepped:

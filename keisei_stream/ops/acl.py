@@ -3,31 +3,40 @@ what its process does.
 
 Users are named ``keisei-{run}-{role}`` and ``keisei-{run}-worker-{id}``:
 
-* a **worker** (one user per worker id): add experience through the admission script
-  (:mod:`keisei_stream.wire.producer`: ``EVALSHA``/``EVAL``, and the ``XLEN``/``XADD``/``XREVRANGE``
-  the script runs on ``experience`` and the worker's own ``producers:{id}`` record), write its own
-  heartbeat (``workers:{id}``) and game records (``games``), read ``config``, ``control``,
-  ``epoch`` and the weights, subscribe to the weights channel. Every write a worker can make is
-  an ``XADD``, on four keys. Nothing else: not the accounting, the weights, config, control, the
-  learner's hash, another worker's heartbeat or producer record, no consumer-group command
-  (``XGROUP``, ``XREADGROUP``, ``XACK``, ``XAUTOCLAIM``), no ``XDEL``/``DEL``/``EXPIRE``, no key
-  outside the run.
+* a **worker** (one user per worker id): ``XADD`` to its own keys only (its experience stream
+  ``experience:{id}``, its game stream ``games:{id}``, its heartbeat ``workers:{id}``, its producer
+  record ``producers:{id}``), in ``MULTI/EXEC`` with ``WATCH`` on them
+  (:mod:`keisei_stream.wire.producer`), ``XLEN``/``XREVRANGE`` on them; read ``config``,
+  ``control``, ``epoch``, ``credit`` and the weights; subscribe to the weights channel. Every
+  write a worker can make is an ``XADD`` to a key of its own. No scripting at all (no ``EVAL``,
+  ``EVALSHA``, ``SCRIPT``, ``FUNCTION``/``FCALL``: a script's commands are checked against the
+  caller's rules, but the script itself can keep the server busy, answering ``BUSY`` to everyone,
+  or build strings outside ``maxmemory``). Nothing else: not another worker's keys, the
+  accounting, the weights, config, control, the credit, the roster, the learner's hash, the
+  shared ``games`` stream, no consumer-group command (``XGROUP``, ``XREADGROUP``, ``XACK``,
+  ``XAUTOCLAIM``), no ``XDEL``/``DEL``/``EXPIRE``, no key outside the run.
 * ``learner``: every data command on the run's keys and channels (consumer group, weights,
-  status, streams), but no administrative or dangerous command (``FLUSHALL``, ``CONFIG``,
-  ``ACL``, ``KEYS``, ``SHUTDOWN``...).
+  status, streams, its own scripts), but no administrative or dangerous command (``FLUSHALL``,
+  ``CONFIG``, ``ACL``, ``KEYS``, ``SHUTDOWN``...).
 * ``evaluator``: reads the run's keys, writes the ``eval`` stream and the Elo table.
 * ``monitor``: read-only on the run's keys (``keisei status``).
 
-Commands run inside a Lua script are checked against the caller's ACL (Redis 6.2 and 7+ alike),
-so a worker's ``EVAL`` cannot reach past its rules. The rules depend on the server
-(:class:`keisei_stream.ops.compat.ServerInfo`): Redis >= 7.0 gets ``%R~`` read-only key
-patterns for what a user only reads; Redis 6.2 has no such selectors, so there the read keys
-are plain ``~`` patterns: harmless for workers and the monitor, whose only write command is
-``XADD`` (refused with ``WRONGTYPE`` on the run's existing strings and hashes) or who have no
-write command at all, but the evaluator can then write every key of the run. Limits of Redis
-ACLs (they cannot restrict a command's arguments): a worker allowed ``XADD`` on ``experience``
-can also trim it (``XADD ... MAXLEN 0``); the accounting then shows the trimmed positions as
-produced and never settled, so it is detected, not prevented.
+What a worker's credential can still do, all to its own keys (Redis ACLs cannot restrict a
+command's arguments): ``XADD ... MAXLEN 0`` on its own stream trims its own unread positions
+(they show as its unsettled positions); the largest id exhausts its own stream (the learner
+resets it once read empty); garbage is dead-lettered; a forged producer record or heartbeat
+misreports only itself. And one thing to everybody: fill the server's memory up to
+``maxmemory`` with ``XADD`` s to its own keys (every write then waits for room), within the
+request-size limits the private server is started with (:func:`keisei_stream.ops.local.request_limit`);
+keeping that out needs a front door between workers and Redis.
+
+The rules depend on the server (:class:`keisei_stream.ops.compat.ServerInfo`): Redis >= 7.0 gets
+``%R~`` read-only key patterns for what a user only reads; Redis 6.2 has no such selectors, so
+there the read keys are plain ``~`` patterns: a worker's only write command is ``XADD``, refused
+with ``WRONGTYPE`` on the run's existing strings and hashes (a read key that does not exist yet,
+e.g. ``credit`` before the learner's first write, could be created as a stream: the learner
+overwrites ``credit`` whatever its type), and the monitor has no write command at all; but the
+evaluator can then write every key of the run.
 (https://redis.io/docs/latest/operate/oss_and_stack/management/security/acl/)
 """
 
@@ -54,6 +63,20 @@ def worker_role(worker_id: str) -> str:
     if not isinstance(worker_id, str) or not _WORKER_ID.match(worker_id):
         raise ValueError(f"invalid worker id for a Redis user {worker_id!r}: expected [A-Za-z0-9_.-]{{1,64}}")
     return f"worker:{worker_id}"
+
+
+#: Every command a worker's user may run (besides connection housekeeping): one write, ``XADD``,
+#: in transactions; reads of its own keys and of the run's config, control, epoch, credit and
+#: weights; the weights channel. No scripting.
+WORKER_COMMANDS = ("+xadd", "+xlen", "+xrevrange", "+multi", "+exec", "+discard", "+watch", "+unwatch",
+                   "+get", "+hget", "+hgetall", "+hmget", "+subscribe", "+unsubscribe")
+
+
+def worker_keys(keys: Keys, worker_id: str) -> tuple[str, ...]:
+    """The keys worker ``worker_id`` may write (``XADD``): its experience stream, game stream,
+    heartbeat and producer record."""
+    return (keys.experience(worker_id), keys.worker_games(worker_id), keys.worker(worker_id),
+            keys.producer(worker_id))
 
 
 def _split(role: str) -> tuple[str, str | None]:
@@ -99,11 +122,10 @@ def role_rules(keys: Keys, role: str, server: ServerInfo = LATEST) -> list[str]:
     ro = "%R~" if server.read_only_selectors else "~"  # 6.2: no read-only selectors (module doc)
     base = ["resetkeys", "resetchannels", "-@all"]
     if kind == "worker":
-        return [*base, *_connection(server), "+evalsha", "+eval", "+script|load", "+script|exists",
-                "+xadd", "+xlen", "+xrevrange", "+get", "+hget", "+hgetall", "+hmget", "+subscribe", "+unsubscribe",
-                f"~{keys.experience}", f"~{keys.games}", f"~{keys.worker(wid)}", f"~{keys.producer(wid)}",
-                f"{ro}{keys.config}", f"{ro}{keys.control}", f"{ro}{keys.epoch}", f"{ro}{p}weights:*",
-                f"&{keys.weights_channel}"]
+        return [*base, *_connection(server), *WORKER_COMMANDS,
+                *(f"~{k}" for k in worker_keys(keys, wid)),
+                f"{ro}{keys.config}", f"{ro}{keys.control}", f"{ro}{keys.epoch}", f"{ro}{keys.credit}",
+                f"{ro}{p}weights:*", f"&{keys.weights_channel}"]
     if kind == "learner":
         return [*base, "+@read", "+@write", "+@stream", "+@hash", "+@string", "+@keyspace", "+@pubsub",
                 "+@scripting", "+@transaction", "+@connection", "-@dangerous", "-@admin", *_connection(server),

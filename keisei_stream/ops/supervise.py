@@ -170,9 +170,9 @@ def check_redis(sup: Supervisor) -> None:
 
 
 def _unavailable(exc: BaseException) -> bool:
-    """The supervisor's Redis call failed because the server is stopped, gone or full (``OOM``):
-    try again later, never end the run for it."""
-    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc)
+    """The supervisor's Redis call failed because the server is stopped, gone, full (``OOM``) or
+    busy with a script (``BUSY``): try again later, never end the run for it."""
+    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc) or retry.is_busy(exc)
 
 
 def _control(sup: Supervisor) -> str:
@@ -272,7 +272,8 @@ def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None]
                 except redis.RedisError as exc:  # the view waits; supervision goes on
                     if not _unavailable(exc):
                         raise
-                    sup.say(f"status unavailable ({type(exc).__name__}); Redis is stopped, restarting or full")
+                    sup.say(f"status unavailable ({type(exc).__name__}: {str(exc)[:60]}); Redis is stopped, "
+                            "restarting, full or busy")
     except KeyboardInterrupt:
         return "interrupted"
 
@@ -297,17 +298,20 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
     started again first: the learner needs it to acknowledge what it trains last."""
     sup.stopping = True
     check_redis(sup)
+    control_set = False
     for attempt in range(5):
         try:
             status.set_control(sup.r, sup.keys, "stop")
+            control_set = True
             break
-        except redis.RedisError as exc:  # stopped, restarting or full: try again, then rely on signals
+        except redis.RedisError as exc:  # stopped, restarting, full or busy: try again, then rely on signals
             if not _unavailable(exc):
                 raise
             if attempt == 4:
                 sup.say(f"could not set control=stop ({exc}); the workers get SIGTERM")
             time.sleep(1.0)
-    deadline = time.monotonic() + worker_stop_s
+    # workers that cannot read control=stop are not waited for
+    deadline = time.monotonic() + (worker_stop_s if control_set else 0.0)
     for w in sup.controlled():  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
         if w.proc is None:
             continue

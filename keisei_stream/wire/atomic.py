@@ -13,10 +13,13 @@ or on Redis 6.2, which has no script flags, opened by a write that a full server
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from . import retry
+from .client import as_str
 from .keys import Keys
 from .retry import is_oom, wait_for_room
 
@@ -24,10 +27,11 @@ from .retry import is_oom, wait_for_room
 # but only while the run's epoch (KEYS[1]) is still ARGV[1] ('' = not checked): acknowledgements and
 # counts meant for a server that lost the run's data must never land in the restarted one.
 #
-# One pseudo-command, ACK_COUNTED stream group accounting id trained stale, acknowledges one entry
-# and counts its positions only if that XACK acknowledged it (it was still pending): an entry that
-# two learners both held (one stalled past claim_idle_ms, the other claimed it) is counted once,
-# and the second acknowledgement only increments ``double_acks``.
+# One pseudo-command, ACK_COUNTED stream group accounting id trained stale suffix, acknowledges one
+# entry and counts its positions (in the accounting fields named with ``suffix``, ":{worker}") only
+# if that XACK acknowledged it (it was still pending): an entry that two learners both held (one
+# stalled past claim_idle_ms, the other claimed it) is counted once, and the second
+# acknowledgement only increments ``double_acks``.
 _ATOMIC_BODY = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EPOCH the run epoch changed: the server lost the run data')
@@ -36,14 +40,14 @@ local i = 2
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   if ARGV[i + 1] == 'ACK_COUNTED' then
-    local stream, group, acc, id = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local stream, group, acc, id, sfx = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 8]
     if redis.call('XACK', stream, group, id) == 1 then
       redis.call('XDEL', stream, id)
-      redis.call('HINCRBY', acc, 'acked_entries', 1)
-      redis.call('HINCRBY', acc, 'trained_positions', ARGV[i + 6])
-      redis.call('HINCRBY', acc, 'stale_positions', ARGV[i + 7])
+      redis.call('HINCRBY', acc, 'acked_entries' .. sfx, 1)
+      redis.call('HINCRBY', acc, 'trained_positions' .. sfx, ARGV[i + 6])
+      redis.call('HINCRBY', acc, 'stale_positions' .. sfx, ARGV[i + 7])
     else
-      redis.call('HINCRBY', acc, 'double_acks', 1)
+      redis.call('HINCRBY', acc, 'double_acks' .. sfx, 1)
     end
   else
     redis.call(unpack(ARGV, i + 1, i + n))
@@ -69,7 +73,7 @@ class EpochChanged(RuntimeError):
 
 def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None) -> None:
     """Run ``cmds`` (tuples: command, arguments; or ``("ACK_COUNTED", stream, group, accounting,
-    id, trained, stale)``, see above) atomically in one script, only while the run's
+    id, trained, stale, suffix)``, see above) atomically in one script, only while the run's
     ``epoch`` key still holds ``epoch`` (None: not checked); past ``maxmemory`` when the server is full.
 
     Raises:
@@ -125,3 +129,32 @@ def create_group(r: redis.Redis, keys: Keys, stream: str, group: str, what: str)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+@dataclass
+class EpochWatch:
+    """The one outage check of every process: after Redis was unreachable (an outage counted by
+    :data:`keisei_stream.wire.retry.OUTAGES`, process-wide) or when told so, read the run's
+    ``epoch`` key again and compare it with the one this process knows: missing or changed means
+    the server restarted without the run's data.
+
+    Attributes:
+        epoch: the run's epoch as this process knows it (None: none yet); the owner updates it
+            (a worker adopts the new one, the learner claims one).
+        outages_seen: :data:`~keisei_stream.wire.retry.OUTAGES` ``.outages`` at the last check.
+        found: the ``epoch`` key's value at the last check (None: missing).
+    """
+
+    epoch: str | None = None
+    outages_seen: int = field(default_factory=lambda: retry.OUTAGES.outages)
+    found: str | None = None
+
+    def changed(self, r: redis.Redis, keys: Keys, force: bool = False) -> bool:
+        """After a new outage (or with ``force``): True when the ``epoch`` key is missing or differs
+        from :attr:`epoch` (then :attr:`found` holds what is there); False without an outage."""
+        if retry.OUTAGES.outages == self.outages_seen and not force:
+            return False
+        self.outages_seen = retry.OUTAGES.outages
+        raw = r.get(keys.epoch)
+        self.found = None if raw is None else as_str(raw)
+        return self.found is None or self.found != self.epoch

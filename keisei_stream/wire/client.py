@@ -31,7 +31,7 @@ def connect(url: str, **kw: Any) -> redis.Redis:
     (the codec needs bytes).
 
     Note: a command retried after a lost connection may have run twice on the server;
-    the producer's admission script and batch ids make that harmless.
+    the producer's record (read under WATCH before each add) and batch ids make that harmless.
 
     Raises:
         ValueError: for a malformed URL (from redis-py). Connection errors appear on first use.

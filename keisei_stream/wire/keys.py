@@ -1,11 +1,19 @@
 """Redis key names of one run: every key is ``keisei:{run}:<name>``; :func:`key_table` lists them
 (the manual's Redis keys page is generated from it).
 
-The accounting's invariant, once the stream is drained: ``produced_positions == trained_positions
-+ stale_positions + rejected_positions + duplicate_positions``, where ``produced_positions`` is the
-sum over the workers' producer records ``producers:{id}`` (written only by each worker's admission
-script, :class:`keisei_stream.wire.producer.Producer`) and the rest are the learner's
-``accounting`` counters (:func:`keisei_stream.wire.status.read_accounting`).
+The accounting's invariant, once the streams are drained, per worker and in all:
+``produced_positions == trained_positions + stale_positions + rejected_positions +
+duplicate_positions``, where ``produced_positions`` is the sum over the workers' producer records
+``producers:{id}`` (each written only by that worker, in the same ``MULTI/EXEC`` as each entry it
+adds, :class:`keisei_stream.wire.producer.Producer`) and the rest are the learner's ``accounting``
+counters, kept per worker (:func:`keisei_stream.wire.status.read_accounting`).
+
+Each worker writes only keys of its own (:mod:`keisei_stream.ops.acl`): its experience stream
+``experience:{id}``, its game records ``games:{id}``, its heartbeat ``workers:{id}`` and its
+producer record ``producers:{id}``; what it does to them costs only its own positions. The
+learner reads every active worker's stream with one ``XREADGROUP`` of its consumer group; the
+active workers are the set ``roster``, kept by whoever creates the workers' users (``keisei
+users``, ``keisei run``), never discovered by ``SCAN``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,16 @@ ACCOUNTING_FIELDS: tuple[str, ...] = (
     "acked_entries",
     "double_acks",
 )
+
+#: Counters of the ``confined`` hash, each per worker (``{name}:{id}``): ``overruns`` (times the
+#: learner found the worker's stream longer than its credit), ``overrun_entries`` (by how many
+#: entries, the last time), ``future_ids`` (entries whose stream id lies in the future: a huge id
+#: that exhausts the stream's ids), ``stream_resets`` (times the learner emptied and recreated the
+#: stream after that), ``unproven_endings`` (segments whose repetition ending the learner could
+#: not prove: trained as a cut valued 0), ``repetition_clamped`` (positions whose repetition count
+#: the learner could not prove: lowered to what it could).
+CONFINED_FIELDS: tuple[str, ...] = ("overruns", "overrun_entries", "future_ids", "stream_resets",
+                                    "unproven_endings", "repetition_clamped")
 
 #: Fields of a worker's producer record ``producers:{id}`` (all integers but ``session``).
 PRODUCER_FIELDS: tuple[str, ...] = ("session", "seq", "positions", "batches", "discarded")
@@ -90,10 +108,26 @@ class Keys:
         return f"keisei:{self.run}:"
 
     # streams
-    experience = _Key("experience", "stream", "workers (admission script)",
-                      "Experience batches, one entry per batch (fields `d w v n s`, see the wire format); "
-                      "consumer group `learners`. Never trimmed: the learner deletes what it acknowledged, so "
-                      "`XLEN` is the backlog.")
+    @_family("experience:{id}", "stream", "that worker")
+    def experience(self, worker_id: str) -> str:
+        """Experience batches of worker `{id}`, one entry per batch (fields `d w v n s`, see the wire
+        format); consumer group `learners`. Only that worker adds to it (while it holds fewer entries
+        than its `credit`); only the learner deletes from it (`XDEL` of what it settled), so `XLEN`
+        is that worker's backlog."""
+        return self.prefix + "experience:" + check_id(worker_id, "worker id")
+
+    @property
+    def experience_pattern(self) -> str:
+        """SCAN pattern matching every worker's experience stream (for tools; the learner reads
+        the :attr:`roster`)."""
+        return self.prefix + "experience:*"
+
+    @_family("games:{id}", "stream (capped)", "that worker")
+    def worker_games(self, worker_id: str) -> str:
+        """Finished games of worker `{id}` (the fields of `games`); the learner moves them into
+        `games`; capped at `stream.games_maxlen`."""
+        return self.prefix + "games:" + check_id(worker_id, "worker id")
+
     deadletter = _Key("deadletter", "stream (capped)", "learner",
                       "Rejected entries: `reason`, the original entry id, worker, consumer, raw fields (each cut "
                       "to 4 KB); capped at `stream.deadletter_maxlen`.")
@@ -101,7 +135,7 @@ class Keys:
                    "One entry per update: `version`, `updates` and every training metric (losses, entropy, "
                    "policy lag, importance weights, game statistics, time shares); capped at "
                    "`stream.metrics_maxlen`.")
-    games = _Key("games", "stream (capped)", "workers",
+    games = _Key("games", "stream (capped)", "learner (from the workers' `games:{id}`)",
                  "Finished self-play games: `start_sfen`, `moves` (USI), `result`, `reason`, `plies`, "
                  "`worker`, `version`; consumer group `recorders` (the learner's game archive); capped at "
                  "`stream.games_maxlen`.")
@@ -130,14 +164,23 @@ class Keys:
         """SCAN pattern matching every producer record."""
         return self.prefix + "producers:*"
 
-    @_family("producers:{id}", "stream of one entry (`MAXLEN 1`)", "that worker's admission script")
+    @_family("producers:{id}", "stream of one entry (`MAXLEN 1`)", "that worker")
     def producer(self, worker_id: str) -> str:
-        """Producer record of worker `{id}`: `session` and `seq` of its last admitted batch (a
-        retried add is not added twice), `positions` and `batches` admitted in all, `discarded`
+        """Producer record of worker `{id}`, written in the same `MULTI/EXEC` as each entry it adds:
+        `session` and `seq` of its last added batch (a retried add is recognised and not added
+        twice), `positions` and `batches` added in all, `discarded`
         positions of games dropped at its stops; their sum over workers is `produced_positions`."""
         return self.prefix + "producers:" + check_id(worker_id, "worker id")
 
     # plain keys
+    roster = _Key("roster", "set", "`keisei users`, `keisei run` (who creates the workers' users)",
+                  "The active worker ids: the learner reads their experience streams (never found by `SCAN`).")
+    credit = _Key("credit", "hash", "learner",
+                  "Worker id -> the entries that worker may hold unacknowledged in its stream: "
+                  "`ceil(stream.max_backlog / live workers)` (the backpressure).")
+    confined = _Key("confined", "hash", "learner",
+                    "`{counter}:{id}`: what worker `{id}`'s credential did to its own keys (`CONFINED_FIELDS`: "
+                    "overruns of its credit, future ids, stream resets, unproven endings, clamped repetitions).")
     config = _Key("config", "string (JSON)", "learner",
                   "The run's resolved config; a worker needs only the Redis URL and the run id.")
     control = _Key("control", "string", "operators, `keisei run`",
@@ -147,8 +190,9 @@ class Keys:
                    "`backlog`, `held_positions`, `time_to_first_update_s`, the last update's losses and game "
                    "statistics, outage counters.")
     accounting = _Key("accounting", "hash", "learner",
-                      "Exact counters of what the learner settled (`trained_positions`, `stale_positions`, "
-                      "`rejected_positions`, `duplicate_positions`, ...: `ACCOUNTING_FIELDS`).")
+                      "Exact counters of what the learner settled, per worker: `{name}:{id}` for each name of "
+                      "`ACCOUNTING_FIELDS` (`trained_positions`, `stale_positions`, `rejected_positions`, "
+                      "`duplicate_positions`, ...); a run's total is the sum.")
     supervisor = _Key("supervisor", "hash", "`keisei run`",
                       "Restarts it made: `worker_restarts`, `learner_restarts`, `redis_restarts`, "
                       "`restarts:{name}`.")
@@ -182,7 +226,7 @@ class Keys:
 
     @property
     def group(self) -> str:
-        """Consumer group of the learners on :attr:`experience`."""
+        """Consumer group of the learners on every :meth:`experience` stream."""
         return "learners"
 
 
