@@ -155,7 +155,8 @@ class Keys:
     @_family("workers:{id}", "stream of one entry (`MAXLEN 1`)", "that worker")
     def worker(self, worker_id: str) -> str:
         """Heartbeat of worker `{id}`: `host`, `pid`, `state`, `device`, `version`, `positions`, `games`,
-        `positions_per_s`, `backpressure_s`, `oom_waits`, `discarded_positions`, `server_restarts`,
+        `positions_per_s`, `backpressure_s`, `oom_waits`, `credit` (the last it read), `adds_refused`
+        (by its own exhausted stream), `games_not_recorded`, `discarded_positions`, `server_restarts`,
         `last_seen`, outage counters; older than `stream.heartbeat_ttl_s`: shown as not alive."""
         return self.prefix + "workers:" + check_id(worker_id, "worker id")
 
@@ -187,8 +188,9 @@ class Keys:
                    "`run`, `pause` or `stop`, read by every worker about 4 times a second.")
     learner = _Key("learner", "hash", "learner",
                    "Learner status: `state`, `version`, `updates`, `samples_per_s`, `policy_lag_mean`, "
-                   "`backlog`, `held_positions`, `time_to_first_update_s`, the last update's losses and game "
-                   "statistics, outage counters.")
+                   "`backlog` (entries in the roster's streams), `held_positions`, `games_in_flight` (games "
+                   "its validation follows), `workers_read`, `workers_live`, `time_to_first_update_s`, the "
+                   "last update's losses and game statistics, outage counters.")
     accounting = _Key("accounting", "hash", "learner",
                       "Exact counters of what the learner settled, per worker: `{name}:{id}` for each name of "
                       "`ACCOUNTING_FIELDS` (`trained_positions`, `stale_positions`, `rejected_positions`, "
