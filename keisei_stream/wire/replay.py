@@ -181,20 +181,23 @@ class Trail:
         counts: cshogi Zobrist key -> occurrences among the recorded positions and :attr:`after`
             (the next segment's first position, counted once).
         start: HCP (32 bytes) of the first recorded position.
-        actions: per accepted segment (in game order) its actions (``(k,) uint16``): from
-            :attr:`start`, the moves the rare judgement of a repetition over segments replays
-            (:func:`_judge_over`).
+        actions: the recorded positions' actions in game order (``uint16`` little-endian, 2 bytes
+            each): from :attr:`start`, the moves the rare judgement of a repetition over segments
+            replays (:func:`_judge_over`).
         complete: the first recorded position is the game's start (ply 0): the counts are exact.
-        positions: recorded positions.
     """
 
     ply: int
     after: bytes
     counts: dict[int, int]
     start: bytes
-    actions: tuple[np.ndarray, ...]
+    actions: bytes
     complete: bool
-    positions: int
+
+    @property
+    def positions(self) -> int:
+        """Recorded positions."""
+        return len(self.actions) // 2
 
 
 class GameBook:
@@ -257,7 +260,9 @@ class GameBook:
     def commit(self) -> None:
         """Apply what was staged, then forget games while over ``max_positions``."""
         for (worker, game), trail in self._staged.items():
-            games = self._games.setdefault(worker, OrderedDict())
+            if worker not in self._games:
+                self._games[worker] = OrderedDict()
+            games = self._games[worker]
             old = games.pop(game, None)
             if old is not None:
                 self._held[worker] -= old.positions
@@ -279,14 +284,14 @@ class GameBook:
         self._held.pop(worker, None)
 
 
-def _judge_over(trail: Trail, actions: np.ndarray, count: int, ply: int, max_plies: int,
+def _judge_over(trail: Trail, actions: bytes, count: int, ply: int, max_plies: int,
                 has_legal_move: bool) -> Verdict:
-    """The referee's verdict on the position after ``actions`` (``(T,)``, a segment's, which
-    continues ``trail``), seen ``count`` >= 4 times in the game, at ``ply``: cshogi replays the
-    recorded game from the trail's first position, so that ``Board.is_draw()`` sees the cycle
-    since the previous occurrence, which is all it reads to tell a perpetual check (one side
-    checked on every move of the cycle) from a draw."""
-    moves = np.concatenate([*trail.actions, actions]).astype(np.int64)
+    """The referee's verdict on the position after ``actions`` (a segment's, as in
+    :attr:`Trail.actions`, continuing ``trail``), seen ``count`` >= 4 times in the game, at
+    ``ply``: cshogi replays the recorded game from the trail's first position, so that
+    ``Board.is_draw()`` sees the cycle since the previous occurrence, which is all it reads to tell
+    a perpetual check (one side checked on every move of the cycle) from a draw."""
+    moves = np.frombuffer(trail.actions + actions, dtype="<u2").astype(np.int64)
     board = cshogi.Board()
     board.set_hcp(np.frombuffer(trail.start, dtype=cshogi.HuffmanCodedPos))
     turn = (np.arange(len(moves)) + (trail.start[0] & 1)) & 1  # the sides alternate from the start's
@@ -354,10 +359,12 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
     plies = batch.ply.tolist()
     game_ids = batch.game.tolist()
     offsets = off.tolist()
+    hcp_bytes = hcp.tobytes()  # 32 bytes a position
+    action_bytes = batch.action.astype("<u2").tobytes()  # 2 bytes a position (Trail.actions)
     for g in range(batch.num_segments):
         s, e = offsets[g], offsets[g + 1]
         game = game_ids[g]
-        first = hcp[s].tobytes()
+        first = hcp_bytes[32 * s:32 * s + 32]
         trail = games.get(worker, game) if games is not None else None
         if plies[s] == 0:
             if first != INITIAL_HCP:
@@ -401,7 +408,7 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
             verdict = judge(board, c, plies[t] + 1, max_plies, bool(legal))
         if c >= 4 and trail is not None and verdict.reason != EndReason.CHECKMATE:
             # a 4th occurrence the earlier segments may hold: cshogi judges it over the recorded game
-            verdict = _judge_over(trail, batch.action[s:e], c, plies[e - 1] + 1, max_plies, bool(legal))
+            verdict = _judge_over(trail, action_bytes[2 * s:2 * e], c, plies[e - 1] + 1, max_plies, bool(legal))
         exact[s:e] = complete
         want = EndReason(reasons[g])
         if not (verdict.reason == want and verdict.result(board.turn) == results[g]):
@@ -421,9 +428,9 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
                 games.stage(worker, game, None)  # the game ended: forgotten
                 continue
             board.to_hcp(after)
-            start, earlier, held = (trail.start, trail.actions, trail.positions) if trail is not None else (first, (), 0)
+            start, earlier = (trail.start, trail.actions) if trail is not None else (first, b"")
             games.stage(worker, game, Trail(plies[e - 1] + 1, after.tobytes(), counts, start,
-                                            (*earlier, batch.action[s:e].astype(np.uint16)), complete, held + e - s))
+                                            earlier + action_bytes[2 * s:2 * e], complete))
     rows = replayed.view(np.uint8).reshape(p, 32)
     if not np.array_equal(rows, hcp):
         bad = np.flatnonzero((rows != hcp).any(axis=1))[0]
