@@ -81,28 +81,32 @@ PIECE_SET = np.array([18, 4, 4, 4, 4, 2, 2], dtype=np.int16)
 
 
 def _hcp_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Lookup tables indexed by the next 8 bits of the stream, ``(256,) int16`` each: board kind
-    (-2 invalid, -1 empty square, else P L N S G B R index) and code length, hand slot
-    (``color * 7 + kind``, -1 invalid) and code length."""
-    board_kind = np.full(256, -2, np.int16)  # -2 invalid, -1 empty, else kind
+    """Lookup tables indexed by the next 8 bits of the stream, ``(256,) int16`` each: the kind of
+    the board code they start with (-2 invalid, -1 empty square, else P L N S G B R index) and its
+    length, the kind of the hand code they start with (-1 invalid, else P L N S G B R index, either
+    side) and its length (0 for an invalid code)."""
+    board_kind = np.full(256, -2, np.int16)
     board_len = np.zeros(256, np.int16)
     for pc, (code, nbits) in _BOARD_CODES.items():
         for w in range(256):
             if w & ((1 << nbits) - 1) == code:
                 board_kind[w] = -1 if pc == 0 else _TYPE_KIND[pc & 15]
                 board_len[w] = nbits
-    hand_slot = np.full(256, -1, np.int16)  # color * 7 + kind
+    hand_kind = np.full(256, -1, np.int16)
     hand_len = np.zeros(256, np.int16)
     for kind, codes in enumerate(_HAND_CODES):
-        for color, (code, nbits) in enumerate(codes):
+        for code, nbits in codes:
             for w in range(256):
                 if w & ((1 << nbits) - 1) == code:
-                    hand_slot[w] = color * 7 + kind
+                    hand_kind[w] = kind
                     hand_len[w] = nbits
-    return board_kind, board_len, hand_slot, hand_len
+    return board_kind, board_len, hand_kind, hand_len
 
 
-_BOARD_KIND, _BOARD_LEN, _HAND_SLOT, _HAND_LEN = _hcp_tables()
+_BOARD_KIND, _BOARD_LEN, _HAND_KIND, _HAND_LEN = _hcp_tables()
+#: Bit positions a code can start at: codes start below bit 256 in an HCP that cshogi can load;
+#: past it the bits read are zeros, one-bit empty squares, for at most the 79 squares left.
+_READ_BITS = 256 + 8 + 79
 
 
 def validate_hcp(hcp: np.ndarray) -> np.ndarray:
@@ -112,43 +116,43 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
     squares < 81 and distinct, and exactly the standard piece set (18 P, 4 L, 4 N, 4 S, 4 G,
     2 B, 2 R counting promoted pieces as their base kind, board and hands together). cshogi's
     ``Board.set_hcp`` does no such checks and can crash the process on malformed input.
-    Vectorised over positions (81 + 38 NumPy steps).
+    Vectorised over positions: the reader reads every position's next code at once, 79 board
+    codes (the squares but the kings') then the hand codes until every position is at bit 256
+    (or past it, or stuck on an invalid code), at most 40 (a set has 38 pieces besides the kings).
     """
     hcp = np.ascontiguousarray(hcp, dtype=np.uint8)
     m = hcp.shape[0]
     if m == 0:
         return np.zeros(0, bool)
-    bits = np.zeros((m, 256 + 8), np.int16)
-    bits[:, :256] = np.unpackbits(hcp, axis=1, bitorder="little")
-    win = np.zeros((m, 257), np.int16)  # 8-bit window starting at each bit position
-    for i in range(8):
-        win += bits[:, i:i + 257] << i
-    rows = np.arange(m)
+    padded = np.zeros((m, _READ_BITS // 8 + 2), np.uint8)
+    padded[:, :32] = hcp
+    pairs = padded[:, :-1].astype(np.uint16) | (padded[:, 1:].astype(np.uint16) << 8)
+    at = np.arange(_READ_BITS)
+    # the 8 bits from each bit position on (least significant first, as Apery reads), flat: row
+    # i's bit p is at i * _READ_BITS + p
+    window = ((pairs[:, at >> 3] >> (at & 7).astype(np.uint16)) & 255).ravel()
+    row = np.arange(m) * _READ_BITS
     bk = hcp[:, 0].astype(np.int16) >> 1  # bits 1..7
     wk = hcp[:, 1].astype(np.int16) & 127  # bits 8..14
     bad = (bk >= 81) | (wk >= 81) | (bk == wk)
-    counts = np.zeros((m, 8), np.int16)  # kinds 0..6, 7 = empty sink
-    ptr = np.full(m, 15, np.int64)
-    for sq in range(81):
-        active = (bk != sq) & (wk != sq)
-        w = win[rows, ptr]
-        kind = _BOARD_KIND[w]
-        bad |= active & (kind == -2)
-        counts[rows, np.where(active & (kind >= 0), kind, 7)] += 1
-        ptr = ptr + np.where(active, _BOARD_LEN[w], 0)
-        bad |= ptr > 256  # Apery's reader would run past the 32 bytes
-        np.minimum(ptr, 256, out=ptr)
-    hands = np.zeros((m, 15), np.int16)  # 14 slots + sink
+    ptr = row + 15  # the board's codes start at bit 15
+    board = np.empty((79, m), np.uint16)  # the 8 bits each square's code starts with
+    for square in range(79):
+        board[square] = window[ptr]
+        ptr = ptr + _BOARD_LEN[board[square]]  # an invalid code (length 0) does not advance
+    kinds = [_BOARD_KIND[board]]
+    bad |= (kinds[0] == -2).any(axis=0) | (ptr - row > 256)  # (Apery's reader would run past the 32 bytes)
     for _ in range(40):
-        active = ptr < 256
-        if not active.any():
+        reading = ptr - row < 256
+        if not reading.any():
             break
-        w = win[rows, np.minimum(ptr, 256)]
-        hands[rows, np.where(active, _HAND_SLOT[w], 14)] += 1
-        ptr = np.minimum(ptr + np.where(active, _HAND_LEN[w], 0), 257)
-    # The last iteration may still leave ptr < 256 only with > 40 hand codes: too many pieces.
-    bad |= ptr != 256
-    total = counts[:, :7] + hands[:, :7] + hands[:, 7:14]
+        w = window[ptr]
+        kinds.append(np.where(reading, _HAND_KIND[w], -1)[None])
+        ptr = ptr + np.where(reading, _HAND_LEN[w], 0)
+    bad |= ptr - row != 256  # past the end, stuck on an invalid code, or more than 40 hand codes
+    # pieces of each kind, board and hands: kinds -2..6 counted per position, 9 columns each
+    counted = np.concatenate(kinds) + 2 + 9 * np.arange(m)
+    total = np.bincount(counted.ravel(), minlength=9 * m).reshape(m, 9)[:, 2:]
     bad |= (total != PIECE_SET).any(axis=1)
     return ~bad
 
