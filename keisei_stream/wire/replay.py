@@ -157,8 +157,9 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
     return ~bad
 
 
-#: Recorded positions a :class:`GameBook` keeps over all games (about 90 bytes each: a count per
-#: Zobrist key and the action; so at most about 50 MB), unless told otherwise.
+#: Recorded positions a :class:`GameBook` keeps over all games (about 70 bytes each: a count per
+#: Zobrist key and the action, measured with tracemalloc on quickstart self-play; so at most about
+#: 40 MB), unless told otherwise.
 GAME_BOOK_POSITIONS = 1 << 19
 _REPETITION_ENDS = (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
 
@@ -325,9 +326,10 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
     it implies: the side to move in check after a winning checker's move, the last mover in check
     before a losing checker's), and a repetition feature above the replay's is lowered to it.
 
-    Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch;
-    following the games adds two dictionary lookups per position and a few microseconds per
-    segment (``benchmarks/validation.py``).
+    Cost: one legal-move generation per position; with the decoder, about 3.5 us per position of
+    quickstart self-play on a 2-core x86 VM, of which following the games (a copy of the game's
+    counts per segment, one C-level dictionary clone, and a few microseconds per segment) about
+    0.1 us (``benchmarks/validation.py``).
 
     Args:
         batch: a batch whose structure and values ``decode_entry`` has already checked (offsets,
