@@ -385,7 +385,8 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
             noted["continued"] += 1
         else:
             noted["unknown"] += 1
-            noted["gaps"] += trail is not None
+            if trail is not None:
+                noted["gaps"] += 1
             trail, complete = None, False
         flipped.view(np.uint8)[:] = hcp[s]
         flipped.view(np.uint8)[0] ^= 1
