@@ -9,6 +9,12 @@ the same pre-encoded bytes, no encode/decode. ``per_core`` divides by this proce
 server runs in its own process); ``wall`` is end-to-end. The same JSON keys as before the
 per-worker streams (issue 23), so two checkouts' outputs compare key by key.
 
+``--baseline-src DIR --pairs N``: N pairs of runs, each a subprocess, the baseline checkout's
+own ``benchmarks/transport.py`` (``PYTHONPATH=DIR``) then this one, interleaved (base, this, base,
+this, ...) so that the machine's load falls on both alike; prints the median of each variant's
+``positions_per_s_per_core`` and ``positions_per_s_wall`` per checkout, every run's figure, and
+``this / baseline`` of the medians.
+
 Prints one JSON object.
 """
 
@@ -16,8 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 from keisei_stream.shogi import encode_positions
@@ -76,13 +87,41 @@ def run_baseline(r, keys, encoded, positions_per_round, rounds):
     return positions_per_round * rounds, time.perf_counter() - w0, time.process_time() - c0
 
 
+def run_pairs(baseline_src: Path, pairs: int, passed: list[str]) -> dict:
+    """``pairs`` interleaved runs of the baseline checkout's transport.py and this one (module doc)."""
+    here = Path(__file__).resolve().parent.parent
+    runs: dict[str, list[dict]] = {"baseline": [], "this": []}
+    for _ in range(pairs):
+        for name, src in (("baseline", baseline_src), ("this", here)):
+            env = dict(os.environ, PYTHONPATH=str(src))
+            res = subprocess.run([sys.executable, str(src / "benchmarks" / "transport.py"), *passed], env=env,
+                                 capture_output=True, text=True, check=True, cwd="/")
+            runs[name].append(json.loads(res.stdout.strip().splitlines()[-1])["results"])
+    out: dict = {"benchmark": "transport_pairs", "baseline_src": str(baseline_src), "this_src": str(here),
+                 "pairs": pairs, "args": passed}
+    for key in ("positions_per_s_per_core", "positions_per_s_wall"):
+        med = {name: {v: statistics.median(r[v][key] for r in rs) for v in rs[0]} for name, rs in runs.items()}
+        out[key] = {"median": med, "runs": {name: {v: [r[v][key] for r in rs] for v in rs[0]}
+                                           for name, rs in runs.items()},
+                    "this_over_baseline": {v: round(med["this"][v] / med["baseline"][v], 4) for v in med["this"]}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, default=8, help="batches per round")
     ap.add_argument("--positions", type=int, default=1024, help="positions per batch (whole games, at least)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-plies", type=int, default=256)
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="another checkout run interleaved with this one (module doc)")
+    ap.add_argument("--pairs", type=int, default=3, help="with --baseline-src: interleaved pairs of runs")
     args = ap.parse_args()
+    if args.baseline_src is not None:
+        passed = ["--batches", str(args.batches), "--positions", str(args.positions), "--rounds", str(args.rounds),
+                  "--max-plies", str(args.max_plies)]
+        print(json.dumps(run_pairs(args.baseline_src.resolve(), args.pairs, passed)))
+        return
 
     batches = benchmark_batches(args.batches, args.positions, max_plies=args.max_plies, num_games=4)
     per_round = sum(b.num_positions for b in batches)

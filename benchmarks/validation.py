@@ -16,14 +16,25 @@ max_plies=..., check_legal=...)``.
 
 Prints one JSON object: ``us_per_position`` per variant (``game_following``: with a GameBook, as
 the learner runs it; ``segment_only``: each segment on its own; ``structural``: no replay;
-``baseline_checked``, ``baseline_structural``), ``positions``, ``entries``.
+``baseline_checked``, ``baseline_structural``), ``positions``, ``entries``. Times are this
+process's CPU time (``time.process_time``: a loaded machine's other jobs do not count).
+
+``--instructions``: instead of times, the instructions each variant executes per position in one
+decoding pass (after a warm-up pass), counted by valgrind's callgrind (``valgrind`` on ``PATH``):
+deterministic to a fraction of a percent, so two checkouts compare on a busy machine too. Each
+variant runs in its own process under ``valgrind --tool=callgrind --collect-atstart=no
+--toggle-collect=filterfalse_next`` (the pass runs inside ``itertools.filterfalse``, so only it is
+counted; CPython's ``filterfalse_next`` must be a visible symbol, as in a default build). About
+1 minute per variant for 20,000 positions. Prints ``instructions_per_position`` per variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -58,25 +69,44 @@ def worker_entries(positions: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def time_decode(entries: list[dict], repeat: int, **kw) -> float:
-    """Median seconds to decode every entry (``kw`` to ``decode_entry``; ``games=True``: a fresh
-    GameBook per pass, committed after each entry as the consumer does)."""
+def decode_pass(entries: list[dict], **kw) -> None:
+    """Decode every entry once (``kw`` to ``decode_entry``; ``games=True``: a fresh GameBook,
+    committed after each entry as the consumer does)."""
     from keisei_stream.wire.codec import decode_entry
 
+    book = None
+    if kw.get("games"):
+        from keisei_stream.wire.replay import GameBook
+        book = GameBook()
+    args = {**kw, "games": book} if "games" in kw else kw
+    for f in entries:
+        decode_entry(f, max_plies=512, **args)
+        if book is not None:
+            book.commit()
+
+
+def time_decode(entries: list[dict], repeat: int, **kw) -> float:
+    """Median CPU seconds of :func:`decode_pass` over ``repeat`` passes."""
     times = []
     for _ in range(repeat):
-        book = None
-        if kw.get("games"):
-            from keisei_stream.wire.replay import GameBook
-            book = GameBook()
-        args = {**kw, "games": book} if "games" in kw else kw
-        t0 = time.perf_counter()
-        for f in entries:
-            decode_entry(f, max_plies=512, **args)
-            if book is not None:
-                book.commit()
-        times.append(time.perf_counter() - t0)
+        t0 = time.process_time()
+        decode_pass(entries, **kw)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
+
+
+def _count_in(src: Path, path: str, variant: str) -> int:
+    """Instructions of one :func:`decode_pass` of ``variant`` with ``PYTHONPATH=src``, under callgrind."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    with tempfile.TemporaryDirectory() as tmp:
+        res = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=filterfalse_next",
+                              f"--callgrind-out-file={tmp}/callgrind.out", sys.executable, str(HERE / "validation.py"),
+                              "--decode", path, "--variants", variant, "--count-pass"],
+                             env=env, capture_output=True, text=True, check=True, cwd="/")
+    found = re.search(r"Collected\s*:\s*(\d+)", res.stderr)
+    if not found or not int(found.group(1)):
+        raise RuntimeError(f"callgrind counted nothing for {variant} in {src}: {res.stderr[-500:]}")
+    return int(found.group(1))
 
 
 def _decode_in(src: Path, path: str, repeat: int, variants: str) -> dict[str, float]:
@@ -95,17 +125,35 @@ def main() -> None:
     ap.add_argument("--baseline-src", default=None, help="another checkout whose decoder is the baseline")
     ap.add_argument("--decode", default=None, help=argparse.SUPPRESS)  # the subprocess's mode
     ap.add_argument("--variants", default="checked,structural", help=argparse.SUPPRESS)
+    ap.add_argument("--count-pass", action="store_true", help=argparse.SUPPRESS)  # the callgrind subprocess's mode
+    ap.add_argument("--instructions", action="store_true", help="count instructions (callgrind) instead of timing")
     args = ap.parse_args()
     if args.decode:  # in a checkout: time its decoder on the given entries
         entries = msgpack.unpackb(Path(args.decode).read_bytes(), raw=True, strict_map_key=False)
         kw = {"checked": dict(check_legal=True), "structural": dict(check_legal=False),
               "game_following": dict(check_legal=True, worker="w0", games=True),
               "segment_only": dict(check_legal=True, worker="w0")}
+        if args.count_pass:  # a warm-up pass, then the pass callgrind counts (module doc)
+            decode_pass(entries, **kw[args.variants])
+            list(itertools.filterfalse(lambda _: decode_pass(entries, **kw[args.variants]), [0]))
+            return
         print(json.dumps({v: time_decode(entries, args.repeat, **kw[v]) for v in args.variants.split(",")}))
         return
     entries = worker_entries(args.positions)
     positions = sum(int(f[b"n"]) for f in entries)
     here = HERE.parent
+    if args.instructions:
+        with tempfile.NamedTemporaryFile(suffix=".msgpack") as fh:
+            fh.write(msgpack.packb(entries))
+            fh.flush()
+            runs = [(f"baseline_{v}", Path(args.baseline_src).resolve(), v) for v in ("checked", "structural")
+                    if args.baseline_src]
+            runs += [(v, here, v) for v in ("game_following", "segment_only", "structural")]
+            counts = {name: _count_in(src, fh.name, v) for name, src, v in runs}
+        print(json.dumps({"benchmark": "validation", "measure": "instructions (callgrind)", "positions": positions,
+                          "entries": len(entries), "baseline_src": args.baseline_src,
+                          "instructions_per_position": {k: round(n / positions) for k, n in counts.items()}}))
+        return
     rounds: list[dict[str, float]] = []
     with tempfile.NamedTemporaryFile(suffix=".msgpack", delete=False) as fh:
         fh.write(msgpack.packb(entries))

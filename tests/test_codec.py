@@ -263,6 +263,76 @@ def test_hcp_validator_matches_cshogi(make_batch):
         decode_entry(fields, max_plies=256, check_legal=False)
 
 
+def _plain_hcp_reader(row: np.ndarray) -> bool:
+    """Apery's HuffmanCodedPos reader, one position, bit by bit from the Huffman tables (the
+    reference the vectorised :func:`replay.validate_hcp` must agree with)."""
+    bits = int.from_bytes(row.tobytes(), "little")
+    bk, wk = (row[0] >> 1) & 127, row[1] & 127
+    if bk >= 81 or wk >= 81 or bk == wk:
+        return False
+
+    def read(ptr, codes):  # codes: (code, length, kind); the one the bits from ptr start with
+        for code, length, kind in codes:
+            if (bits >> ptr) & ((1 << length) - 1) == code:
+                return length, kind
+        return None
+
+    board = [(c, n, -1 if pc == 0 else replay._TYPE_KIND[pc & 15]) for pc, (c, n) in replay._BOARD_CODES.items()]
+    hand = [(c, n, kind) for kind, codes in enumerate(replay._HAND_CODES) for c, n in codes]
+    pieces = [0] * 7
+    ptr = 15
+    for square in range(81):
+        if square in (bk, wk):
+            continue
+        found = read(ptr, board)
+        if found is None or ptr + found[0] > 256:
+            return False
+        ptr += found[0]
+        if found[1] >= 0:
+            pieces[found[1]] += 1
+    while ptr < 256:
+        found = read(ptr, hand)
+        if found is None or ptr + found[0] > 256:
+            return False
+        ptr += found[0]
+        pieces[found[1]] += 1
+    return pieces == replay.PIECE_SET.tolist()
+
+
+def test_hcp_validator_matches_a_plain_reader(make_batch):
+    """Positions of self-play, then each changed: bits flipped, bytes replaced, the tail zeroed,
+    the king squares set to anything: the vectorised validator says what the plain reader says,
+    and every position it accepts cshogi loads, and writes back as one it accepts too."""
+    import cshogi
+
+    rng = np.random.default_rng(5)
+    honest = make_batch(1500, max_plies=256, seed=14).hcp
+    picks = honest[rng.integers(0, len(honest), 2000)]
+    flipped = picks.copy()
+    for _ in range(2):
+        bit = rng.integers(0, 256, len(flipped))
+        flipped[np.arange(len(flipped)), bit // 8] ^= (1 << (bit % 8)).astype(np.uint8)
+    replaced = picks.copy()
+    replaced[np.arange(len(replaced)), rng.integers(0, 32, len(replaced))] = rng.integers(0, 256, len(replaced))
+    cut = picks.copy()
+    cut[np.arange(32) >= rng.integers(2, 32, len(cut))[:, None]] = 0
+    kings = picks[:500].copy()
+    kings[:, 0] = (kings[:, 0] & 1) | (rng.integers(0, 128, len(kings)) << 1).astype(np.uint8)
+    kings[:, 1] = (kings[:, 1] & 128) | rng.integers(0, 128, len(kings)).astype(np.uint8)
+    rows = np.concatenate([honest, flipped, replaced, cut, kings, np.zeros((1, 32), np.uint8),
+                           np.full((1, 32), 255, np.uint8)])
+    got = replay.validate_hcp(rows)
+    assert got.tolist() == [_plain_hcp_reader(r) for r in rows]
+    assert got[:len(honest)].all() and 0 < got[len(honest):].sum() < len(rows) - len(honest)  # both outcomes
+    board, again, out = cshogi.Board(), cshogi.Board(), np.empty(1, cshogi.HuffmanCodedPos)
+    for r in rows[got]:  # (the hand pieces may come in another order than cshogi writes them)
+        board.set_hcp(np.frombuffer(r.tobytes(), cshogi.HuffmanCodedPos))
+        board.to_hcp(out)
+        assert replay.validate_hcp(out.view(np.uint8).reshape(1, 32))[0]
+        again.set_hcp(out)
+        assert again.sfen() == board.sfen()
+
+
 def test_concat_batches(make_batch):
     a, b = make_batch(100, seed=12), make_batch(100, seed=13)
     c = concat_batches([a, b])

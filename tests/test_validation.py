@@ -226,6 +226,27 @@ def test_segments_must_continue_their_game(make_batch):
         check(bad)
 
 
+def test_a_refused_entry_leaves_the_book_as_it_was():
+    """A continuation refused after its replay counted some positions (an illegal move half-way,
+    counts above the game's after all of it) changes nothing the next entry sees: the honest
+    continuation is then judged over the whole game, as if the forgeries never came."""
+    whole = play(SHUFFLE)
+    first, second = split(whole, 6)
+    games = GameBook()
+    check(first, games)
+    illegal = copy.deepcopy(second)
+    illegal.action[3] = illegal.action[0]  # White: 5b5a, its king on 5a already
+    with pytest.raises(BadEntry, match="not legal"):
+        check(illegal, games)
+    inflated = copy.deepcopy(second)
+    inflated.repetition[:] = 2
+    with pytest.raises(BadEntry, match="repetition"):
+        check(inflated, games)
+    got = check(second, games)
+    assert got.reason[0] == EndReason.REPETITION_DRAW and np.array_equal(got.repetition, second.repetition)
+    assert games.counts["w0"]["continued"] == 1 and games.counts["w0"]["unproven_endings"] == 0
+
+
 def test_repetition_counts_without_history_are_lowered_not_refused():
     b = play(SHUFFLE[:10])  # not ended: a cut after 10 plies
     _first, second = split(b, 5)  # plies 5..9: a restarted learner's first look at the game

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cshogi
 import numpy as np
@@ -81,28 +81,32 @@ PIECE_SET = np.array([18, 4, 4, 4, 4, 2, 2], dtype=np.int16)
 
 
 def _hcp_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Lookup tables indexed by the next 8 bits of the stream, ``(256,) int16`` each: board kind
-    (-2 invalid, -1 empty square, else P L N S G B R index) and code length, hand slot
-    (``color * 7 + kind``, -1 invalid) and code length."""
-    board_kind = np.full(256, -2, np.int16)  # -2 invalid, -1 empty, else kind
+    """Lookup tables indexed by the next 8 bits of the stream, ``(256,) int16`` each: the kind of
+    the board code they start with (-2 invalid, -1 empty square, else P L N S G B R index) and its
+    length, the kind of the hand code they start with (-1 invalid, else P L N S G B R index, either
+    side) and its length (0 for an invalid code)."""
+    board_kind = np.full(256, -2, np.int16)
     board_len = np.zeros(256, np.int16)
     for pc, (code, nbits) in _BOARD_CODES.items():
         for w in range(256):
             if w & ((1 << nbits) - 1) == code:
                 board_kind[w] = -1 if pc == 0 else _TYPE_KIND[pc & 15]
                 board_len[w] = nbits
-    hand_slot = np.full(256, -1, np.int16)  # color * 7 + kind
+    hand_kind = np.full(256, -1, np.int16)
     hand_len = np.zeros(256, np.int16)
     for kind, codes in enumerate(_HAND_CODES):
-        for color, (code, nbits) in enumerate(codes):
+        for code, nbits in codes:
             for w in range(256):
                 if w & ((1 << nbits) - 1) == code:
-                    hand_slot[w] = color * 7 + kind
+                    hand_kind[w] = kind
                     hand_len[w] = nbits
-    return board_kind, board_len, hand_slot, hand_len
+    return board_kind, board_len, hand_kind, hand_len
 
 
-_BOARD_KIND, _BOARD_LEN, _HAND_SLOT, _HAND_LEN = _hcp_tables()
+_BOARD_KIND, _BOARD_LEN, _HAND_KIND, _HAND_LEN = _hcp_tables()
+#: Bit positions a code can start at: codes start below bit 256 in an HCP that cshogi can load;
+#: past it the bits read are zeros, one-bit empty squares, for at most the 79 squares left.
+_READ_BITS = 256 + 8 + 79
 
 
 def validate_hcp(hcp: np.ndarray) -> np.ndarray:
@@ -112,52 +116,52 @@ def validate_hcp(hcp: np.ndarray) -> np.ndarray:
     squares < 81 and distinct, and exactly the standard piece set (18 P, 4 L, 4 N, 4 S, 4 G,
     2 B, 2 R counting promoted pieces as their base kind, board and hands together). cshogi's
     ``Board.set_hcp`` does no such checks and can crash the process on malformed input.
-    Vectorised over positions (81 + 38 NumPy steps).
+    Vectorised over positions: the reader reads every position's next code at once, 79 board
+    codes (the squares but the kings') then the hand codes until every position is at bit 256
+    (or past it, or stuck on an invalid code), at most 40 (a set has 38 pieces besides the kings).
     """
     hcp = np.ascontiguousarray(hcp, dtype=np.uint8)
     m = hcp.shape[0]
     if m == 0:
         return np.zeros(0, bool)
-    bits = np.zeros((m, 256 + 8), np.int16)
-    bits[:, :256] = np.unpackbits(hcp, axis=1, bitorder="little")
-    win = np.zeros((m, 257), np.int16)  # 8-bit window starting at each bit position
-    for i in range(8):
-        win += bits[:, i:i + 257] << i
-    rows = np.arange(m)
+    padded = np.zeros((m, _READ_BITS // 8 + 2), np.uint8)
+    padded[:, :32] = hcp
+    pairs = padded[:, :-1].astype(np.uint16) | (padded[:, 1:].astype(np.uint16) << 8)
+    at = np.arange(_READ_BITS)
+    # the 8 bits from each bit position on (least significant first, as Apery reads), flat: row
+    # i's bit p is at i * _READ_BITS + p
+    window = ((pairs[:, at >> 3] >> (at & 7).astype(np.uint16)) & 255).ravel()
+    row = np.arange(m) * _READ_BITS
     bk = hcp[:, 0].astype(np.int16) >> 1  # bits 1..7
     wk = hcp[:, 1].astype(np.int16) & 127  # bits 8..14
     bad = (bk >= 81) | (wk >= 81) | (bk == wk)
-    counts = np.zeros((m, 8), np.int16)  # kinds 0..6, 7 = empty sink
-    ptr = np.full(m, 15, np.int64)
-    for sq in range(81):
-        active = (bk != sq) & (wk != sq)
-        w = win[rows, ptr]
-        kind = _BOARD_KIND[w]
-        bad |= active & (kind == -2)
-        counts[rows, np.where(active & (kind >= 0), kind, 7)] += 1
-        ptr = ptr + np.where(active, _BOARD_LEN[w], 0)
-        bad |= ptr > 256  # Apery's reader would run past the 32 bytes
-        np.minimum(ptr, 256, out=ptr)
-    hands = np.zeros((m, 15), np.int16)  # 14 slots + sink
+    ptr = row + 15  # the board's codes start at bit 15
+    board = np.empty((79, m), np.uint16)  # the 8 bits each square's code starts with
+    for square in range(79):
+        board[square] = window[ptr]
+        ptr = ptr + _BOARD_LEN[board[square]]  # an invalid code (length 0) does not advance
+    kinds = [_BOARD_KIND[board]]
+    bad |= (kinds[0] == -2).any(axis=0) | (ptr - row > 256)  # (Apery's reader would run past the 32 bytes)
     for _ in range(40):
-        active = ptr < 256
-        if not active.any():
+        reading = ptr - row < 256
+        if not reading.any():
             break
-        w = win[rows, np.minimum(ptr, 256)]
-        hands[rows, np.where(active, _HAND_SLOT[w], 14)] += 1
-        ptr = np.minimum(ptr + np.where(active, _HAND_LEN[w], 0), 257)
-    # The last iteration may still leave ptr < 256 only with > 40 hand codes: too many pieces.
-    bad |= ptr != 256
-    total = counts[:, :7] + hands[:, :7] + hands[:, 7:14]
+        w = window[ptr]
+        kinds.append(np.where(reading, _HAND_KIND[w], -1)[None])
+        ptr = ptr + np.where(reading, _HAND_LEN[w], 0)
+    bad |= ptr - row != 256  # past the end, stuck on an invalid code, or more than 40 hand codes
+    # pieces of each kind, board and hands: kinds -2..6 counted per position, 9 columns each
+    counted = np.concatenate(kinds) + 2 + 9 * np.arange(m)
+    total = np.bincount(counted.ravel(), minlength=9 * m).reshape(m, 9)[:, 2:]
     bad |= (total != PIECE_SET).any(axis=1)
     return ~bad
 
 
-#: Recorded positions a :class:`GameBook` keeps over all games (about 110 bytes each: a count
-#: per Zobrist key, the key in game order, HCP, action; so at most about 60 MB), unless told otherwise.
+#: Recorded positions a :class:`GameBook` keeps over all games (about 70 bytes each: a count per
+#: Zobrist key and the action, measured with tracemalloc on quickstart self-play; so at most about
+#: 40 MB), unless told otherwise.
 GAME_BOOK_POSITIONS = 1 << 19
 _REPETITION_ENDS = (EndReason.REPETITION_DRAW, EndReason.PERPETUAL_CHECK)
-_NO_COUNTS: dict[int, int] = {}
 
 
 def _initial_hcp() -> bytes:
@@ -173,40 +177,32 @@ INITIAL_HCP = _initial_hcp()
 @dataclass
 class Trail:
     """What the learner has seen of one game in flight: its recorded positions so far and the
-    position the next segment must start from.
+    position the next segment must start from. A segment that continues the game makes a new
+    trail (the old one is never changed, so a refused entry leaves nothing behind).
 
     Attributes:
         ply: plies played before :attr:`after` (the next segment's first ply).
         after: HCP (32 bytes) of the position after the last recorded move.
-        counts: cshogi Zobrist key -> occurrences among the recorded positions.
-        keys, hcp, actions: per accepted segment (in game order) its positions' Zobrist keys
-            (``list[int]``), HCPs (``(k, 32) uint8``) and actions (``(k,) uint16``): what the
-            rare judgement of a repetition over segments replays (:func:`_judge_over`).
+        counts: cshogi Zobrist key -> occurrences among the recorded positions and :attr:`after`
+            (the next segment's first position, counted once).
+        start: HCP (32 bytes) of the first recorded position.
+        actions: the recorded positions' actions in game order (``uint16`` little-endian, 2 bytes
+            each): from :attr:`start`, the moves the rare judgement of a repetition over segments
+            replays (:func:`_judge_over`).
         complete: the first recorded position is the game's start (ply 0): the counts are exact.
-        positions: recorded positions.
     """
 
     ply: int
     after: bytes
     counts: dict[int, int]
-    keys: list[list[int]]
-    hcp: list[np.ndarray]
-    actions: list[np.ndarray]
+    start: bytes
+    actions: bytes
     complete: bool
-    positions: int
 
-    def extend(self, ply: int, after: bytes, keys: list[int], hcp: np.ndarray, actions: np.ndarray) -> None:
-        """Append a segment's positions (in place)."""
-        for k in keys:
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.keys.append(keys)
-        self.hcp.append(hcp)
-        self.actions.append(actions)
-        self.ply, self.after, self.positions = ply, after, self.positions + len(keys)
-
-    def copy(self) -> "Trail":
-        return Trail(self.ply, self.after, dict(self.counts), list(self.keys), list(self.hcp), list(self.actions),
-                     self.complete, self.positions)
+    @property
+    def positions(self) -> int:
+        """Recorded positions."""
+        return len(self.actions) // 2
 
 
 class GameBook:
@@ -232,8 +228,7 @@ class GameBook:
         self.max_positions = int(max_positions)
         self._games: dict[str, OrderedDict[int, Trail]] = {}
         self._held: Counter[str] = Counter()
-        # (worker, game) -> ("end", None) | ("new", Trail) | ("extend", (trail, ply, after, keys, hcp, actions))
-        self._staged: dict[tuple[str, int], tuple[str, Any]] = {}
+        self._staged: dict[tuple[str, int], Trail | None] = {}  # (worker, game) -> its new trail; None: ended
         self._staged_counts: Counter[tuple[str, str]] = Counter()
         self.counts: dict[str, Counter[str]] = {}
 
@@ -249,29 +244,14 @@ class GameBook:
     def get(self, worker: str, game: int) -> Trail | None:
         """The trail of ``worker``'s game ``game`` as staged by the check in progress, else as
         committed; None when unknown (or ended)."""
-        staged = self._staged.get((worker, game))
-        if staged is None:
-            return self._games.get(worker, {}).get(game)
-        kind, value = staged
-        if kind == "extend":  # a second segment of the game in one entry: a copy to extend (rare)
-            trail, *segment = value
-            value = trail.copy()
-            value.extend(*segment)
-            self._staged[(worker, game)] = ("new", value)
-        return value
+        if (worker, game) in self._staged:
+            return self._staged[(worker, game)]
+        return self._games.get(worker, {}).get(game)
 
-    def stage_end(self, worker: str, game: int) -> None:
-        """Stage that the game ended (it is forgotten)."""
-        self._staged[(worker, game)] = ("end", None)
-
-    def stage_new(self, worker: str, game: int, trail: Trail) -> None:
-        """Stage a trail that replaces what is known of the game."""
-        self._staged[(worker, game)] = ("new", trail)
-
-    def stage_extend(self, worker: str, game: int, trail: Trail, ply: int, after: bytes, keys: list[int],
-                     hcp: np.ndarray, actions: np.ndarray) -> None:
-        """Stage a segment continuing ``trail`` (the committed trail :meth:`get` returned)."""
-        self._staged[(worker, game)] = ("extend", (trail, ply, after, keys, hcp, actions))
+    def stage(self, worker: str, game: int, trail: Trail | None) -> None:
+        """Stage the game's new trail (it replaces what is known of the game), or None: the game
+        ended (it is forgotten)."""
+        self._staged[(worker, game)] = trail
 
     def note(self, worker: str, name: str, n: int = 1) -> None:
         """Stage ``n`` more of counter ``name`` for ``worker``."""
@@ -284,17 +264,16 @@ class GameBook:
 
     def commit(self) -> None:
         """Apply what was staged, then forget games while over ``max_positions``."""
-        for (worker, game), (kind, value) in self._staged.items():
-            games = self._games.setdefault(worker, OrderedDict())
+        for (worker, game), trail in self._staged.items():
+            if worker not in self._games:
+                self._games[worker] = OrderedDict()
+            games = self._games[worker]
             old = games.pop(game, None)
             if old is not None:
                 self._held[worker] -= old.positions
-            if kind == "extend":  # (the committed trail itself, or a copy a second segment made)
-                value[0].extend(*value[1:])
-                value = value[0]
-            if kind != "end":
-                games[game] = value
-                self._held[worker] += value.positions
+            if trail is not None:
+                games[game] = trail
+                self._held[worker] += trail.positions
         for (worker, name), n in self._staged_counts.items():
             self.counts.setdefault(worker, Counter())[name] += n
         self.discard()
@@ -310,19 +289,18 @@ class GameBook:
         self._held.pop(worker, None)
 
 
-def _judge_over(hcp: np.ndarray, actions: np.ndarray, keys: np.ndarray, count: int, ply: int, max_plies: int,
+def _judge_over(trail: Trail, actions: bytes, count: int, ply: int, max_plies: int,
                 has_legal_move: bool) -> Verdict:
-    """The referee's verdict on the last of a game's positions ``hcp`` (``(T+1, 32) uint8``, the
-    positions before each of ``actions`` ``(T,)`` and the one after the last; ``keys`` their
-    Zobrist keys), seen ``count`` >= 4 times, at ``ply``: cshogi replays from the previous
-    occurrence of that position, which is all ``Board.is_draw()`` reads to tell a perpetual check
-    (one side checked on every move of the cycle) from a draw."""
-    t = len(keys) - 1
-    j = int(np.flatnonzero(keys[:t] == keys[t])[-1])
+    """The referee's verdict on the position after ``actions`` (a segment's, as in
+    :attr:`Trail.actions`, continuing ``trail``), seen ``count`` >= 4 times in the game, at
+    ``ply``: cshogi replays the recorded game from the trail's first position, so that
+    ``Board.is_draw()`` sees the cycle since the previous occurrence, which is all it reads to tell
+    a perpetual check (one side checked on every move of the cycle) from a draw."""
+    moves = np.frombuffer(trail.actions + actions, dtype="<u2").astype(np.int64)
     board = cshogi.Board()
-    board.set_hcp(np.frombuffer(hcp[j].tobytes(), dtype=cshogi.HuffmanCodedPos))
-    turn = (hcp[j:t, 0] & 1).astype(np.int64)
-    for code in _ACTION_TO_KEY[turn, actions[j:t].astype(np.int64)].tolist():
+    board.set_hcp(np.frombuffer(trail.start, dtype=cshogi.HuffmanCodedPos))
+    turn = (np.arange(len(moves)) + (trail.start[0] & 1)) & 1  # the sides alternate from the start's
+    for code in _ACTION_TO_KEY[turn, moves].tolist():
         board.push(board.move_from_move16(code))
     return judge(board, count, ply, max_plies, has_legal_move)
 
@@ -348,9 +326,10 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
     it implies: the side to move in check after a winning checker's move, the last mover in check
     before a losing checker's), and a repetition feature above the replay's is lowered to it.
 
-    Cost: about 5-12 us per position (one legal-move generation each), plus ~0.2 ms per batch;
-    following the games adds two dictionary lookups per position and a few microseconds per
-    segment (``benchmarks/validation.py``).
+    Cost: one legal-move generation per position; with the decoder, about 3.5 us per position of
+    quickstart self-play on a 2-core x86 VM, of which following the games (a copy of the game's
+    counts per segment, one C-level dictionary clone, and a few microseconds per segment) about
+    0.1 us (``benchmarks/validation.py``).
 
     Args:
         batch: a batch whose structure and values ``decode_entry`` has already checked (offsets,
@@ -372,40 +351,43 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
         raise BadEntry(f"hcp: malformed first position of segment {int(np.flatnonzero(~ok)[0])}")
     hv = hcp.view(cshogi.HuffmanCodedPos).reshape(p)
     turn = (hcp[:, 0] & 1).astype(np.int64)
-    actions = batch.action.astype(np.int64)
-    move_keys = _ACTION_TO_KEY[turn, actions].tolist()
+    move_keys = _ACTION_TO_KEY[turn, batch.action.astype(np.int64)].tolist()
     replayed = np.empty(p, dtype=cshogi.HuffmanCodedPos)
-    total: list[int] = []  # occurrences of each position in its game so far, as far as known
+    rep = [0] * p  # occurrences of each position in its game so far, as far as known
     exact = np.zeros(p, bool)  # ... known from the game's start
     neutralise: list[int] = []
+    noted: Counter[str] = Counter()  # the book's counters (GameBook.counts), staged once all passed
     board = cshogi.Board()
     flipped = np.empty(1, dtype=cshogi.HuffmanCodedPos)
     after = np.empty(1, dtype=cshogi.HuffmanCodedPos)
     reasons = batch.reason.tolist()
     results = batch.result.tolist()
     plies = batch.ply.tolist()
+    game_ids = batch.game.tolist()
+    offsets = off.tolist()
+    hcp_bytes = hcp.tobytes()  # 32 bytes a position
+    action_bytes = batch.action.astype("<u2").tobytes()  # 2 bytes a position (Trail.actions)
     for g in range(batch.num_segments):
-        s, e = int(off[g]), int(off[g + 1])
-        game = int(batch.game[g])
+        s, e = offsets[g], offsets[g + 1]
+        game = game_ids[g]
+        first = hcp_bytes[32 * s:32 * s + 32]
         trail = games.get(worker, game) if games is not None else None
         if plies[s] == 0:
-            if hcp[s].tobytes() != INITIAL_HCP:
+            if first != INITIAL_HCP:
                 raise BadEntry(f"segment {g}: its game's first position (ply 0) is not the initial position")
             trail = None
             complete = True
         elif trail is not None and trail.ply == plies[s]:
-            if trail.after != hcp[s].tobytes():
+            if trail.after != first:
                 raise BadEntry(f"segment {g}: does not continue game {game}: its first position (ply {plies[s]}) is "
                                f"not the position after the previous segment's last move")
             complete = trail.complete
-            games.note(worker, "continued")
+            noted["continued"] += 1
         else:
-            if games is not None:
-                games.note(worker, "unknown")
-                if trail is not None:
-                    games.note(worker, "gaps")
+            noted["unknown"] += 1
+            if trail is not None:
+                noted["gaps"] += 1
             trail, complete = None, False
-        prior = trail.counts if trail is not None else _NO_COUNTS
         flipped.view(np.uint8)[:] = hcp[s]
         flipped.view(np.uint8)[0] ^= 1
         board.set_hcp(flipped)
@@ -413,40 +395,27 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
             raise BadEntry(f"segment {g}: the side not to move is in check at the start")
         board.set_hcp(hv[s:s + 1])
         key = board.zobrist_hash()
-        keys = [key]
-        seen = {key: 1}
-        c = 1 + prior.get(key, 0)
-        counts = [c]
+        counts = dict(trail.counts) if trail is not None else {key: 1}  # occurrences in the game so far
+        c = counts[key]
         legal = list(board.legal_moves)
         verdict = judge(board, c, plies[s], max_plies, bool(legal))
-        checked_before_last = False
-        local = 1
         for t in range(s, e):
             if verdict.reason:
                 raise BadEntry(f"position {t}: the game had already ended ({verdict.reason.name})")
             board.to_hcp(replayed[t:t + 1])
+            rep[t] = c
             mv = board.move_from_move16(move_keys[t])
             if mv not in legal:
                 raise BadEntry(f"action {int(batch.action[t])} at position {t} is not legal")
-            if t == e - 1:
-                checked_before_last = board.is_check()
             board.push(mv)
             legal = list(board.legal_moves)
             key = board.zobrist_hash()
-            local = seen.get(key, 0) + 1
-            seen[key] = local
-            c = local + prior.get(key, 0)
-            keys.append(key)
-            counts.append(c)
+            c = counts.get(key, 0) + 1
+            counts[key] = c
             verdict = judge(board, c, plies[t] + 1, max_plies, bool(legal))
-        after_row = _hcp_row(board, after)
-        if c >= 4 and local < 4 and verdict.reason != EndReason.CHECKMATE:
-            # a 4th occurrence that only the earlier segments show: cshogi judges it over them
-            verdict = _judge_over(np.concatenate([*trail.hcp, hcp[s:e], after_row]),
-                                  np.concatenate([*trail.actions, actions[s:e]]),
-                                  np.array([k for chunk in trail.keys for k in chunk] + keys, dtype=np.uint64),
-                                  c, plies[e - 1] + 1, max_plies, bool(legal))
-        total += counts[:-1]
+        if c >= 4 and trail is not None and verdict.reason != EndReason.CHECKMATE:
+            # a 4th occurrence the earlier segments may hold: cshogi judges it over the recorded game
+            verdict = _judge_over(trail, action_bytes[2 * s:2 * e], c, plies[e - 1] + 1, max_plies, bool(legal))
         exact[s:e] = complete
         want = EndReason(reasons[g])
         if not (verdict.reason == want and verdict.result(board.turn) == results[g]):
@@ -456,31 +425,24 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
                                f"{verdict.reason.name} result {verdict.result(board.turn)}")
             if want == EndReason.PERPETUAL_CHECK:  # the check a perpetual check implies, history or not
                 mover_won = results[g] * (1 - 2 * int(turn[e - 1])) > 0
-                if mover_won and not checked_before_last:
+                if mover_won and not _in_check(replayed[e - 1:e]):
                     raise BadEntry(f"segment {g}: PERPETUAL_CHECK won by the last mover, who was not in check")
                 if not mover_won and not board.is_check():
                     raise BadEntry(f"segment {g}: PERPETUAL_CHECK lost by the last mover, whose move gave no check")
             neutralise.append(g)
         if games is not None:
             if want != EndReason.NONE:
-                games.stage_end(worker, game)
+                games.stage(worker, game, None)  # the game ended: forgotten
                 continue
-            recorded = keys[:-1]
-            seg_hcp, seg_actions = hcp[s:e].copy(), batch.action[s:e].astype(np.uint16)
-            if trail is None:
-                seen[keys[-1]] -= 1  # the counts of the recorded positions, the one after left out
-                if not seen[keys[-1]]:
-                    del seen[keys[-1]]
-                games.stage_new(worker, game, Trail(plies[e - 1] + 1, after_row.tobytes(), seen, [recorded],
-                                                    [seg_hcp], [seg_actions], complete, len(recorded)))
-            else:
-                games.stage_extend(worker, game, trail, plies[e - 1] + 1, after_row.tobytes(), recorded, seg_hcp,
-                                   seg_actions)
+            board.to_hcp(after)
+            start, earlier = (trail.start, trail.actions) if trail is not None else (first, b"")
+            games.stage(worker, game, Trail(plies[e - 1] + 1, after.tobytes(), counts, start,
+                                            earlier + action_bytes[2 * s:2 * e], complete))
     rows = replayed.view(np.uint8).reshape(p, 32)
     if not np.array_equal(rows, hcp):
         bad = np.flatnonzero((rows != hcp).any(axis=1))[0]
         raise BadEntry(f"position {int(bad)} is not the previous position after its action")
-    computed = repetition_feature(np.array(total, dtype=np.int64))
+    computed = repetition_feature(np.array(rep, dtype=np.int64))
     recorded_rep = batch.repetition.astype(np.int64)
     if ((exact & (recorded_rep != computed)) | (~exact & (recorded_rep < computed))).any():
         raise BadEntry("repetition: counts inconsistent with the replayed game")
@@ -494,14 +456,16 @@ def replay_check(batch: ExperienceBatch, max_plies: int, games: GameBook | None 
         batch.bootstrap[g] = 0.0
         batch.bootstrap_advantage[g] = 0.0
     if games is not None:
-        if neutralise:
-            games.note(worker, "unproven_endings", len(neutralise))
-        if clamped.any():
-            games.note(worker, "repetition_clamped", int(clamped.sum()))
+        noted["unproven_endings"] += len(neutralise)
+        noted["repetition_clamped"] += int(clamped.sum())
+        for name, n in noted.items():
+            if n:
+                games.note(worker, name, n)
 
 
-def _hcp_row(board: cshogi.Board, out: np.ndarray) -> np.ndarray:
-    """``(1, 32) uint8``: the HCP of ``board``'s position (written into ``out``, a ``(1,)``
-    HuffmanCodedPos array)."""
-    board.to_hcp(out)
-    return out.view(np.uint8).reshape(1, 32).copy()
+def _in_check(position: np.ndarray) -> bool:
+    """Whether the side to move is in check in ``position`` (a ``(1,)`` HuffmanCodedPos array
+    cshogi wrote)."""
+    board = cshogi.Board()
+    board.set_hcp(position)
+    return board.is_check()
