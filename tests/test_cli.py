@@ -107,7 +107,8 @@ def finished_run(tmp_path_factory):
             run.kill()
             run.wait()
     log = runs / "cli-run" / "logs" / "evaluator.out"
-    return {"runs": runs, "dir": runs / "cli-run", "rc": run.returncode, "out": out,
+    # "words": the output with rich's line wrapping undone (a long Redis URL moves the wraps)
+    return {"runs": runs, "dir": runs / "cli-run", "rc": run.returncode, "out": out, "words": " ".join(out.split()),
             "follower_out": log.read_text() if log.exists() else "", "killed": killed}
 
 
@@ -141,7 +142,7 @@ def test_keisei_run_end_to_end_stops_cleanly_and_balances(finished_run):
     # the worker killed by the fixture was restarted, and the restart counted in the status
     assert finished_run["killed"] is not None
     assert st["supervisor"]["worker_restarts"] >= 1 and st["supervisor"]["restarts:w0"] >= 1, st["supervisor"]
-    assert "w0 restarted" in finished_run["out"]
+    assert "w0 restarted" in finished_run["words"]
 
 
 def _after(finished_run, *argv) -> list[str]:
@@ -180,9 +181,9 @@ def test_finished_run_status_games_and_elo_answer_without_redis(finished_run, ca
         for f in files:
             assert [cshogi.move_to_usi(m) for m in parse(f)] == moves[f.stem], f
     # the Elo table the evaluator (keisei run --eval) saved, and its clean stop at control=stop
-    assert "the evaluator" in finished_run["out"] and "evaluated " in finished_run["follower_out"], \
+    assert "the evaluator" in finished_run["words"] and "evaluated " in finished_run["follower_out"], \
         finished_run["follower_out"][-3000:]
-    assert "evaluator exited" not in finished_run["out"]  # never restarted: it stopped on control=stop
+    assert "evaluator exited" not in finished_run["words"]  # never restarted: it stopped on control=stop
     saved = json.loads((finished_run["dir"] / "eval" / "elo_table.json").read_text())
     assert saved["versions"], finished_run["follower_out"][-3000:]
     assert main(_after(finished_run, "eval", "--table")) == 0

@@ -64,7 +64,8 @@ def command(args: argparse.Namespace) -> int:
                       f"{len(worker_ids)} workers" + (" + the evaluator" if args.eval else "")
                       + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
                       + f", logs in {run_dir / 'logs'}"
-                      + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
+                      + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"),
+                      soft_wrap=True)  # one line in a log, however long the Redis URL
         sup.start()
         with stop_signals_interrupt():
             why = watch_with_view(args, sup, r, run_id, console)
