@@ -100,9 +100,15 @@ class StreamConfig(_Section):
     metrics_maxlen: int = Field(100_000, ge=1, description="approximate cap of the metrics stream")
     games_maxlen: int = Field(10_000, ge=1, description="approximate cap of the games stream")
     eval_maxlen: int = Field(10_000, ge=1, description="approximate cap of the eval stream")
-    heartbeat_s: float = Field(2.0, gt=0, description="seconds between heartbeat/status writes of every process")
+    heartbeat_s: float = Field(5.0, gt=0, description="seconds between heartbeat/status writes of every process (a "
+                               "worker's heartbeat is its one steady command on the primary: 0.2/s at 5 s)")
     heartbeat_ttl_s: float = Field(30.0, gt=0, description="TTL of a worker's heartbeat hash: a silent worker disappears after it")
     backoff_max_s: float = Field(2.0, gt=0, description="cap of the exponential backoff while waiting")
+    wait_replicas: int = Field(0, ge=0, le=64, description="replicas that must hold the learner's acknowledgements and "
+                               "weights before it goes on (WAIT; the promotable replicas of a Sentinel group: 1 keeps "
+                               "them through a failover); 0 = never wait")
+    wait_ms: int = Field(1000, ge=1, le=60_000, description="longest WAIT for wait_replicas (ms); a shortfall is logged "
+                         "and counted (unreplicated_writes), never an error")
 
     @model_validator(mode="after")
     def _ttl_exceeds_heartbeat(self) -> "StreamConfig":

@@ -47,8 +47,8 @@ from keisei_stream.wire.client import connect
 from keisei_stream.experience import concat_batches
 from keisei_stream.wire.consumer import Consumer, Delivered, group_updates
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import write_config
-from keisei_stream.wire.weights import publish_weights
+from keisei_stream.wire.status import append_losses, read_accounting, write_config
+from keisei_stream.wire.weights import publish_weights, read_latest_info
 from learner.report import MetricsSinks, Report
 
 log = logging.getLogger("keisei.learner")
@@ -92,6 +92,7 @@ class Learner:
     stale: int = 0
     skipped_updates: int = 0
     publish_due: bool = False
+    outages_seen: int = 0  # retry.OUTAGES.outages at the last check_server
     first_update_s: float | None = None  # seconds from the start to this process's first update
     last_checkpoint: Path | None = None
     rank_trained: list[int] = field(default_factory=list)  # positions trained by each rank (several ranks)
@@ -119,8 +120,10 @@ class Learner:
 
     def check_server(self) -> None:
         """After an outage, a server that lost the run's data: the consumer records the loss and
-        takes the new epoch; config and the current weights are re-published here. Also retries a
-        publish that a full server refused."""
+        takes the new epoch; config and the current weights are re-published here. After an
+        outage with the epoch intact, :meth:`check_failover`. Also retries a publish that a full
+        server refused."""
+        outage, self.outages_seen = retry.OUTAGES.outages != self.outages_seen, retry.OUTAGES.outages
         if self.consumer.check_server():
             self.consumer.recover(self.report.last_accounting, version=self.version)
             if self.rank == 0:
@@ -128,8 +131,36 @@ class Learner:
             self.publish()
             log.error("Redis lost the run's data: new epoch %s, config and weights v%d re-published",
                       self.consumer.epoch, self.version)
+        elif outage:
+            self.check_failover()
         if self.publish_due:
             self.publish()
+
+    def check_failover(self) -> None:
+        """After an outage with the run's epoch intact (rank 0): the server may now be a promoted
+        replica (a Sentinel failover) or one restarted from its files, holding the run's data up to
+        some point before the outage. A version it lacks is published again at once (versions
+        never go backwards for long: workers keep the newer one meanwhile), and positions the
+        accounting held before the outage and the server lacks now (worker adds the old primary
+        acknowledged and never replicated, as far as the last status read saw them) are recorded
+        in the ``losses`` stream (``kind`` ``failover``)."""
+        if self.rank != 0:
+            return
+        info = read_latest_info(self.r, self.keys)
+        found = 0 if info is None else info["version"]
+        before, now = self.report.last_accounting, read_accounting(self.r, self.keys)
+        missing = {k: before[k] - now.get(k, 0) for k in ("produced_positions", "produced_batches", "trained_positions")
+                   if before.get(k, 0) > now.get(k, 0)}
+        if found < self.version:
+            self.publish_due = True
+        if missing or found < self.version:
+            log.error("Redis came back without some of the run's newest writes (a failover or a restart from its "
+                      "files): weights v%d found, v%d held (re-published); missing %s", found, self.version, missing)
+            retry.best_effort("losses entry", append_losses, self.r, self.keys, {
+                "time": round(time.time(), 3), "kind": "failover", "detected_by": self.consumer.name,
+                "epoch": self.consumer.epoch or "", "version_held": self.version, "version_found": found,
+                **{f"{k}_missing": v for k, v in missing.items()},
+                "accounting_before": json.dumps(before), "accounting_found": json.dumps(now)})
 
     def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
         """The held entries that make updates now, in groups of about ``samples_per_update``
@@ -225,7 +256,7 @@ class Learner:
         data = weights_to_bytes(self.trainer.model, self.cfg.stream.weights_dtype)
         try:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
-                            self.cfg.stream.weights_keep, epoch=self.consumer.epoch)
+                            self.cfg.stream.weights_keep, epoch=self.consumer.epoch, wait=self.consumer.wait)
             self.publish_due = False
             self.consumer.newest_version = self.version  # entries claiming newer versions are hostile
         except EpochChanged:  # the server lost the run's data: check_server recovers and publishes again
@@ -254,10 +285,11 @@ class Learner:
         if force or self.report.status_due():
             self.write_status("collecting" if self.held else "waiting")
 
-    def write_status(self, state: str, backlog: int | None = None) -> None:
+    def write_status(self, state: str, backlog: int | None = None, wait: bool = False) -> None:
         """The ``learner`` hash: state, version, held positions, backlog (``XLEN``, unless the caller
         just read it), time to the first update; with several ranks ``ranks`` and
-        ``rank_trained_positions`` too (rank 0 writes it for all)."""
+        ``rank_trained_positions`` too (rank 0 writes it for all). Written by the report's own
+        thread (:meth:`learner.report.Report.status`); ``wait``: before this returns."""
         fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer.name,
                   "device": str(self.trainer.device), "epoch": self.consumer.epoch,
                   "held_positions": self.consumer.held_positions(),
@@ -265,7 +297,7 @@ class Learner:
                   "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s}
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
-        self.report.status(fields)
+        self.report.status(fields, wait=wait)
 
     # ------------------------------------------------------------------------------ stop
     def drain(self, seconds: float = DRAIN_S) -> None:
@@ -284,10 +316,10 @@ class Learner:
             self.checkpoint()
         try:
             self.housekeeping(force=True)
-            self.write_status("stopped")
+            self.write_status("stopped", wait=True)
         except retry.TRANSIENT_ERRORS as exc:
             log.warning("Redis unreachable at stop, final status not written: %s", exc)
-        self.report.sinks.close()
+        self.report.close()
         self.pool.shutdown()
         log.info("learner stopped at version %d after %d updates; checkpoint %s", self.version, self.updates,
                  self.last_checkpoint)
@@ -326,12 +358,13 @@ def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, res
     trainer.wrap()
     consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
                         count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
-                        deadletter_maxlen=cfg.stream.deadletter_maxlen)
+                        deadletter_maxlen=cfg.stream.deadletter_maxlen,
+                        wait=(cfg.stream.wait_replicas, cfg.stream.wait_ms) if cfg.stream.wait_replicas else None)
     lrn = Learner(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
                   recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name),
                   report=Report(cfg, r, keys, MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0), rank == 0),
                   pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"), started=started,
-                  rank=rank, world=world, version=version, updates=updates)
+                  rank=rank, world=world, version=version, updates=updates, outages_seen=retry.OUTAGES.outages)
     consumer.claim_epoch()
     if rank == 0:
         write_config(r, keys, cfg.to_json())

@@ -1,11 +1,17 @@
 """What the learner reports: the time it spends in each phase, each update's metrics to every sink
-(the ``metrics`` stream, TensorBoard, W&B, the console/log line) and the ``learner`` status hash."""
+(the ``metrics`` stream, TensorBoard, W&B, the console/log line) and the ``learner`` status hash.
+
+The status (the run's accounting read, then the ``learner`` hash written) goes out from a thread of
+its own: its reads grow with the number of workers (one pipelined round trip over their producer
+records, :func:`keisei_stream.wire.status.read_accounting`) and must never hold up the thread
+that reads and acknowledges experience."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +21,7 @@ from rich.console import Console
 
 from keisei_stream.config import Config
 from keisei_stream.wire import retry
+from keisei_stream.wire.atomic import UNREPLICATED
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.status import append_metrics, read_accounting, write_learner_status
 
@@ -97,6 +104,7 @@ class Report:
         last_metrics: the last update's metrics (also in the status hash).
         last_accounting: the run's accounting as the last status write read it (what a loss of
             the server's data is measured against).
+        writer: the thread the status goes out from (:meth:`status`).
     """
 
     cfg: Config
@@ -109,6 +117,8 @@ class Report:
     last_status_t: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_accounting: dict[str, int] = field(default_factory=dict)
+    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="status"))
+    _writing: Future | None = None
 
     def add(self, phase: str, seconds: float) -> None:
         """Count ``seconds`` (>= 0) spent in ``phase``."""
@@ -132,13 +142,39 @@ class Report:
         """A status write is due (every ``stream.heartbeat_s``)."""
         return time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s
 
-    def status(self, fields: dict[str, Any]) -> None:
-        """Write the ``learner`` hash (primary only): ``fields``, the outages and the last
-        metrics; reads the accounting into :attr:`last_accounting`."""
+    def status(self, fields: dict[str, Any], wait: bool = False) -> None:
+        """Write the ``learner`` hash (primary only): ``fields``, the outages, the writes no
+        replica confirmed in time (``unreplicated_writes``) and the last metrics, after reading
+        the accounting into :attr:`last_accounting`; in the :attr:`writer` thread, so this returns
+        at once. While the previous status is still being written this one is skipped (the next
+        is due ``stream.heartbeat_s`` later); with ``wait`` (the final status) it waits for that
+        one and writes this one before returning."""
         self.last_status_t = time.monotonic()
         if not self.primary:
             return
-        self.last_accounting = read_accounting(self.r, self.keys)
-        fields = {**fields, "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
+        fields = {**fields, "last_seen": round(time.time(), 3), "unreplicated_writes": UNREPLICATED.count,
+                  **retry.OUTAGES.fields()}
         fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
+        busy = self._writing is not None and not self._writing.done()
+        if busy and not wait:
+            return
+        if self._writing is not None:
+            self._writing.result()  # the previous write's error, if any, surfaces here
+        self._writing = self.writer.submit(self._write_status, fields)
+        if wait:
+            self._writing.result()
+
+    def _write_status(self, fields: dict[str, Any]) -> None:
+        self.last_accounting = read_accounting(self.r, self.keys)
         retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
+
+    def close(self) -> None:
+        """Wait for the status being written, end the :attr:`writer` thread, close the sinks."""
+        try:
+            if self._writing is not None:
+                self._writing.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. stopped during an outage: nothing more to write
+            log.warning("the last status write failed: %s", exc)
+        finally:
+            self.writer.shutdown()
+            self.sinks.close()

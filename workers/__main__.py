@@ -1,4 +1,4 @@
-"""``python -m workers --redis URL --run ID [--games N] [--threads T]``: one self-play worker."""
+"""``python -m workers --redis URL [--read-redis URL] --run ID [--games N] [--threads T]``: one self-play worker."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis", default=os.environ.get("KEISEI_REDIS"), required="KEISEI_REDIS" not in os.environ,
                    help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock (default: the "
                         "environment variable KEISEI_REDIS, which keeps a password out of the process list)")
+    p.add_argument("--read-redis", default=os.environ.get("KEISEI_READ_REDIS"),
+                   help="where to read the config, control and weights: this host's read-only copy of the run "
+                        "(keisei relay's unix socket, or a replica of the primary), so the host fetches each "
+                        "version once; writes still go to --redis (default: the environment variable "
+                        "KEISEI_READ_REDIS, else --redis)")
     p.add_argument("--run", required=True, help="run id (the learner writes the run's config under keisei:{run}:config)")
     p.add_argument("--games", type=int, default=None, help="games played at once (default: config worker.games)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: config worker.threads)")
@@ -31,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_worker(args.redis, args.run, games=args.games, threads=args.threads, worker_id=args.id,
-                   seed=args.seed, device=args.device, max_batches=args.max_batches)
+                   seed=args.seed, device=args.device, max_batches=args.max_batches,
+                   read_url=args.read_redis)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

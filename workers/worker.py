@@ -43,6 +43,8 @@ log = logging.getLogger("keisei.worker")
 
 #: Seconds a stopping worker waits for room in the stream to send its last positions.
 FINAL_SEND_S = 20.0
+#: Seconds between reads of ``control``: a stop or pause takes effect within this (plus a step).
+CONTROL_S = 1.0
 
 
 @dataclass
@@ -89,7 +91,8 @@ class Worker:
     """Everything one worker process holds between steps (built by :meth:`start`)."""
 
     cfg: Config
-    r: redis.Redis
+    r: redis.Redis  # the primary: experience, heartbeats, game records, the epoch
+    read: redis.Redis  # config, control, weights and their announcements: the host's replica, or r
     keys: Keys
     worker_id: str
     selfplay: SelfPlay
@@ -108,9 +111,10 @@ class Worker:
 
     @classmethod
     def start(cls, cfg: Config, r: redis.Redis, keys: Keys, worker_id: str, *, games: int | None,
-              threads: int | None, seed: int | None, device: str | None = None) -> "Worker":
+              threads: int | None, seed: int | None, device: str | None = None,
+              read: redis.Redis | None = None) -> "Worker":
         """Model (random until the first weights arrive) on the worker's device, the games,
-        producer and weights watcher."""
+        producer (on ``r``) and weights watcher (on ``read``, default ``r``)."""
         torch.set_num_threads(threads or cfg.worker.threads)
         seed = cfg.run.seed + os.getpid() if seed is None else seed
         dev = pick_device(device or cfg.worker.device)
@@ -122,15 +126,16 @@ class Worker:
         log.info("worker %s: %d games on %s (%d group(s)%s), segments of %d plies sent %d plies later", worker_id,
                  selfplay.num_games, dev, len(selfplay.groups), ", overlapped" if selfplay.overlap else "",
                  cfg.worker.segment_plies, cfg.worker.lookahead_plies)
-        return cls(cfg=cfg, r=r, keys=keys, worker_id=worker_id, selfplay=selfplay,
+        read = r if read is None else read
+        return cls(cfg=cfg, r=r, read=read, keys=keys, worker_id=worker_id, selfplay=selfplay,
                    producer=Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s),
-                   watcher=WeightsWatcher(r, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))
+                   watcher=WeightsWatcher(read, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))
 
     def read_control(self) -> str:
-        """``run`` / ``pause`` / ``stop``, read from Redis at most every 0.25 s."""
+        """``run`` / ``pause`` / ``stop``, read at most every :data:`CONTROL_S` seconds."""
         now = time.monotonic()
-        if now - self.control_checked > 0.25:
-            self.control, self.control_checked = get_control(self.r, self.keys), now
+        if now - self.control_checked > CONTROL_S:
+            self.control, self.control_checked = get_control(self.read, self.keys), now
         return self.control
 
     def wait_for_weights(self, stop: retry.StopFlag) -> bool:
@@ -150,7 +155,7 @@ class Worker:
         if announced is None or announced <= self.version:
             return
         try:
-            latest = read_latest_weights(self.r, self.keys)
+            latest = read_latest_weights(self.read, self.keys)
             if latest is None or latest[0] <= self.version:
                 return
             load_weights_bytes(self.selfplay.model, latest[2])
@@ -263,6 +268,7 @@ def run_worker(
     seed: int | None = None,
     device: str | None = None,
     max_batches: int | None = None,
+    read_url: str | None = None,
 ) -> WorkerStats:
     """Run one self-play worker until control says ``stop``, a signal arrives or ``max_batches``.
 
@@ -277,6 +283,10 @@ def run_worker(
         device: where the forward pass runs (default: ``worker.device``; ``auto``, ``cpu``,
             ``cuda``, ``cuda:N``).
         max_batches: stop after sending this many batches (tests, benchmarks).
+        read_url: where to read the config, ``control`` and the weights and hear their
+            announcements: the host's read-only copy of the run (``keisei relay``'s socket, or a
+            replica of the primary), so that a host fetches each version once; None: ``redis_url``.
+            Everything the worker writes goes to ``redis_url``.
 
     Returns:
         The final :class:`WorkerStats`.
@@ -285,11 +295,12 @@ def run_worker(
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     keys = Keys(run_id)
     r = connect(redis_url)
+    read = connect(read_url) if read_url else r
     log.info("worker %s: waiting for the run config at %s", worker_id, keys.config)
-    cfg = wait_for_config(r, keys, stop)
+    cfg = wait_for_config(read, keys, stop)
     if cfg is None:
         return WorkerStats()
-    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed, device=device)
+    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed, device=device, read=read)
     if not w.wait_for_weights(stop):
         return w.stats
 

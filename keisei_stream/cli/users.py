@@ -18,8 +18,11 @@ def worker_ids(args: argparse.Namespace) -> list[str]:
 
 def command(args: argparse.Namespace) -> int:
     """Print ``redis-cli ACL SETUSER`` lines (``--rules``, for ``--server-version`` or the newest
-    rules), or check the server's version, create the users and print ``role user url`` per role
-    (passwords are new random ones each time). Returns 0, or 2 for a server older than the minimum."""
+    rules), or check each server's version, create the users on every ``--redis`` server with the
+    same passwords (ACL users are not replicated: every node a process may reach needs them, the
+    primary, its replicas, a Sentinel group's other nodes) and print ``role user url`` per role
+    (passwords are new random ones each time, unless ``--role`` with ``--password``). Returns 0,
+    or 2 for a server older than the minimum or ``--role`` without a password."""
     wids = worker_ids(args)
     if args.rules:
         server = compat.ServerInfo(compat.parse_version(args.server_version)) if args.server_version else compat.LATEST
@@ -27,15 +30,24 @@ def command(args: argparse.Namespace) -> int:
             rules = " ".join(shlex.quote(r) for r in acl.role_rules(Keys(args.run), role, server))
             print(f"ACL SETUSER {acl.username(args.run, role)} reset on '>PASSWORD' {rules}")
         return 0
-    r = client.connect(args.redis)
-    try:
-        server = compat.require_supported(r)
-    except compat.UnsupportedServer as exc:
-        print(f"error: {exc}")
+    if args.role and not args.password:
+        print("error: --role needs --password (or KEISEI_USER_PASSWORD): the user's password on the primary")
         return 2
-    passwords = acl.create_users(r, args.run, wids, server=server)
-    base = args.url or acl.strip_user(args.redis)
-    for role, password in passwords.items():
+    passwords: dict[str, str] | None = {args.role: args.password} if args.role else None
+    for url in args.redis:
+        r = client.connect(url)
+        try:
+            server = compat.require_supported(r)
+        except compat.UnsupportedServer as exc:
+            print(f"error: {exc}")
+            return 2
+        if args.role:  # one user with a given password (e.g. the reader on a host's replica)
+            acl.create_user(r, args.run, args.role, args.password, server)
+        else:
+            passwords = acl.create_users(r, args.run, wids, passwords, server=server)
+        r.close()
+    base = args.url or acl.strip_user(args.redis[0])
+    for role, password in (passwords or {}).items():
         user = acl.username(args.run, role)
         print(f"{role:12s} {user:36s} {acl.user_url(base, user, password)}")
     return 0

@@ -17,6 +17,13 @@ Users are named ``keisei-{run}-{role}`` and ``keisei-{run}-worker-{id}``:
   ``ACL``, ``KEYS``, ``SHUTDOWN``...).
 * ``evaluator``: reads the run's keys, writes the ``eval`` stream and the Elo table.
 * ``monitor``: read-only on the run's keys (``keisei status``).
+* ``reader``: what a host's read-only copy of the run serves its workers, and nothing else: ``GET``
+  ``config``, ``control``, ``epoch``, the weights (``weights:latest``, the blobs), and ``SUBSCRIBE``
+  to the weights channel. ``keisei relay`` uses it on the primary to fetch each version once for
+  its host, and creates the same user (same password) on the host's own server, where the host's
+  workers read with it (``python -m workers --read-redis``). ACL users are not replicated: on a
+  replica used the same way (``replicaof`` the primary) create it too (``keisei users --redis
+  REPLICA_ADMIN_URL --role reader --password PW``).
 
 Commands run inside a Lua script are checked against the caller's ACL (Redis 6.2 and 7+ alike),
 so a worker's ``EVAL`` cannot reach past its rules. The rules depend on the server
@@ -41,7 +48,7 @@ from keisei_stream.ops.compat import LATEST, ServerInfo, server_info
 from keisei_stream.wire.keys import Keys
 
 #: The shared roles; workers get a user each (:func:`worker_role`).
-ROLES = ("learner", "evaluator", "monitor")
+ROLES = ("learner", "evaluator", "monitor", "reader")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # goes into a user name and a URL's userinfo
 
 
@@ -112,6 +119,10 @@ def role_rules(keys: Keys, role: str, server: ServerInfo = LATEST) -> list[str]:
         return [*base, "+@read", "+@connection", "+xadd", "+hset", "+set", "+subscribe", "+unsubscribe",
                 "-@dangerous", *_connection(server), f"{ro}{p}*", f"~{keys.eval}", f"~{p}elo*",
                 f"&{keys.weights_channel}"]
+    if kind == "reader":
+        return [*base, *_connection(server), "+get", "+hget", "+hgetall", "+subscribe", "+unsubscribe",
+                f"{ro}{keys.config}", f"{ro}{keys.control}", f"{ro}{keys.epoch}", f"{ro}{p}weights:*",
+                f"&{keys.weights_channel}"]
     return [*base, "+@read", "+@connection", "-@dangerous", *_connection(server), f"{ro}{p}*"]  # monitor
 
 
@@ -136,15 +147,25 @@ def create_users(r: Any, run: str, workers: Iterable[str] = (), passwords: dict[
         redis.exceptions.ResponseError: the server refused a rule.
     """
     server = server or server_info(r)
-    keys = Keys(run)
     roles = [*ROLES, *(worker_role(w) for w in workers)]
     out: dict[str, str] = {}
     for role in roles:
-        password = (passwords or {}).get(role) or secrets.token_hex(16)
-        r.execute_command("ACL", "SETUSER", username(run, role), "reset", "on", f">{password}",
-                          *role_rules(keys, role, server))
-        out[role] = password
+        out[role] = create_user(r, run, role, (passwords or {}).get(role) or secrets.token_hex(16), server)
     return out
+
+
+def create_user(r: Any, run: str, role: str, password: str, server: ServerInfo) -> str:
+    """Create (or reset) the user of one ``role`` of the run with ``password`` on the server of
+    ``r`` (e.g. the ``reader`` on a host's replica, with the primary's password: ACL users are
+    not replicated); returns the password.
+
+    Raises:
+        ValueError: unknown role or bad worker id.
+        redis.exceptions.ResponseError: the server refused a rule.
+    """
+    r.execute_command("ACL", "SETUSER", username(run, role), "reset", "on", f">{password}",
+                      *role_rules(Keys(run), role, server))
+    return password
 
 
 def strip_user(url: str) -> str:

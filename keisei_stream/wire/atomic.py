@@ -13,12 +13,16 @@ or on Redis 6.2, which has no script flags, opened by a write that a full server
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from .keys import Keys
 from .retry import is_oom, wait_for_room
+
+log = logging.getLogger("keisei.redis")
 
 # Runs the commands given in ARGV[2:] (each as: argument count, command, arguments...) atomically,
 # but only while the run's epoch (KEYS[1]) is still ARGV[1] ('' = not checked): acknowledgements and
@@ -67,10 +71,31 @@ class EpochChanged(RuntimeError):
     """The server no longer holds the run's epoch: it restarted without the run's data."""
 
 
-def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None) -> None:
+@dataclass
+class ReplicationShortfalls:
+    """Process-wide count of :func:`run_atomic` calls whose ``WAIT`` timed out before enough
+    replicas held the writes (they were acknowledged by the primary alone: a failover in that
+    window may lose them)."""
+
+    count: int = 0
+
+
+UNREPLICATED = ReplicationShortfalls()
+
+
+def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None,
+               wait: tuple[int, int] | None = None) -> int | None:
     """Run ``cmds`` (tuples: command, arguments; or ``("ACK_COUNTED", stream, group, accounting,
     id, trained, stale)``, see above) atomically in one script, only while the run's
     ``epoch`` key still holds ``epoch`` (None: not checked); past ``maxmemory`` when the server is full.
+
+    With ``wait = (replicas, ms)`` the script is followed, on the same connection, by ``WAIT
+    replicas ms`` (https://redis.io/docs/latest/commands/wait/): the call returns once that many
+    replicas hold the writes, or after ``ms`` milliseconds (a shortfall is logged and counted in
+    :data:`UNREPLICATED`, not raised: the writes are done on the primary).
+
+    Returns:
+        The replicas that acknowledged the writes (``WAIT``'s answer), or None without ``wait``.
 
     Raises:
         EpochChanged: the server lost the run's data since ``epoch`` was read (nothing ran).
@@ -81,21 +106,41 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None)
         argv += [len(c), *c]
     try:
         try:
-            r.eval(_ATOMIC_BODY, 1, keys.epoch, *argv)
+            return _eval(r, wait, _ATOMIC_BODY, 1, keys.epoch, *argv)
         except redis.ResponseError as exc:
             if not is_oom(exc):
                 raise
             try:
-                r.eval(_ATOMIC_ALLOW_OOM_LUA, 1, keys.epoch, *argv)
+                return _eval(r, wait, _ATOMIC_ALLOW_OOM_LUA, 1, keys.epoch, *argv)
             except redis.ResponseError as again:
                 if "EPOCH" in str(again) or is_oom(again):
                     raise
                 # no script flags (Redis < 7): the same body behind a first write that is never refused
-                r.eval(_ATOMIC_GATED_LUA, 2, keys.epoch, keys.prefix + "oom-gate", *argv)
+                return _eval(r, wait, _ATOMIC_GATED_LUA, 2, keys.epoch, keys.prefix + "oom-gate", *argv)
     except redis.ResponseError as exc:
         if "EPOCH" in str(exc):
             raise EpochChanged(str(exc)) from None
         raise
+
+
+def _eval(r: redis.Redis, wait: tuple[int, int] | None, script: str, numkeys: int, *args: Any) -> int | None:
+    """``EVAL script``; with ``wait``, then ``WAIT`` in the same pipeline (one connection: ``WAIT``
+    waits for the replication of the writes of the connection it is sent on)."""
+    if not wait or wait[0] < 1:
+        r.eval(script, numkeys, *args)
+        return None
+    pipe = r.pipeline(transaction=False)
+    pipe.eval(script, numkeys, *args)
+    pipe.execute_command("WAIT", int(wait[0]), int(wait[1]))
+    done, acked = pipe.execute(raise_on_error=False)
+    for result in (done, acked):
+        if isinstance(result, Exception):
+            raise result
+    if int(acked) < wait[0]:
+        UNREPLICATED.count += 1
+        log.warning("only %d of %d replicas held a write of the run within %d ms (a failover now would lose it; "
+                    "%d such writes)", int(acked), wait[0], wait[1], UNREPLICATED.count)
+    return int(acked)
 
 
 def write_small(r: redis.Redis, keys: Keys, cmd: tuple, what: str) -> None:

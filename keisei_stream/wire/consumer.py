@@ -86,6 +86,8 @@ class Consumer:
         deadletter_maxlen: approximate cap of the deadletter stream.
         check_legal: full replay validation (see :func:`keisei_stream.wire.codec.decode_entry`).
         dedup_window: how many recent batch ids are remembered for duplicate detection.
+        wait: ``(replicas, ms)``: every acknowledgement waits until that many replicas hold it
+            (``WAIT``, :func:`keisei_stream.wire.atomic.run_atomic`), so a failover keeps it.
 
     Attributes:
         in_flight: ids delivered by this consumer and not yet acknowledged.
@@ -94,7 +96,7 @@ class Consumer:
 
     def __init__(self, r: redis.Redis, keys: Keys, consumer_name: str, *, max_plies: int, block_ms: int = 1000,
                  count: int = 16, claim_idle_ms: int = 60_000, deadletter_maxlen: int = 10_000,
-                 check_legal: bool = True, dedup_window: int = 100_000):
+                 check_legal: bool = True, dedup_window: int = 100_000, wait: tuple[int, int] | None = None):
         self.r = r
         self.keys = keys
         self.name = consumer_name
@@ -105,6 +107,7 @@ class Consumer:
         self.deadletter_maxlen = int(deadletter_maxlen)
         self.check_legal = check_legal
         self.dedup_window = int(dedup_window)
+        self.wait = wait
         self.in_flight: dict[str, int] = {}  # entry id -> positions
         self._seen: dict[str, str] = {}  # batch_id -> entry id (insertion ordered, bounded)
         self._own_cursor: str | None = "0"  # None once our own pending list was re-read
@@ -365,7 +368,7 @@ class Consumer:
             cmds += [("ZADD", k.trained_batches, *batch_ids),
                      ("ZREMRANGEBYRANK", k.trained_batches, 0, -(TRAINED_BATCHES_KEPT + 1))]
         if cmds:
-            run_atomic(self.r, self.keys, cmds, self.epoch)
+            run_atomic(self.r, self.keys, cmds, self.epoch, self.wait)
         for i in ids:
             self.in_flight.pop(i, None)
 

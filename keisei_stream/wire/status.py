@@ -67,16 +67,28 @@ def read_workers(r: redis.Redis, keys: Keys, max_age_s: float | None = None) -> 
     return sorted(out, key=lambda d: d.get("id", ""))
 
 
+#: Keys a ``SCAN`` call looks at (its ``COUNT``): a run's keys are two per worker plus a few dozen,
+#: so a few round trips cover 10,000 workers.
+SCAN_COUNT = 10_000
+
+
 def _newest_entries(r: redis.Redis, pattern: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """``(key, newest entry's fields as strings)`` of every non-empty stream matching ``pattern``
-    (``SCAN`` + ``XREVRANGE ... COUNT 1``); keys that are not streams are skipped."""
-    for k in r.scan_iter(match=pattern, count=500):
-        try:
-            last = r.xrevrange(k, count=1)
-        except ResponseError:  # WRONGTYPE: not one of ours
+    """``(key, newest entry's fields as strings)`` of every non-empty stream matching ``pattern``:
+    ``SCAN`` (:data:`SCAN_COUNT` keys a call), then one pipelined round trip of ``XREVRANGE ...
+    COUNT 1`` over every key found, whatever their number; keys that are not streams are skipped."""
+    found = sorted({as_str(k) for k in r.scan_iter(match=pattern, count=SCAN_COUNT)})
+    if not found:
+        return
+    pipe = r.pipeline(transaction=False)
+    for k in found:
+        pipe.xrevrange(k, count=1)
+    for k, last in zip(found, pipe.execute(raise_on_error=False)):
+        if isinstance(last, ResponseError):  # WRONGTYPE: not one of ours
             continue
+        if isinstance(last, Exception):
+            raise last
         if last:
-            yield as_str(k), {as_str(a): as_str(b) for a, b in last[0][1].items()}
+            yield k, {as_str(a): as_str(b) for a, b in last[0][1].items()}
 
 
 def _int_hash(r: redis.Redis, key: str) -> dict[str, int]:

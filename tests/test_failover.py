@@ -1,0 +1,168 @@
+"""Failover through Redis Sentinel on real processes: a primary, a replica and three Sentinels on
+127.0.0.1, the run's users on both nodes, a learner and a worker that connect through the
+Sentinels; the primary is killed with SIGKILL and the run carries on with the promoted replica."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keisei_stream.cli.main import main
+from keisei_stream.ops.embedded_redis import RedisServer, start_redis, start_sentinel
+from keisei_stream.wire import atomic
+from keisei_stream.wire import status as S
+from keisei_stream.wire.client import SentinelURL, connect, parse_sentinel_url
+from keisei_stream.wire.keys import Keys
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from procs import assert_accounting_balances, start_learner, start_worker, stop_all, wait_for  # noqa: E402
+
+ADMIN = "admin-pw"
+SERVICE = "keisei"
+
+
+def test_sentinel_urls_parse_and_bad_ones_name_the_problem():
+    assert parse_sentinel_url("redis+sentinel://u:p%40w@10.0.0.1:26380,h2,[::1]:26381/keisei/2?sentinel_password=s") == \
+        SentinelURL((("10.0.0.1", 26380), ("h2", 26379), ("::1", 26381)), "keisei", 2, "u", "p@w", False,
+                    {"password": "s"})
+    assert parse_sentinel_url("rediss+sentinel://h/k").ssl
+    for bad, why in [("redis+sentinel://h", "SERVICE"), ("redis+sentinel://h:0/k", "bad Sentinel address"),
+                     ("redis+sentinel://h/k?ssl=1", "unknown query"), ("redis://h/k", "not a Sentinel URL"),
+                     ("redis+sentinel://h/k/x", "SERVICE"), ("redis+sentinel:///k", "SERVICE")]:
+        with pytest.raises(ValueError, match=why):
+            parse_sentinel_url(bad)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Group:
+    primary: RedisServer
+    replica: RedisServer
+    sentinels: list[RedisServer]
+    ports: list[int]
+
+    def admin_url(self, port: int) -> str:
+        return f"redis://:{ADMIN}@127.0.0.1:{port}/0"
+
+    def sentinel_url(self, user: str = "", password: str = ADMIN) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports[2:])
+        return f"redis+sentinel://{user}:{password}@{hosts}/{SERVICE}/0"
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A primary and its replica (admin password, TCP on 127.0.0.1) and three Sentinels (quorum 2,
+    the primary is down after 1 s of silence)."""
+    ports = _free_ports(5)
+    common = ["--bind", "127.0.0.1", "--requirepass", ADMIN, "--masterauth", ADMIN]
+    primary = start_redis(tmp_path / "primary", extra_args=["--port", str(ports[0]), *common])
+    servers = [primary]
+    try:
+        replica = start_redis(tmp_path / "replica", extra_args=["--port", str(ports[1]), *common,
+                                                                "--replicaof", "127.0.0.1", str(ports[0])])
+        servers.append(replica)
+        for i, port in enumerate(ports[2:]):
+            servers.append(start_sentinel(tmp_path / f"sentinel{i}", SERVICE, ("127.0.0.1", ports[0]), port=port,
+                                          bind="127.0.0.1", auth_pass=ADMIN, down_after_ms=1000,
+                                          failover_timeout_ms=5000))
+        r = connect(f"redis://:{ADMIN}@127.0.0.1:{ports[1]}/0")
+        wait_for(lambda: r.info("replication").get("master_link_status") == "up", 30, "the replica in sync")
+        r.close()
+        yield Group(primary, replica, servers[2:], ports)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.redis
+def test_wait_returns_the_replicas_that_hold_a_write(group, real_redis):
+    keys = Keys("waitrun")
+    primary = connect(group.admin_url(group.ports[0]))
+    assert atomic.run_atomic(primary, keys, [("SET", keys.control, "run")], None, wait=(1, 5000)) == 1
+    assert connect(group.admin_url(group.ports[1])).get(keys.control) == b"run"
+    before = atomic.UNREPLICATED.count
+    assert atomic.run_atomic(real_redis, keys, [("SET", keys.control, "run")], None, wait=(1, 50)) == 0  # no replica
+    assert atomic.UNREPLICATED.count == before + 1
+    assert atomic.run_atomic(real_redis, keys, [("SET", keys.control, "pause")], None) is None
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_kill_9_of_the_primary_fails_over_and_the_run_carries_on(group, tmp_path, capsys):
+    """The issue's failover acceptance on one machine: learner and worker reach the primary
+    through the Sentinels as the run's users (created on both nodes); the primary is killed -9
+    mid-run; the replica is promoted, both processes carry on (none exits), the versions the
+    workers can see never go back for longer than the learner takes to publish again (and any
+    such step is recorded in ``losses``), and the accounting balances on the new primary."""
+    run = "failover"
+    keys = Keys(run)
+    assert main(["users", "--redis", group.admin_url(group.ports[0]), "--redis", group.admin_url(group.ports[1]),
+                 "--run", run, "--workers", "1", "--url", group.sentinel_url()]) == 0
+    urls = dict(line.split()[0:3:2] for line in capsys.readouterr().out.splitlines())
+    admin = connect(group.sentinel_url())
+    S.set_control(admin, keys, "run")
+    learner = start_learner(urls["learner"], run, tmp_path, "--set", "stream.wait_replicas=1")
+    worker = start_worker(urls["worker:w0"], run, tmp_path, "w0")
+    procs = [learner, worker]
+    seen: list[tuple[float, int]] = []
+    sampling = threading.Event()
+
+    def version() -> int:
+        v = admin.hget(keys.weights_latest, "version")
+        return int(v) if v is not None else 0
+
+    def sample() -> None:
+        while not sampling.is_set():
+            seen.append((time.monotonic(), version()))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        wait_for(lambda: version() >= 3, 180, "versions before the failover", procs)
+        sampler.start()
+        time.sleep(1.0)
+        os.kill(group.primary.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        promoted = connect(group.admin_url(group.ports[1]))
+        wait_for(lambda: promoted.info("replication")["role"] == "master", 60, "the replica's promotion", procs)
+        v = version()
+        wait_for(lambda: version() >= v + 3, 180, "versions after the failover", procs)
+        sampling.set()
+        sampler.join()
+        stop_all(admin, keys, [worker], learner)  # both still running, and they stop cleanly
+    finally:
+        sampling.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert group.primary.process.poll() is not None and time.monotonic() - killed_at > 0
+    losses = [f for _, f in S.read_stream(admin, keys.losses)]
+    went_back = [(t, a, b) for (t, a), (_, b) in zip(seen, seen[1:]) if b < a]
+    if went_back:  # the last version's replication was cut: the learner published it again at once
+        assert any(f.get("kind") == "failover" and int(f["version_found"]) < int(f["version_held"]) for f in losses)
+        t, high, _ = went_back[0]
+        assert any(tt > t and vv >= high for tt, vv in seen if tt < t + 10), "the version was not published again"
+    acc = assert_accounting_balances(admin, keys)  # on the promoted replica: every position it holds is settled
+    assert acc["trained_positions"] > 0
+    assert int(S.read_learner_status(admin, keys).get("redis_outages", 0)) >= 1
+    print(json.dumps({"losses": losses, "went_back": went_back, "accounting": acc}))
