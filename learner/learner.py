@@ -47,8 +47,8 @@ from keisei_stream.wire.client import connect
 from keisei_stream.experience import concat_batches
 from keisei_stream.wire.consumer import Consumer, Delivered, group_updates
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import append_losses, read_accounting, write_config
-from keisei_stream.wire.weights import publish_weights, read_latest_info
+from keisei_stream.wire.status import write_config
+from keisei_stream.wire.weights import publish_weights
 from learner.report import MetricsSinks, Report
 
 log = logging.getLogger("keisei.learner")
@@ -137,30 +137,13 @@ class Learner:
             self.publish()
 
     def check_failover(self) -> None:
-        """After an outage with the run's epoch intact (rank 0): the server may now be a promoted
-        replica (a Sentinel failover) or one restarted from its files, holding the run's data up to
-        some point before the outage. A version it lacks is published again at once (versions
-        never go backwards for long: workers keep the newer one meanwhile), and positions the
-        accounting held before the outage and the server lacks now (worker adds the old primary
-        acknowledged and never replicated, as far as the last status read saw them) are recorded
-        in the ``losses`` stream (``kind`` ``failover``)."""
-        if self.rank != 0:
-            return
-        info = read_latest_info(self.r, self.keys)
-        found = 0 if info is None else info["version"]
-        before, now = self.report.last_accounting, read_accounting(self.r, self.keys)
-        missing = {k: before[k] - now.get(k, 0) for k in ("produced_positions", "produced_batches", "trained_positions")
-                   if before.get(k, 0) > now.get(k, 0)}
-        if found < self.version:
+        """After an outage with the run's epoch intact (rank 0): the server may be a promoted
+        replica or one restarted from its files; what it lacks is recorded in ``losses``
+        (:meth:`keisei_stream.wire.consumer.Consumer.record_failover`), and a version it lacks is
+        published again at once (versions never go backwards for long: workers keep the newer one
+        meanwhile)."""
+        if self.rank == 0 and self.consumer.record_failover(self.report.last_accounting, self.version) < self.version:
             self.publish_due = True
-        if missing or found < self.version:
-            log.error("Redis came back without some of the run's newest writes (a failover or a restart from its "
-                      "files): weights v%d found, v%d held (re-published); missing %s", found, self.version, missing)
-            retry.best_effort("losses entry", append_losses, self.r, self.keys, {
-                "time": round(time.time(), 3), "kind": "failover", "detected_by": self.consumer.name,
-                "epoch": self.consumer.epoch or "", "version_held": self.version, "version_found": found,
-                **{f"{k}_missing": v for k, v in missing.items()},
-                "accounting_before": json.dumps(before), "accounting_found": json.dumps(now)})
 
     def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
         """The held entries that make updates now, in groups of about ``samples_per_update``

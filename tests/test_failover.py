@@ -106,6 +106,28 @@ def test_wait_returns_the_replicas_that_hold_a_write(group, real_redis):
 
 
 @pytest.mark.redis
+def test_a_command_cut_by_the_kill_of_the_primary_ends_on_the_promoted_replica(group):
+    """A client blocked in a command when the primary dies (the learner's ``XREADGROUP BLOCK``)
+    reconnects to the promoted replica, not to the dead address for ever (redis-py's own Sentinel
+    connection would, under the retry policy that never gives up: :class:`SentinelConnection`)."""
+    c = connect(group.sentinel_url())
+    c.xgroup_create("s", "g", id="0", mkstream=True)
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(c.xreadgroup("g", "me", {"s": ">"}, count=1, block=60_000)),
+                              daemon=True)
+    reader.start()
+    time.sleep(1.0)  # blocked on the primary
+    os.kill(group.primary.pid, signal.SIGKILL)
+    promoted = connect(group.admin_url(group.ports[1]))
+    wait_for(lambda: promoted.info("replication")["role"] == "master", 60, "the replica's promotion")
+    wait_for(lambda: promoted.client_list(_type="normal") and any(
+        cl.get("cmd") == "xreadgroup" for cl in promoted.client_list()), 30, "the blocked read on the new primary")
+    promoted.xadd("s", {"x": "1"})
+    reader.join(10)
+    assert got and got[0][0][1][0][1] == {b"x": b"1"}
+
+
+@pytest.mark.redis
 @pytest.mark.slow
 def test_kill_9_of_the_primary_fails_over_and_the_run_carries_on(group, tmp_path, capsys):
     """The issue's failover acceptance on one machine: learner and worker reach the primary

@@ -57,7 +57,7 @@ def test_the_relay_copies_versions_forward_control_and_config(real_redis, redis_
         with pytest.raises(Exception):  # the reader cannot write the host's copy
             host.set(keys.control, "stop")
         S.set_control(real_redis, keys, "pause")
-        _step_until(rl, lambda: S.get_control(host, keys) == "pause", relay.CONTROL_S + 5)
+        _step_until(rl, lambda: S.get_control(host, keys) == "pause", S.CONTROL_S + 5)
         # a blob that does not match weights:latest is refused; the host keeps version 2
         real_redis.hset(keys.weights_latest, mapping={"version": 3, "sha256": hashlib.sha256(b"x").hexdigest(),
                                                       "bytes": 1})

@@ -36,15 +36,13 @@ from keisei_stream.wire import retry
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import append_game, get_control, write_worker_heartbeat
+from keisei_stream.wire.status import CONTROL_S, append_game, get_control, write_worker_heartbeat
 from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
 
 log = logging.getLogger("keisei.worker")
 
 #: Seconds a stopping worker waits for room in the stream to send its last positions.
 FINAL_SEND_S = 20.0
-#: Seconds between reads of ``control``: a stop or pause takes effect within this (plus a step).
-CONTROL_S = 1.0
 
 
 @dataclass
@@ -132,7 +130,8 @@ class Worker:
                    watcher=WeightsWatcher(read, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))
 
     def read_control(self) -> str:
-        """``run`` / ``pause`` / ``stop``, read at most every :data:`CONTROL_S` seconds."""
+        """``run`` / ``pause`` / ``stop``, read at most every
+        :data:`keisei_stream.wire.status.CONTROL_S` seconds."""
         now = time.monotonic()
         if now - self.control_checked > CONTROL_S:
             self.control, self.control_checked = get_control(self.read, self.keys), now

@@ -14,8 +14,8 @@ copies, in :meth:`Relay.step`:
    the host's server with the same bytes (:func:`keisei_stream.wire.weights.publish_weights`, the
    newest two blobs kept), whose announcement wakes the host's workers; versions only go
    forwards (a lower one is taken only once the run's epoch changed: a new run);
-2. ``control`` every :data:`CONTROL_S` seconds, ``config`` and ``epoch`` every :data:`SYNC_S`
-   seconds, each written only when it changed.
+2. ``control`` every :data:`keisei_stream.wire.status.CONTROL_S` seconds, ``config`` and
+   ``epoch`` every :data:`SYNC_S` seconds, each written only when it changed.
 
 The workers still verify every version's SHA-256 themselves, and write everything (experience,
 heartbeats) to the primary: ``python -m workers --redis PRIMARY --read-redis HOST_COPY``. The
@@ -39,12 +39,11 @@ import redis
 from keisei_stream.ops import acl, compat, embedded_redis
 from keisei_stream.wire import client, retry
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.status import CONTROL_S
 from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_info, read_latest_weights
 
 log = logging.getLogger("keisei.relay")
 
-#: Seconds between reads of ``control`` on the primary (the workers' own reads are local).
-CONTROL_S = 1.0
 #: Seconds between reads of ``config`` and ``epoch`` on the primary.
 SYNC_S = 5.0
 #: Weights blobs kept on the host's server (a worker reading the previous one still finds it).

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .retry import RetryForever
 
@@ -91,6 +91,26 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class SentinelConnection(SentinelManagedConnection):
+    """A connection to the primary of a Sentinel group that asks the Sentinels for the primary's
+    address at every (re)connection, including the reconnection of a command that failed half-way.
+
+    redis-py 8.2's :class:`SentinelManagedConnection` asks only when the pool hands the connection
+    out: a command that loses its connection (the primary killed during an ``XREADGROUP BLOCK``)
+    reconnects inside the client's retry to the address it had, and under
+    :class:`~keisei_stream.wire.retry.RetryForever` it would try the dead primary for ever (seen in
+    ``benchmarks/fleet.py --failover``; ``tests/test_failover.py`` covers it). Here every connect
+    resolves the primary first and makes one attempt; the command's retry policy does the rest.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock:
+            return
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+
+
 def connect(url: str, **kw: Any) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``, or ``redis+sentinel://``,
     see :func:`parse_sentinel_url`) with safe defaults.
@@ -125,7 +145,8 @@ def connect(url: str, **kw: Any) -> redis.Redis:
         tls = {"ssl": True} if su.ssl else {}
         sentinel = Sentinel(list(su.sentinels), socket_timeout=opts["socket_connect_timeout"],
                             sentinel_kwargs={"socket_timeout": opts["socket_connect_timeout"], **su.sentinel_auth, **tls})
-        return sentinel.master_for(su.service, db=su.db, username=su.username, password=su.password, **tls, **opts)
+        return sentinel.master_for(su.service, db=su.db, username=su.username, password=su.password,
+                                   connection_class=SentinelConnection, **tls, **opts)
     return redis.Redis.from_url(url, **opts)
 
 

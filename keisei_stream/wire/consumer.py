@@ -29,6 +29,7 @@ socket timeout above every ``BLOCK``).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -45,7 +46,10 @@ from keisei_stream.experience import ExperienceBatch
 from .codec import decode_entry, entry_positions
 from .keys import Keys
 from .errors import BadEntry
-from .status import append_losses
+from .status import append_losses, read_accounting
+from .weights import read_latest_info
+
+log = logging.getLogger("keisei.learner")
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
 DEADLETTER_FIELD_BYTES = 4096
@@ -221,6 +225,35 @@ class Consumer:
                   "accounting_before": json.dumps(dict(accounting_before)), **fields}
         retry.best_effort("losses entry", append_losses, self.r, self.keys, record)
         return record
+
+    def record_failover(self, accounting_before: Mapping[str, int], version_held: int) -> int:
+        """After an outage with the run's epoch intact, see what the server lacks: it may be a
+        promoted replica (a Sentinel failover) or one restarted from its files, holding the run's
+        data up to some point before the outage. When it holds an older weights version than
+        ``version_held`` (the publisher's), or fewer produced, produced-batch or trained positions
+        than ``accounting_before`` (the accounting as last read before the outage), one ``losses``
+        entry (``kind`` ``failover``) records it: the ``*_missing`` counts (positions whose adds
+        the old primary acknowledged and never replicated, as far as that last read saw them: a
+        lower bound), the versions, both accountings.
+
+        Returns:
+            The newest version the server holds (0: none); below ``version_held`` the caller
+            publishes again.
+        """
+        info = read_latest_info(self.r, self.keys)
+        found = 0 if info is None else info["version"]
+        now = read_accounting(self.r, self.keys)
+        missing = {k: accounting_before[k] - now.get(k, 0) for k in ("produced_positions", "produced_batches",
+                                                                      "trained_positions")
+                   if accounting_before.get(k, 0) > now.get(k, 0)}
+        if missing or found < version_held:
+            log.error("Redis came back without some of the run's newest writes (a failover or a restart from its "
+                      "files): weights v%d found, v%d held; missing %s", found, version_held, missing)
+            retry.best_effort("losses entry", append_losses, self.r, self.keys, {
+                "time": round(time.time(), 3), "kind": "failover", "detected_by": self.name, "epoch": self.epoch or "",
+                "version_held": version_held, "version_found": found, **{f"{k}_missing": v for k, v in missing.items()},
+                "accounting_before": json.dumps(dict(accounting_before)), "accounting_found": json.dumps(now)})
+        return found
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, block_ms: int | None = None) -> list[Delivered]:

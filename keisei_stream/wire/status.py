@@ -163,6 +163,9 @@ def read_stream(r: redis.Redis, key: str, count: int = 100) -> list[tuple[str, d
 
 
 CONTROL_VALUES = ("run", "pause", "stop")
+#: Seconds between a worker's reads of ``control`` (and ``keisei relay``'s, on the primary): a stop
+#: or a pause takes effect within this (twice through a relay), plus one step.
+CONTROL_S = 1.0
 
 
 def get_control(r: redis.Redis, keys: Keys) -> str:
