@@ -274,20 +274,21 @@ class Sample:
     net_out: int  # INFO total_net_output_bytes
     commands: int  # INFO total_commands_processed
     version: int  # weights:latest
+    clients: int  # INFO connected_clients
 
 
-INFO_COMMANDS = 3  # what one sample sends to the primary: INFO stats, HGET (and the connection's own)
+INFO_COMMANDS = 3  # what one sample sends to the primary: INFO, HGET (and the connection's own)
 
 
 def sample(fleet: Fleet) -> Sample | None:
     node = fleet.primary_name()
     try:
         r = fleet.admin(node)
-        info = r.info("stats")
+        info = r.info()
         v = r.hget(Keys(RUN).weights_latest, "version")
         r.close()
         return Sample(time.time(), node, fleet.net.hosts[node].tx_bytes(), int(info["total_net_output_bytes"]),
-                      int(info["total_commands_processed"]), int(v or 0))
+                      int(info["total_commands_processed"]), int(v or 0), int(info["connected_clients"]))
     except Exception:  # noqa: BLE001 - the primary is down (the failover): no sample this second
         return None
 
@@ -325,16 +326,22 @@ def held_versions(fleet: Fleet) -> tuple[dict[str, list[tuple[int, float]]], dic
             d = json.loads(line)
             out[d["id"]] = d
             held[d["id"]] = [tuple(x) for x in d["held"]]
-    pat = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .* loaded weights version (\d+)")
     for wid in fleet.real_ids:
-        log = fleet.work / f"worker-{wid}.log"
-        held[wid] = []
-        for line in (log.read_text(errors="replace").splitlines() if log.exists() else []):
-            m = pat.match(line)
-            if m:
-                t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
-                held[wid].append((int(m.group(3)), t))
+        held[wid] = logged_versions(fleet.work / f"worker-{wid}.log", "loaded weights version")
     return held, out
+
+
+def logged_versions(log: Path, what: str) -> list[tuple[int, float]]:
+    """``(version, unix time)`` of the lines ``... {what} N ...`` of a process's log (the logging
+    module's ``asctime``, local time, ms)."""
+    pat = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*" + re.escape(what) + r" (\d+)")
+    out = []
+    for line in (log.read_text(errors="replace").splitlines() if log.exists() else []):
+        m = pat.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+            out.append((int(m.group(3)), t))
+    return out
 
 
 def version_delays(held: dict[str, list[tuple[int, float]]], published: dict[int, float], t0: float, t1: float,
@@ -453,6 +460,8 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
     workers = fleet.synthetic_ids + fleet.real_ids
     end_window = killed.get("killed_at", stop_t)
     delays = version_delays(held, published, window_start, end_window - 10, workers)
+    copies = {f"h{h}": logged_versions(fleet.work / f"relay-h{h}.log", "version") for h in range(args.hosts)}
+    copy_delays = version_delays(copies, published, window_start, end_window - 10, list(copies))
     acc = status.read_accounting(admin, keys)
     in_stream = status.stream_positions(admin, keys)
     settled = sum(acc[k] for k in ("trained_positions", "stale_positions", "rejected_positions", "duplicate_positions"))
@@ -477,6 +486,9 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         "version_max_s": _round(max(delays) if delays else None), "never_held_pairs": sum(map(math.isinf, delays)),
         "share_within_2s": round(sum(d <= 2.0 for d in delays) / len(delays), 4) if delays else None,
         "version_pairs": len(delays),
+        "host_copy_p95_s": _round(percentile(copy_delays, 0.95)) if args.fanout == "relay" else None,
+        "host_copy_max_s": _round(max(copy_delays)) if args.fanout == "relay" and copy_delays else None,
+        "primary_clients_max": max((s.clients for s in samples), default=0),
         "commands_per_worker_per_s": pre.get("commands_per_worker_per_s"),
         "commands_top": top_commands(stats_at, "start", "kill" if killed else "stop", fleet.n_workers),
         "window": pre,
