@@ -275,6 +275,7 @@ class Sample:
     commands: int  # INFO total_commands_processed
     version: int  # weights:latest
     clients: int  # INFO connected_clients
+    cpu: float  # INFO used_cpu_sys + used_cpu_user (seconds)
 
 
 INFO_COMMANDS = 3  # what one sample sends to the primary: INFO, HGET (and the connection's own)
@@ -288,7 +289,8 @@ def sample(fleet: Fleet) -> Sample | None:
         v = r.hget(Keys(RUN).weights_latest, "version")
         r.close()
         return Sample(time.time(), node, fleet.net.hosts[node].tx_bytes(), int(info["total_net_output_bytes"]),
-                      int(info["total_commands_processed"]), int(v or 0), int(info["connected_clients"]))
+                      int(info["total_commands_processed"]), int(v or 0), int(info["connected_clients"]),
+                      float(info["used_cpu_sys"]) + float(info["used_cpu_user"]))
     except Exception:  # noqa: BLE001 - the primary is down (the failover): no sample this second
         return None
 
@@ -314,7 +316,8 @@ def window_figures(samples: list[Sample], t0: float, t1: float, fleet: Fleet, pu
             "egress_per_version_blobs": round((b.tx - a.tx) / versions / blob, 3) if versions else None,
             "egress_per_version_blobs_info": round((b.net_out - a.net_out) / versions / blob, 3) if versions else None,
             "egress_mbit_per_s": round((b.tx - a.tx) * 8 / seconds / 1e6, 1),
-            "commands_per_worker_per_s": round((b.commands - a.commands - own) / fleet.n_workers / seconds, 3)}
+            "commands_per_worker_per_s": round((b.commands - a.commands - own) / fleet.n_workers / seconds, 3),
+            "primary_cpu_share": round((b.cpu - a.cpu) / seconds, 3)}
 
 
 def held_versions(fleet: Fleet) -> tuple[dict[str, list[tuple[int, float]]], dict[str, dict]]:
@@ -324,6 +327,9 @@ def held_versions(fleet: Fleet) -> tuple[dict[str, list[tuple[int, float]]], dic
     for path in fleet.work.glob("synthetic-h*.jsonl"):
         for line in path.read_text().splitlines():
             d = json.loads(line)
+            if "process_cpu_s" in d:
+                out.setdefault("", {"process_cpu_s": 0.0})["process_cpu_s"] += d["process_cpu_s"]
+                continue
             out[d["id"]] = d
             held[d["id"]] = [tuple(x) for x in d["held"]]
     for wid in fleet.real_ids:
@@ -416,7 +422,7 @@ def kill_primary(fleet: Fleet) -> dict:
     try:
         p, s = fleet.admin("redis").info("replication"), fleet.admin("standby").info("replication")
         lag = {"primary_offset": p["master_repl_offset"], "standby_offset": s.get("slave_repl_offset"),
-               "lag_bytes": p["master_repl_offset"] - int(s.get("slave_repl_offset", 0))}
+               "lag_bytes": max(0, p["master_repl_offset"] - int(s.get("slave_repl_offset", 0)))}
     except Exception:  # noqa: BLE001
         pass
     t = time.time()
@@ -448,15 +454,17 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         learner.wait(180)
     except subprocess.TimeoutExpired:
         fleet.exited.setdefault("learner", -999)
-    published, blob, learner_end = {}, 0, {}
+    published, blob, learner_end, publish_s = {}, 0, {}, []
     for line in (fleet.work / "published.jsonl").read_text().splitlines():
         d = json.loads(line)
         if "version" in d and "published" in d:
             published[d["version"]] = d["published"]
             blob = d["bytes"]
+            publish_s.append(d["publish_s"])
         elif "stopped" in d:
             learner_end = d
     held, synthetic_out = held_versions(fleet)
+    synthetic_cpu_s = synthetic_out.pop("", {}).get("process_cpu_s", 0.0)
     workers = fleet.synthetic_ids + fleet.real_ids
     end_window = killed.get("killed_at", stop_t)
     delays = version_delays(held, published, window_start, end_window - 10, workers)
@@ -481,7 +489,7 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         "blob_bytes": blob, "versions_published": len(published),
         "egress_per_version_blobs": pre.get("egress_per_version_blobs"),
         "egress_per_version_blobs_info": pre.get("egress_per_version_blobs_info"),
-        "egress_mbit_per_s": pre.get("egress_mbit_per_s"),
+        "egress_mbit_per_s": pre.get("egress_mbit_per_s"), "primary_cpu_share": pre.get("primary_cpu_share"),
         "version_p95_s": _round(percentile(delays, 0.95)), "version_p50_s": _round(percentile(delays, 0.5)),
         "version_max_s": _round(max(delays) if delays else None), "never_held_pairs": sum(map(math.isinf, delays)),
         "share_within_2s": round(sum(d <= 2.0 for d in delays) / len(delays), 4) if delays else None,
@@ -498,6 +506,10 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         "versions_monotonic": all(a <= b for a, b in zip(versions_seen, versions_seen[1:])) and monotonic_held,
         "workers_held_monotonic": monotonic_held,
         "synthetic_errors": sorted({d["error"] for d in synthetic_out.values() if d["error"]})[:5],
+        "synthetic_cpu_s": round(synthetic_cpu_s, 1),
+        "synthetic_cpu_s_per_version_per_worker": round(synthetic_cpu_s / max(1, len(published)) / max(1, len(
+            fleet.synthetic_ids)), 4),
+        "publish_s_mean": round(sum(publish_s) / len(publish_s), 3) if publish_s else None,
         "learner": learner_end, "machine": {"cpus": os.cpu_count(), "load_at_end": os.getloadavg()[0]},
     }
     if args.failover:

@@ -255,7 +255,9 @@ def run_synthetic(args: argparse.Namespace) -> int:
         t.start()
     for t in workers:
         t.join(max(0.0, args.deadline - time.time()) + 30)
+    cpu = os.times()
     with open(args.out, "w") as out:
+        out.write(json.dumps({"process_cpu_s": round(cpu.user + cpu.system, 2), "workers": len(workers)}) + "\n")
         for t in workers:
             out.write(json.dumps({"id": t.wid, "held": t.held, "sent_positions": t.sent_positions,
                                   "sent_batches": t.sent_batches, "refused_weights": t.refused, "error": t.error,
