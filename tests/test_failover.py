@@ -106,6 +106,29 @@ def test_wait_returns_the_replicas_that_hold_a_write(group, real_redis):
 
 
 @pytest.mark.redis
+def test_what_a_promoted_replica_lacks_is_recorded_in_losses(real_redis, make_batch):
+    """After an outage with the epoch intact, the consumer compares the server with what the
+    learner last read: a weights version and produced positions it lacks are recorded (one
+    ``losses`` entry, kind failover); a server that lacks nothing gets no entry."""
+    from keisei_stream.wire.consumer import Consumer
+    from keisei_stream.wire.producer import Producer
+    from keisei_stream.wire.weights import publish_weights
+
+    keys = Keys("promoted")
+    consumer = Consumer(real_redis, keys, "learner-0", max_plies=64)
+    consumer.claim_epoch()
+    Producer(real_redis, keys, "w0", max_backlog=10).send(make_batch(100, worker_id="w0"))
+    publish_weights(real_redis, keys, 3, b"v3", "float32", keep=2)
+    held = S.read_accounting(real_redis, keys)
+    assert consumer.record_failover(held, 3) == 3 and real_redis.xlen(keys.losses) == 0
+    before = {**held, "produced_positions": held["produced_positions"] + 40, "produced_batches": 2}
+    assert consumer.record_failover(before, 5) == 3  # v4, v5 and one batch of 40 never reached this server
+    (_, entry), = S.read_stream(real_redis, keys.losses)
+    assert entry["kind"] == "failover" and entry["version_held"] == "5" and entry["version_found"] == "3"
+    assert entry["produced_positions_missing"] == "40" and entry["produced_batches_missing"] == "1"
+
+
+@pytest.mark.redis
 def test_a_command_cut_by_the_kill_of_the_primary_ends_on_the_promoted_replica(group):
     """A client blocked in a command when the primary dies (the learner's ``XREADGROUP BLOCK``)
     reconnects to the promoted replica, not to the dead address for ever (redis-py's own Sentinel

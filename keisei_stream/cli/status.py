@@ -127,14 +127,16 @@ def render_status(st: dict, stopped: bool = False) -> Group:
         parts.append(f"Redis outages seen by the learner: {ln.get('redis_outages')} "
                      f"({float(ln.get('redis_outage_s', 0)):.1f} s in all)")
     if st.get("losses"):
-        ls = Table(title="data lost to Redis restarts (losses stream)", title_justify="left")
-        for col in ("time", "detected by", "version", "unread positions lost", "held positions kept", "new epoch"):
+        ls = Table(title="data lost to Redis restarts and failovers (losses stream)", title_justify="left")
+        for col in ("time", "kind", "detected by", "version", "unread positions lost", "held positions kept",
+                    "new epoch"):
             ls.add_column(col, justify="right")
-        for e in st["losses"]:
+        for e in st["losses"]:  # a failover's entry (kind failover): the positions the new primary lacks
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e.get("time", 0) or 0)))
-            ls.add_row(when, str(e.get("detected_by", "")), str(e.get("version", "")),
-                       str(e.get("unread_positions_lost", "")), str(e.get("held_positions_kept", "")),
-                       str(e.get("new_epoch", "")))
+            ls.add_row(when, e.get("kind", "restart"), str(e.get("detected_by", "")),
+                       str(e.get("version", e.get("version_held", ""))),
+                       str(e.get("unread_positions_lost", e.get("produced_positions_missing", ""))),
+                       str(e.get("held_positions_kept", "")), str(e.get("new_epoch", "")))
         parts.append(ls)
     if st.get("rating"):
         rt = Table(title="latest rating (random mover = 0)", title_justify="left")
