@@ -45,7 +45,7 @@ def test_a_short_fleet_run_with_a_failover():
     accounting balanced, and every namespace gone afterwards."""
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--hosts", "2", "--synthetic-per-host",
-                        "3", "--real-workers", "0", "--minutes", "0.6", "--version-every", "3", "--warmup", "5",
+                        "3", "--real-workers", "0", "--minutes", "0.75", "--version-every", "3", "--warmup", "5",
                         "--failover"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
