@@ -17,20 +17,27 @@ faults at random times (gaps uniform in ``--gap`` seconds) drawn from:
 - ``redis_full``: ``CONFIG SET maxmemory`` just above the memory in use for 5-20 s (every write
   that needs memory is refused: backpressure), then the configured limit again;
 - ``hostile``: 1-5 entries the learner must reject (random payload, wrong schema, missing field,
-  bad count), added straight to the stream;
-- ``replay``: an entry of the stream added again (the learner must drop it as a duplicate).
+  bad count, another worker's name), added straight to a worker's stream;
+- ``replay``: an entry of a worker's stream added again (the learner must drop it as a duplicate);
+- ``attack``: one of the attacks of ``benchmarks/attack.py`` made with worker ``w1``'s own
+  credential (``--workers`` >= 2): trimming its own stream or another's, the largest id, an endless
+  or memory-hungry script, garbage, a request above the server's limit, ignoring its credit.
 
 Faults overlap: a stop or a full Redis lasts while the next faults come. At the end it waits for
 the last fault to be over, stops the run (SIGINT: workers, then the learner's drain, then the
 final status) and prints one JSON line: ``faults_injected``, ``faults`` (per kind), the
 accounting (``produced``, ``trained``, ``stale``, ``rejected``, ``duplicate``, ``in_stream``
-positions), ``lost_positions`` = produced + replayed - trained - stale - rejected - duplicate -
-in_stream (must be 0; hostile entries decode to 0 positions), ``versions_monotonic`` (every
-``weights:latest`` version sampled each second never went down), ``weights_finite`` (every
-parameter of the final checkpoint), the restarts ``keisei run`` counted, and ``ok``. With
-``--check`` the exit code is 1 unless ``ok``.
+positions), per worker ``lost`` = produced + replayed - trained - stale - rejected - duplicate -
+in its stream (``lost_positions``: the sum over the workers whose stream no attack trimmed, must
+be 0; hostile entries decode to 0 positions; ``confined_lost_positions``: what ``w1``'s own
+credential trimmed from its own stream), ``attacks`` (each one's outcome: refused, or confined to
+w1's own keys; one that must be refused and was not fails the run), ``busy_answers`` (``BUSY``
+answers to this script's own reads: must be 0), ``versions_monotonic`` (every ``weights:latest``
+version sampled each second never went down), ``weights_finite`` (every parameter of the final
+checkpoint), the restarts ``keisei run`` counted, and ``ok``. With ``--check`` the exit code is 1
+unless ``ok``.
 
-Measured on this project's shared 2-core machine (no GPU); see the README's "Reliability".
+Measured on this project's shared 2-core machine (no GPU); see the manual's results page (docs/results.md, chaos runs).
 """
 
 from __future__ import annotations
@@ -53,14 +60,16 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from keisei_stream.cli.common import url_file  # noqa: E402
 from keisei_stream.cli.status import FINAL_STATUS  # noqa: E402
 from keisei_stream.wire.client import connect  # noqa: E402
 from keisei_stream.wire.keys import Keys  # noqa: E402
-from keisei_stream.wire.retry import is_oom  # noqa: E402
+from keisei_stream.wire.retry import is_busy, is_oom  # noqa: E402
+from keisei_stream.wire.status import read_roster  # noqa: E402
+
+from attack import ATTACKS, MUST_BE_REFUSED, attack, attacker_url, start_run  # noqa: E402 - this script's folder is on sys.path
 
 KINDS = {"kill_worker": 3, "kill_learner": 2, "redis_stop": 2, "redis_kill": 2, "redis_full": 2, "hostile": 2,
-         "replay": 2}
+         "replay": 2, "attack": 3}
 #: ``w`` of the hostile entries (the learner dead-letters them; they decode to 0 positions)
 HOSTILE_WORKER = "chaos-hostile"
 
@@ -89,8 +98,10 @@ class Chaos:
         self.keys = Keys(self.run_id)
         self.rng = random.Random(args.seed)
         self.faults: Counter[str] = Counter()
-        self.replayed = 0
+        self.replayed: Counter[str] = Counter()  # worker -> positions added again to its stream
         self.hostile = 0
+        self.attacks: list[dict] = []
+        self.busy = 0
         self.versions: list[int] = []
         self.threads: list[threading.Thread] = []
         self.stop_sampling = threading.Event()
@@ -109,19 +120,9 @@ class Chaos:
     def start(self) -> None:
         a = self.args
         self.t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", str(a.config), "--run", self.run_id,
-               "--workers", str(a.workers), "--no-live", "--print-every", "30", "--maxmemory", a.maxmemory,
-               "--restart-backoff", "0.5", "--learner-restarts", "1000", "--set", f"run.dir={self.runs}",
-               *[x for ov in a.set for x in ("--set", ov)]]
-        self.out = open(self.runs / "keisei-run.out", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
-        url_path = url_file(self.runs / self.run_id)
-        deadline = time.monotonic() + 120
-        while not url_path.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"keisei run did not start: see {self.runs / 'keisei-run.out'}")
-            time.sleep(0.2)
-        self.url = url_path.read_text().strip()
+        self.proc, self.out, self.url = start_run(
+            self.runs, self.run_id, "--config", str(a.config), "--workers", str(a.workers), "--maxmemory", a.maxmemory,
+            "--restart-backoff", "0.5", "--learner-restarts", "1000", *[x for ov in a.set for x in ("--set", ov)])
         self.r = connect(self.url)
         self.maxmemory = int(self.r.config_get("maxmemory")["maxmemory"])
         threading.Thread(target=self.sample_versions, daemon=True).start()
@@ -138,6 +139,8 @@ class Chaos:
         while not self.stop_sampling.is_set():
             try:
                 self.versions.append(int(r.hget(self.keys.weights_latest, "version") or 0))
+            except redis.ResponseError as exc:
+                self.busy += is_busy(exc)
             except redis.RedisError:
                 pass
             self.stop_sampling.wait(1.0)
@@ -194,22 +197,32 @@ class Chaos:
             self.say(f"hostile: {added} entries")
             return added > 0
         if kind == "replay":
-            items = self.r.xrange(self.keys.experience, count=50)
-            items = [(i, f) for i, f in items if f.get(b"w", b"") != HOSTILE_WORKER.encode() and b"n" in f]
+            w = self.rng.choice(read_roster(self.r, self.keys))
+            items = self.r.xrange(self.keys.experience(w), count=50)
+            items = [(i, f) for i, f in items if f.get(b"w", b"") == w.encode() and b"n" in f]
             if not items:
                 return False
             _id, fields = self.rng.choice(items)
-            if not self.add(fields):
+            if not self.add(fields, w):
                 return False
-            self.replayed += int(fields[b"n"])
-            self.say(f"replay: an entry of {int(fields[b'n'])} positions added again")
+            self.replayed[w] += int(fields[b"n"])
+            self.say(f"replay: an entry of {int(fields[b'n'])} positions added again to {w}'s stream")
+            return True
+        if kind == "attack":
+            if self.args.workers < 2:
+                return False
+            name = self.rng.choice(ATTACKS)
+            url = attacker_url(self.runs / self.run_id, self.url, self.run_id)
+            self.attacks.append(attack(name, url, self.keys, seed=len(self.attacks)))
+            self.say(f"attack by w1's credential: {name}: {self.attacks[-1]['outcome']}")
             return True
         raise ValueError(kind)
 
-    def add(self, fields: dict) -> bool:
-        """XADD to the experience stream; False when Redis is full (a fault of its own) and refused it."""
+    def add(self, fields: dict, worker: str | None = None) -> bool:
+        """XADD to a worker's stream (a random one of the roster when None); False when Redis is
+        full (a fault of its own) and refused it."""
         try:
-            self.r.xadd(self.keys.experience, fields)
+            self.r.xadd(self.keys.experience(worker or self.rng.choice(read_roster(self.r, self.keys))), fields)
         except redis.ResponseError as exc:
             if not is_oom(exc):
                 raise
@@ -288,7 +301,13 @@ class Chaos:
         produced = int(acc["produced_positions"])
         settled = {k: int(acc[f"{k}_positions"]) for k in ("trained", "stale", "rejected", "duplicate")}
         in_stream = int(stream.get("positions", 0))
-        lost = produced + self.replayed - sum(settled.values()) - in_stream
+        per_worker = {w: int(d.get("produced_positions", 0)) + self.replayed[w] - int(d.get("in_stream_positions", 0))
+                      - sum(int(d.get(f"{k}_positions", 0)) for k in ("trained", "stale", "rejected", "duplicate"))
+                      for w, d in final.get("per_worker", {}).items()}
+        # an attack that reached w1's own stream (a trim, a hand-made entry) costs w1's balance only
+        touched = {"w1"} if any(a["outcome"] == "confined" for a in self.attacks) else set()
+        lost = sum(v for w, v in per_worker.items() if w not in touched)
+        misplaced = [a for a in self.attacks if a["attack"] in MUST_BE_REFUSED and a["outcome"] != "refused"]
         monotonic = all(b >= a for a, b in zip(self.versions, self.versions[1:]))
         finite = weights_finite(self.runs / self.run_id / "checkpoints")
         sv = final.get("supervisor") or {}
@@ -296,13 +315,17 @@ class Chaos:
                "config": str(self.args.config), "workers": self.args.workers,
                "faults_injected": sum(self.faults.values()), "faults": dict(sorted(self.faults.items())),
                "produced": produced, **settled, "in_stream": in_stream, "in_stream_entries": int(stream.get("length", 0)),
-               "replayed_positions": self.replayed, "hostile_entries": self.hostile,
+               "replayed_positions": sum(self.replayed.values()), "hostile_entries": self.hostile,
                "rejected_entries": int(acc.get("rejected_entries", 0)), "lost_positions": lost,
+               "lost_per_worker": per_worker, "confined_lost_positions": sum(per_worker[w] for w in touched
+                                                                             if w in per_worker),
+               "attacks": self.attacks, "busy_answers": self.busy,
                "versions_monotonic": monotonic, "final_version": self.versions[-1] if self.versions else 0,
                "weights_finite": finite, "worker_restarts": int(sv.get("worker_restarts", 0)),
                "learner_restarts": int(sv.get("learner_restarts", 0)), "redis_restarts": int(sv.get("redis_restarts", 0)),
                "keisei_run_exit": rc, "wall_s": round(time.monotonic() - self.t0, 1)}
-        out["ok"] = bool(lost == 0 and monotonic and finite and rc == 0 and produced > 0)
+        out["ok"] = bool(lost == 0 and monotonic and finite and rc == 0 and produced > 0 and not misplaced
+                         and self.busy == 0)
         return out
 
 

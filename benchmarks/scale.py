@@ -18,8 +18,10 @@ Baseline in the same run: the W=1 point (``speedup_vs_w1``).
 Part 2 (``--capacity-entries N``): per-entry cost of the experience stream on one private Redis
 (unix socket, AOF everysec as ``keisei run`` uses) with realistic entries (``batches.
 benchmark_batches``: random games cut into segments, incompressible floats, ``--batch-positions`` positions):
-the producer's admission Lua (XLEN check + XADD + HSET + HINCRBY), the learner's XREADGROUP and
-XACK+XDEL+HINCRBY (``Consumer.read``/``Consumer.ack``, structural validation only), the memory
+the producer's add (phase ``producer_lua_xadd``, its name from when it was a Lua script; since
+issue 23: credit check XLEN + HGET, WATCH + XREVRANGE of the worker's record, MULTI XADD + XADD
+EXEC), the learner's XREADGROUP and XACK+XDEL+HINCRBY (``Consumer.read``/``Consumer.ack``,
+structural validation only), the memory
 each unacknowledged entry holds (``INFO memory`` used_memory delta), and the server's own CPU
 seconds per entry (``INFO cpu`` of the main thread: what bounds a single-threaded server, unlike
 this Python client). Baseline in the same run: raw XADD / XREADGROUP / XACK+XDEL of the same bytes.
@@ -50,7 +52,7 @@ from keisei_stream.ops.embedded_redis import start_redis
 from keisei_stream.wire.client import as_str, connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import read_accounting, read_workers
+from keisei_stream.wire.status import read_accounting, read_workers, register_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 from batches import benchmark_batches  # this script's folder is on sys.path
@@ -296,13 +298,15 @@ def capacity(entries: int, batch_positions: int, max_plies: int, tmp: Path, weig
         phase("baseline_raw_xreadgroup_xack_xdel", raw_read_ack, entries)
         r.delete(raw)
 
-        # the project's path: Producer (admission Lua) and Consumer (read, ack with accounting)
+        # the project's path: Producer (its add within its credit) and Consumer (read, ack with accounting)
         keys = Keys("cap")
-        ensure_group(r, keys)
+        register_workers(r, keys, ["cap-w"])
+        ensure_group(r, keys, "cap-w")
         r.set(keys.epoch, "cap")
-        producer = Producer(r, keys, "cap-w", max_backlog=entries + 1, backoff_max_s=0.01)
-        consumer = Consumer(r, keys, "cap-l", max_plies=max_plies, block_ms=100, count=16, check_legal=False)
+        consumer = Consumer(r, keys, "cap-l", max_plies=max_plies, window=entries + 1, block_ms=100, count=16,
+                            check_legal=False)
         consumer.epoch = "cap"
+        producer = Producer(r, keys, "cap-w", backoff_max_s=0.01)
 
         def produce():
             for i in range(entries):
@@ -330,7 +334,8 @@ def capacity(entries: int, batch_positions: int, max_plies: int, tmp: Path, weig
 
         phase("weights_blob_get", get_blob, gets)
         res["weights_blob_get"]["blob_bytes"] = weights_bytes
-        res["accounting_balanced"] = acc["produced_positions"] == acc["trained_positions"] and r.xlen(keys.experience) == 0
+        res["accounting_balanced"] = (acc["produced_positions"] == acc["trained_positions"]
+                                      and r.xlen(keys.experience("cap-w")) == 0)
         r.close()
 
     add = res["producer_lua_xadd"]
@@ -344,7 +349,7 @@ def capacity(entries: int, batch_positions: int, max_plies: int, tmp: Path, weig
         "memory_bytes_per_unacked_position": round(add["used_memory_delta_per_entry"] / pos_per_entry, 1),
         "weights_get_mb_per_s": round(1e6 / res["weights_blob_get"]["server_cpu_us_per_entry"] * weights_bytes / 1e6, 1)
         if res["weights_blob_get"]["server_cpu_us_per_entry"] > 0 else None,
-        "note": "1 / (server main-thread CPU per entry of admission + read + ack); no network; weights GETs "
+        "note": "1 / (server main-thread CPU per entry of the producer's add + read + ack); no network; weights GETs "
                 "share the same thread (weights_get_mb_per_s: that thread doing nothing else)",
     }
     return res

@@ -1,11 +1,13 @@
 """Transport benchmark: positions/s through a real Redis (private server on a unix socket).
 
-Pipeline per batch, one client thread: encode -> admission Lua (XLEN check + XADD + HINCRBY)
--> XREADGROUP -> decode_entry -> XACK + XDEL + HINCRBY (MULTI/EXEC). Variants: full validation
-(cshogi replay), structural validation only, and full validation plus the training-input
-rebuild (obs + mask). Baseline in the same run: raw XADD / XREADGROUP / XACK+XDEL of the same
-pre-encoded bytes, no encode/decode. ``per_core`` divides by this process's CPU time (the
-server runs in its own process); ``wall`` is end-to-end.
+Pipeline per batch, one client thread: encode -> the producer's add (credit check: XLEN + HGET;
+WATCH the worker's record, XREVRANGE it, MULTI XADD entry + XADD record EXEC) -> XREADGROUP ->
+decode_entry (with the consumer's game book) -> XACK + XDEL + HINCRBY (one script). Variants:
+full validation (cshogi replay), structural validation only, and full validation plus the
+training-input rebuild (obs + mask). Baseline in the same run: raw XADD / XREADGROUP / XACK+XDEL of
+the same pre-encoded bytes, no encode/decode. ``per_core`` divides by this process's CPU time (the
+server runs in its own process); ``wall`` is end-to-end. The same JSON keys as before the
+per-worker streams (issue 23), so two checkouts' outputs compare key by key.
 
 Prints one JSON object.
 """
@@ -25,14 +27,16 @@ from keisei_stream.ops.embedded_redis import start_redis
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import read_accounting
+from keisei_stream.wire.status import read_accounting, register_workers
 
 from batches import benchmark_batches  # noqa: E402 - this script's folder is on sys.path
 
 
 def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
-    producer = Producer(r, keys, "bench-w", max_backlog=64, backoff_max_s=0.01)
-    consumer = Consumer(r, keys, "bench-l", max_plies=max_plies, block_ms=100, count=16, check_legal=check_legal)
+    register_workers(r, keys, ["bench-w"])
+    producer = Producer(r, keys, "bench-w", backoff_max_s=0.01)
+    consumer = Consumer(r, keys, "bench-l", max_plies=max_plies, window=64, block_ms=100, count=16,
+                        check_legal=check_legal)
     positions = 0
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
@@ -53,20 +57,21 @@ def run_pipeline(r, keys, batches, rounds, max_plies, check_legal, inputs):
 
 
 def run_baseline(r, keys, encoded, positions_per_round, rounds):
-    ensure_group(r, keys)
+    ensure_group(r, keys, "raw")
+    stream = keys.experience("raw")
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         for f in encoded:
-            r.xadd(keys.experience, f)
+            r.xadd(stream, f)
         got = []
         while len(got) < len(encoded):
-            resp = r.xreadgroup(keys.group, "raw", {keys.experience: ">"}, count=16, block=100)
+            resp = r.xreadgroup(keys.group, "raw", {stream: ">"}, count=16, block=100)
             for _stream, items in resp or []:
                 got += items
         ids = [i for i, _ in got]
         pipe = r.pipeline(transaction=True)
-        pipe.xack(keys.experience, keys.group, *ids)
-        pipe.xdel(keys.experience, *ids)
+        pipe.xack(stream, keys.group, *ids)
+        pipe.xdel(stream, *ids)
         pipe.execute()
     return positions_per_round * rounds, time.perf_counter() - w0, time.process_time() - c0
 

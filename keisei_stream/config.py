@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the dotted field path."""
 
 
+#: The exit status of a process stopped by a configuration error (``EX_CONFIG`` of BSD's
+#: sysexits.h): restarting it cannot help, so ``keisei run``'s supervisor stops the run instead.
+EXIT_CONFIG = 78
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -27,7 +32,8 @@ class RunConfig(_Section):
     """Identity and places of a run."""
 
     id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="run id, the `{run}` of every Redis key")
-    dir: str = Field("runs", description="parent of the run directory runs/{id}/ (config, checkpoints, events, logs)")
+    dir: str = Field("runs", description="parent of the run directory {dir}/{id}/ (config, checkpoints, metrics.jsonl, "
+                     "games, eval, logs, the private Redis' files)")
     seed: int = Field(0, ge=0, description="base seed; a worker adds its process id unless given --seed")
 
 
@@ -87,7 +93,9 @@ class PPOConfig(_Section):
 class StreamConfig(_Section):
     """Redis stream, weights and observability settings shared by all processes."""
 
-    max_backlog: int = Field(64, ge=1, description="max unacknowledged experience entries before producers wait")
+    max_backlog: int = Field(64, ge=1, description="the run's window: unacknowledged experience entries in all "
+                             "workers' streams together; each live worker's credit is ceil(max_backlog / live workers) "
+                             "entries in its own stream before it waits")
     batch_positions: int = Field(1024, ge=1, description="a worker sends a batch once it holds this many positions")
     block_ms: int = Field(1000, ge=1, le=60_000, description="XREADGROUP BLOCK time")
     read_count: int = Field(16, ge=1, description="entries per XREADGROUP")
@@ -100,10 +108,13 @@ class StreamConfig(_Section):
     metrics_maxlen: int = Field(100_000, ge=1, description="approximate cap of the metrics stream")
     games_maxlen: int = Field(10_000, ge=1, description="approximate cap of the games stream")
     eval_maxlen: int = Field(10_000, ge=1, description="approximate cap of the eval stream")
-    heartbeat_s: float = Field(5.0, gt=0, description="seconds between heartbeat/status writes of every process (a "
-                               "worker's heartbeat is its one steady command on the primary: 0.2/s at 5 s)")
-    heartbeat_ttl_s: float = Field(30.0, gt=0, description="TTL of a worker's heartbeat hash: a silent worker disappears after it")
-    backoff_max_s: float = Field(2.0, gt=0, description="cap of the exponential backoff while waiting")
+    heartbeat_s: float = Field(5.0, gt=0, description="seconds between heartbeat/status writes of every process, "
+                               "and between the learner's readings of the roster and heartbeats (the credit); a "
+                               "worker's heartbeat is one of its few steady commands on the primary: 0.2/s at 5 s")
+    heartbeat_ttl_s: float = Field(30.0, gt=0, description="seconds after its last heartbeat that a silent "
+                                   "worker is shown as not alive (its heartbeat stream stays)")
+    backoff_max_s: float = Field(2.0, gt=0, description="cap (seconds) of a worker's exponential backoff while "
+                                 "the backlog is full (10 ms doubling)")
     wait_replicas: int = Field(0, ge=0, le=64, description="replicas that must hold the learner's acknowledgements and "
                                "weights before it goes on (WAIT; the promotable replicas of a Sentinel group: 1 keeps "
                                "them through a failover); 0 = never wait")
@@ -131,11 +142,11 @@ class WorkerConfig(_Section):
                         "when present), cpu, cuda or cuda:N; on a GPU the games are split into two groups whose "
                         "board steps (CPU) and forward passes (GPU) overlap")
     amp: bool = Field(True, description="bf16 autocast of the forward pass on CUDA (ignored on CPU)")
-    segment_plies: int = Field(32, ge=1, le=65535, description="a game's positions are sent every this many plies "
-                               "(with the bootstrap value of the position after the cut), and at its end")
-    lookahead_plies: int = Field(32, ge=0, le=65535, description="plies played after a cut before its segment is "
-                                 "sent: the segment carries the GAE advantage of the position after the cut over "
-                                 "them, so the learner's advantages reach past the cut (0: send at once)")
+    segment_plies: int = Field(32, ge=1, le=65535, description="a game's positions leave in segments of this many "
+                               "plies, and at its end (the manual's RL page: segments and the look-ahead)")
+    lookahead_plies: int = Field(32, ge=0, le=65535, description="plies played after a cut before its segment "
+                                 "leaves, carrying the look-ahead advantage of the position after the cut "
+                                 "(0: at once, with the bootstrap value alone)")
 
 
 class LearnerConfig(_Section):
@@ -152,7 +163,7 @@ class LearnerConfig(_Section):
     wandb_project: str = Field("keisei-stream", description="W&B project name")
     prefetch: bool = Field(False, description="read, decode and validate the next entries in the main thread while "
                            "the training thread runs the update (meant for a GPU learner; on 2 CPU cores it cost "
-                           "about 25 % of the trained positions/s, README)")
+                           "about 25 % of the trained positions/s, see the results page)")
     dist_timeout_s: float = Field(300.0, gt=0, description="several learner ranks (torchrun): seconds a collective "
                                   "waits for a missing rank before every rank exits for torchrun to restart them")
     check_sync_every: int = Field(10, ge=0, description="several learner ranks: updates between checks that every "
@@ -168,7 +179,8 @@ class EvalConfig(_Section):
     every_versions: int = Field(10, ge=1, description="continuous evaluation of every K-th version")
     opening_plies: int = Field(0, ge=0, description="random opening plies before the players take over")
     processes: int = Field(1, ge=1, le=256, description="processes playing evaluation games in parallel")
-    temperature: float = Field(0.0, ge=0, description="0 = argmax")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature of the evaluated version's moves; "
+                                                       "0 = argmax")
 
 
 class Config(_Section):
@@ -185,8 +197,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _progress_is_possible(self) -> "Config":
-        # Workers stop adding at max_backlog unacknowledged entries of at least batch_positions
-        # positions each; if that cannot reach samples_per_update the learner would wait forever.
+        # Workers together stop adding at about max_backlog unacknowledged entries (their credits)
+        # of at least batch_positions positions each; if that cannot reach samples_per_update the
+        # learner would wait forever.
         held = self.stream.max_backlog * self.stream.batch_positions
         if held < self.ppo.samples_per_update:
             raise ValueError(

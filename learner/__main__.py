@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
 import sys
 
-from keisei_stream.config import ConfigError, load_config
+from keisei_stream.config import EXIT_CONFIG, ConfigError, load_config
+from keisei_stream.wire.client import add_redis_argument
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m learner", description=__doc__)
     p.add_argument("--config", required=True, help="YAML run configuration (configs/*.yaml)")
-    p.add_argument("--redis", default=os.environ.get("KEISEI_REDIS"), required="KEISEI_REDIS" not in os.environ,
-                   help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock (default: the "
-                        "environment variable KEISEI_REDIS, which keeps a password out of the process list)")
+    add_redis_argument(p)
     p.add_argument("--run", default=None, help="run id (default: the config's run.id)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -38,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: a bad argument or config fails before torch loads (~1 s).
     from learner.learner import run_learner
 
-    run_learner(cfg, args.redis, resume=args.resume, consumer_name=args.consumer,
-                max_updates=args.max_updates, quiet=args.quiet)
+    try:
+        run_learner(cfg, args.redis, resume=args.resume, consumer_name=args.consumer,
+                    max_updates=args.max_updates, quiet=args.quiet)
+    except ConfigError as exc:  # e.g. a device torch cannot use: restarting would not help
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -5,8 +5,9 @@ every entry (held, in an update, acknowledged, the epoch it was read in, the rec
 lost the run's data) is :class:`keisei_stream.wire.consumer.Consumer`'s. :func:`run_learner`
 reads top to bottom: :func:`start_learner`, then until SIGTERM/SIGINT
 
-1. :meth:`Learner.receive`: read entries from the consumer group (own pending first, then entries
-   claimed from dead learners, then new ones); bad entries are dead-lettered by the consumer;
+1. :meth:`Learner.receive`: read entries from the consumer group over the workers' streams (own
+   pending first, then entries claimed from dead learners, then new ones, within each worker's
+   credit); bad entries are dead-lettered by the consumer;
 2. :meth:`Learner.check_server`: after an outage, recover from a restart that lost the run's data
    (the consumer's new epoch and ``losses`` entry; config and weights re-published here);
 3. :meth:`Learner.ready_updates`: the held entries in updates of about ``ppo.samples_per_update``
@@ -14,7 +15,8 @@ reads top to bottom: :func:`start_learner`, then until SIGTERM/SIGINT
 4. :meth:`Learner.update`: the trainer's update in the training thread (while this thread reads
    and decodes the next entries, :meth:`Learner.prefetch_while`), then acknowledge, publish the
    next version, metrics to every sink, checkpoint;
-5. :meth:`Learner.housekeeping`: archive finished games, write the ``learner`` status hash.
+5. :meth:`Learner.housekeeping`: move the workers' finished games into the ``games`` stream and
+   the archive, write the ``learner`` status hash.
 
 On a stop it drains the stream into the last updates, acknowledges, checkpoints and exits. Every
 Redis call waits out outages (:mod:`keisei_stream.wire.retry`); a stop during an outage still
@@ -38,6 +40,7 @@ import torch
 from keisei_stream.config import Config
 from keisei_stream.rl import distributed
 from keisei_stream.rl.checkpoint import checkpoint_name, latest_checkpoint, weights_to_bytes
+from keisei_stream.rl.device import gpu_utilisation
 from keisei_stream.rl.model import count_parameters, pick_device
 from keisei_stream.rl.trainer import Trainer
 from keisei_stream.wire import retry
@@ -45,7 +48,7 @@ from keisei_stream.wire.archive import GameArchive, Recorder
 from keisei_stream.wire.atomic import EpochChanged
 from keisei_stream.wire.client import connect
 from keisei_stream.experience import concat_batches
-from keisei_stream.wire.consumer import Consumer, Delivered, group_updates
+from keisei_stream.wire.consumer import Consumer, Delivered
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.status import write_config
 from keisei_stream.wire.weights import publish_weights
@@ -92,7 +95,6 @@ class Learner:
     stale: int = 0
     skipped_updates: int = 0
     publish_due: bool = False
-    outages_seen: int = 0  # retry.OUTAGES.outages at the last check_server
     first_update_s: float | None = None  # seconds from the start to this process's first update
     last_checkpoint: Path | None = None
     rank_trained: list[int] = field(default_factory=list)  # positions trained by each rank (several ranks)
@@ -104,7 +106,8 @@ class Learner:
         return self.consumer.held
 
     def warm_up(self) -> None:
-        """The trainer's warm-up (:meth:`keisei_stream.rl.trainer.Trainer.warm_up`), logged."""
+        """The trainer's warm-up (:meth:`keisei_stream.rl.trainer.Trainer.warm_up`; several ranks
+        compile in step before their first update), logged."""
         log.info("warm-up (torch.compile: %s) took %.1f s", self.cfg.model.compile, self.trainer.warm_up())
 
     # ------------------------------------------------------------------------------ 1-3. read
@@ -112,7 +115,7 @@ class Learner:
         """Read the next entries into the consumer's held entries; ``training``: called by
         :meth:`prefetch_while` (its time is not waiting)."""
         t0, d0 = time.monotonic(), self.consumer.decode_s
-        self.consumer.receive(self.cfg.stream.max_backlog, block_ms)
+        self.consumer.receive(block_ms)
         decode = self.consumer.decode_s - d0
         self.report.add("decode", decode)
         if not training:
@@ -123,7 +126,6 @@ class Learner:
         takes the new epoch; config and the current weights are re-published here. After an
         outage with the epoch intact, :meth:`check_failover`. Also retries a publish that a full
         server refused."""
-        outage, self.outages_seen = retry.OUTAGES.outages != self.outages_seen, retry.OUTAGES.outages
         if self.consumer.check_server():
             self.consumer.recover(self.report.last_accounting, version=self.version)
             if self.rank == 0:
@@ -131,7 +133,7 @@ class Learner:
             self.publish()
             log.error("Redis lost the run's data: new epoch %s, config and weights v%d re-published",
                       self.consumer.epoch, self.version)
-        elif outage:
+        elif self.consumer.outage_checked:
             self.check_failover()
         if self.publish_due:
             self.publish()
@@ -148,23 +150,11 @@ class Learner:
     def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
         """The held entries that make updates now, in groups of about ``samples_per_update``
         positions (whole entries, in arrival order); the remainder stays held unless ``force`` or
-        the backlog is full (then it is one more, smaller update).
-
-        With several learner ranks each update takes ``samples_per_update / ranks`` positions from
-        every rank, and the ranks agree (one collective) on how many updates to make: as many as
-        the rank with the fewest full groups has, or, once some rank is forced or sees a full
-        backlog, as many as it takes for every rank to train all it holds (a rank that runs out
-        takes part with an empty group)."""
+        the backlog is full (then it is one more, smaller update). With several learner ranks each
+        update takes ``samples_per_update / ranks`` positions from every rank, and the ranks agree
+        on how many (:meth:`keisei_stream.wire.consumer.Consumer.take_updates`)."""
         target = max(1, self.cfg.ppo.samples_per_update // self.world)
-        flush = force or self.consumer.backlog_full
-        if self.world == 1:
-            return self.consumer.take_updates(target, flush=flush)
-        full, rest = group_updates(self.consumer.held, target)
-        fewest_full, most, flushing = distributed.all_reduce([-len(full), len(full) + bool(rest), float(flush)], op="max")
-        if flushing:
-            groups = self.consumer.take_updates(target, flush=True)
-            return groups + [[] for _ in range(int(most) - len(groups))]
-        return self.consumer.take_updates(target, count=int(-fewest_full))
+        return self.consumer.take_updates(target, force, agree=distributed.all_reduce if self.world > 1 else None)
 
     def agree_to_stop(self, requested: bool) -> bool:
         """True when this process, or with several learner ranks any rank, was asked to stop (one
@@ -175,8 +165,12 @@ class Learner:
     def update(self, entries: list[Delivered]) -> None:
         """One update on ``entries`` (whole batches; the training thread runs it while this thread
         reads ahead), then acknowledge (which frees Redis memory), publish, metrics, checkpoint."""
-        b = concat_batches([d.batch for d in entries])
-        job = self.pool.submit(self.trainer.update, b, self.version)
+        batches = [d.batch for d in entries]
+        b = concat_batches(batches)
+        t0 = time.monotonic()
+        compact = self.trainer.take_ahead(batches)  # encoded while the previous update trained (GPU)
+        self.report.add("rebuild", time.monotonic() - t0)
+        job = self.pool.submit(self.trainer.update, b, self.version, compact)
         self.prefetch_while(job)
         upd = job.result()
         m = upd.metrics
@@ -207,7 +201,7 @@ class Learner:
         if self.world > 1:
             m["ranks"] = float(self.world)
         m["skipped_updates"] = float(self.skipped_updates)
-        m = self.report.update(m, self.updates, self.version, upd.stepped)
+        m = self.report.update(m, self.updates, self.version, upd.stepped, backlog=self.consumer.backlog_seen)
         self.write_status("training", backlog=int(m["backlog"]))
         if upd.stepped and self.updates % self.cfg.learner.checkpoint_every == 0:
             self.checkpoint()
@@ -223,6 +217,7 @@ class Learner:
         while True:
             n = len(self.held)
             self.receive(block_ms=PREFETCH_BLOCK_MS, training=True)
+            self.report.add("rebuild", self.trainer.encode_ahead([d.batch for d in self.held]))
             if job.done():
                 return
             if len(self.held) == n:
@@ -241,9 +236,9 @@ class Learner:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
                             self.cfg.stream.weights_keep, epoch=self.consumer.epoch, wait=self.consumer.wait)
             self.publish_due = False
-            self.consumer.newest_version = self.version  # entries claiming newer versions are hostile
+            self.consumer.published(self.version)  # entries claiming newer versions are hostile
         except EpochChanged:  # the server lost the run's data: check_server recovers and publishes again
-            self.consumer.epoch_lost = True
+            self.consumer.epoch_refused()
         except redis.ResponseError as exc:
             if not retry.is_oom(exc):  # full and no flagged scripts (Redis < 7): try again next loop
                 raise
@@ -260,26 +255,32 @@ class Learner:
 
     # ------------------------------------------------------------------------------ 5. housekeeping
     def housekeeping(self, force: bool = False) -> None:
-        """Archive finished games (the recorder flushes when due), and write the status hash every
-        ``stream.heartbeat_s`` (rank 0, for all ranks)."""
+        """Move the workers' finished games into the ``games`` stream and archive them (the
+        recorder flushes when due), and write the status hash every ``stream.heartbeat_s`` (rank
+        0, for all ranks)."""
         if self.rank != 0:
             return
-        self.recorder.step(force=force)
+        self.recorder.step(self.consumer.workers, force=force)
         if force or self.report.status_due():
             self.write_status("collecting" if self.held else "waiting")
 
     def write_status(self, state: str, backlog: int | None = None, wait: bool = False) -> None:
-        """The ``learner`` hash: state, version, held positions, backlog (``XLEN``, unless the caller
-        just read it), time to the first update; with several ranks ``ranks`` and
+        """The ``learner`` hash: state, version, held positions, backlog (entries in the workers'
+        streams at the consumer's last refresh, unless the caller gives it), the games in flight it follows, the workers it
+        reads and those live, time to the first update; with several ranks ``ranks`` and
         ``rank_trained_positions`` too (rank 0 writes it for all). Written by the report's own
         thread (:meth:`learner.report.Report.status`); ``wait``: before this returns."""
-        fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": self.consumer.name,
-                  "device": str(self.trainer.device), "epoch": self.consumer.epoch,
-                  "held_positions": self.consumer.held_positions(),
-                  "backlog": self.r.xlen(self.keys.experience) if backlog is None else backlog,
-                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s}
+        c = self.consumer
+        fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": c.name,
+                  "device": str(self.trainer.device), "epoch": c.epoch, "held_positions": c.held_positions(),
+                  "backlog": c.backlog_seen if backlog is None else backlog, "games_in_flight": len(c.games),
+                  "workers_read": len(c.workers), "workers_live": len(c.live),
+                  "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s,
+                  "compile": self.trainer.compiling.state if self.trainer.compiling is not None else
+                  ("on" if self.cfg.model.compile else "off")}
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
+        fields["gpu_util_pct"] = gpu_utilisation(self.trainer.device)
         self.report.status(fields, wait=wait)
 
     # ------------------------------------------------------------------------------ stop
@@ -287,7 +288,7 @@ class Learner:
         """Read what is left in the stream (bounded: producers may still be running)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if not self.consumer.receive(self.cfg.stream.max_backlog):
+            if not self.consumer.receive():
                 break
 
     def close(self) -> LearnerResult:
@@ -317,8 +318,9 @@ class Learner:
 
 def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, resume: bool, quiet: bool) -> Learner:
     """Run directory, the trainer (from the newest checkpoint on ``resume``), Redis (config,
-    epoch), the first published version; the warm-up (``torch.compile``) starts in the
-    training thread while the first data arrive.
+    epoch), the first published version; with ``model.compile`` the compiler starts in a thread
+    of its own and the updates run eagerly until it is ready (one rank; several ranks compile
+    together before their first update).
 
     Under torchrun (``WORLD_SIZE > 1``) this process is one rank of a data-parallel learner:
     it joins the process group, takes rank 0's whole training state, reads the group as
@@ -338,23 +340,23 @@ def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, res
         log.info("resumed from %s (version %d, %d updates)", path, version, updates)
     elif resume and rank == 0:
         log.warning("--resume: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
-    trainer.wrap()
-    consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, block_ms=cfg.stream.block_ms,
-                        count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
-                        deadletter_maxlen=cfg.stream.deadletter_maxlen,
+    trainer.wrap(compile_ahead=world == 1)  # one rank: compiled in the background, eager until then
+    consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, window=cfg.stream.max_backlog,
+                        block_ms=cfg.stream.block_ms, count=cfg.stream.read_count,
+                        claim_idle_ms=cfg.stream.claim_idle_ms, deadletter_maxlen=cfg.stream.deadletter_maxlen,
+                        refresh_s=cfg.stream.heartbeat_s, publishes=rank == 0,
                         wait=(cfg.stream.wait_replicas, cfg.stream.wait_ms) if cfg.stream.wait_replicas else None)
     lrn = Learner(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
-                  recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name),
+                  recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name,
+                                    games_maxlen=cfg.stream.games_maxlen),
                   report=Report(cfg, r, keys, MetricsSinks(cfg, r, keys, run_dir, quiet, primary=rank == 0), rank == 0),
                   pool=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"), started=started,
-                  rank=rank, world=world, version=version, updates=updates, outages_seen=retry.OUTAGES.outages)
+                  rank=rank, world=world, version=version, updates=updates)
     consumer.claim_epoch()
     if rank == 0:
         write_config(r, keys, cfg.to_json())
     lrn.publish()
-    if world == 1:  # the training thread compiles while the main thread reads the first entries
-        lrn.pool.submit(lrn.warm_up)
-    elif cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
+    if world > 1 and cfg.model.compile:  # every rank at once: a collective in another thread would race the loop's
         lrn.warm_up()
     log.info("learner %s (rank %d of %d, pid %d): %d parameters on %s, version %d (epoch %s)", consumer_name, rank,
              world, os.getpid(), count_parameters(trainer.model), device, lrn.version, consumer.epoch)

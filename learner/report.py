@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +24,9 @@ from keisei_stream.config import Config
 from keisei_stream.wire import retry
 from keisei_stream.wire.atomic import UNREPLICATED
 from keisei_stream.wire.keys import Keys
-from keisei_stream.wire.status import append_metrics, read_accounting, write_learner_status
+from keisei_stream.wire.status import (
+    METRICS_FILE, append_metrics, metrics_line, read_accounting, write_learner_status,
+)
 
 log = logging.getLogger("keisei.learner")
 
@@ -33,7 +36,9 @@ PHASES = ("wait", "decode", "rebuild", "train", "ack", "publish")
 
 
 class MetricsSinks:
-    """Every sink of the metrics of an update.
+    """Every sink of the metrics of an update: the ``metrics`` stream and its copy in the run
+    directory (:data:`~keisei_stream.wire.status.METRICS_FILE`, appended across ``--resume``),
+    TensorBoard, W&B and the console.
 
     Args:
         cfg: the run config (``learner.tensorboard``, ``learner.wandb``...). r, keys: the run's Redis.
@@ -45,6 +50,7 @@ class MetricsSinks:
         self.cfg, self.r, self.keys, self.primary = cfg, r, keys, primary
         self.console = None if quiet or not primary else Console()
         self.tb = self.wandb = None
+        self.file = open(run_dir / METRICS_FILE, "a", buffering=1) if primary else None  # line-buffered
         if cfg.learner.tensorboard and primary:
             try:  # optional dependency (extra "tensorboard")
                 from torch.utils.tensorboard import SummaryWriter
@@ -69,6 +75,7 @@ class MetricsSinks:
         if not self.primary:
             return
         fields = {"version": version, "updates": step, **metrics}
+        self.file.write(metrics_line(fields, time.time()))
         retry.best_effort("metrics entry", append_metrics, self.r, self.keys, fields, self.cfg.stream.metrics_maxlen)
         if self.tb is not None:
             for k, v in metrics.items():
@@ -80,6 +87,8 @@ class MetricsSinks:
             self.console.print(line, highlight=False)
 
     def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -119,19 +128,21 @@ class Report:
     last_accounting: dict[str, int] = field(default_factory=dict)
     writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="status"))
     _writing: Future | None = None
+    _accounting_t: float = -math.inf  # monotonic time of the last accounting read
 
     def add(self, phase: str, seconds: float) -> None:
         """Count ``seconds`` (>= 0) spent in ``phase``."""
         self.seconds[phase] += seconds
 
-    def update(self, metrics: dict[str, float], step: int, version: int, stepped: bool) -> dict[str, float]:
+    def update(self, metrics: dict[str, float], step: int, version: int, stepped: bool, backlog: int) -> dict[str, float]:
         """Complete an update's metrics with its throughput (``samples_per_s``: trained positions
-        over the seconds since the previous update), the backlog, the outages and the time shares,
-        and send them to every sink when the update ``stepped``. Returns them."""
+        over the seconds since the previous update), the ``backlog`` (entries in the workers'
+        streams), the outages and the time shares, and send them to every sink when the update
+        ``stepped``. Returns them."""
         now = time.monotonic()
         elapsed = max(now - self.last_update_t, 1e-9)
         metrics.update({"samples_per_s": metrics["trained_positions"] / elapsed,
-                        "backlog": float(self.r.xlen(self.keys.experience)), **retry.OUTAGES.fields()})
+                        "backlog": float(backlog), **retry.OUTAGES.fields()})
         metrics.update({f"time_share_{k}": v / elapsed for k, v in self.seconds.items()})
         self.seconds, self.last_update_t, self.last_metrics = dict.fromkeys(PHASES, 0.0), now, metrics
         if stepped:
@@ -145,7 +156,8 @@ class Report:
     def status(self, fields: dict[str, Any], wait: bool = False) -> None:
         """Write the ``learner`` hash (primary only): ``fields``, the outages, the writes no
         replica confirmed in time (``unreplicated_writes``) and the last metrics, after reading
-        the accounting into :attr:`last_accounting`; in the :attr:`writer` thread, so this returns
+        the accounting into :attr:`last_accounting` (at most every ``stream.heartbeat_s``: the
+        learner writes its status after every update too); in the :attr:`writer` thread, so this returns
         at once. While the previous status is still being written this one is skipped (the next
         is due ``stream.heartbeat_s`` later); with ``wait`` (the final status) it waits for that
         one and writes this one before returning."""
@@ -160,12 +172,20 @@ class Report:
             return
         if self._writing is not None:
             self._writing.result()  # the previous write's error, if any, surfaces here
-        self._writing = self.writer.submit(self._write_status, fields)
+        self._writing = self.writer.submit(self._write_status, fields, wait)
         if wait:
             self._writing.result()
 
-    def _write_status(self, fields: dict[str, Any]) -> None:
-        self.last_accounting = read_accounting(self.r, self.keys)
+    def _write_status(self, fields: dict[str, Any], force: bool = False) -> None:
+        """The accounting read (every ``stream.heartbeat_s`` at most, or ``force``: it reads every
+        worker's record), then the hash. A read that spanned an outage is not kept: it may come
+        from the server after a failover, and :attr:`last_accounting` must stay what the learner
+        saw before it (what a failover's losses are measured against)."""
+        if force or time.monotonic() - self._accounting_t >= self.cfg.stream.heartbeat_s:
+            self._accounting_t, outages = time.monotonic(), retry.OUTAGES.outages
+            accounting = read_accounting(self.r, self.keys)
+            if retry.OUTAGES.outages == outages:
+                self.last_accounting = accounting
         retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
 
     def close(self) -> None:

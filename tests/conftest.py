@@ -184,6 +184,12 @@ def _mutations():
         s = full[int(rng.integers(len(full)))]
         return pack(arr_set(p, "repetition", "|u1", lambda a: _bump(a, int(rng.integers(off[s], off[s + 1])), 3)), f)
 
+    def lambda_return(f, p, rng):
+        reason = np.frombuffer(p["reason"], "|u1")
+        g = int(np.flatnonzero(reason == 0)[int(rng.integers(np.count_nonzero(reason == 0)))])
+        q = arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(g, 1.0))
+        return pack(arr_set(q, "bootstrap_advantage", "<f4", lambda a: a.__setitem__(g, 2.0)), f)
+
     def deep_msgpack(f, p, rng):
         nested = b"\x91" * 5000 + b"\xc0"  # 5000 nested one-element arrays
         return {**f, b"d": lz4.block.compress(nested, store_size=True)}
@@ -230,6 +236,8 @@ def _mutations():
         "bootstrap_nan": lambda f, p, rng: pack(arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), np.nan)), f),
         "bootstrap_out_of_range": lambda f, p, rng: pack(arr_set(p, "bootstrap", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), -3.0)), f),
         "bootstrap_advantage_out_of_range": lambda f, p, rng: pack(arr_set(p, "bootstrap_advantage", "<f4", lambda a: a.__setitem__(int(rng.integers(a.size)), 5.0)), f),
+        "lambda_return_out_of_range": lambda_return,  # B = 1, A_B = 2 on a cut segment (each in range)
+        "plies_shifted": lambda f, p, rng: pack(arr_set(p, "ply", "<u2", lambda a: a.__setitem__(slice(None), a + 1)), f),
         "ended_segment_claims_cut": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(np.flatnonzero(a)[int(rng.integers(np.count_nonzero(a)))]), 0)), f),
         "cut_segment_claims_an_end": lambda f, p, rng: pack(arr_set(p, "reason", "|u1", lambda a: a.__setitem__(int(np.flatnonzero(a == 0)[int(rng.integers(np.count_nonzero(a == 0)))]), 1)), f),
         "ply_gap": lambda f, p, rng: pack(arr_set(p, "ply", "<u2", lambda a: a.__setitem__(int(rng.integers(1, a.size)), 7777)), f),

@@ -58,7 +58,7 @@ def assert_accounting_balances(r, keys):
     settled = sum(acc.get(k, 0) for k in ("trained_positions", "stale_positions", "rejected_positions",
                                           "duplicate_positions"))
     assert produced > 0
-    assert r.xlen(keys.experience) == 0, "entries left in the stream after the learner drained it"
+    assert status.stream_info(r, keys)["length"] == 0, "entries left in the streams after the learner drained them"
     assert settled == produced, f"accounting does not balance: {acc}"
     assert acc.get("rejected_positions", 0) == 0, acc
     return acc

@@ -1,4 +1,4 @@
-"""Package boundaries (the layout the README shows), checked rather than promised.
+"""Package boundaries (the layout the manual shows, docs/architecture.md), checked rather than promised.
 
 Each sub-package is imported with all of its modules in a fresh interpreter, and the packages it
 must not depend on have to be absent from ``sys.modules`` afterwards.

@@ -78,21 +78,18 @@ def test_status_of_a_stopped_run_shows_the_saved_final_status(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A short `keisei run` of configs/tiny.yaml (private Redis, learner, one worker, 25 s) with a
-    `keisei eval --follow` beside it, and the worker killed (-9) once, after version 2: `keisei
-    run` restarts it; returns the runs dir once both have stopped."""
+    """A short `keisei run --eval` of configs/tiny.yaml (private Redis, learner, one worker, the
+    continuous evaluation of every version in 2 games against random, 25 s), and the worker killed
+    (-9) once, after version 2: `keisei run` restarts it; returns the runs dir once it has stopped."""
     runs = tmp_path_factory.mktemp("runs")
     cmd = [sys.executable, "-m", "keisei_stream.cli", "run", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           "--workers", "1", "--duration", "25s", "--no-live", "--run", "cli-run",
-           "--set", f"run.dir={runs}"]
+           "--workers", "1", "--duration", "25s", "--no-live", "--run", "cli-run", "--eval",
+           "--set", f"run.dir={runs}", "--set", "eval.every_versions=1", "--set", "eval.games=2",
+           "--set", "eval.opponents=[random]"]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not (runs / "cli-run" / "redis.url").exists() and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "keisei_stream.cli", "eval", "--follow", "--run", "cli-run", "--runs-dir", str(runs),
-         "--every", "1", "--games", "2", "--opponents", "random", "--no-progress", "--poll-s", "0.5",
-         "--max-evals", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     try:
         r = connect((runs / "cli-run" / "redis.url").read_text().strip())
@@ -105,14 +102,13 @@ def finished_run(tmp_path_factory):
             os.kill(killed, signal.SIGKILL)
         r.close()
         out, _ = run.communicate(timeout=240)
-        f_out, _ = follower.communicate(timeout=60)
     finally:
-        for p in (run, follower):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    log = runs / "cli-run" / "logs" / "evaluator.out"
     return {"runs": runs, "dir": runs / "cli-run", "rc": run.returncode, "out": out,
-            "follower_rc": follower.returncode, "follower_out": f_out, "killed": killed}
+            "follower_out": log.read_text() if log.exists() else "", "killed": killed}
 
 
 def _pids_of(*needles: str) -> list[int]:
@@ -131,7 +127,7 @@ def _pids_of(*needles: str) -> list[int]:
 @pytest.mark.redis
 @pytest.mark.slow
 def test_keisei_run_end_to_end_stops_cleanly_and_balances(finished_run):
-    """The README's main command on the tiny config: private Redis, learner, a worker, a stop at
+    """The main command (keisei run) on the tiny config: private Redis, learner, a worker, a stop at
     --duration, a checkpoint, and a final accounting that balances exactly."""
     assert finished_run["rc"] == 0, finished_run["out"][-3000:]
     run_dir = finished_run["dir"]
@@ -183,8 +179,10 @@ def test_finished_run_status_games_and_elo_answer_without_redis(finished_run, ca
         assert len(files) == min(20, len(rows))
         for f in files:
             assert [cshogi.move_to_usi(m) for m in parse(f)] == moves[f.stem], f
-    # the Elo table the follower saved
-    assert finished_run["follower_rc"] == 0, finished_run["follower_out"][-3000:]
+    # the Elo table the evaluator (keisei run --eval) saved, and its clean stop at control=stop
+    assert "the evaluator" in finished_run["out"] and "evaluated " in finished_run["follower_out"], \
+        finished_run["follower_out"][-3000:]
+    assert "evaluator exited" not in finished_run["out"]  # never restarted: it stopped on control=stop
     saved = json.loads((finished_run["dir"] / "eval" / "elo_table.json").read_text())
     assert saved["versions"], finished_run["follower_out"][-3000:]
     assert main(_after(finished_run, "eval", "--table")) == 0

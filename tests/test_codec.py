@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import MAYBE_VALID, MUTATIONS
-from keisei_stream.shogi import EndReason, VecEnv, encode_positions, usi_to_action
+from helpers import scripted_game
+from keisei_stream.shogi import EndReason, encode_positions
 from keisei_stream.experience import ExperienceBatch, concat_batches, schema
 from keisei_stream.wire import codec, replay
 from keisei_stream.wire.codec import decode_entry, encode_batch
@@ -110,31 +111,11 @@ def test_opening_plies_games_accepted(make_batch):
     decode_entry(as_wire(encode_batch(b)), max_plies=64)
 
 
-def _play(usi_moves, max_plies=64, sfen=None):
-    """A batch holding one game played from the start (or ``sfen``) with the given USI moves."""
-    env = VecEnv(1, max_plies)
-    if sfen is not None:
-        env.reset_game(0, sfen)
-    rows = []
-    res = None
-    for u in usi_moves:
-        hcp, ply, rep, turn = env.positions()
-        a = usi_to_action(u, int(turn[0]))
-        rows.append((hcp[0], ply[0], rep[0], a, int(turn[0])))
-        res = env.step(np.array([a]))
-        if res.done[0]:
-            break
-    assert res is not None and res.done[0], "game did not end"
-    p = len(rows)
-    mover = 1 if rows[-1][4] == 0 else -1
-    return ExperienceBatch(
-        batch_id="t:0:0", worker_id="t",
-        hcp=np.stack([r[0] for r in rows]), ply=np.array([r[1] for r in rows], np.uint16),
-        repetition=np.array([r[2] for r in rows], np.uint8), action=np.array([r[3] for r in rows], np.uint16),
-        log_prob=np.full(p, -1.0, np.float32), value=np.zeros(p, np.float32), version=np.ones(p, np.uint32),
-        segment_offsets=np.array([0, p], np.uint32), result=np.array([int(res.reward[0]) * mover], np.int8),
-        reason=np.array([res.reason[0]], np.uint8), bootstrap=np.zeros(1, np.float32),
-        bootstrap_advantage=np.zeros(1, np.float32), game=np.zeros(1, np.uint64))
+def _play(usi_moves, max_plies=64, sfen=None, ply0=0):
+    """A batch holding one game, ended by its last move (:func:`helpers.scripted_game`)."""
+    b = scripted_game(usi_moves, sfen, ply0, max_plies, game=0, worker="t")
+    assert b.reason[0], "game did not end"
+    return b
 
 
 def test_repetition_game_validated():
@@ -155,15 +136,21 @@ def test_repetition_game_validated():
 
 def test_entering_king_game_validated():
     # White moves, then Black (king and 10 pieces in the camp, 28 points with its hand) can declare
-    b = _play(["5i5h"], max_plies=1, sfen="B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1")
+    # (recorded from ply 1: White moves at odd plies, and a game's ply 0 is the initial position)
+    b = _play(["5i5h"], max_plies=1, sfen="B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1", ply0=1)
     assert b.reason[0] == EndReason.ENTERING_KING and b.result[0] == 1
-    decode_entry(as_wire(encode_batch(b)), max_plies=1)
+    decode_entry(as_wire(encode_batch(b)), max_plies=2)
     # the same game relabelled as a max-plies draw: the env ends it by declaration first
     bad = copy.deepcopy(b)
     bad.reason[:] = EndReason.MAX_PLIES
     bad.result[:] = 0
     with pytest.raises(BadEntry, match="referee says ENTERING_KING"):
-        decode_entry(as_wire(encode_batch(bad)), max_plies=1)
+        decode_entry(as_wire(encode_batch(bad)), max_plies=2)
+    # recorded from ply 0: not the initial position
+    with pytest.raises(BadEntry, match="White to move at ply 0"):
+        decode_entry(as_wire(encode_batch(_play(["5i5h"], max_plies=1, sfen=
+                                                "B7R/4K4/+P+P+P+P1+P+P+P+P/9/9/9/ppppppppp/9/4k4 w RB4g4s4n4lp 1"))),
+                     max_plies=1)
 
 
 def _one_game(b, g):
@@ -235,8 +222,12 @@ def test_specific_reasons(make_batch):
 
 def test_log_prob_rounding_tolerated(make_batch):
     b = make_batch(100, max_plies=64, seed=9)
-    b.log_prob[0] = 1e-7  # float32 log-softmax of a forced move
-    decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    b.log_prob[0] = 1e-7  # float32 log-softmax of a forced move: just above 0, within LOG_PROB_TOLERANCE
+    back = decode_entry(as_wire(encode_batch(b)), max_plies=64)
+    assert back.num_positions == b.num_positions and np.array_equal(back.log_prob, b.log_prob)  # accepted, unchanged
+    b.log_prob[0] = 10 * codec.LOG_PROB_TOLERANCE  # past the tolerance: refused
+    with pytest.raises(BadEntry, match="log_prob"):
+        decode_entry(as_wire(encode_batch(b)), max_plies=64)
 
 
 def test_fuzz_never_crashes(make_batch):

@@ -152,6 +152,7 @@ def test_two_ranks_train_one_model_and_survive_kill_9_of_a_rank(tmp_path, redis_
         common = a.keys() & b.keys()
         assert len(common) >= 2, (a, b)
         assert all(a[v] == b[v] for v in common)  # bitwise identical parameters after every update
-    assert {b"learner-0", b"learner-1"} <= {c["name"] for c in r.xinfo_consumers(keys.experience, keys.group)}
+    assert {b"learner-0", b"learner-1"} <= {c["name"] for w in status.read_roster(r, keys)
+                                            for c in r.xinfo_consumers(keys.experience(w), keys.group)}
     acc = assert_accounting_balances(r, keys)  # nothing lost: what rank 1 held was re-read after the restart
     assert acc["trained_positions"] > 0

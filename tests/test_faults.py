@@ -133,12 +133,15 @@ def test_kill_9_of_a_whole_run_then_resume_trains_what_was_in_the_stream(tmp_pat
             time.sleep(0.2)
         r = connect(url_file.read_text().strip())
         keys = Keys(run)
-        wait_for(lambda: weights_version(r, keys) >= 3 and r.xlen(keys.experience) > 0, 180,
+        def in_streams() -> int:
+            return status.stream_info(r, keys)["length"]
+
+        wait_for(lambda: weights_version(r, keys) >= 3 and in_streams() > 0, 180,
                  "versions and entries in the stream", [first])
         # the learner is paused so entries pile up, then everything dies at once
         subprocess.run(["pkill", "-STOP", "-f", f"-m learner .*run.dir={tmp_path}"], check=False)
-        wait_for(lambda: r.xlen(keys.experience) >= 4, 60, "a backlog", [first])
-        in_stream = r.xlen(keys.experience)
+        wait_for(lambda: in_streams() >= 4, 60, "a backlog", [first])
+        in_stream = in_streams()
         produced = status.read_accounting(r, keys)["produced_positions"]
         r.close()
     finally:
@@ -222,6 +225,6 @@ def test_a_learner_restarted_on_a_full_redis_and_the_accounting_stays_exact(tmp_
     assert second.wait(120) == 0
     acc = status.read_accounting(r, keys)
     settled = sum(acc[f"{k}_positions"] for k in ("trained", "stale", "rejected", "duplicate"))
-    in_stream = status.stream_positions(r, keys)
+    in_stream = sum(status.stream_positions(r, keys, w) for w in status.read_roster(r, keys))
     assert acc["produced_positions"] - settled == in_stream, (acc, in_stream)
     assert waited, "the learner restarted on a full Redis exited instead of waiting"

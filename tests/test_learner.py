@@ -12,15 +12,17 @@ import torch
 from keisei_stream.config import load_config
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import read_accounting
+from keisei_stream.wire.status import read_accounting, register_workers
 from learner.learner import start_learner
 
 pytestmark = pytest.mark.redis
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _learner(real_redis, redis_server, tmp_path, run, *overrides):
-    """A learner on the tiny config (max_plies 64) wanting 256 positions per update."""
+def _learner(real_redis, redis_server, tmp_path, run, *overrides, workers=("w0",)):
+    """A learner on the tiny config (max_plies 64) wanting 256 positions per update, reading
+    ``workers``'s streams."""
+    register_workers(real_redis, Keys(run), list(workers))
     cfg = load_config(CONFIGS / "tiny.yaml", [f"run.id={run}", f"run.dir={tmp_path}", "stream.block_ms=10",
                                               "ppo.samples_per_update=256", "stream.max_backlog=4",
                                               "stream.batch_positions=64", *overrides])
@@ -29,7 +31,7 @@ def _learner(real_redis, redis_server, tmp_path, run, *overrides):
 
 def _fill(r, keys, make_batch, entries, games, version):
     """Add ``entries`` batches of ``games`` random games each; returns their position counts."""
-    p = Producer(r, keys, "w0", max_backlog=100)
+    p = Producer(r, keys, "w0", credit=100)
     sizes = []
     for i in range(entries):
         b = make_batch(1, num_games=games, seed=i, worker_id="w0", version=version)
@@ -57,7 +59,7 @@ def test_only_stale_entries_do_not_stall_the_run(real_redis, redis_server, tmp_p
     for group in groups + lrn.ready_updates(force=True):
         lrn.update(group)
     acc = read_accounting(real_redis, keys)
-    assert real_redis.xlen(keys.experience) == 0
+    assert real_redis.xlen(keys.experience("w0")) == 0
     assert acc["stale_positions"] == acc["produced_positions"] == sum(sizes)
     assert acc["trained_positions"] == 0
     lrn.close()
@@ -114,7 +116,7 @@ def test_entries_read_before_the_server_lost_its_data_are_never_counted_in_the_n
     groups = lrn.ready_updates()
     assert len(groups) >= 2
     real_redis.flushall()  # the restart without persistence, as the learner sees it
-    lrn.consumer.epoch_lost = True  # what a refused epoch-checked write reports
+    lrn.consumer.epoch_refused()  # what a refused epoch-checked write reports
     lrn.check_server()
     for g in groups + lrn.ready_updates(force=True):
         lrn.update(g)  # trained (their data is in memory), never acknowledged into the new server
@@ -136,19 +138,20 @@ def test_entries_read_before_the_server_lost_its_data_are_never_counted_in_the_n
 def test_the_next_entries_are_read_and_decoded_while_an_update_trains(real_redis, redis_server, tmp_path, make_batch):
     """Prefetch: the main thread reads (and validates) what arrived while the training thread
     runs the update, so the next update does not wait for them."""
-    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "prefetch", "stream.max_backlog=16", "learner.prefetch=true")
+    cfg, lrn = _learner(real_redis, redis_server, tmp_path, "prefetch", "stream.max_backlog=16", "learner.prefetch=true",
+                        workers=("w0", "w1"))
     keys = Keys("prefetch")
     _fill(real_redis, keys, make_batch, 6, games=1, version=1)
     _receive_all(lrn)
     groups = lrn.ready_updates()
-    assert groups and not real_redis.xlen(keys.experience) - sum(len(g) for g in groups) - len(lrn.held)
-    p = Producer(real_redis, keys, "w1", max_backlog=100)
+    assert groups and not lrn.consumer.backlog() - sum(len(g) for g in groups) - len(lrn.held)
+    p = Producer(real_redis, keys, "w1", credit=100)
     later = [make_batch(1, num_games=1, seed=100 + i, worker_id="w1", version=1) for i in range(3)]
     for b in later:
         assert p.send(b)
-    before = {d.entry_id for d in lrn.held}
+    before = {d.key for d in lrn.held}
     lrn.update(groups[0])  # no receive() call: only the prefetch can have read the new entries
-    new = [d for d in lrn.held if d.entry_id not in before]
+    new = [d for d in lrn.held if d.key not in before]
     assert sorted(d.batch.batch_id for d in new) == sorted(b.batch_id for b in later)
     assert lrn.consumer.decode_s > 0
     lrn.close()

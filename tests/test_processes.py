@@ -122,7 +122,7 @@ def test_worker_started_before_learner_waits_for_version_1(env):
     wait_for(lambda: any(w.get("state") == "waiting_weights" for w in status.read_workers(r, keys)), 60,
           "the worker's waiting_weights heartbeat", [worker])
     time.sleep(2.0)
-    assert r.xlen(keys.experience) == 0 and r.xlen(keys.games) == 0
+    assert status.stream_info(r, keys)["length"] == 0 and r.xlen(keys.games) == 0
     learner = start_learner(url, run, run_dir)
     procs.append(learner)
     wait_for(lambda: r.xlen(keys.games) >= 4, 120, "games after version 1", [learner, worker])

@@ -14,7 +14,8 @@ from keisei_stream.cli.main import main as cli_main
 from keisei_stream.play import records
 from keisei_stream.play.evaluation.baselines import GreedyPlayer, RandomPlayer
 from keisei_stream.play.evaluation.match import play_game, play_match
-from keisei_stream.play.records import Game, RecordError, game_fields, parse_game_fields
+from keisei_stream.play.records import Game, RecordError, parse_game_fields
+from keisei_stream.wire.status import game_fields  # what the worker writes (append_game)
 from keisei_stream.shogi import STARTING_SFEN, EndReason, GameRecord, legal_move_from_usi
 from keisei_stream.wire import client
 

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import redis
 
 from keisei_stream.ops import acl, relay
 from keisei_stream.wire import status as S
@@ -81,6 +82,46 @@ def test_the_relay_copies_versions_forward_control_and_config(real_redis, redis_
     real_redis.execute_command("ACL", "DELUSER", *(acl.username(run, role) for role in acl.ROLES))
 
 
+def test_gpu_sized_weights_pass_the_request_limits_of_the_primary_and_of_a_host_copy(tmp_path):
+    """Issue 23's request-size limits admit the gpu net's weights (6,338,742 bytes in bfloat16):
+    the learner publishes them to a primary started with the run's limits
+    (:func:`keisei_stream.ops.local.request_limit` of configs/gpu.yaml), a relay copies them to its
+    host's server, which starts at the 1 MiB minimum (its readers send only small requests) and is
+    raised to fit the blob; a request above the limit is still refused."""
+    from keisei_stream.config import load_config
+    from keisei_stream.ops import embedded_redis, local
+    from keisei_stream.rl.checkpoint import weights_bytes_bound
+
+    cfg = load_config(ROOT / "configs" / "gpu.yaml")
+    limit = local.request_limit(cfg)
+    assert weights_bytes_bound(cfg.model, "bfloat16") >= 6_338_742 and limit == 13 << 20
+    run, keys = "gpublob", Keys("gpublob")
+    primary = embedded_redis.start_redis(tmp_path / "primary", max_request_bytes=limit)
+    try:
+        admin = connect(primary.url)
+        pw = acl.create_users(admin, run)["learner"]
+        learner = connect(acl.user_url(primary.url, acl.username(run, "learner"), pw))
+        blob = bytes(range(256)) * (6_338_742 // 256) + b"x" * (6_338_742 % 256)
+        sha = W.publish_weights(learner, keys, 1, blob, "bfloat16", keep=2)
+        reader_pw = acl.create_users(admin, run)["reader"]  # (new passwords; the learner's connection stays)
+        reader_url = acl.user_url(primary.url, acl.username(run, "reader"), reader_pw)
+        rl, server, read_url = relay.start_host_copy(reader_url, run, tmp_path / "host.sock", tmp_path / "host")
+        try:
+            host_admin = connect(server.url)
+            assert int(host_admin.config_get("proto-max-bulk-len")["proto-max-bulk-len"]) == 1 << 20
+            rl.copy_weights()
+            assert W.read_latest_weights(connect(read_url), keys) == (1, sha, blob)
+            assert int(host_admin.config_get("proto-max-bulk-len")["proto-max-bulk-len"]) == 13 << 20
+            assert int(host_admin.config_get("client-query-buffer-limit")["client-query-buffer-limit"]) == 26 << 20
+        finally:
+            rl.watcher.close()
+            server.stop()
+        with pytest.raises((redis.ConnectionError, redis.ResponseError)):  # above the limit: refused
+            connect(primary.url, retry=None).set(keys.prefix + "big", b"\0" * (limit + 1))
+    finally:
+        primary.stop()
+
+
 @pytest.mark.slow
 def test_a_worker_reads_weights_and_control_through_keisei_relay(real_redis, redis_server, tmp_path):
     """End to end: a learner on the primary, ``keisei relay`` for the worker's host, a worker that
@@ -88,7 +129,7 @@ def test_a_worker_reads_weights_and_control_through_keisei_relay(real_redis, red
     on the primary reaches it through the relay, and the accounting balances."""
     run = "relayed"
     keys = Keys(run)
-    passwords = acl.create_users(real_redis, run, ["w0"])
+    passwords = acl.create_on_nodes([real_redis], run, ["w0"], host_copies=True)  # as keisei users --host-copies
     url = {role: acl.user_url(redis_server.url, acl.username(run, role), pw) for role, pw in passwords.items()}
     S.set_control(real_redis, keys, "run")
     learner = start_learner(url["learner"], run, tmp_path)

@@ -15,7 +15,7 @@ from keisei_stream.config import load_config
 from keisei_stream.play.engine.leaves import LeafBatch
 from keisei_stream.play.engine.mcts import MCTS
 from keisei_stream.play.engine.search_player import SearchPlayer
-from keisei_stream.play.engine.tree import MATE_IN_1, game_end
+from keisei_stream.play.engine.tree import MATE_IN_1, KeptTree, Node, game_end
 from keisei_stream.play.evaluation.baselines import RandomPlayer
 from keisei_stream.play.evaluation.match import play_game
 from keisei_stream.play.evaluation.specs import search_player_from_spec
@@ -348,6 +348,43 @@ def test_reuse_off_starts_fresh(tiny):
     s = make(tiny, reuse_tree=False)
     s.search(board, nodes=20)
     assert s.search(board, nodes=20).reused_visits == 0
+
+
+def _expanded(board: cshogi.Board) -> Node:
+    node = Node(board.zobrist_hash())
+    node.moves = list(board.legal_moves)
+    node.prior = [1.0 / len(node.moves)] * len(node.moves)
+    node.n, node.w = [0.0] * len(node.moves), [0.0] * len(node.moves)
+    return node
+
+
+def test_kept_tree_finds_the_root_only_in_the_same_game():
+    """KeptTree without a network: a hand-built root two plies into a game, one expanded child."""
+    board = cshogi.Board()
+    board.push_usi("7g7f")
+    board.push_usi("3c3d")
+    history = [m & 0xFFFF for m in board.history]
+    root = _expanded(board)
+    i = root.child_index(board.move_from_usi("2g2f"))
+    board.push_usi("2g2f")
+    child = root.children[i] = _expanded(board)
+    kept = KeptTree()
+    kept.set_root(root, history, 2)
+    kept.raw_prior = np.array(root.prior)
+    after = [m & 0xFFFF for m in board.history]
+    assert kept.find(board, 3, after) is child
+    assert kept.find(board, 4, after) is None  # another ply base: another game
+    assert kept.find(board, 3, [after[1], after[0], after[2]]) is None  # another game's moves
+    board.pop()
+    assert kept.find(board, 2, history) is root
+    board.push_usi("1g1f")  # not expanded in the tree
+    assert kept.find(board, 3, [m & 0xFFFF for m in board.history]) is None
+    kept.set_root(root, history, 2)  # the same root keeps the priors kept aside
+    assert kept.raw_prior is not None
+    assert kept.advance("2g2f") and kept.root is child and kept.raw_prior is None
+    assert kept.history16 == after and kept.ply == 3
+    assert not kept.advance("8c8d")  # no child there: the tree goes
+    assert kept.root is None and kept.history16 == []
 
 
 # ------------------------------------------------------------------------------------------------

@@ -139,3 +139,20 @@ def test_keisei_run_places_its_workers_on_the_gpus_round_robin(monkeypatch, tmp_
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     assert local.gpu_count() == 2
+
+
+def test_a_child_stopped_on_a_configuration_error_ends_the_run_with_its_message(fake_redis, tmp_path):
+    """Exit status EXIT_CONFIG (78) means "restarting cannot help": no restart, the run ends at
+    once and says why (the child's last ``error:`` line)."""
+    from keisei_stream.config import EXIT_CONFIG
+
+    bad = [sys.executable, "-c", f"import sys; print('loading'); print('error: device cuda cannot be used', "
+                                 f"file=sys.stderr); sys.exit({EXIT_CONFIG})"]
+    sup, lines = _sup(fake_redis, tmp_path, worker_cmds=(bad, SLEEP))
+    sup.start()
+    try:
+        why = _rounds(sup, 10.0)
+        assert why == sup.fatal == "w0 stopped on a configuration error: device cuda cannot be used"
+        assert sup.workers[0].restarts == 0 and sup.worker_restarts() == 0
+    finally:
+        supervise.stop_in_order(sup, learner_stop_timeout=5, worker_stop_s=1)

@@ -18,7 +18,7 @@ from keisei_stream.wire.consumer import Consumer, ensure_group
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import read_accounting, stream_info
+from keisei_stream.wire.status import read_accounting, read_worker_accounting, register_workers, stream_info
 from keisei_stream.wire.weights import (
     WeightsError,
     WeightsWatcher,
@@ -31,8 +31,10 @@ pytestmark = pytest.mark.redis
 K = Keys("integ")
 
 
-def consumer(r, name="L1", **kw):
-    opts = dict(max_plies=64, block_ms=50, count=8, claim_idle_ms=60_000, deadletter_maxlen=10_000)
+def consumer(r, name="L1", workers=("w1",), **kw):
+    """A consumer of the run's ``workers`` (put on the roster first)."""
+    register_workers(r, K, list(workers))
+    opts = dict(max_plies=64, block_ms=50, count=8, claim_idle_ms=60_000, deadletter_maxlen=10_000, window=64)
     opts.update(kw)
     return Consumer(r, K, name, **opts)
 
@@ -43,7 +45,7 @@ def balanced(acc):
 
 
 def drain(c, r, ack=True, limit_s=30.0):
-    """Read until the stream is empty; returns every delivered entry."""
+    """Read until the streams are empty; returns every delivered entry."""
     out = []
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
@@ -51,40 +53,42 @@ def drain(c, r, ack=True, limit_s=30.0):
         if ack and got:
             c.ack(got, sum(d.batch.num_positions for d in got), 0)
         out += got
-        if not got and r.xlen(K.experience) - len(c.in_flight) == 0:
+        if not got and sum(c.lengths().values()) - len(c.in_flight) == 0:
             break
     return out
 
 
-def test_concurrent_producers_respect_backlog_and_account_everything(redis_server, real_redis, make_batch):
-    max_backlog, producers, per_producer = 4, 8, 6
-    batches = [make_batch(60, seed=i) for i in range(producers)]
+def test_concurrent_producers_keep_their_credit_and_account_everything(redis_server, real_redis, make_batch):
+    window, producers, per_producer = 16, 8, 6
+    workers = [f"w{i}" for i in range(producers)]
+    batches = [make_batch(60, seed=i, worker_id=f"w{i}") for i in range(producers)]
     stop_monitor = threading.Event()
-    peak = [0]
+    peak = dict.fromkeys(workers, 0)
     errors: list[BaseException] = []
+    c = consumer(real_redis, workers=workers, window=window)  # no heartbeats: the roster shares the window
+    assert c.credit == dict.fromkeys(workers, 2)
 
     def monitor():
         r = connect(redis_server.url)
         while not stop_monitor.is_set():
-            peak[0] = max(peak[0], r.xlen(K.experience))
+            for w in workers:
+                peak[w] = max(peak[w], r.xlen(K.experience(w)))
             time.sleep(0.002)
 
     def produce(i):
         try:
             r = connect(redis_server.url)
-            p = Producer(r, K, f"w{i}", max_backlog=max_backlog, backoff_max_s=0.02)
+            p = Producer(r, K, f"w{i}", backoff_max_s=0.02)
             for _ in range(per_producer):
                 assert p.send(batches[i])
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    ensure_group(real_redis, K)
     mon = threading.Thread(target=monitor)
     mon.start()
     threads = [threading.Thread(target=produce, args=(i,)) for i in range(producers)]
     for t in threads:
         t.start()
-    c = consumer(real_redis)
     delivered = []
     deadline = time.monotonic() + 60
     while len(delivered) < producers * per_producer and time.monotonic() < deadline:
@@ -99,21 +103,22 @@ def test_concurrent_producers_respect_backlog_and_account_everything(redis_serve
     stop_monitor.set()
     mon.join()
     assert not errors, errors
-    assert peak[0] <= max_backlog + producers
-    assert peak[0] <= max_backlog  # the Lua admission is atomic: never even one over
+    assert max(peak.values()) <= 2  # each worker alone adds to its stream: never one over its credit
     assert len(delivered) == producers * per_producer
     assert len({d.batch.batch_id for d in delivered}) == producers * per_producer
     acc = read_accounting(real_redis, K)
     assert acc["produced_batches"] == producers * per_producer
     assert balanced(acc) and acc["produced_positions"] == sum(b.num_positions for b in batches) * per_producer
+    per = read_worker_accounting(real_redis, K)
+    assert all(per[w]["unsettled_positions"] == 0 and per[w]["produced_batches"] == per_producer for w in workers)
     info = stream_info(real_redis, K)
-    assert info["length"] == 0 and info["pending"] == 0
+    assert info["length"] == 0 and info["pending"] == 0 and info["streams"] == producers
 
 
 def test_killed_consumer_entries_are_claimed(real_redis, make_batch):
-    p = Producer(real_redis, K, "w1", max_backlog=100)
+    p = Producer(real_redis, K, "w1", credit=100)
     for i in range(5):
-        p.send(make_batch(40, seed=i))
+        p.send(make_batch(40, seed=i, worker_id="w1"))
     dead = consumer(real_redis, "dead-learner", count=3)
     lost = dead.read()  # delivered, never acknowledged: the learner was killed here
     assert len(lost) == 3
@@ -133,15 +138,13 @@ def test_killed_consumer_entries_are_claimed(real_redis, make_batch):
 
 
 def test_retried_add_is_trained_once(real_redis, make_batch):
-    p = Producer(real_redis, K, "w1", max_backlog=100)
-    b = make_batch(50)
+    p = Producer(real_redis, K, "w1", credit=100)
+    b = make_batch(50, worker_id="w1")
     b.batch_id = p.next_batch_id()
     fields = encode_batch(b)
-    argv = [100, p.session, 0, b.num_positions] + [x for kv in fields.items() for x in kv]
-    keys = [K.experience, K.producer("w1")]
-    assert int(p._script(keys=keys, args=argv)[0]) == 1
-    assert int(p._script(keys=keys, args=argv)[0]) == 2
-    real_redis.xadd(K.experience, fields)  # a raw duplicate (e.g. XADD retried by redis-py)
+    assert p._try_add(fields, b.num_positions) == "added"
+    assert p._try_add(fields, b.num_positions) == "added"  # the retry after a lost reply: not added again
+    real_redis.xadd(K.experience("w1"), fields)  # a raw duplicate (e.g. XADD retried by a client)
     c = consumer(real_redis)
     got = drain(c, real_redis)
     assert len(got) == 1
@@ -150,22 +153,51 @@ def test_retried_add_is_trained_once(real_redis, make_batch):
     assert acc["duplicate_positions"] == b.num_positions
 
 
+def test_a_lost_connection_while_adding_adds_once(redis_server, real_redis, make_batch):
+    """The connection is killed around each add (CLIENT KILL of every worker connection): whatever
+    the server had done, the producer's retries add every batch exactly once."""
+    r = connect(redis_server.url, client_name="victim-producer")
+    p = Producer(r, K, "w1", credit=1000, backoff_max_s=0.01)
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            for c in real_redis.client_list():
+                if c.get("name") == "victim-producer":
+                    try:
+                        real_redis.client_kill_filter(_id=c["id"])
+                    except redis.ResponseError:
+                        pass
+            time.sleep(0.001)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        for i in range(30):
+            assert p.send(make_batch(30, seed=i % 4, worker_id="w1"))
+    finally:
+        stop.set()
+        t.join()
+    assert p.retries > 0, "no connection was lost: the test did not test anything"
+    assert real_redis.xlen(K.experience("w1")) == 30
+    assert read_accounting(real_redis, K)["produced_batches"] == 30
+
+
 def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_entries):
-    entries = hostile_entries(1000, seed=3)
+    entries = hostile_entries(1000, seed=3)  # mutations of an entry of worker w0, on w0's stream
     pipe = real_redis.pipeline(transaction=False)
     for _, fields in entries:
         if fields:
-            pipe.xadd(K.experience, fields)
+            pipe.xadd(K.experience("w0"), fields)
     pipe.execute()
-    good = make_batch(60, seed=99)
-    good.batch_id = "good:0:0"
-    real_redis.xadd(K.experience, encode_batch(good))
-    c = consumer(real_redis, count=64)
-    c.newest_version = 1000  # what the learner sets: its newest published version
+    good = make_batch(60, seed=99, worker_id="w0", batch_id="w0:good:0")
+    real_redis.xadd(K.experience("w0"), encode_batch(good))
+    c = consumer(real_redis, count=64, workers=("w0",), window=2000)
+    c.published(1000)  # what the learner sets: its newest published version
     got = drain(c, real_redis, limit_s=60)
     sent = [k for k, f in entries if f]  # an empty field map cannot be XADDed
-    accepted = [d for d in got if d.batch.batch_id != "good:0:0"]
-    assert "good:0:0" in {d.batch.batch_id for d in got}
+    accepted = [d for d in got if d.batch.batch_id != "w0:good:0"]
+    assert "w0:good:0" in {d.batch.batch_id for d in got}
     dead = real_redis.xlen(K.deadletter)
     acc = read_accounting(real_redis, K)
     assert dead == acc["rejected_entries"]
@@ -175,7 +207,7 @@ def test_thousand_hostile_entries_dead_lettered(real_redis, make_batch, hostile_
     # rejected positions are what was decoded, never an entry's claim (n_huge claims 10^11)
     real_positions = make_batch(120, max_plies=64, seed=3).num_positions
     assert acc["rejected_positions"] <= dead * real_positions
-    assert real_redis.xlen(K.experience) == 0
+    assert real_redis.xlen(K.experience("w0")) == 0
     reasons = {f[b"reason"].split(b":")[0] for _, f in real_redis.xrange(K.deadletter, count=2000)}
     assert len(reasons) > 10
 
@@ -212,11 +244,11 @@ def test_wrong_sha_refused(real_redis):
 
 def test_blocking_read_returns_new_entry(redis_server, real_redis, make_batch):
     c = consumer(real_redis, block_ms=2000)
-    b = make_batch(30)
+    b = make_batch(30, worker_id="w1")
 
     def later():
         time.sleep(0.1)
-        Producer(connect(redis_server.url), K, "w1", max_backlog=10).send(b)
+        Producer(connect(redis_server.url), K, "w1", credit=10).send(b)
 
     t = threading.Thread(target=later)
     t.start()
@@ -231,11 +263,11 @@ def test_blocking_read_returns_new_entry(redis_server, real_redis, make_batch):
 
 
 def test_deleted_pending_entry_is_not_dead_lettered(real_redis, make_batch):
-    p = Producer(real_redis, K, "w1", max_backlog=10)
+    p = Producer(real_redis, K, "w1", credit=10)
     for i in range(3):
-        p.send(make_batch(40, seed=i))
+        p.send(make_batch(40, seed=i, worker_id="w1"))
     got = consumer(real_redis, "L1").read()
-    real_redis.xdel(K.experience, got[0].entry_id)  # e.g. an operator cleaned it up
+    real_redis.xdel(K.experience("w1"), got[0].entry_id)  # e.g. an operator (or MAXLEN by w1) cleaned it up
     again = consumer(real_redis, "L1").read()  # restart: own pending, one of them deleted
     assert [d.entry_id for d in again] == [d.entry_id for d in got[1:]]
     assert real_redis.xlen(K.deadletter) == 0
@@ -247,8 +279,6 @@ import sys, time
 from keisei_stream.wire.client import connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.consumer import Consumer
-import signal
-import subprocess
 r = connect(sys.argv[1])
 c = Consumer(r, Keys("integ"), "victim", max_plies=64, block_ms=50, count=3)
 got = c.read()
@@ -259,9 +289,10 @@ time.sleep(60)
 
 def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make_batch):
 
-    p = Producer(real_redis, K, "w1", max_backlog=100)
+    p = Producer(real_redis, K, "w1", credit=100)
     for i in range(5):
-        p.send(make_batch(40, seed=i))
+        p.send(make_batch(40, seed=i, worker_id="w1"))
+    register_workers(real_redis, K, ["w1"])
     proc = subprocess.Popen([sys.executable, "-c", _VICTIM, redis_server.url], stdout=subprocess.PIPE, text=True)
     try:
         taken = proc.stdout.readline().split()
@@ -284,23 +315,23 @@ def test_sigkilled_consumer_process_loses_nothing(redis_server, real_redis, make
 def test_a_replayed_batch_is_dropped_after_a_learner_restart(real_redis, make_batch):
     """The in-memory duplicate window dies with the learner; the trained batch ids kept in Redis
     (``trained_batches``) still recognise a batch replayed by a client afterwards."""
-    b = make_batch(60, seed=5, batch_id="w9:sess:0")
+    b = make_batch(60, seed=5, worker_id="w9", batch_id="w9:sess:0")
     fields = encode_batch(b)
-    real_redis.xadd(K.experience, fields)
-    first = consumer(real_redis, name="L1")
+    real_redis.xadd(K.experience("w9"), fields)
+    first = consumer(real_redis, name="L1", workers=("w9",))
     assert len(drain(first, real_redis, limit_s=10)) == 1  # trained and acknowledged
-    real_redis.xadd(K.experience, fields)  # the same bytes again, e.g. a hostile or buggy client
-    restarted = consumer(real_redis, name="L1")  # fresh process: empty in-memory window
+    real_redis.xadd(K.experience("w9"), fields)  # the same bytes again, e.g. a hostile or buggy client
+    restarted = consumer(real_redis, name="L1", workers=("w9",))  # fresh process: empty in-memory window
     assert drain(restarted, real_redis, limit_s=5) == []
     acc = read_accounting(real_redis, K)
     assert acc["duplicate_entries"] == 1 and acc["trained_positions"] == b.num_positions
-    assert real_redis.xlen(K.experience) == 0
+    assert real_redis.xlen(K.experience("w9")) == 0
 
 
 def test_no_acknowledgement_lands_in_a_server_that_lost_the_run(real_redis, make_batch):
     """The consumer acknowledges only while the run's epoch is the one it knows: after a restart
     without the data the counts of the old server's entries must not enter the new accounting."""
-    Producer(real_redis, K, "w1", max_backlog=10).send(make_batch(40))
+    Producer(real_redis, K, "w1", credit=10).send(make_batch(40, worker_id="w1"))
     c = consumer(real_redis)
     c.epoch = "e1"
     real_redis.set(K.epoch, "e1")
@@ -308,17 +339,17 @@ def test_no_acknowledgement_lands_in_a_server_that_lost_the_run(real_redis, make
     real_redis.set(K.epoch, "e2")  # what a restart that lost the data looks like to the consumer
     with pytest.raises(EpochChanged):
         c.ack(got, trained_positions=40, stale_positions=0)
-    assert read_accounting(real_redis, K)["trained_positions"] == 0 and real_redis.xlen(K.experience) == 1
+    assert read_accounting(real_redis, K)["trained_positions"] == 0 and real_redis.xlen(K.experience("w1")) == 1
     real_redis.set(K.epoch, "e1")
     c.ack(got, trained_positions=got[0].batch.num_positions, stale_positions=0)
-    assert real_redis.xlen(K.experience) == 0
+    assert real_redis.xlen(K.experience("w1")) == 0
 
 
 def test_acknowledging_works_at_maxmemory(real_redis, make_batch):
     """Acknowledging is how a full server gets memory back, so it must run past maxmemory."""
-    p = Producer(real_redis, K, "w1", max_backlog=100)
+    p = Producer(real_redis, K, "w1", credit=100)
     for i in range(5):
-        p.send(make_batch(40, seed=i, batch_id=f"w1:s:{i}"))
+        p.send(make_batch(40, seed=i, worker_id="w1"))
     c = consumer(real_redis, count=16)
     got = drain(c, real_redis, ack=False, limit_s=5)
     real_redis.config_set("maxmemory", int(real_redis.info("memory")["used_memory"]) - 10_000)
@@ -328,14 +359,14 @@ def test_acknowledging_works_at_maxmemory(real_redis, make_batch):
         c.ack(got, trained_positions=sum(d.batch.num_positions for d in got), stale_positions=0)
     finally:
         real_redis.config_set("maxmemory", "512mb")
-    assert real_redis.xlen(K.experience) == 0
+    assert real_redis.xlen(K.experience("w1")) == 0
 
 
 def test_an_entry_two_learners_trained_is_counted_once(real_redis, make_batch):
     """The holder stalls past claim_idle_ms, a second learner claims and acknowledges the entry,
     then the holder acknowledges it too: counted once, the second acknowledgement is visible."""
-    b = make_batch(40, seed=2)
-    Producer(real_redis, K, "w1", max_backlog=100).send(b)
+    b = make_batch(40, seed=2, worker_id="w1")
+    Producer(real_redis, K, "w1", credit=100).send(b)
     holder, other = consumer(real_redis, "L1", claim_idle_ms=200), consumer(real_redis, "L2", claim_idle_ms=200)
     got = holder.read()
     time.sleep(0.3)  # the holder stalls (a long update, a pause)
@@ -350,14 +381,14 @@ def test_an_entry_two_learners_trained_is_counted_once(real_redis, make_batch):
 
 
 def test_a_holder_that_lost_its_entries_to_a_claim_forgets_them(real_redis, make_batch):
-    Producer(real_redis, K, "w1", max_backlog=100).send(make_batch(40, seed=3))
+    Producer(real_redis, K, "w1", credit=100).send(make_batch(40, seed=3, worker_id="w1"))
     holder, other = consumer(real_redis, "L1", claim_idle_ms=200), consumer(real_redis, "L2", claim_idle_ms=200)
     got = holder.read()
     time.sleep(0.3)
     other._next_claim = 0.0
     assert len(other.read()) == 1
     holder.read(block_ms=10)  # its keep-alive finds the entry owned by L2
-    assert got[0].entry_id not in holder.in_flight and holder.stats["lost_to_claims"] == 1
+    assert got[0].key not in holder.in_flight and holder.stats["lost_to_claims"] == 1
 
 
 def test_start_up_writes_and_weights_pass_maxmemory(real_redis):
@@ -366,16 +397,16 @@ def test_start_up_writes_and_weights_pass_maxmemory(real_redis):
     learner can publish: a full server must not keep the one process that frees it from running."""
     from keisei_stream.wire import atomic, status as S
 
-    ensure_group(real_redis, K)
+    ensure_group(real_redis, K, "w1")
     real_redis.set(K.epoch, "e1")
     publish_weights(real_redis, K, 1, b"w" * 1000, "float32", keep=2, epoch="e1")
     real_redis.config_set("maxmemory", int(real_redis.info("memory")["used_memory"]) - 10_000)
     try:
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             real_redis.set("probe", "x")
-        ensure_group(real_redis, K)  # exists: BUSYGROUP, swallowed, not OOM
-        atomic.write_small(real_redis, Keys("fresh"), ("XGROUP", "CREATE", Keys("fresh").experience, "learners", "0",
-                                                       "MKSTREAM"), "a new group")
+        ensure_group(real_redis, K, "w1")  # exists: BUSYGROUP, swallowed, not OOM
+        atomic.write_small(real_redis, Keys("fresh"), ("XGROUP", "CREATE", Keys("fresh").experience("w1"), "learners",
+                                                       "0", "MKSTREAM"), "a new group")
         S.set_control(real_redis, K, "stop")
         S.write_config(real_redis, K, '{"run": 1}')
         publish_weights(real_redis, K, 2, b"v" * 1000, "float32", keep=2, epoch="e1")
@@ -383,5 +414,5 @@ def test_start_up_writes_and_weights_pass_maxmemory(real_redis):
         real_redis.config_set("maxmemory", "512mb")
     assert S.get_control(real_redis, K) == "stop" and S.read_config(real_redis, K) == '{"run": 1}'
     assert read_latest_weights(real_redis, K)[0] == 2
-    assert real_redis.xinfo_groups(Keys("fresh").experience)[0]["name"] == b"learners"
+    assert real_redis.xinfo_groups(Keys("fresh").experience("w1"))[0]["name"] == b"learners"
     assert real_redis.exists(K.prefix + "oom-gate") == 0

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from keisei_stream.play.engine.protocol import parse_go, parse_position, time_budget_ms, value_to_cp
+from keisei_stream.play.engine.tree import SearchLimits
+from keisei_stream.play.engine.usi_job import SearchJob
 from keisei_stream.play.engine.usi_server import UsiEngine
 from keisei_stream.play.evaluation.match import play_match
 from keisei_stream.shogi import EndReason, random_opening
@@ -218,6 +220,54 @@ def test_parse_go():
     g, problems = parse_go("btime x nodes -5 foo".split())
     assert g.btime is None and g.nodes is None and len(problems) == 3
     assert not parse_go(["infinite"])[0].timed()
+    # the search's limits of a go: the clock from t_start, Nodes when neither nodes nor a clock
+    assert parse_go(["depth", "3"])[0].search_limits(cshogi.BLACK, 1, 5.0, 300, 24) == SearchLimits(24, None)
+    g = parse_go("btime 0 wtime 0 byoyomi 1000 nodes 7".split())[0]
+    assert g.search_limits(cshogi.WHITE, 1, 5.0, 300, 24) == SearchLimits(7, 5.0 + 0.7)
+
+
+def _job(go: str, sent: list) -> SearchJob:
+    return SearchJob(cshogi.Board(), 0, 0, parse_go(go.split())[0], time.perf_counter(), raw=False, send=sent.append)
+
+
+def _until_stopped(job: SearchJob) -> str:
+    assert job.stop.wait(10)
+    return "bestmove 2g2f"
+
+
+def test_search_job_answer_states():
+    """SearchJob without an engine: when each command sends, holds or drops the answer."""
+    sent: list[str] = []
+    job = _job("nodes 5", sent)  # limits: answered when the search ends
+    job.start(lambda j: "bestmove 7g7f")
+    job.end("finish")
+    assert sent == ["bestmove 7g7f"] and not job.running()
+    sent.clear()
+    job = _job("ponder btime 0 wtime 0 byoyomi 1000", sent)  # ends by itself: held until ponderhit
+    job.start(lambda j: "bestmove 7g7f")
+    job.thread.join()
+    assert sent == [] and job.answer == "bestmove 7g7f"
+    job.ponderhit(SearchLimits(1, 2.0))
+    job.end("stop")
+    assert sent == ["bestmove 7g7f"]  # once
+    sent.clear()
+    job = _job("ponder btime 0 wtime 0 byoyomi 1000", sent)  # ponderhit while searching: new limits
+    hit = threading.Event()
+    job.start(lambda j: (hit.wait(10), f"bestmove {j.limits.nodes} {j.limits.deadline}")[1])
+    limits = job.limits
+    job.ponderhit(SearchLimits(3, 4.5))
+    assert job.limits is limits and not job.hold
+    hit.set()
+    job.end("finish")
+    assert sent == ["bestmove 3 4.5"]
+    for how, answered in (("stop", True), ("finish", True), ("replace", False)):
+        sent.clear()
+        job = _job("infinite", sent)
+        job.start(_until_stopped)
+        job.ponderhit(SearchLimits(1, 0.0))  # not a ponder search: ignored
+        assert job.hold and job.limits == SearchLimits()
+        job.end(how)
+        assert sent == (["bestmove 2g2f"] if answered else []) and job.discard == (not answered), how
 
 
 def test_infinite_until_stop(eng):

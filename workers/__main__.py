@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
 import sys
 
-from keisei_stream.config import ConfigError
+from keisei_stream.config import EXIT_CONFIG, ConfigError
+from keisei_stream.wire.client import add_redis_argument
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
-    p.add_argument("--redis", default=os.environ.get("KEISEI_REDIS"), required="KEISEI_REDIS" not in os.environ,
-                   help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock (default: the "
-                        "environment variable KEISEI_REDIS, which keeps a password out of the process list)")
+    add_redis_argument(p)
     p.add_argument("--read-redis", default=os.environ.get("KEISEI_READ_REDIS"),
                    help="where to read the config, control and weights: this host's read-only copy of the run "
                         "(keisei relay's unix socket, or a replica of the primary), so the host fetches each "
@@ -38,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.redis, args.run, games=args.games, threads=args.threads, worker_id=args.id,
                    seed=args.seed, device=args.device, max_batches=args.max_batches,
                    read_url=args.read_redis)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:  # the run's config or the device cannot work: restarting would not help
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,14 +1,16 @@
 """The self-play worker process: plays games with the current policy and streams their positions.
 
 A thin shell around :class:`keisei_stream.rl.selfplay.SelfPlay` (the games, the batched forward
-pass on the worker's device, the segments) and :class:`keisei_stream.wire.producer.Producer` (the
-admission under the backlog limit). :func:`run_worker` reads top to bottom: connect, read the
-run's config from Redis, :meth:`Worker.start`, wait for weights version 1 (never play with random
-weights), then loop over named steps { obey control, load new weights, play one step, send a
-batch once the outbox holds ``stream.batch_positions`` positions (the producer waits while the
-learner's backlog or Redis's memory is full), notice a Redis restart, heartbeat }. Every Redis
-call waits out an outage (:mod:`keisei_stream.wire.retry`); the games and the outbox are kept
-meanwhile.
+pass on the worker's device, the segments) and :class:`keisei_stream.wire.producer.Producer` (its
+own stream, within the credit the learner gives it). :func:`run_worker` reads top to bottom:
+connect, read the run's config from Redis, :meth:`Worker.start`, wait for weights version 1
+(never play with random weights), then loop over named steps { obey control, load new weights,
+play one step, send a batch once the outbox holds ``stream.batch_positions`` positions (the
+producer waits while the worker's stream holds its credit or Redis's memory is full), notice a
+Redis restart, heartbeat }. Every Redis call waits out an outage
+(:mod:`keisei_stream.wire.retry`); the games and the outbox are kept meanwhile. A worker writes
+only keys of its own (:mod:`keisei_stream.ops.acl`); one started with a credential that may
+(an admin URL) also puts itself on the run's roster, so that the learner reads its stream.
 
 At a stop every game's unsent positions are cut into segments and sent (waiting up to
 :data:`FINAL_SEND_S` seconds for room): nothing played is discarded unless the learner cannot take
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 
 import redis
 import torch
+from redis.exceptions import NoPermissionError
 
 from keisei_stream.config import Config, config_from_json
 from keisei_stream.rl.checkpoint import load_weights_bytes
@@ -33,10 +36,11 @@ from keisei_stream.rl.model import build_model, pick_device
 from keisei_stream.rl.selfplay import Segment, SelfPlay, segments_to_batch
 from keisei_stream.shogi import GameRecord
 from keisei_stream.wire import retry
-from keisei_stream.wire.client import connect
+from keisei_stream.wire.atomic import EpochWatch
+from keisei_stream.wire.client import as_str, connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import CONTROL_S, append_game, get_control, write_worker_heartbeat
+from keisei_stream.wire.status import CONTROL_S, append_game, get_control, register_workers, write_worker_heartbeat
 from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
 
 log = logging.getLogger("keisei.worker")
@@ -56,6 +60,7 @@ class WorkerStats:
     discarded_positions: int = 0
     backpressure_s: float = 0.0
     server_restarts: int = 0
+    games_not_recorded: int = 0
     rate_t0: float = field(default_factory=time.monotonic)
     rate_n0: int = 0
     positions_per_s: float = 0.0
@@ -103,8 +108,7 @@ class Worker:
     control: str = "run"
     control_checked: float = 0.0
     last_beat: float = 0.0
-    epoch: bytes | None = None
-    outages_seen: int = 0
+    epoch: EpochWatch = field(default_factory=EpochWatch)
     host: str = field(default_factory=socket.gethostname)
 
     @classmethod
@@ -124,10 +128,12 @@ class Worker:
         log.info("worker %s: %d games on %s (%d group(s)%s), segments of %d plies sent %d plies later", worker_id,
                  selfplay.num_games, dev, len(selfplay.groups), ", overlapped" if selfplay.overlap else "",
                  cfg.worker.segment_plies, cfg.worker.lookahead_plies)
+        raw = r.get(keys.epoch)
+        epoch = EpochWatch(None if raw is None else as_str(raw))
         read = r if read is None else read
         return cls(cfg=cfg, r=r, read=read, keys=keys, worker_id=worker_id, selfplay=selfplay,
-                   producer=Producer(r, keys, worker_id, cfg.stream.max_backlog, cfg.stream.backoff_max_s),
-                   watcher=WeightsWatcher(read, keys, cfg.stream.weights_poll_s), epoch=r.get(keys.epoch))
+                   producer=Producer(r, keys, worker_id, cfg.stream.backoff_max_s, epoch=epoch),
+                   watcher=WeightsWatcher(read, keys, cfg.stream.weights_poll_s), epoch=epoch)
 
     def read_control(self) -> str:
         """``run`` / ``pause`` / ``stop``, read at most every
@@ -179,9 +185,16 @@ class Worker:
         self.outbox_positions += sum(s.num_positions for s in segments)
 
     def record_game(self, record: GameRecord) -> None:
-        """The finished game to the capped ``games`` stream (skipped while Redis is full)."""
-        fields = {**record.to_dict(), "worker": self.worker_id, "version": self.version}
-        retry.best_effort("game record", append_game, self.r, self.keys, fields, self.cfg.stream.games_maxlen)
+        """The finished game to the worker's own capped game stream (the learner moves it into
+        ``games``); skipped while Redis is full, and counted and skipped when the stream refuses
+        it (its ids exhausted by this worker's credential): game records never stop self-play."""
+        try:
+            retry.best_effort("game record", append_game, self.r, self.keys, self.worker_id, record,
+                              self.cfg.stream.games_maxlen, version=self.version)
+        except redis.ResponseError as exc:
+            if not self.stats.games_not_recorded:
+                log.error("worker %s: game records refused (%s); counted in the heartbeat", self.worker_id, exc)
+            self.stats.games_not_recorded += 1
 
     def send(self, should_stop, everything: bool = False) -> bool:
         """Send the outbox in entries of about ``stream.batch_positions`` positions (whole
@@ -211,18 +224,22 @@ class Worker:
         return True
 
     def check_server(self) -> None:
-        """After an outage: a missing or changed ``epoch`` key means Redis restarted without the
-        run's data (the learner records the loss and re-publishes); the worker keeps playing with
-        its weights and counts the restart."""
-        if retry.OUTAGES.outages == self.outages_seen:
-            return
-        self.outages_seen = retry.OUTAGES.outages
-        epoch = self.r.get(self.keys.epoch)
-        if epoch != self.epoch:
+        """After an outage (:class:`~keisei_stream.wire.atomic.EpochWatch`): a missing or changed
+        ``epoch`` key means Redis restarted without the run's data (the learner records the loss
+        and re-publishes); the worker keeps playing with its weights and counts the restart. With
+        the epoch intact the server may be a promoted replica lacking the last adds the old
+        primary acknowledged: the producer compares its record with what it wrote and counts
+        them as lost (:meth:`keisei_stream.wire.producer.Producer.reconcile`)."""
+        if self.epoch.changed(self.r, self.keys):
             self.stats.server_restarts += 1
             log.error("worker %s: Redis lost the run's data (epoch %s -> %s); playing on with version %d",
-                      self.worker_id, self.epoch, epoch, self.version)
-            self.epoch = epoch
+                      self.worker_id, self.epoch.epoch, self.epoch.found, self.version)
+            self.epoch.epoch = self.epoch.found
+        elif self.epoch.looked:
+            lost = retry.best_effort("failover check", self.producer.reconcile)
+            if lost:
+                log.error("worker %s: the server lacks %d positions it had acknowledged (a failover): counted as "
+                          "lost in the worker's record", self.worker_id, lost)
 
     def heartbeat(self, state: str, force: bool = False) -> None:
         """Write the heartbeat hash, at most every ``stream.heartbeat_s`` unless ``force``."""
@@ -236,7 +253,9 @@ class Worker:
                   "batches": st.batches_sent, "positions_played": st.positions_played,
                   "positions_per_s": round(st.positions_per_s, 1), "backpressure_s": round(st.backpressure_s, 2),
                   "oom_waits": self.producer.oom_waits, "discarded_positions": st.discarded_positions,
-                  "server_restarts": st.server_restarts, "games_at_once": self.selfplay.num_games,
+                  "credit": self.producer.last_credit, "adds_refused": self.producer.refused,
+                  "lost_positions": self.producer.lost_positions,
+                  "games_not_recorded": st.games_not_recorded, "server_restarts": st.server_restarts, "games_at_once": self.selfplay.num_games,
                   "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
         retry.best_effort("heartbeat", write_worker_heartbeat, self.r, self.keys, self.worker_id, fields,
                           self.cfg.stream.heartbeat_ttl_s)
@@ -296,6 +315,10 @@ def run_worker(
     r = connect(redis_url)
     read = connect(read_url) if read_url else r
     log.info("worker %s: waiting for the run config at %s", worker_id, keys.config)
+    try:  # a worker user may not (it was put on the roster with its user); an admin URL may
+        register_workers(r, keys, [worker_id])
+    except NoPermissionError:
+        pass
     cfg = wait_for_config(read, keys, stop)
     if cfg is None:
         return WorkerStats()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +24,7 @@ from keisei_stream.play.evaluation.follow import (
 )
 from keisei_stream.play.evaluation.match import play_match
 from keisei_stream.play.players import SpecError
+from keisei_stream.wire import client
 
 
 def _checkpoint_max_plies(path: str) -> int:
@@ -73,6 +75,7 @@ def command(args: argparse.Namespace) -> int:
     if args.table:
         return _table(args, console)
     if args.follow:
+        args.redis = args.redis or os.environ.get(client.URL_ENV)  # keisei run --eval passes it there
         rr = find_redis(args)
         if rr.client is None:
             console.print(f"[red]error:[/red] --follow needs the run's Redis: {rr.why}", highlight=False)

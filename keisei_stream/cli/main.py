@@ -10,7 +10,8 @@
 - ``keisei games`` (:mod:`keisei_stream.cli.games`): export, show or list recorded games (from
   the ``games`` stream and the run's archive on disk);
 - ``keisei users`` (:mod:`keisei_stream.cli.users`): the run's least-privilege Redis users;
-- ``keisei relay`` (:mod:`keisei_stream.cli.relay`): a host's read-only copy of a run for its workers.
+- ``keisei relay`` (:mod:`keisei_stream.cli.relay`): a host's read-only copy of a run for its workers;
+- ``keisei plot`` (:mod:`keisei_stream.cli.plot`): a run's learning curve and Elo over versions.
 
 Each command module has ``command(args) -> int`` (the exit code).
 """
@@ -55,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--duration", type=parse_duration, default=None, help="stop after this long (30m, 1h, 90s)")
     pr.add_argument("--redis", default=None, help="use this Redis instead of a private one")
     pr.add_argument("--run", default=None, help="run id (default: config run.id)")
+    pr.add_argument("--eval", action="store_true",
+                    help="also run the continuous evaluation (keisei eval --follow: every eval.every_versions-th "
+                         "version against eval.opponents, one process, one thread), for the Elo over versions "
+                         "that keisei plot draws")
     pr.add_argument("--resume", action="store_true",
                     help="continue the run: the learner from its newest checkpoint, the private Redis from its "
                          "append-only file (the entries still in the stream are trained)")
     pr.add_argument("--appendfsync", choices=("always", "everysec", "no"), default="everysec",
-                    help="fsync policy of the private Redis's append-only file (README: Reliability)")
-    pr.add_argument("--maxmemory", default="1gb", help="maxmemory of the private Redis (README: sizing maxmemory)")
+                    help="fsync policy of the private Redis's append-only file (docs: reliability, persistence)")
+    pr.add_argument("--maxmemory", default="1gb",
+                    help="maxmemory of the private Redis (docs: reliability, sizing maxmemory)")
     pr.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     pr.add_argument("--no-live", action="store_true", help="print a status line instead of the live view")
     pr.add_argument("--print-every", type=float, default=30.0, help="seconds between status lines (--no-live)")
@@ -192,6 +198,22 @@ examples:
     ls = gsub.add_parser("list", help="table of the newest games", description=games_doc)
     common(ls)
 
+    pp = sub.add_parser("plot", help="draw a run's learning curve and Elo over versions (PNG/SVG; needs matplotlib)",
+                        description="The learning curve (trained positions, positions/s, policy and value loss, "
+                        "entropy, policy lag, per update over time) from the run's metrics stream, and the Elo over "
+                        "versions from its continuous evaluation (keisei run --eval, keisei eval --follow): from "
+                        "the run's Redis while it answers, else from RUNS_DIR/RUN/metrics.jsonl and "
+                        "RUNS_DIR/RUN/eval/elo_table.json, which a finished run leaves behind.")
+    pp.add_argument("--run", default="quickstart", help="run id")
+    pp.add_argument("--redis", default=None, help="Redis URL (default: the local run's, recorded in "
+                    "RUNS_DIR/RUN/redis.url while it runs)")
+    pp.add_argument("--runs-dir", default="runs", help="the runs directory (default: runs)")
+    pp.add_argument("--source", choices=("auto", "redis", "files"), default="auto",
+                    help="auto (default): Redis while it answers, else the run directory's files")
+    pp.add_argument("--out", default=None, help="output directory (default: RUNS_DIR/RUN/plots)")
+    pp.add_argument("--format", choices=("png", "svg", "pdf"), default="png")
+    pp.add_argument("--note", default="", help="a second title line (e.g. what run, machine, date and commit)")
+
     pa = sub.add_parser("users", help="create the run's least-privilege Redis users (learner, evaluator, monitor, "
                         "reader, one per worker) on a server and print their URLs")
     pa.add_argument("--redis", required=True, action="append", help="URL of a user allowed to run ACL SETUSER (the "
@@ -209,6 +231,9 @@ examples:
                     "--password: the same user on a host's replica (ACL users are not replicated)")
     pa.add_argument("--password", default=os.environ.get("KEISEI_USER_PASSWORD"),
                     help="with --role: its password (default: the environment variable KEISEI_USER_PASSWORD)")
+    pa.add_argument("--host-copies", action="store_true",
+                    help="the workers read config, control and weights from their host's copy of the run (keisei "
+                    "relay, or a replica as the reader): their users here get no read of those keys")
     pa.add_argument("--rules", action="store_true", help="only print the ACL SETUSER rules (for redis-cli); "
                     "connect to nothing")
     pa.add_argument("--server-version", default=None, metavar="X.Y",

@@ -1,7 +1,8 @@
 """``keisei run``: a whole local run in one command: a private, persistent Redis with least-privilege
 users (unless ``--redis``), the learner and N workers as supervised child processes
 (``python -m learner`` as the run's ``learner`` user, ``python -m workers`` each as its own worker
-user; logs in ``{run.dir}/{run.id}/logs``), a live status view, and a clean stop.
+user; with ``--eval`` also ``keisei eval --follow`` as the ``evaluator`` user; logs in
+``{run.dir}/{run.id}/logs``), a live status view, and a clean stop.
 
 :func:`command` reads as its steps; the supervision itself is :mod:`keisei_stream.ops.supervise`.
 """
@@ -33,8 +34,9 @@ def command(args: argparse.Namespace) -> int:
     learner's exit for good, then stop it in order (workers, then the learner).
 
     Returns:
-        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config or an
-        unsupported Redis.
+        0 when the learner exited cleanly, 1 when it did not, 2 for a bad config (the file, or a
+        child that stopped on a configuration error such as a device torch cannot use: the run
+        stops at once with its message) or an unsupported Redis.
     """
     console = make_console()
     cfg = load_run_config(args, console)
@@ -46,7 +48,7 @@ def command(args: argparse.Namespace) -> int:
     worker_ids = [f"w{i}" for i in range(n_workers(args, gpus))]
     devices = dict(zip(worker_ids, local.worker_devices(cfg.worker.device, len(worker_ids), gpus)))
     try:
-        rr = start_redis_and_users(args, run_dir, run_id, worker_ids, console)
+        rr = start_redis_and_users(args, cfg, run_dir, worker_ids, console)
     except (compat.UnsupportedServer, embedded_redis.RedisStartError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
@@ -54,25 +56,36 @@ def command(args: argparse.Namespace) -> int:
     r = supervise.supervisor_client(rr.url)
     admin = client.connect(rr.url)  # waits Redis out, unlike the supervisor's bounded client
     keys = Keys(run_id)
-    status.set_control(admin, keys, "run")  # also on a full Redis (--resume)
-    sup = make_supervisor(args, rr, r, keys, run_dir, devices, console)
-    console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
-                  f"{len(worker_ids)} workers" + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
-                  + f", logs in {run_dir / 'logs'}"
-                  + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
-    sup.start()
-    with stop_signals_interrupt():
-        why = watch_with_view(args, sup, r, run_id, console)
-    console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and checkpoints")
-    supervise.stop_in_order(sup, args.learner_stop_timeout)
-    learner_state = final_status(admin, run_id, run_dir, console)
-    admin.close()
-    rr.stop()
-    if rr.server is not None:
-        url_file(run_dir).unlink(missing_ok=True)
+    learner_state = None
+    try:
+        status.set_control(admin, keys, "run")  # also on a full Redis (--resume)
+        sup = make_supervisor(args, rr, r, keys, run_dir, devices, console)
+        console.print(f"keisei run [bold]{run_id}[/bold]: {rr.info.describe()} at {rr.url}, {args.learners} learner(s) + "
+                      f"{len(worker_ids)} workers" + (" + the evaluator" if args.eval else "")
+                      + (f" (forward passes on {gpus} GPU(s))" if any(devices.values()) else "")
+                      + f", logs in {run_dir / 'logs'}"
+                      + (f", for {args.duration:.0f} s" if args.duration else ", Ctrl-C stops"))
+        sup.start()
+        with stop_signals_interrupt():
+            why = watch_with_view(args, sup, r, run_id, console)
+        with stop_signals_noted(console):
+            console.print(f"stopping ({why}): workers first (control=stop), then the learner drains, updates and "
+                          "checkpoints")
+            supervise.stop_in_order(sup, args.learner_stop_timeout)
+            learner_state = final_status(admin, run_id, run_dir, console)
+    finally:  # whatever happened, the private Redis does not outlive the run
+        with stop_signals_noted(console):
+            admin.close()
+            if rr.stop():
+                console.print("the private Redis did not stop on SIGTERM in time (busy running a script?): killed")
+            if rr.server is not None:
+                url_file(run_dir).unlink(missing_ok=True)
     report_checkpoint(run_dir, console)
     # torchrun exits 1 when it is stopped by a signal, even after its ranks stopped cleanly: rank 0
     # then wrote the learner state "stopped"
+    if sup.fatal:
+        console.print(f"[red]error:[/red] {sup.fatal}", highlight=False)
+        return 2
     code = sup.learner.returncode
     return 0 if code == 0 or (args.learners > 1 and learner_state == "stopped") else 1
 
@@ -99,18 +112,21 @@ def n_workers(args: argparse.Namespace, gpus: int = 0) -> int:
     return max(1, (os.cpu_count() or 2) - (2 if gpus else 1))
 
 
-def start_redis_and_users(args: argparse.Namespace, run_dir: Path, run_id: str, worker_ids: list[str],
+def start_redis_and_users(args: argparse.Namespace, cfg: Config, run_dir: Path, worker_ids: list[str],
                           console) -> local.RunRedis:
-    """The private Redis with the run's users (:func:`keisei_stream.ops.local.start_private_redis`),
-    or the ``--redis`` server; either checked for a supported version.
+    """The private Redis with the run's users and roster and the request-size limits of ``cfg``
+    (:func:`keisei_stream.ops.local.start_private_redis`, :func:`~keisei_stream.ops.local.request_limit`),
+    or the ``--redis`` server with the workers on its roster; either checked for a supported version.
 
     Raises:
-        compat.UnsupportedServer, embedded_redis.RedisStartError.
+        compat.UnsupportedServer: the server is older than Redis 6.2.
+        embedded_redis.RedisStartError: the private server did not start.
     """
     if args.redis:
-        return local.use_redis(args.redis)
-    return local.start_private_redis(run_dir, run_id, worker_ids, resume=args.resume, maxmemory=args.maxmemory,
-                                     appendfsync=args.appendfsync, say=console.print)
+        return local.use_redis(args.redis, cfg.run.id, worker_ids)
+    return local.start_private_redis(run_dir, cfg.run.id, worker_ids, resume=args.resume, maxmemory=args.maxmemory,
+                                     appendfsync=args.appendfsync, say=console.print,
+                                     max_request_bytes=local.request_limit(cfg))
 
 
 def make_supervisor(args: argparse.Namespace, rr: local.RunRedis, r, keys: Keys, run_dir: Path,
@@ -122,12 +138,16 @@ def make_supervisor(args: argparse.Namespace, rr: local.RunRedis, r, keys: Keys,
     logs = run_dir / "logs"
     cmd = learner_command(args, keys.run)
     resume_cmd = cmd if args.resume else learner_command(argparse.Namespace(**{**vars(args), "resume": True}), keys.run)
-    learner = supervise.Child("learner", cmd, dict(env, KEISEI_REDIS=rr.url_for("learner")), logs / "learner.out",
+    learner = supervise.Child("learner", cmd, {**env, client.URL_ENV: rr.url_for("learner")}, logs / "learner.out",
                               resume_cmd=resume_cmd)
     workers = [supervise.Child(wid, worker_command(args, keys.run, wid, device),
-                               dict(env, KEISEI_REDIS=rr.url_for(f"worker:{wid}")), logs / f"worker-{wid}.out")
+                               {**env, client.URL_ENV: rr.url_for(f"worker:{wid}")}, logs / f"worker-{wid}.out")
                for wid, device in devices.items()]
-    return supervise.Supervisor(r, keys, learner, workers, redis=rr,
+    evaluator = None
+    if args.eval:
+        evaluator = supervise.Child("evaluator", evaluator_command(keys.run, run_dir.parent),
+                                    {**env, client.URL_ENV: rr.url_for("evaluator")}, logs / "evaluator.out")
+    return supervise.Supervisor(r, keys, learner, workers, redis=rr, evaluator=evaluator,
                                 backoff=supervise.Backoff(base_s=args.restart_backoff),
                                 learner_restarts=args.learner_restarts if args.learners == 1 else 0,
                                 say=lambda line: console.print(line, highlight=False))
@@ -139,6 +159,14 @@ def worker_command(args: argparse.Namespace, run_id: str, worker_id: str, device
     return cmd + (["--games", str(args.games)] if args.games else []) + (["--device", device] if device else [])
 
 
+def evaluator_command(run_id: str, runs_dir: Path) -> list[str]:
+    """``keisei eval --follow --run RUN --runs-dir DIR`` (``keisei run --eval``): every
+    ``eval.every_versions``-th version against ``eval.opponents``, into the ``eval`` stream, the
+    ``elo`` hash and ``DIR/RUN/eval/`` (the URL: ``KEISEI_REDIS``, the run's ``evaluator`` user)."""
+    return [sys.executable, "-m", "keisei_stream.cli", "eval", "--follow", "--run", run_id,
+            "--runs-dir", str(runs_dir), "--no-progress"]
+
+
 @contextmanager
 def stop_signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGINT both raise ``KeyboardInterrupt`` ("stop the run in order"; SIGINT is set
@@ -148,6 +176,22 @@ def stop_signals_interrupt() -> Iterator[None]:
 
     old_term = signal.signal(signal.SIGTERM, interrupt)
     old_int = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+@contextmanager
+def stop_signals_noted(console) -> Iterator[None]:
+    """While the run stops in order: SIGTERM and SIGINT only print that it is stopping (a second
+    Ctrl-C must not leave the private Redis or the children half stopped); restored afterwards."""
+    def note(signum, frame):
+        console.print("already stopping in order (the private Redis goes with this process in any case)")
+
+    old_term = signal.signal(signal.SIGTERM, note)
+    old_int = signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:
@@ -175,18 +219,20 @@ def watch_with_view(args: argparse.Namespace, sup: supervise.Supervisor, r, run_
                           f"trained {acc.get('trained_positions', 0)} worker restarts {sup.worker_restarts()}",
                           highlight=False)
         return supervise.watch(sup, args.duration, line)
-    with Live(render_status(collect_status(r, run_id)), console=console, refresh_per_second=1) as live:
+    with Live("starting...", console=console, refresh_per_second=1) as live:
         return supervise.watch(sup, args.duration, lambda: live.update(render_status(collect_status(r, run_id))))
 
 
 def final_status(r, run_id: str, run_dir: Path, console) -> str | None:
     """Print the final status table and save it as ``final_status.json`` (with the positions of
-    the entries left in the stream, ``stream.positions``); returns the learner's last state (None
-    when Redis does not answer)."""
+    the entries left in the streams, ``stream.positions``, and per worker ``in_stream_positions``);
+    returns the learner's last state (None when Redis does not answer or is busy)."""
     try:
         st = collect_status(r, run_id)
-        # after the drain the stream is short: the positions of what is left (read once, here)
-        st["stream"]["positions"] = status.stream_positions(r, Keys(run_id))
+        # after the drain the streams are short: the positions of what is left (read once, here)
+        for w, d in st["per_worker"].items():
+            d["in_stream_positions"] = status.stream_positions(r, Keys(run_id), w)
+        st["stream"]["positions"] = sum(d["in_stream_positions"] for d in st["per_worker"].values())
         console.print(render_status(st))
         (run_dir / FINAL_STATUS).write_text(json.dumps(st, default=str, indent=2))
         return st["learner"].get("state")

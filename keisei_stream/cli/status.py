@@ -1,5 +1,6 @@
-"""``keisei status``: one view of a run from Redis: workers, learner, stream, position
-accounting and the latest rating (once, ``--watch``, or ``--json``).
+"""``keisei status``: one view of a run from Redis: workers, learner, streams, position
+accounting (in all and per worker, with each worker's credit and what its credential did to its
+own keys) and the latest rating (once, ``--watch``, or ``--json``).
 
 When the run's Redis does not answer (a finished local run: ``keisei run`` stops its private Redis
 and removes ``redis.url``), the final status that ``keisei run`` saved in
@@ -21,10 +22,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from keisei_stream.cli.bottleneck import diagnose
 from keisei_stream.cli.common import find_redis, make_console, run_dir
 from keisei_stream.play.evaluation.follow import ELO_TABLE, EVAL_LOG, latest_rating, saved_elo_table, saved_latest_rating
 from keisei_stream.wire import archive, status
-from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.keys import CONFINED_FIELDS, Keys
 
 #: the file ``keisei run`` writes at its end (:mod:`keisei_stream.cli.run`), read back here
 FINAL_STATUS = "final_status.json"
@@ -39,19 +41,31 @@ def collect_status(r, run_id: str) -> dict:
         ``settled_positions``, ``unsettled_positions`` (ints), ``rating``
         (:func:`keisei_stream.play.evaluation.follow.latest_rating`, or None), ``losses`` (the newest 20
         entries of the ``losses`` stream: Redis restarts that lost the run's data),
-        ``supervisor`` (``keisei run``'s restart counts: ``worker_restarts``, ``restarts:{id}``).
+        ``supervisor`` (``keisei run``'s restart counts: ``worker_restarts``, ``restarts:{id}``),
+        ``redis_ping_ms`` (one ``PING``'s round trip), ``bottleneck``
+        (:func:`keisei_stream.cli.bottleneck.diagnose`: what limits the run now, and the knob),
+        ``roster`` (the workers whose streams the learner reads) and ``per_worker``
+        (:func:`per_worker`); ``stream`` also holds the config's ``max_backlog``.
 
     Raises:
         redis.RedisError: Redis unreachable.
     """
     keys = Keys(run_id)
+    t0 = time.perf_counter()
+    r.ping()
+    ping_ms = (time.perf_counter() - t0) * 1000.0
     now = time.time()
     workers = status.read_workers(r, keys)
     for w in workers:
         seen = float(w.get("last_seen", 0) or 0)
         w["age_s"] = round(now - seen, 1)
     learner = status.read_learner_status(r, keys)
-    stream = status.stream_info(r, keys)
+    roster = status.read_roster(r, keys)
+    stream = status.stream_info(r, keys, roster)
+    try:
+        stream["max_backlog"] = json.loads(status.read_config(r, keys) or "{}").get("stream", {}).get("max_backlog")
+    except ValueError:
+        stream["max_backlog"] = None
     acc = status.read_accounting(r, keys)
     control = status.get_control(r, keys)
     try:
@@ -62,10 +76,30 @@ def collect_status(r, run_id: str) -> dict:
     settled = (acc.get("trained_positions", 0) + acc.get("stale_positions", 0)
                + acc.get("rejected_positions", 0) + acc.get("duplicate_positions", 0))
     losses = [fields for _id, fields in status.read_stream(r, keys.losses, 20)]
-    return {"run": run_id, "control": control, "workers": workers, "learner": learner,
-            "stream": stream, "accounting": acc, "settled_positions": settled,
-            "unsettled_positions": produced - settled, "rating": rating, "losses": losses,
-            "supervisor": status.read_supervisor(r, keys)}
+    st = {"run": run_id, "control": control, "workers": workers, "learner": learner,
+          "stream": stream, "accounting": acc, "settled_positions": settled,
+          "unsettled_positions": produced - settled, "rating": rating, "losses": losses,
+          "supervisor": status.read_supervisor(r, keys), "redis_ping_ms": round(ping_ms, 3), "roster": roster,
+          "per_worker": per_worker(r, keys, roster, stream)}
+    st["bottleneck"] = diagnose(st)
+    return st
+def per_worker(r, keys: Keys, roster: list[str], stream: dict) -> dict[str, dict]:
+    """Per worker (on the roster, or with a record or a count): ``in_roster``, ``credit`` (the
+    entries it may hold, None when none is published), ``stream_entries`` (its stream's XLEN),
+    its accounting (:func:`keisei_stream.wire.status.read_worker_accounting`: produced, trained,
+    stale, rejected, duplicate, unsettled...) and the ``confined`` counters (what its credential
+    did to its own keys, :data:`keisei_stream.wire.keys.CONFINED_FIELDS`), and ``lost_reason``
+    (why its last failover-lost adds were counted, from its record; empty when none)."""
+    producers = status.read_producers(r, keys)
+    acc = status.read_worker_accounting(r, keys, producers)
+    credit, confined = status.read_credit(r, keys), status.read_confined(r, keys)
+    out = {}
+    for w in sorted(set(roster) | set(acc) | set(confined)):
+        out[w] = {"in_roster": w in roster, "credit": credit.get(w),
+                  "stream_entries": stream.get("workers", {}).get(w, {}).get("length"),
+                  **acc.get(w, {}), **confined.get(w, dict.fromkeys(CONFINED_FIELDS, 0)),
+                  "lost_reason": producers.get(w, {}).get("lost_reason", "")}
+    return out
 
 
 def render_status(st: dict, stopped: bool = False) -> Group:
@@ -108,14 +142,29 @@ def render_status(st: dict, stopped: bool = False) -> Group:
     a = st["accounting"]
     at = Table(title="stream and position accounting", title_justify="left")
     for col in ("entries", "backlog", "pending", "dead-letter", "produced", "trained", "stale",
-                "rejected", "duplicate", "not yet settled", "discarded at stop"):
+                "rejected", "duplicate", "not yet settled", "discarded at stop", "lost in failovers"):
         at.add_column(col, justify="right")
     at.add_row(str(s.get("length", "-")), str(s.get("backlog", "-")), str(s.get("pending", "-")),
                str(s.get("deadletter", "-")), str(a.get("produced_positions", 0)), str(a.get("trained_positions", 0)),
                str(a.get("stale_positions", 0)), str(a.get("rejected_positions", 0)),
                str(a.get("duplicate_positions", 0)), str(st["unsettled_positions"]),
-               str(a.get("worker_discarded_positions", 0)))
-    parts = [wt, lt, at]
+               str(a.get("worker_discarded_positions", 0)), str(a.get("worker_lost_positions", 0)))
+    parts = [wt, lt, at, _per_worker_table(st.get("per_worker") or {})]
+    lost = {w: d for w, d in (st.get("per_worker") or {}).items() if d.get("worker_lost_positions")}
+    if lost:  # the workers told these adds went in; the old primary never replicated them
+        lt2 = Table(title="adds lost in failovers (acknowledged by the old primary, never replicated), per worker",
+                    title_justify="left")
+        for col in ("worker", "positions", "batches", "reason (the last)"):
+            lt2.add_column(col, justify="left" if col in ("worker", "reason (the last)") else "right")
+        for w, d in lost.items():
+            lt2.add_row(w, str(d["worker_lost_positions"]), str(d.get("worker_lost_batches", 0)),
+                        str(d.get("lost_reason", "")))
+        parts.append(lt2)
+    bn = st.get("bottleneck") if not stopped and st.get("control") != "stop" else None
+    if bn:
+        parts.append(Text(f"bottleneck: {bn['line']}" + (f" -> {bn['knob']}" if bn["limit"] in ("learner", "workers")
+                                                           else ""), style="bold" if bn["limit"] in ("learner", "workers")
+                          else ""))
     if ln.get("ranks"):
         parts.append(f"learner ranks: {ln['ranks']} (positions trained by each: {ln.get('rank_trained_positions', '-')})")
     if int(a.get("double_acks", 0) or 0):
@@ -145,6 +194,24 @@ def render_status(st: dict, stopped: bool = False) -> Group:
         rt.add_row(*[str(v) for v in st["rating"].values()])
         parts.append(rt)
     return Group(*parts)
+
+
+def _per_worker_table(pw: dict) -> Table:
+    """Per worker: its credit and stream, its own accounting, and what its credential did to its own keys."""
+    t = Table(title="per worker: credit, accounting, and what its credential did to its own keys", title_justify="left")
+    for col in ("worker", "credit", "stream", "over credit", "produced", "trained", "stale", "rejected",
+                "duplicate", "unsettled", "future ids", "stream resets", "unproven ends", "rep. lowered"):
+        t.add_column(col, justify="left" if col == "worker" else "right")
+    for w, d in pw.items():
+        over = f"{d.get('overruns', 0)}x" + (f" (+{d.get('overrun_entries', 0)})" if d.get("overruns") else "")
+        t.add_row(w + ("" if d.get("in_roster", True) else " (not read)"), str(d.get("credit", "-")),
+                  str(d.get("stream_entries", "-")), over, *(str(d.get(k, 0)) for k in (
+                      "produced_positions", "trained_positions", "stale_positions", "rejected_positions",
+                      "duplicate_positions", "unsettled_positions", "future_ids", "stream_resets",
+                      "unproven_endings", "repetition_clamped")))
+    if not pw:
+        t.add_row("(no workers on the roster)", *[""] * 13)
+    return t
 
 
 def saved_files(run_path: Path) -> dict:

@@ -32,9 +32,11 @@ class ExperienceBatch:
             guaranteed by its ``decode_entry`` (:mod:`keisei_stream.wire.codec`), not here.
 
     Attributes:
-        batch_id, worker_id: as given.
-        hcp, ply, repetition, action, log_prob, value, version, segment_offsets, result, reason,
-        bootstrap, bootstrap_advantage, game: the columns (attribute per name in ``schema.COLUMNS``).
+        batch_id: as given.
+        worker_id: as given.
+        columns: one attribute per name in ``schema.COLUMNS`` (``hcp``, ``ply``, ``repetition``,
+            ``action``, ``log_prob``, ``value``, ``version``, ``segment_offsets``, ``result``,
+            ``reason``, ``bootstrap``, ``bootstrap_advantage``, ``game``).
 
     Raises:
         TypeError: a column is missing or unknown.

@@ -2,12 +2,9 @@
 
 A batch holds P positions in S segments as columns: NumPy arrays with one row per position, one
 row per segment, or one row per segment plus one (the offsets). A **segment** is a run of
-consecutive positions of one game: a worker sends every game's positions each
-``worker.segment_plies`` plies, and whatever is unsent when the game ends or the worker stops.
-A segment either ended its game (``reason`` says how, ``result`` who won) or was cut (``reason``
-0), and then carries the **bootstrap** of the position after its last move, from the side to move
-there: its value and its GAE advantage over the plies the worker played after the cut before it
-sent the segment (the look-ahead), so that a cut costs the advantages little. This module is the only place that lists the columns; the batch class
+consecutive positions of one game; a cut segment (its game goes on) carries the bootstrap of the
+position after its last move (the manual's RL page, "Segments and the look-ahead", explains the
+mechanism). This module is the only place that lists the columns; the batch class
 (:mod:`keisei_stream.experience.batch`), the wire's encoder and decoder, the worker's trajectory
 buffers and the learner's batch assembly all derive from it.
 

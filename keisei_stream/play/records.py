@@ -1,7 +1,7 @@
 """Game records: the ``games`` stream's fields, export to KIF / CSA / USI, and SVG pictures.
 
-**Stream fields** (one ``games`` stream entry per finished game; :func:`game_fields` writes them,
-:func:`parse_game_fields` reads them back)::
+**Stream fields** (one ``games`` stream entry per finished game; the worker writes them through
+:func:`keisei_stream.wire.status.append_game`, :func:`parse_game_fields` reads them back)::
 
     start_sfen     full SFEN of the real start position (cshogi.STARTING_SFEN normally)
     moves          space-separated USI moves, random opening moves included
@@ -38,7 +38,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import cshogi
 from cshogi import CSA, KIF
@@ -54,23 +54,7 @@ class RecordError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# stream fields <-> GameRecord
-
-
-def game_fields(record: GameRecord, **extra: Any) -> dict[str, str | int]:
-    """Fields of one ``games`` stream entry for a finished game (module docstring).
-
-    Args:
-        record: ``keisei_stream.shogi.GameRecord``.
-        extra: more fields (``worker``, ``version``, ...); values are written as ``str``.
-
-    Returns:
-        dict ready for ``XADD``.
-    """
-    d: dict[str, str | int] = dict(record.to_dict())
-    for k, v in extra.items():
-        d[k] = v if isinstance(v, (int, str)) else str(v)
-    return d
+# stream fields -> GameRecord
 
 
 def parse_game_fields(fields: dict) -> GameRecord:

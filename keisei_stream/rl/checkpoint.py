@@ -31,7 +31,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from keisei_stream.config import config_from_json
+from keisei_stream.config import ModelConfig, config_from_json
+from keisei_stream.rl.device import to_device
 from keisei_stream.rl.model import build_model, unwrap
 
 FORMAT = 1
@@ -267,6 +268,25 @@ def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 # Weights for workers
 # ----------------------------------------------------------------------------------------------
+def weights_bytes_bound(cfg: ModelConfig, dtype: str = "float32") -> int:
+    """An upper bound of ``len(weights_to_bytes(build_model(cfg), dtype))`` in bytes, without
+    allocating the model (it is built on the ``meta`` device): the tensors' bytes in ``dtype``
+    plus the safetensors header (an 8-byte length and a JSON entry per tensor, bounded by 256
+    bytes each, plus 1 KiB of metadata). What a server's request-size limit must let through
+    (:func:`keisei_stream.ops.local.request_limit`).
+
+    Raises:
+        ValueError: unknown dtype.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"weights dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    with torch.device("meta"):
+        state = build_model(cfg).state_dict()
+    item = _DTYPES[dtype].itemsize
+    data = sum(t.numel() * (item if t.is_floating_point() else t.element_size()) for t in state.values())
+    return int(data + 8 + 256 * len(state) + 1024)
+
+
 def weights_to_bytes(model: nn.Module, dtype: str = "float32") -> bytes:
     """The model's state dict as safetensors bytes (what the learner publishes to Redis).
 
@@ -297,7 +317,8 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
     """Load safetensors bytes from :func:`weights_to_bytes` into ``model`` (in place).
 
     Floating tensors are converted back to the dtype of the model's own tensors (so bfloat16
-    weights load into a float32 model); the model keeps its device.
+    weights load into a float32 model); the model keeps its device (on CUDA the new values cross
+    from pinned memory without the host waiting: a forward pass already queued uses the old ones).
 
     Raises:
         ValueError: not bytes, not safetensors, names/shapes that do not match the model, or
@@ -325,4 +346,7 @@ def load_weights_bytes(model: nn.Module, data: bytes) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"weights: {k} holds non-finite values")
         converted[k] = t.to(ref.dtype)
+    dev = next(iter(own.values())).device if own else torch.device("cpu")
+    if dev.type == "cuda":  # staged through pinned memory: the copies queue behind the work in flight, no wait
+        converted = to_device(converted, dev)
     target.load_state_dict(converted)

@@ -49,9 +49,11 @@ def init_from_env(device: torch.device, timeout_s: float) -> torch.device:
         raise RuntimeError("learner ranks on several nodes: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
                            "in its environment (a fresh store for every restart of the group; docs/notes/fleet.md)")
     _die_with_agent()
+    global _RANK_DEVICE
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # this thread's; the training thread sets its own (rl.device.use_device)
+        _RANK_DEVICE = device
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
     if shared_store:
@@ -96,10 +98,17 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
+#: The CUDA device of this rank (set by :func:`init_from_env`), for the collectives that stage
+#: host values: read from here, not from ``torch.cuda.current_device()``, which is the calling
+#: thread's (0 in the learner's training thread unless it set its own).
+_RANK_DEVICE: torch.device | None = None
+
+
 def _device() -> torch.device:
-    """The device collectives run on: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    """The device collectives run on: NCCL needs CUDA tensors (this rank's device), gloo takes CPU ones."""
     if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        assert _RANK_DEVICE is not None, "init_from_env sets the rank's device before NCCL collectives"
+        return _RANK_DEVICE
     return torch.device("cpu")
 
 
@@ -113,11 +122,12 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def all_reduce_(values: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
-    """``values`` (0-d tensors on the model's device) stacked into one float32 tensor and reduced
-    over all ranks on the device (sum or max), without waiting for the host: what a minibatch
-    needs (its KL, whether its loss was finite). The stacked tensor itself on one rank."""
-    t = torch.stack([v.float() for v in values])
+def all_reduce_(values: list[torch.Tensor], op: str = "sum", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` (0-d tensors on the model's device) stacked into one ``dtype`` tensor and
+    reduced over all ranks on the device (sum or max), without waiting for the host: what a
+    minibatch needs (its KL, whether its loss was finite) and the update's sums (float64). The
+    stacked tensor itself on one rank."""
+    t = torch.stack([v.to(dtype) for v in values])
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t

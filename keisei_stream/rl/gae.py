@@ -72,9 +72,40 @@ def compute_gae(
         ValueError: inconsistent shapes or offsets.
     """
     v = np.asarray(values, dtype=np.float64).reshape(-1)
+    plan = scan_plan(offsets, final_rewards, gamma, lam, bootstrap, bootstrap_advantage, num_positions=v.shape[0])
+    adv = scan_advantages(v, plan.last, plan.tail, plan.by_level, plan.bounds, gamma, lam)
+    return adv.astype(np.float32), (adv + v).astype(np.float32)
+
+
+@dataclass
+class ScanPlan:
+    """What :func:`compute_gae`'s backward scan needs besides the values, known before them (the
+    learner builds it on the host while the device computes the values).
+
+    Attributes:
+        last: ``(P,) float64``, 1.0 at the last position of each run, else 0.0.
+        tail: ``(P,) float64``, ``r_final - gamma * B - gamma * lam * A_B`` of each position's run
+            (what ``delta`` is at a run's last position, plus ``V``).
+        by_level: ``(P,) int64`` the positions sorted by plies from their run's end (stable).
+        bounds: level ``k`` (``k`` plies from the end) holds ``by_level[bounds[k]:bounds[k+1]]``.
+    """
+
+    last: np.ndarray
+    tail: np.ndarray
+    by_level: np.ndarray
+    bounds: list[int]
+
+
+def scan_plan(offsets: np.ndarray, final_rewards: np.ndarray, gamma: float, lam: float,
+              bootstrap: np.ndarray | None, bootstrap_advantage: np.ndarray | None, num_positions: int) -> ScanPlan:
+    """The :class:`ScanPlan` of runs ``offsets`` (arguments as :func:`compute_gae`).
+
+    Raises:
+        ValueError: inconsistent shapes or offsets.
+    """
     off = np.asarray(offsets, dtype=np.int64).reshape(-1)
     fr = np.asarray(final_rewards, dtype=np.float64).reshape(-1)
-    p = v.shape[0]
+    p = int(num_positions)
     if off.shape[0] < 1 or off[0] != 0 or off[-1] != p or np.any(np.diff(off) < 0):
         raise ValueError(f"offsets must start at 0, be non-decreasing and end at {p}")
     if fr.shape[0] != off.shape[0] - 1:
@@ -84,29 +115,42 @@ def compute_gae(
     if boot.shape != fr.shape or boot_adv.shape != fr.shape:
         raise ValueError(f"bootstrap has {boot.shape[0]} runs, bootstrap_advantage {boot_adv.shape[0]}, "
                          f"offsets describe {fr.shape[0]}")
-    if p == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
     lengths = np.diff(off)
-    game = np.repeat(np.arange(lengths.shape[0]), lengths)  # (P,) game of each position
-    from_end = off[1:][game] - 1 - np.arange(p)  # (P,) 0 for the last position of its game
-    last = from_end == 0
-    v_next = np.zeros(p)
+    game = np.repeat(np.arange(lengths.shape[0]), lengths)  # (P,) run of each position
+    from_end = off[1:][game] - 1 - np.arange(p)  # (P,) 0 for the last position of its run
+    # at a run's last position A_{T-1} = delta_{T-1} - gamma * lam * A_B: the scan's start
+    tail = (fr - gamma * boot - gamma * lam * boot_adv)[game]
+    counts = np.bincount(from_end) if p else np.zeros(0, np.int64)
+    return ScanPlan(last=(from_end == 0).astype(np.float64), tail=tail.astype(np.float64),
+                    by_level=np.argsort(from_end, kind="stable").astype(np.int64),
+                    bounds=[0, *np.cumsum(counts).tolist()])
+
+
+def scan_advantages(v, last, tail, by_level, bounds: list[int], gamma: float, lam: float):
+    """GAE advantages of values ``v`` (``(P,)`` float64, run after run) by :class:`ScanPlan`'s
+    backward scan: ``delta_t = -gamma V_{t+1} - V_t`` inside a run, ``tail - V_t`` at its end;
+    ``A_t = delta_t - gamma lam A_{t+1}``, one vectorised step per ply of the longest run.
+
+    The same code for NumPy arrays (:func:`compute_gae`) and for tensors on a device (the
+    learner's update, no host synchronisation: the levels' bounds are host integers), with
+    ``last``, ``tail``, ``by_level`` of the same kind as ``v``.
+
+    Returns:
+        ``(P,)`` float64 advantages, the kind of ``v``.
+    """
+    adv = v * 0.0
+    if not len(bounds) > 1:
+        return adv
+    v_next = v * 0.0
     v_next[:-1] = v[1:]
-    # at a run's last position this is A_{T-1} itself (delta_{T-1} - gamma * lam * A_B): the scan's start
-    tail = fr - gamma * boot - gamma * lam * boot_adv
-    delta = np.where(last, tail[game] - v, -gamma * v_next - v)
-    # Backward scan: positions with from_end == k depend on their successor (from_end == k - 1).
-    adv = np.empty(p)
-    order = np.argsort(from_end, kind="stable")
-    counts = np.bincount(from_end)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    idx = order[bounds[0]:bounds[1]]
+    delta = last * (tail - v) + (1.0 - last) * (-gamma * v_next - v)
+    idx = by_level[bounds[0]:bounds[1]]
     adv[idx] = delta[idx]
     coef = gamma * lam
-    for k in range(1, counts.shape[0]):
-        idx = order[bounds[k]:bounds[k + 1]]
+    for k in range(1, len(bounds) - 1):  # positions k plies from the end depend on those k - 1 from it
+        idx = by_level[bounds[k]:bounds[k + 1]]
         adv[idx] = delta[idx] - coef * adv[idx + 1]
-    return adv.astype(np.float32), (adv + v).astype(np.float32)
+    return adv
 
 
 def filter_stale(versions: np.ndarray, current_version: int, max_policy_lag: int) -> np.ndarray:
@@ -203,6 +247,13 @@ def chain_segments(b: ExperienceBatch) -> Chains:
                   bootstrap_advantage=b.bootstrap_advantage.astype(np.float32)[tails_a], joins=int(has_pred.sum()))
 
 
+def segment_plan(b: ExperienceBatch, gamma: float, lam: float) -> tuple[Chains, ScanPlan]:
+    """:func:`chain_segments` of ``b`` and the :class:`ScanPlan` of its runs: everything of
+    :func:`segment_advantages` that does not need the values (host work, cshogi)."""
+    c = chain_segments(b)
+    return c, scan_plan(c.offsets, c.final_rewards, gamma, lam, c.bootstrap, c.bootstrap_advantage, len(c.order))
+
+
 def segment_advantages(b: ExperienceBatch, values: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray, int]:
     """GAE (:func:`compute_gae`) over the runs :func:`chain_segments` makes of ``b``'s segments.
 
@@ -214,8 +265,9 @@ def segment_advantages(b: ExperienceBatch, values: np.ndarray, gamma: float, lam
         ``(advantages (P,) float32, returns (P,) float32, joins)`` in the batch's position order;
         ``joins``: segments joined to their predecessor.
     """
-    c = chain_segments(b)
+    c, plan = segment_plan(b, gamma, lam)
+    v = np.asarray(values, dtype=np.float64)[c.order]
+    a = scan_advantages(v, plan.last, plan.tail, plan.by_level, plan.bounds, gamma, lam)
     adv, ret = np.empty(b.num_positions, np.float32), np.empty(b.num_positions, np.float32)
-    adv[c.order], ret[c.order] = compute_gae(np.asarray(values)[c.order], c.offsets, c.final_rewards, gamma, lam,
-                                             c.bootstrap, c.bootstrap_advantage)
+    adv[c.order], ret[c.order] = a, a + v
     return adv, ret, c.joins

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from keisei_stream.config import ModelConfig
+from keisei_stream.rl.device import pick_device  # noqa: F401 - where play/ and the benchmarks import it from
 from keisei_stream.shogi import NUM_ACTIONS, NUM_PLANES
 from keisei_stream.shogi.actions import NUM_SQUARES
 
@@ -229,28 +230,6 @@ def maybe_compile(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """Resolve a device name at run time.
-
-    Args:
-        name: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Raises:
-        ValueError: unknown name, or CUDA requested but not available.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {name!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r} (cpu, cuda, auto)")
-    return dev
 
 
 def unwrap(model: nn.Module) -> nn.Module:

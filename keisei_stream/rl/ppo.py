@@ -45,6 +45,7 @@ from torch import nn
 
 from keisei_stream.config import PPOConfig
 from keisei_stream.rl import distributed
+from keisei_stream.rl.device import read_host, to_device
 from keisei_stream.rl.policy import log_prob_entropy
 
 BATCH_KEYS = ("obs", "mask", "action", "log_prob", "value", "advantage", "return")
@@ -147,15 +148,12 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> _Batch:
     for k in (*BATCH_KEYS, "prox_log_prob"):
         if k in batch and int(batch[k].shape[0]) != n:
             raise ValueError(f"batch[{k!r}] has {batch[k].shape[0]} rows, expected {n}")
-    nb = device.type == "cuda"
-    dtypes = {"mask": torch.bool, "action": torch.int64}
-
-    def get(k: str) -> torch.Tensor:
-        return batch[k].to(device, dtypes.get(k, torch.float32), non_blocking=nb)
-
-    return _Batch(obs=get("obs"), mask=get("mask"), action=get("action"), log_prob=get("log_prob"),
-                  value=get("value"), advantage=get("advantage"), returns=get("return"),
-                  prox_log_prob=get("prox_log_prob") if "prox_log_prob" in batch else None)
+    dtypes = {k: {"mask": torch.bool, "action": torch.int64}.get(k, torch.float32) for k in batch}
+    host = {k: v for k, v in batch.items() if v.device != device}  # staged through pinned memory on CUDA
+    on = {**{k: v.to(dtypes[k]) for k, v in batch.items() if k not in host}, **to_device(host, device, dtypes)}
+    return _Batch(obs=on["obs"], mask=on["mask"], action=on["action"], log_prob=on["log_prob"],
+                  value=on["value"], advantage=on["advantage"], returns=on["return"],
+                  prox_log_prob=on.get("prox_log_prob"))
 
 
 def _forward(model: nn.Module, obs: torch.Tensor, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,27 +198,30 @@ def proximal_pass(
 
 def normalize_advantages(adv: torch.Tensor, total: int) -> torch.Tensor:
     """``(A - mean) / (std + 1e-8)`` over the whole update, every learner rank's positions
-    included (``total`` of them; one collective when distributed)."""
-    s1, s2 = distributed.all_reduce([float(adv.double().sum()), float((adv.double() ** 2).sum())])
+    included (``total`` of them; one collective when distributed); the sums stay on the device
+    (float64), so the host never waits."""
+    s1, s2 = distributed.all_reduce_([adv.double().sum(), (adv.double() ** 2).sum()], dtype=torch.float64)
     mean = s1 / total
-    std = math.sqrt(max(s2 - total * mean * mean, 0.0) / (total - 1))
-    return (adv - mean) / (std + 1e-8)
+    std = ((s2 - total * mean * mean).clamp(min=0.0) / (total - 1)).sqrt()
+    return (adv - mean.to(adv.dtype)) / (std.to(adv.dtype) + 1e-8)
 
 
 def importance_weights(prox_logp: torch.Tensor, behaviour_logp: torch.Tensor, clip: float,
-                       total: int) -> tuple[torch.Tensor, dict[str, float]]:
+                       total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The truncated importance weight ``w = min(pi_prox / mu, clip)`` per position, and its
-    statistics over the whole update (``total`` positions on every rank): ``is_weight_mean``,
-    ``is_weight_max`` (before truncation), ``is_weight_truncated`` (share cut by more than float
-    noise, 1e-4 relative, so that fresh data reports 0) and ``approx_kl_behaviour`` (the k3 KL
-    between the behaviour and the proximal policy: staleness and temperature)."""
+    statistics over the whole update (``total`` positions on every rank; 0-d float64 tensors on
+    the device, read with the update's other metrics): ``is_weight_mean``, ``is_weight_max``
+    (before truncation), ``is_weight_truncated`` (share cut by more than float noise, 1e-4
+    relative, so that fresh data reports 0) and ``approx_kl_behaviour`` (the k3 KL between the
+    behaviour and the proximal policy: staleness and temperature)."""
     with torch.no_grad():
         log_w = prox_logp - behaviour_logp
         raw = log_w.exp()
         cut = raw > clip * (1 + 1e-4)
-        kl_b, w_sum, w_cut = distributed.all_reduce([float(((raw - 1) - log_w).sum()), float(raw.sum()),
-                                                     float(cut.sum())])
-        (w_max,) = distributed.all_reduce([float(raw.max()) if raw.numel() else 0.0], op="max")
+        kl_b, w_sum, w_cut = distributed.all_reduce_([((raw - 1) - log_w).double().sum(), raw.double().sum(),
+                                                      cut.double().sum()], dtype=torch.float64)
+        w_max = distributed.all_reduce_([raw.double().max() if raw.numel() else raw.new_zeros((), dtype=torch.float64)],
+                                        op="max", dtype=torch.float64)[0]
     stats = {"is_weight_mean": w_sum / total, "is_weight_max": w_max, "is_weight_truncated": w_cut / total,
              "approx_kl_behaviour": kl_b / total}
     return raw.clamp(max=clip), stats
@@ -324,17 +325,26 @@ class _Sums:
         self.entropy += took(mbl.entropy)
         self.clip_fraction += took(mbl.clipped)
 
-    def metrics(self, b: _Batch, total: int) -> dict[str, float]:
+    def metrics(self, b: _Batch, total: int, extra: dict[str, torch.Tensor]) -> dict[str, float]:
         """The update's loss metrics over every rank (means over the positions stepped), the
         explained variance of ``b``'s values, ``grad_norm``, ``minibatches`` (steps),
-        ``nonfinite_minibatches`` and ``samples``: the one host synchronisation of the sums."""
-        *local, positions, grad_norm, steps, nonfinite = torch.stack([getattr(self, f.name) for f in fields(self)]).tolist()
-        totals = distributed.all_reduce([*local, *_variance_sums(b.value, b.returns)])
+        ``nonfinite_minibatches`` and ``samples``, plus ``extra`` (name -> 0-d device tensor,
+        already reduced over the ranks): reduced on the device and read in **the one host
+        synchronisation** of the update (:func:`~keisei_stream.rl.device.read_host`)."""
+        sums = [getattr(self, f.name) for f in fields(self)]
+        n_local = len(sums) - 4  # the loss sums; positions, grad_norm, steps, nonfinite agree on every rank
+        reduced = distributed.all_reduce_([*sums[:n_local], *_variance_sums(b.value, b.returns)], dtype=torch.float64)
+        own = torch.stack(sums[n_local:])
+        names = list(extra)
+        values = read_host(torch.cat([reduced, own, torch.stack([extra[k].double() for k in names])
+                                      if names else own.new_zeros(0)]))
+        totals, (positions, grad_norm, steps, nonfinite) = values[:len(reduced)], values[len(reduced):len(reduced) + 4]
         out = {k: (v / positions if steps else float("nan"))
                for k, v in zip(("policy_loss", "value_loss", "entropy", "clip_fraction"), totals)}
         out.update({"grad_norm": grad_norm / steps if steps else float("nan"),
-                    "explained_variance": _explained_variance_from_sums(totals[4:]), "minibatches": float(steps),
+                    "explained_variance": _explained_variance_from_sums(totals[n_local:]), "minibatches": float(steps),
                     "nonfinite_minibatches": float(nonfinite), "samples": float(total)})
+        out.update(zip(names, values[len(reduced) + 4:]))
         return out
 
 
@@ -351,6 +361,44 @@ class _Stop:
         self.approx_kl = torch.where(self.stopped, self.approx_kl, kl)
         self.stopped = self.stopped | (kl > self.target_kl)
         return self.stopped
+
+
+class _StopPoll:
+    """The KL stop read back on the host **without waiting** for the device (CUDA): after each
+    minibatch the device's stop flag is copied into pinned memory behind an event; before the next
+    minibatch the flags whose events have completed (``Event.query()``, which never blocks) are
+    looked at. Once one says stopped, the rest of the update's minibatches are not launched. The
+    host runs ahead of the device by the launch queue's depth, so a few minibatches past the stop
+    may still run (their optimiser steps suppressed on the device, so the update is the same);
+    :meth:`after_stop` counts them."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device = device
+        self.flags = torch.zeros(max(1, capacity), dtype=torch.bool, pin_memory=True)
+        self.events: list[torch.cuda.Event] = []
+        self.seen = 0
+        self.first_stopped: int | None = None
+
+    def record(self, stopped: torch.Tensor) -> None:
+        """Copy ``stopped`` (0-d bool on the device) behind the work launched so far."""
+        i = len(self.events)
+        self.flags[i].copy_(stopped, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.events.append(event)
+
+    def stopped(self) -> bool:
+        """True once a completed copy says stopped (never blocks)."""
+        while self.first_stopped is None and self.seen < len(self.events) and self.events[self.seen].query():
+            if bool(self.flags[self.seen]):  # pinned host memory, written: no device access
+                self.first_stopped = self.seen
+            self.seen += 1
+        return self.first_stopped is not None
+
+    def after_stop(self) -> int:
+        """Minibatches launched after the one that stopped the update (their work ran without a
+        step), as far as the host has seen by now."""
+        return 0 if self.first_stopped is None else len(self.events) - 1 - self.first_stopped
 
 
 @dataclass
@@ -402,6 +450,7 @@ def ppo_update(
     device: torch.device | str,
     amp: bool = True,
     decide_on_device: bool | None = None,
+    extra_metrics: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One decoupled-PPO update: ``cfg.epochs`` passes of shuffled minibatches over ``batch``.
 
@@ -412,7 +461,8 @@ def ppo_update(
     batch; gradients are clipped to ``cfg.max_grad_norm``; the scheduler steps once, if a step was
     taken. Before every step the k3 KL between the proximal and the current policy is checked and
     the update stops at ``cfg.target_kl``; a minibatch with a non-finite loss or gradient is
-    skipped. Both decisions are taken on the device on a GPU (one host wait per epoch). With
+    skipped. Both decisions are taken on the device on a GPU, where the host learns of a stop
+    without waiting (:class:`_StopPoll`) and launches no more minibatches once it has. With
     several learner ranks each rank's loss is scaled so that DDP's average is the gradient of the
     whole distributed minibatch, and every decision and metric is reduced over the ranks.
 
@@ -426,13 +476,17 @@ def ppo_update(
         cfg: PPO hyper-parameters. device: the model's device. amp: bf16 autocast on CUDA.
         decide_on_device: take the stop and skip decisions on the device (default: on CUDA only;
             both ways give the same update).
+        extra_metrics: the caller's own 0-d device tensors (name -> tensor), read with the
+            update's metrics in its one host synchronisation and returned among them.
 
     Returns:
         Metrics (floats): ``policy_loss``, ``value_loss``, ``entropy``, ``clip_fraction`` (means
         over the positions stepped), ``approx_kl`` (the last minibatch checked), the statistics of
         :func:`importance_weights`, ``explained_variance``, ``grad_norm`` (mean, before clipping),
         ``learning_rate``, ``epochs_run``, ``minibatches`` (steps), ``nonfinite_minibatches``,
-        ``samples`` (P over all ranks).
+        ``samples`` (P over all ranks); on CUDA ``minibatches_after_stop`` (launched after a KL
+        stop before the host saw it: their work ran, without a step). On a GPU the host never
+        waits for the device before the metrics are read (once, at the end).
 
     Raises:
         ValueError: missing keys, inconsistent lengths or an empty batch (on every rank).
@@ -458,31 +512,46 @@ def ppo_update(
     sums = _Sums.zeros(device)
     stop = _Stop(math.inf if cfg.target_kl is None else cfg.target_kl, torch.zeros((), dtype=torch.bool, device=device),
                  torch.zeros((), device=device))
-    epochs_run = 0
+    # one rank: the host polls the stop without waiting. Several ranks must launch the same minibatches
+    # (DDP's collectives), and their hosts see the device at different times: they read the
+    # (reduced) flag once per epoch instead, a wait per epoch.
+    poll = _StopPoll(device, cfg.epochs * len(global_sizes)) if device.type == "cuda" and not on_host and world == 1 \
+        else None
+    epochs_run = torch.zeros((), dtype=torch.float64, device=device)  # epochs begun before the stop
     for _ in range(cfg.epochs):
-        epochs_run += 1
-        perm = torch.randperm(n, device=device) if device.type == "cuda" else torch.randperm(n)
+        epochs_run += (~stop.stopped).double()
+        # on CUDA a device-side shuffle (sorting random keys) that no implementation can route through the host
+        perm = torch.rand(n, device=device).argsort() if device.type == "cuda" else torch.randperm(n)
         for j, m_global in enumerate(global_sizes):
+            if poll is not None and poll.stopped():  # the stop seen without waiting: skip the rest
+                break
             mbl = _minibatch_loss(model, b, perm[bounds[j]:bounds[j + 1]], prox_logp, weight, adv, cfg, use_amp,
                                   world / m_global)
             if not sums.step(model, optimizer, mbl, m_global, cfg, stop, on_host):
                 break
-        if bool(stop.stopped):  # once per epoch on a GPU (at once on the host, above)
+            if poll is not None:
+                poll.record(stop.stopped)
+        # the host decides at once (above); on one CUDA rank the poll decides without waiting; on the
+        # CPU with the decisions on the device, reading the flag costs nothing; several CUDA ranks wait here
+        if poll.stopped() if poll is not None else bool(stop.stopped):
             break
 
-    metrics = sums.metrics(b, total)
+    metrics = sums.metrics(b, total, {"approx_kl": stop.approx_kl, "epochs_run": epochs_run, **is_stats,
+                                      **(extra_metrics or {})})
     if scheduler is not None and metrics["minibatches"] > 0:
         scheduler.step()
-    metrics.update({"approx_kl": float(stop.approx_kl), **is_stats, "learning_rate": lr_now,
-                    "epochs_run": float(epochs_run)})
+    metrics["learning_rate"] = lr_now
+    if poll is not None:
+        metrics["minibatches_after_stop"] = float(poll.after_stop())
     return metrics
 
 
-def _variance_sums(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
-    """``[n, sum(t), sum(t^2), sum(t-p), sum((t-p)^2)]`` (float64): explained variance from sums
-    that add up over ranks."""
+def _variance_sums(pred: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
+    """``[n, sum(t), sum(t^2), sum(t-p), sum((t-p)^2)]`` (0-d float64 tensors on the device):
+    explained variance from sums that add up over ranks."""
     t, e = target.double(), (target - pred).double()
-    return [float(t.numel()), float(t.sum()), float((t * t).sum()), float(e.sum()), float((e * e).sum())]
+    return [torch.full((), float(t.numel()), dtype=torch.float64, device=t.device), t.sum(), (t * t).sum(), e.sum(),
+            (e * e).sum()]
 
 
 def _explained_variance_from_sums(sums: list[float]) -> float:

@@ -5,15 +5,11 @@ in segments.
 game (one forward pass per group of games), samples a move from the masked policy, records the
 position (the 32-byte HCP, ply, repetition count, action, behaviour log-probability, value, model
 version) and plays the move. A game's positions leave as a :class:`Segment` every
-``segment_plies`` plies, once ``lookahead_plies`` more have been played after the cut, carrying
-the **bootstrap** of the position after the cut (from the side to move there): its value and its
-GAE advantage over the look-ahead plies (with the run's gamma and lambda, bootstrapped at the
-look-ahead's end), so that the learner's advantages reach past the cut (:mod:`.gae`); a game's
-last segment leaves at its end with its result; :meth:`SelfPlay.flush` cuts every game at a stop,
-so nothing played is lost. Sample Factory and IMPALA ship fixed-length rollouts with a bootstrap
-value the same way (Petrenko et al. 2020, arXiv:2006.11751; Espeholt et al. 2018,
-arXiv:1802.01561); the look-ahead is the actor-side return of Ape-X (Horgan et al. 2018,
-arXiv:1803.00933), here a GAE advantage.
+``segment_plies`` plies, ``lookahead_plies`` plies after the cut, carrying the bootstrap value and
+look-ahead advantage of the position after the cut; a game's last segment leaves at its end with
+its result, and :meth:`SelfPlay.flush` cuts every game at a stop, so nothing played is lost. Why
+and how: the manual's RL page, "Segments and the look-ahead" (docs/rl.md), the one place the
+mechanism is explained.
 
 **On a GPU** the games form two groups: while one group's forward pass runs on the device, the
 CPU steps the other group's boards (the compact inputs cross from pinned memory with non-blocking
@@ -34,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from keisei_stream.rl.device import sync_allowed, use_device
 from keisei_stream.rl.gae import compute_gae
 from keisei_stream.rl.inputs import expand_on_device
 from keisei_stream.rl.policy import act, sample_actions
@@ -168,7 +165,7 @@ class SelfPlay:
                  temperature: float, seed: int, lookahead_plies: int = 0, gamma: float = 1.0, lam: float = 1.0,
                  device: torch.device | str = "cpu", groups: int | None = None, overlap: bool | None = None,
                  amp: bool = True, opening_plies: int = 0):
-        self.model, self.device = model, torch.device(device)
+        self.model, self.device = model, use_device(device)  # a CUDA device with its index, current here
         cuda = self.device.type == "cuda"
         n_groups = groups or (2 if cuda else 1)
         if games < n_groups:
@@ -281,6 +278,11 @@ class SelfPlay:
         if self.device.type != "cuda":
             obs, mask = g.env.observe(copy=False)  # act() copies them into tensors before env.step
             return _Pending(version, *act(self.model, obs, mask, self.temperature, generator=g.rng))
+        with torch.cuda.device(self.device):  # every implicit device below is the worker's
+            return self._launch_cuda(g, version)
+
+    def _launch_cuda(self, g: _Group, version: int) -> _Pending:
+        """:meth:`_launch` on CUDA (module docstring): nothing here waits for the device."""
         compact, pin, n = g.env.observe_compact(), g.pinned, g.env.num_games
         m = len(compact["actions"])
         staged = {}
@@ -296,8 +298,10 @@ class SelfPlay:
             outs = (pin["out_action"][:n], pin["out_log_prob"][:n], pin["out_value"][:n])
             for host, dev in zip(outs, (actions, log_prob, value.float())):
                 host.copy_(dev, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        # recorded on this worker's device's stream, whatever the thread's current device; a
+        # blocking event: a worker waiting for it sleeps instead of spinning a core
+        done = torch.cuda.Event(blocking=True)
+        done.record(torch.cuda.current_stream(self.device))
         return _Pending(version, *outs, done=done)
 
     @staticmethod
@@ -306,7 +310,8 @@ class SelfPlay:
         (waiting for the device when it still runs)."""
         if p.done is None:
             return p.actions, p.log_prob, p.value
-        p.done.synchronize()
+        with sync_allowed():  # the one wait of a step, for the results it needs (blocking: the core sleeps)
+            p.done.synchronize()  # the copies into the pinned outputs have run
         return p.actions.numpy().copy(), p.log_prob.numpy().copy(), p.value.numpy().copy()
 
 

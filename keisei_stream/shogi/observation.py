@@ -203,44 +203,72 @@ def _planes_and_moves(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray, 
     """Write the planes of P checked positions into ``obs (P, 46, 9, 9) float32`` (planes 0-27 zero);
     returns their legal moves ``(M,) int64`` (cshogi codes, back to back), ``counts (P,) int64``
     and ``turn (P,) int64``."""
-    p = hcp.shape[0]
-    hands = np.empty((p, 14), dtype=np.int64)
-    turn = np.empty(p, dtype=np.int64)
-    counts = np.empty(p, dtype=np.int64)
-    moves: list[int] = []
-    extend = moves.extend
-    board = cshogi.Board()
-    set_hcp = board.set_hcp
-    planes = board.piece_planes_rotate
-    for i in range(p):
-        try:
-            set_hcp(hcp[i])
-        except RuntimeError as e:
-            raise ValueError(f"invalid HCP at index {i}: {e}") from None
-        planes(obs[i])
-        black, white = board.pieces_in_hand
-        t = board.turn
-        turn[i] = t
-        hands[i] = black + white if t == 0 else white + black
-        n0 = len(moves)
-        extend(board.legal_moves)
-        counts[i] = len(moves) - n0
-    _finish_planes(obs, hands, turn, ply, repetition, max_plies)
-    return np.array(moves, dtype=np.int64), counts, turn
+    reader = _PositionReader(hcp.shape[0])
+    reader.read(hcp, 0, hcp.shape[0], obs)
+    _finish_planes(obs, reader.hands, reader.turn, ply, repetition, max_plies)
+    return reader.moves_array(), reader.counts, reader.turn
+
+
+class _PositionReader:
+    """Reads checked HCPs with one reused ``cshogi.Board``: piece planes, hands, side to move and
+    legal moves, for a range of positions at a time (every encoder's per-position loop)."""
+
+    def __init__(self, p: int) -> None:
+        self.hands = np.empty((p, 14), dtype=np.int64)
+        self.turn = np.empty(p, dtype=np.int64)
+        self.counts = np.empty(p, dtype=np.int64)
+        self.moves: list[int] = []
+        self.board = cshogi.Board()
+
+    def read(self, hcp: np.ndarray, lo: int, hi: int, planes_out: np.ndarray) -> None:
+        """Positions ``lo..hi-1``: planes 0-27 into ``planes_out[i - lo]`` (float32, at least 28
+        planes, zeroed by the caller), hands/turn/counts at ``i``, legal moves appended.
+
+        Raises:
+            ValueError: an HCP cshogi cannot decode (its index named).
+        """
+        board, extend = self.board, self.moves.extend
+        set_hcp, planes = board.set_hcp, board.piece_planes_rotate
+        for i in range(lo, hi):
+            try:
+                set_hcp(hcp[i])
+            except RuntimeError as e:
+                raise ValueError(f"invalid HCP at index {i}: {e}") from None
+            planes(planes_out[i - lo])
+            black, white = board.pieces_in_hand
+            t = board.turn
+            self.turn[i] = t
+            self.hands[i] = black + white if t == 0 else white + black
+            n0 = len(self.moves)
+            extend(board.legal_moves)
+            self.counts[i] = len(self.moves) - n0
+
+    def moves_array(self) -> np.ndarray:
+        """The legal moves read so far, ``(M,) int64`` cshogi codes, back to back."""
+        return np.array(self.moves, dtype=np.int64)
 
 
 #: Planes 0-27 (pieces) are 0/1 on every square; planes 28-45 are one value over the whole board.
 PIECE_PLANES = 28
 SCALAR_PLANES = NUM_PLANES - PIECE_PLANES
+#: Bytes of the bit-packed piece planes of one position (28 x 81 bits, rounded up).
+PACKED_PIECE_BYTES = (PIECE_PLANES * 81 + 7) // 8
+#: Positions per scratch fill of :func:`encode_positions_compact`.
+COMPACT_CHUNK = 1024
 
 
 def encode_positions_compact(hcp: np.ndarray, ply: np.ndarray, repetition: np.ndarray,
-                             max_plies: int) -> dict[str, np.ndarray]:
+                             max_plies: int, chunk: int = COMPACT_CHUNK) -> dict[str, np.ndarray]:
     """The learner's inputs in a compact form to ship to the device, where
     :func:`keisei_stream.rl.inputs.expand_inputs` rebuilds exactly :func:`encode_positions`'s
     ``(obs, mask)``.
 
-    Args: as :func:`encode_positions`.
+    Built directly in packed form, ``chunk`` positions at a time: the piece planes of a chunk are
+    written by cshogi into one reused ``(chunk, 28, 9, 9) float32`` scratch array (9 KB a
+    position) and bit-packed from there, and planes 28-45 are computed as scalars, so no dense
+    array of the whole batch is ever built (a 65,536-position update's would be 0.98 GB).
+
+    Args: as :func:`encode_positions`; ``chunk``: positions per scratch fill (>= 1).
 
     Returns:
         ``pieces (P, 284) uint8``: planes 0-27 bit-packed (``np.packbits``, big-endian bit order,
@@ -254,9 +282,22 @@ def encode_positions_compact(hcp: np.ndarray, ply: np.ndarray, repetition: np.nd
     """
     max_plies, hcp, ply, repetition = _check_inputs(hcp, ply, repetition, max_plies)
     p = hcp.shape[0]
-    obs = np.zeros((p, NUM_PLANES, 9, 9), dtype=np.float32)
-    moves, counts, turn = _planes_and_moves(hcp, ply, repetition, max_plies, obs)
-    actions = _actions(moves, np.repeat(np.arange(p, dtype=np.int64), counts), turn)
-    return {"pieces": np.packbits(obs[:, :PIECE_PLANES].reshape(p, -1) > 0.5, axis=1),
-            "scalars": np.ascontiguousarray(obs[:, PIECE_PLANES:, 0, 0]),
-            "actions": actions.astype(np.int16), "counts": counts.astype(np.int16)}
+    pieces = np.empty((p, PACKED_PIECE_BYTES), np.uint8)
+    reader = _PositionReader(p)
+    scratch = np.empty((max(1, min(int(chunk), p)), PIECE_PLANES, 9, 9), np.float32)
+    for s in range(0, p, len(scratch)):
+        e = min(s + len(scratch), p)
+        block = scratch[:e - s]
+        block[...] = 0.0
+        reader.read(hcp, s, e, block)  # cshogi writes planes 0-27 only
+        block[:, _PERM_DST] = block[:, _PERM_SRC]
+        pieces[s:e] = np.packbits(block.reshape(e - s, -1) > 0.5, axis=1)
+    turn, counts = reader.turn, reader.counts
+    scalars = np.empty((p, SCALAR_PLANES), np.float32)  # planes 28-45 as _finish_planes writes them
+    scalars[:, :14] = reader.hands.astype(np.float32) * _HAND_SCALE
+    scalars[:, 14] = turn == 0
+    scalars[:, 15] = ply.astype(np.float32) / np.float32(max_plies)
+    scalars[:, 16] = repetition.astype(np.float32) / np.float32(3.0)
+    scalars[:, 17] = 1.0
+    actions = _actions(reader.moves_array(), np.repeat(np.arange(p, dtype=np.int64), counts), turn)
+    return {"pieces": pieces, "scalars": scalars, "actions": actions.astype(np.int16), "counts": counts.astype(np.int16)}

@@ -1,5 +1,11 @@
 """Durable archive of a run's self-play games, written from the ``games`` stream through a consumer group.
 
+Each worker adds its finished games to its own capped stream ``games:{id}``; the learner moves
+them into the shared ``games`` stream (:meth:`Recorder.forward`: one ``XREADGROUP`` over the
+workers' game streams, then per entry, atomically, ``XADD games`` with the worker's id taken from
+the stream and only the record's known fields, each cut at :data:`FIELD_BYTES`, and ``XACK`` +
+``XDEL`` of the worker's entry), so no worker writes a key another worker's games are in.
+
 The ``games`` stream is capped (``stream.games_maxlen``) and lives in the run's Redis; the
 archive keeps every game on disk after both are gone. Layout, under ``runs/{run}/games/``:
 
@@ -17,7 +23,7 @@ whose id is not newer than the last archived one (stream ids only grow), so noth
 written twice. A chunk whose last gzip member was cut short by a crash is read up to its last whole member
 (the games of the cut member were not acknowledged, so they are archived again into a new chunk).
 
-Size: about 0.2-0.3 KB per game of 100-200 plies (gzip level 6); see the README.
+Size: about 0.76 KB per quickstart game of about 370 plies (gzip level 6; the manual's results page).
 """
 
 from __future__ import annotations
@@ -29,16 +35,21 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import redis
 
-from .atomic import create_group
+from .atomic import create_group, run_atomic
 from .client import as_str
 from .keys import Keys
 
 COLUMNS = ("id", "result", "reason", "plies", "worker", "version", "opening_plies", "start", "moves")
 GROUP = "recorders"
+#: The fields of a game record a worker sends (``GameRecord.to_dict()`` plus ``version``); the
+#: learner forwards only these, plus ``worker``.
+RECORD_FIELDS = ("start_sfen", "moves", "result", "result_str", "reason", "plies", "opening_plies", "version")
+#: Longest value of a forwarded field (bytes): a 65,535-ply game's USI moves fit.
+FIELD_BYTES = 6 * 65_536
 _CHUNK_RE = re.compile(r"^games-(\d{6})\.tsv\.gz$")
 
 
@@ -201,10 +212,13 @@ class Recorder:
     consumer: str = "recorder-0"
     flush_s: float = 10.0
     flush_games: int = 500
+    games_maxlen: int = 10_000
     archived: int = 0
+    forwarded: int = 0
     _buffer: list[tuple[str, dict[str, str] | None]] = field(default_factory=list)
     _pending_first: bool = True
     _last_flush: float = field(default_factory=time.monotonic)
+    _sources: dict[str, str] = field(default_factory=dict)  # worker -> cursor of its game stream ("0": own pending first)
 
     def __post_init__(self) -> None:
         self.ensure_group()
@@ -224,9 +238,52 @@ class Recorder:
             return []
         return [(as_str(eid), fields) for _stream, entries in resp or [] for eid, fields in entries]
 
-    def step(self, force: bool = False) -> int:
-        """Read new game entries (with ``force``: all there are) and flush when due (or ``force``).
-        Returns the games archived now."""
+    def forward(self, workers: Sequence[str]) -> int:
+        """Move what is new in the game streams of ``workers`` into ``games`` (module doc); returns
+        how many games. A worker stream seen for the first time gets the group ``recorders``."""
+        for w in workers:
+            if w not in self._sources:
+                create_group(self.r, self.keys, self.keys.worker_games(w), GROUP, f"the game group on {w}'s stream")
+                self._sources[w] = "0"
+        if not workers:
+            return 0
+        of = {self.keys.worker_games(w): w for w in workers}
+        try:
+            resp = self.r.xreadgroup(GROUP, self.consumer, {k: self._sources.get(w, ">") for k, w in of.items()},
+                                     count=1000)
+        except redis.ResponseError as exc:  # the server restarted without the run's data
+            if "NOGROUP" not in str(exc):
+                raise
+            self._sources.clear()
+            return 0
+        got = {of[as_str(k)]: v for k, v in (resp.items() if isinstance(resp, dict) else resp or [])
+               if as_str(k) in of}
+        moved = 0
+        for w in workers:
+            entries = got.get(w) or []
+            if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], (list, tuple)):
+                entries = entries[0]  # RESP3
+            if self._sources[w] != ">":  # re-reading its own pending entries: go on after the last, or done
+                self._sources[w] = as_str(entries[-1][0]) if entries else ">"
+            stream_key = self.keys.worker_games(w)
+            cmds: list[tuple] = []
+            for eid, fields in entries:
+                if fields:
+                    f = {as_str(k): v for k, v in fields.items()}
+                    flat = [x for k in RECORD_FIELDS if k in f for x in (k, f[k][:FIELD_BYTES])]
+                    cmds.append(("XADD", self.keys.games, "MAXLEN", "~", self.games_maxlen, "*", *flat, "worker", w))
+                    moved += 1
+                cmds += [("XACK", stream_key, GROUP, as_str(eid)), ("XDEL", stream_key, as_str(eid))]
+            if cmds:
+                run_atomic(self.r, self.keys, cmds, None)
+        self.forwarded += moved
+        return moved
+
+    def step(self, workers: Sequence[str] = (), force: bool = False) -> int:
+        """Move the games of ``workers`` into ``games`` (:meth:`forward`), read new ``games``
+        entries (with ``force``: all there are) and flush when due (or ``force``). Returns the
+        games archived now."""
+        self.forward(workers)
         while True:
             items = self._read("0") if self._pending_first else []
             if not items:

@@ -14,11 +14,13 @@ or on Redis 6.2, which has no script flags, opened by a write that a full server
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
+from . import retry
+from .client import as_str
 from .keys import Keys
 from .retry import is_oom, wait_for_room
 
@@ -28,10 +30,11 @@ log = logging.getLogger("keisei.redis")
 # but only while the run's epoch (KEYS[1]) is still ARGV[1] ('' = not checked): acknowledgements and
 # counts meant for a server that lost the run's data must never land in the restarted one.
 #
-# One pseudo-command, ACK_COUNTED stream group accounting id trained stale, acknowledges one entry
-# and counts its positions only if that XACK acknowledged it (it was still pending): an entry that
-# two learners both held (one stalled past claim_idle_ms, the other claimed it) is counted once,
-# and the second acknowledgement only increments ``double_acks``.
+# One pseudo-command, ACK_COUNTED stream group accounting id trained stale suffix, acknowledges one
+# entry and counts its positions (in the accounting fields named with ``suffix``, ":{worker}") only
+# if that XACK acknowledged it (it was still pending): an entry that two learners both held (one
+# stalled past claim_idle_ms, the other claimed it) is counted once, and the second
+# acknowledgement only increments ``double_acks``.
 _ATOMIC_BODY = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('EPOCH the run epoch changed: the server lost the run data')
@@ -40,14 +43,14 @@ local i = 2
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   if ARGV[i + 1] == 'ACK_COUNTED' then
-    local stream, group, acc, id = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local stream, group, acc, id, sfx = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 8]
     if redis.call('XACK', stream, group, id) == 1 then
       redis.call('XDEL', stream, id)
-      redis.call('HINCRBY', acc, 'acked_entries', 1)
-      redis.call('HINCRBY', acc, 'trained_positions', ARGV[i + 6])
-      redis.call('HINCRBY', acc, 'stale_positions', ARGV[i + 7])
+      redis.call('HINCRBY', acc, 'acked_entries' .. sfx, 1)
+      redis.call('HINCRBY', acc, 'trained_positions' .. sfx, ARGV[i + 6])
+      redis.call('HINCRBY', acc, 'stale_positions' .. sfx, ARGV[i + 7])
     else
-      redis.call('HINCRBY', acc, 'double_acks', 1)
+      redis.call('HINCRBY', acc, 'double_acks' .. sfx, 1)
     end
   else
     redis.call(unpack(ARGV, i + 1, i + n))
@@ -71,13 +74,23 @@ class EpochChanged(RuntimeError):
     """The server no longer holds the run's epoch: it restarted without the run's data."""
 
 
+#: Longest ``WAIT`` (ms) while replicas fall short (:class:`ReplicationShortfalls`).
+SHORT_WAIT_MS = 10
+
+
 @dataclass
 class ReplicationShortfalls:
     """Process-wide count of :func:`run_atomic` calls whose ``WAIT`` timed out before enough
     replicas held the writes (they were acknowledged by the primary alone: a failover in that
-    window may lose them)."""
+    window may lose them).
+
+    After a shortfall the next ``WAIT`` s last at most :data:`SHORT_WAIT_MS` (``short``), until one
+    is met again: with its replica gone (the standby promoted after a failover, before another
+    replica joins) every ``WAIT`` would last its whole timeout and slow every acknowledgement and
+    publication down for nothing. One line is logged when it starts and one when it ends."""
 
     count: int = 0
+    short: bool = False
 
 
 UNREPLICATED = ReplicationShortfalls()
@@ -86,7 +99,7 @@ UNREPLICATED = ReplicationShortfalls()
 def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None,
                wait: tuple[int, int] | None = None) -> int | None:
     """Run ``cmds`` (tuples: command, arguments; or ``("ACK_COUNTED", stream, group, accounting,
-    id, trained, stale)``, see above) atomically in one script, only while the run's
+    id, trained, stale, suffix)``, see above) atomically in one script, only while the run's
     ``epoch`` key still holds ``epoch`` (None: not checked); past ``maxmemory`` when the server is full.
 
     With ``wait = (replicas, ms)`` the script is followed, on the same connection, by ``WAIT
@@ -116,7 +129,7 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None,
                 if "EPOCH" in str(again) or is_oom(again):
                     raise
                 # no script flags (Redis < 7): the same body behind a first write that is never refused
-                return _eval(r, wait, _ATOMIC_GATED_LUA, 2, keys.epoch, keys.prefix + "oom-gate", *argv)
+                return _eval(r, wait, _ATOMIC_GATED_LUA, 2, keys.epoch, keys.oom_gate, *argv)
     except redis.ResponseError as exc:
         if "EPOCH" in str(exc):
             raise EpochChanged(str(exc)) from None
@@ -129,17 +142,25 @@ def _eval(r: redis.Redis, wait: tuple[int, int] | None, script: str, numkeys: in
     if not wait or wait[0] < 1:
         r.eval(script, numkeys, *args)
         return None
+    u = UNREPLICATED
+    ms = min(int(wait[1]), SHORT_WAIT_MS) if u.short else int(wait[1])
     pipe = r.pipeline(transaction=False)
     pipe.eval(script, numkeys, *args)
-    pipe.execute_command("WAIT", int(wait[0]), int(wait[1]))
+    pipe.execute_command("WAIT", int(wait[0]), ms)
     done, acked = pipe.execute(raise_on_error=False)
     for result in (done, acked):
         if isinstance(result, Exception):
             raise result
     if int(acked) < wait[0]:
-        UNREPLICATED.count += 1
-        log.warning("only %d of %d replicas held a write of the run within %d ms (a failover now would lose it; "
-                    "%d such writes)", int(acked), wait[0], wait[1], UNREPLICATED.count)
+        u.count += 1
+        if not u.short:
+            log.warning("only %d of %d replicas held a write of the run within %d ms (a failover now would lose it); "
+                        "waiting at most %d ms a write until they hold one again", int(acked), wait[0], ms,
+                        SHORT_WAIT_MS)
+        u.short = True
+    elif u.short:
+        u.short = False
+        log.warning("replicas hold the run's writes again (%d writes were acknowledged by the primary alone)", u.count)
     return int(acked)
 
 
@@ -170,3 +191,41 @@ def create_group(r: redis.Redis, keys: Keys, stream: str, group: str, what: str)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+@dataclass
+class EpochWatch:
+    """The one outage check of every process: after Redis was unreachable (an outage counted by
+    :data:`keisei_stream.wire.retry.OUTAGES`, process-wide) or when told so, read the run's
+    ``epoch`` key again and compare it with the one this process knows: missing or changed means
+    the server restarted without the run's data.
+
+    Attributes:
+        epoch: the run's epoch as this process knows it (None: none yet); the owner updates it
+            (a worker adopts the new one, the learner claims one).
+        outages_seen: :data:`~keisei_stream.wire.retry.OUTAGES` ``.outages`` at the last check.
+        found: the ``epoch`` key's value at the last check (None: missing).
+        looked: the last :meth:`changed` read the key (after an outage or when forced). With the
+            epoch intact the server still holds the run, but it may be a promoted replica or one
+            restarted from its files, lacking the last writes the old one acknowledged: the
+            learner and the workers then compare what they wrote with what it holds (a failover's
+            losses, :meth:`keisei_stream.wire.consumer.Consumer.record_failover`,
+            :meth:`keisei_stream.wire.producer.Producer.reconcile`).
+    """
+
+    epoch: str | None = None
+    outages_seen: int = field(default_factory=lambda: retry.OUTAGES.outages)
+    found: str | None = None
+    looked: bool = False
+
+    def changed(self, r: redis.Redis, keys: Keys, force: bool = False) -> bool:
+        """After a new outage (or with ``force``): True when the ``epoch`` key is missing or differs
+        from :attr:`epoch` (then :attr:`found` holds what is there); False without an outage
+        (:attr:`looked` says which)."""
+        self.looked = False
+        if retry.OUTAGES.outages == self.outages_seen and not force:
+            return False
+        self.outages_seen, self.looked = retry.OUTAGES.outages, True
+        raw = r.get(keys.epoch)
+        self.found = None if raw is None else as_str(raw)
+        return self.found is None or self.found != self.epoch

@@ -14,6 +14,8 @@ https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/).
 
 from __future__ import annotations
 
+import argparse
+import os
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -122,7 +124,7 @@ def connect(url: str, **kw: Any) -> redis.Redis:
     (the codec needs bytes).
 
     Note: a command retried after a lost connection may have run twice on the server;
-    the producer's admission script and batch ids make that harmless.
+    the producer's record (read under WATCH before each add) and batch ids make that harmless.
 
     Through Sentinel the client connects to whichever node the Sentinels name as the primary,
     at every (re)connection: after a failover the retry policy's next attempt reaches the
@@ -154,3 +156,16 @@ def as_str(value: Any) -> str:
     """A reply value of a :func:`connect` client (``bytes``, since ``decode_responses=False``) as
     ``str``: UTF-8 with invalid bytes replaced; anything else through ``str()``."""
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+#: Environment variable holding a process's Redis URL: ``keisei run`` passes each child its URL
+#: (with the password) there, where ``ps`` does not show it.
+URL_ENV = "KEISEI_REDIS"
+
+
+def add_redis_argument(parser: argparse.ArgumentParser) -> None:
+    """``--redis URL`` of a process (``python -m workers``, ``python -m learner``): required unless
+    the environment variable :data:`URL_ENV` holds the URL, which is then its default."""
+    parser.add_argument("--redis", default=os.environ.get(URL_ENV), required=URL_ENV not in os.environ,
+                        help="Redis URL, e.g. redis://:PASSWORD@host:6379/0 or unix:///path/redis.sock (default: the "
+                             f"environment variable {URL_ENV}, which keeps a password out of the process list)")

@@ -1,6 +1,6 @@
 """Wire codec of experience batches: one batch of game segments = one Redis stream entry.
 
-Stream entry fields (the README's "Wire format" section)::
+Stream entry fields (the manual's wire format page, docs/wire-format.md)::
 
     d  bytes  lz4 block (4-byte little-endian uncompressed size + data) of a msgpack map
     w  str    worker id
@@ -39,7 +39,7 @@ from keisei_stream.experience import (BYTES_PER_POSITION, BYTES_PER_SEGMENT, COL
 from keisei_stream.shogi import BOARD_END_REASONS, MOVER_SCORES, NUM_ACTIONS, EndReason
 
 from .errors import BadEntry
-from .replay import replay_check, validate_hcp
+from .replay import GameBook, replay_check, validate_hcp
 
 #: Most positions one entry may carry.
 MAX_POSITIONS = 1 << 20
@@ -53,6 +53,9 @@ LOG_PROB_TOLERANCE = 1e-4
 MIN_LOG_PROB = -40.0
 #: ``|value|`` may exceed 1 by this much (float32 rounding).
 VALUE_TOLERANCE = 1e-6
+#: ``|bootstrap + bootstrap_advantage|`` may exceed 1 by this much (float32 rounding of the
+#: worker's GAE over up to 65,535 look-ahead plies).
+RETURN_TOLERANCE = 1e-4
 
 _MAP_KEYS = frozenset(("batch_id", "schema", *COLUMNS))
 _FIELD_KEYS = frozenset((b"d", b"w", b"v", b"n", b"s"))
@@ -129,7 +132,8 @@ def entry_positions(fields: Mapping[Any, Any]) -> int:
 
 
 def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool = True,
-                 max_version: int | None = None) -> ExperienceBatch:
+                 max_version: int | None = None, worker: str | None = None,
+                 games: GameBook | None = None) -> ExperienceBatch:
     """Decode and validate one stream entry.
 
     Args:
@@ -143,6 +147,14 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
             it the positions are still checked to be well-formed HCPs that cshogi can load safely.
         max_version: the newest model version published so far; an entry claiming a newer one
             (field ``v``) is rejected (None: not checked).
+        worker: the worker whose stream the entry came from (the stream, not the entry, says who
+            wrote it): field ``w`` must name it and ``batch_id`` start with ``{worker}:``
+            (None: not checked).
+        games: with ``check_legal``, the games in flight the entry's segments continue
+            (:class:`~keisei_stream.wire.replay.GameBook`, keyed by ``worker``): plies and
+            positions must continue each game's previous segment, repetition counts and endings
+            are judged over the game's history; the book's changes are staged, for its owner to
+            ``commit()`` once it keeps the batch (None: each segment on its own).
 
     Returns:
         The :class:`ExperienceBatch` (owned, writable, native-endian arrays).
@@ -153,22 +165,29 @@ def decode_entry(fields: Mapping[Any, Any], *, max_plies: int, check_legal: bool
             (refused before allocating), msgpack errors, missing/extra/mistyped map keys, array byte
             lengths inconsistent with ``n`` and the segment offsets, non-monotone offsets,
             actions >= 13527, non-finite log-probabilities or outside [``MIN_LOG_PROB``, 0],
-            values or bootstraps outside [-1, 1] (bootstrap advantages [-2, 2]), a version newer
-            than ``max_version``,
-            versions inconsistent with ``v``, non-consecutive plies, plies >= ``max_plies``,
+            values or bootstraps outside [-1, 1] (bootstrap advantages [-2, 2], their sum, the
+            worker's lambda-return, [-1, 1]), a version newer than ``max_version``, a ``w`` or
+            ``batch_id`` of another worker than ``worker``,
+            versions inconsistent with ``v``, non-consecutive plies, a side to move that is not
+            the ply's (Black moves at even plies: games start from the initial position), plies
+            >= ``max_plies``,
             results inconsistent with the end reason, a cut segment with a result or reaching
             ``max_plies``, an ended one with a bootstrap, malformed positions, and
-            (``check_legal``) illegal actions or inconsistent positions.
+            (``check_legal``) illegal actions, inconsistent positions, endings the position or
+            the game's history do not allow, and segments that do not continue their game.
     """
+    if games is not None:
+        games.discard()  # whatever an earlier entry staged and its owner did not commit
     try:
-        return _decode(fields, max_plies, check_legal, max_version)
+        return _decode(fields, max_plies, check_legal, max_version, worker, games)
     except BadEntry:
         raise
     except Exception as exc:  # noqa: BLE001 - last line of defence: hostile input never crashes
         raise BadEntry(f"undecodable entry: {type(exc).__name__}: {str(exc)[:120]}") from None
 
 
-def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_version: int | None) -> ExperienceBatch:
+def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_version: int | None,
+            worker: str | None, games: GameBook | None) -> ExperienceBatch:
     if not isinstance(fields, Mapping):
         raise BadEntry(f"fields of type {type(fields).__name__}")
     if len(fields) > 16:
@@ -191,11 +210,13 @@ def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_ve
     if max_version is not None and v > max_version:
         raise BadEntry(f"field v: version {v} is newer than the newest published ({max_version})")
     try:
-        worker = f[b"w"].decode("utf-8")
+        claimed = f[b"w"].decode("utf-8")
     except UnicodeDecodeError:
         raise BadEntry("field w: not UTF-8") from None
-    if not worker or len(worker) > MAX_ID_CHARS:
+    if not claimed or len(claimed) > MAX_ID_CHARS:
         raise BadEntry("field w: empty or too long")
+    if worker is not None and claimed != worker:
+        raise BadEntry(f"field w: {claimed[:40]!r} on the stream of worker {worker!r}")
 
     raw = _decompress(f[b"d"], n)
     try:
@@ -213,6 +234,8 @@ def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_ve
     batch_id = payload["batch_id"]
     if not isinstance(batch_id, str) or not batch_id or len(batch_id) > MAX_ID_CHARS:
         raise BadEntry("batch_id: not a non-empty string of <= 200 chars")
+    if worker is not None and not batch_id.startswith(worker + ":"):
+        raise BadEntry(f"batch_id: {batch_id[:40]!r} is not one of worker {worker!r} ({worker}:...)")
     if type(payload["schema"]) is not int or payload["schema"] != SCHEMA_VERSION:
         raise BadEntry(f"map schema {str(payload['schema'])[:20]}, expected {SCHEMA_VERSION}")
 
@@ -238,11 +261,11 @@ def _decode(fields: Mapping[Any, Any], max_plies: int, check_legal: bool, max_ve
         arr = np.frombuffer(blobs[name], dtype=col.dtype).astype(col.native)
         arrays[name] = arr.reshape((count, *col.shape)) if col.shape else arr
 
-    batch = ExperienceBatch(batch_id=batch_id, worker_id=worker, **arrays)
+    batch = ExperienceBatch(batch_id=batch_id, worker_id=claimed, **arrays)
     try:
         _check_values(batch, v, max_plies)
         if check_legal:
-            replay_check(batch, max_plies)
+            replay_check(batch, max_plies, games, claimed)
         else:
             ok = validate_hcp(batch.hcp)
             if not ok.all():
@@ -304,6 +327,12 @@ def _check_position_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
             raise BadEntry(f"{name}: not finite")
         if float(np.abs(val).max()) > bound + VALUE_TOLERANCE:
             raise BadEntry(f"{name}: {float(np.abs(val).max()):.3g} outside [-{bound:g}, {bound:g}]")
+    # bootstrap + its advantage is the worker's lambda-return of the position after the cut: a
+    # lambda-weighted mean of discounted values in [-1, 1] with no reward before the game's end
+    # (the look-ahead never crosses it), so honest data always have |B + A_B| <= 1
+    lam_return = np.abs(b.bootstrap.astype(np.float64) + b.bootstrap_advantage.astype(np.float64))
+    if float(lam_return.max()) > 1.0 + RETURN_TOLERANCE:
+        raise BadEntry(f"bootstrap + bootstrap_advantage: {float(lam_return.max()):.3g} outside [-1, 1]")
     if int(b.version.max()) != v:
         raise BadEntry(f"version: newest {int(b.version.max())} != field v {v}")
     if int(b.repetition.max()) > 2:
@@ -316,9 +345,10 @@ def _check_position_values(b: ExperienceBatch, v: int, max_plies: int) -> None:
     if not np.array_equal(ply, expected):
         raise BadEntry(f"ply: not consecutive within a segment (first at position {int(np.flatnonzero(ply != expected)[0])})")
     turn = (b.hcp[:, 0] & 1).astype(np.int64)
-    same = si[1:] == si[:-1]
-    if (turn[1:][same] == turn[:-1][same]).any():
-        raise BadEntry("hcp: side to move does not alternate within a segment")
+    if (turn != (ply & 1)).any():  # with consecutive plies: the sides alternate within a segment
+        bad = int(np.flatnonzero(turn != (ply & 1))[0])
+        raise BadEntry(f"hcp: {'White' if turn[bad] else 'Black'} to move at ply {int(ply[bad])} (position {bad}): "
+                       "games start from the initial position, Black moves at even plies")
 
 
 def _check_segment_ends(b: ExperienceBatch, max_plies: int) -> None:
@@ -346,6 +376,21 @@ def _check_segment_ends(b: ExperienceBatch, max_plies: int) -> None:
             raise BadEntry(f"{reason.name} segment with a result its rule does not give the last mover")
 
 
+def max_entry_bytes(positions: int) -> int:
+    """Most bytes an honest entry of at most ``positions`` positions sends (the ``d`` field at the
+    decoder's own bound, :data:`_MAX_RAW_BYTES_PER_POSITION` per position plus the map's overhead,
+    after lz4's worst-case expansion ``n + n / 255 + 16``, plus the plain fields): what a server's
+    request-size limits must let through (:mod:`keisei_stream.ops.local`).
+
+    Raises:
+        ValueError: ``positions < 1``.
+    """
+    if positions < 1:
+        raise ValueError("positions must be >= 1")
+    raw = _MAX_RAW_BYTES_PER_POSITION * positions + _MAX_MAP_OVERHEAD
+    return 4 + raw + raw // 255 + 16 + 2 * MAX_ID_CHARS * 4 + 256
+
+
 def wire_bytes(fields: Mapping[Any, Any]) -> int:
     """Bytes an entry's field names and values occupy (what XADD sends, protocol overhead aside)."""
     return sum(len(_as_bytes(k)) + len(_as_bytes(v)) for k, v in fields.items())
@@ -353,5 +398,5 @@ def wire_bytes(fields: Mapping[Any, Any]) -> int:
 
 __all__ = [
     "MAX_POSITIONS", "MAX_COMPRESSED_BYTES", "LOG_PROB_TOLERANCE", "MIN_LOG_PROB", "VALUE_TOLERANCE",
-    "encode_batch", "decode_entry", "entry_positions", "wire_bytes",
+    "RETURN_TOLERANCE", "encode_batch", "decode_entry", "entry_positions", "max_entry_bytes", "wire_bytes",
 ]

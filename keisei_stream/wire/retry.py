@@ -157,6 +157,16 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, OutOfMemoryError) or (isinstance(error, ResponseError) and "OOM" in str(error))
 
 
+def is_busy(error: BaseException) -> bool:
+    """True for a server busy running a script past its time limit (``BUSY ...``, also inside a
+    pipeline's annotated error; not ``BUSYGROUP``/``BUSYKEY``, which are a command's own errors):
+    it answers nothing else until the script ends or is killed."""
+    if not isinstance(error, ResponseError):
+        return False
+    text = str(error)
+    return getattr(error, "status_code", None) == "BUSY" or text.startswith("BUSY ") or " error: BUSY " in text
+
+
 def best_effort(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a Redis write that may be skipped while the server is full: status hashes, heartbeats,
     capped streams. An ``OOM`` refusal is logged (``what`` names the write) and None returned;
@@ -190,7 +200,7 @@ def wait_for_room(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     (:func:`set_stop_check`) ends the wait by raising the ``OOM`` error.
 
     Raises:
-        every error of ``fn`` but an ``OOM`` refusal (and that one after a stop request).
+        Exception: every error of ``fn`` but an ``OOM`` refusal (and that one after a stop request).
     """
     delay, since = ROOM_BASE_S, None
     while True:

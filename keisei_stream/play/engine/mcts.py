@@ -6,19 +6,20 @@ by T. Yamaoka) repeats *simulations*: from the root it descends the tree choosin
 move with the largest PUCT score, until it reaches a position that is not in the tree yet; that
 position is valued exactly when the game is over there, else by the network (value head), its
 legal moves get the network's policy as priors, and the value is backed up along the path. The
-tree, its values and terminal rules: :mod:`keisei_stream.play.engine.tree`; the PUCT choice,
-virtual loss and backup: :mod:`keisei_stream.play.engine.puct`; the batched network evaluation:
-:mod:`keisei_stream.play.engine.leaves`.
+tree, its values, terminal rules and the tree kept between searches:
+:mod:`keisei_stream.play.engine.tree`; the PUCT choice, virtual loss, backup and root noise:
+:mod:`keisei_stream.play.engine.puct`; the batched network evaluation:
+:mod:`keisei_stream.play.engine.leaves`; what the root answers without a search (no legal move,
+entering king, a mate found, a forced move): :mod:`keisei_stream.play.engine.shortcuts`.
 
-Root shortcuts (answered without a search; ``SearchResult.shortcut`` says which)
-    No legal move -> ``"resign"``; an entering-king declaration possible -> ``"win"`` (the USI
-    declaration; both by the referee, :func:`keisei_stream.play.engine.tree.root_shortcut`); with
-    ``mate_search_plies >= 1`` and the side to move not in check, ``board.mate_move_in_1ply()``,
-    then for 3, 5, ... up to ``mate_search_plies`` ``board.mate_move(ply)`` (cshogi's odd-ply
-    mate search), and a mate found is played at once. Then, as dlshogi does, a move is played
-    at once when it is the only legal one, or when every legal move ends the game (each child
-    would be a terminal node: the referee's rules with ``draw_plies``, or a mate in one for the
-    opponent): the move with the best exact value, the first of equals in cshogi's move order.
+This module is the driver. :meth:`MCTS.search` answers from the root's shortcuts when it can,
+else finds the root in the kept tree (or evaluates it), fills batch after batch of simulations
+(``_simulate``: the PUCT descent with virtual losses to a new or terminal node), sends each batch
+through one forward pass (``_evaluate``: priors and values into the queued nodes, then their
+backups) until a limit, and chooses the root's move
+(:func:`keisei_stream.play.engine.tree.choose_root_edge`). The descent, the batch and the limit
+checks share one state, the virtual losses and pending nodes of the simulations in flight (a
+leaf queued by ``_simulate`` is completed by ``_evaluate``), so they stay together here.
 
 Limits
     Before every simulation the search reads the stop flag, the node budget (simulations that end
@@ -41,11 +42,12 @@ import torch
 
 from keisei_stream.play.engine.leaves import LeafBatch, evaluate_leaves
 from keisei_stream.play.engine.puct import SearchOptions, add_root_noise, backup, select, undo
+from keisei_stream.play.engine.shortcuts import answer_without_search
 from keisei_stream.play.engine.tree import (
-    MATE_IN_1, Node, SearchLimits, SearchResult, SearchStats, choose_root_edge, game_end, most_visited,
-    position_counts, root_shortcut, tree_result,
+    KeptTree, Node, SearchLimits, SearchResult, SearchStats, choose_root_edge, exact_value, most_visited,
+    position_counts, tree_result,
 )
-from keisei_stream.shogi import EndReason, judge
+
 
 class MCTS:
     """Batched PUCT search with a policy-value network; keeps its tree between moves.
@@ -98,10 +100,7 @@ class MCTS:
         self.amp = bool(amp) and self.device.type == "cuda"
         self.rng = np.random.default_rng(seed)
         self._batch = LeafBatch(self.batch_size, self.max_plies, pin=self.device.type == "cuda")
-        self._root: Optional[Node] = None
-        self._root_history: list[int] = []   # move16 of the game's moves before the root
-        self._root_ply = 0
-        self._root_raw_prior: Optional[np.ndarray] = None
+        self._kept = KeptTree()
         self._stop_event: Optional[threading.Event] = None
         self._lock = threading.Lock()
         # the position being searched: a board the simulations push and pop on, occurrences of
@@ -114,13 +113,11 @@ class MCTS:
     @property
     def root(self) -> Optional[Node]:
         """The current root node (None before the first search or after :meth:`reset`)."""
-        return self._root
+        return self._kept.root
 
     def reset(self) -> None:
         """Forget the tree (a new game, or a position unrelated to the last one)."""
-        self._root = None
-        self._root_history = []
-        self._root_raw_prior = None
+        self._kept.reset()
 
     def advance(self, move: Union[int, str]) -> bool:
         """Make the child reached by ``move`` (cshogi code or USI) the root, keeping its subtree.
@@ -129,56 +126,13 @@ class MCTS:
             True when that child was in the tree (its visits are kept), False when the tree was
             dropped (the next search starts from scratch).
         """
-        root = self._root
-        if root is None:
-            return False
-        if isinstance(move, str):
-            idx = -1
-            if root.moves is not None:
-                for i, m in enumerate(root.moves):
-                    if cshogi.move_to_usi(m) == move:
-                        idx = i
-                        break
-        else:
-            idx = root.child_index(move)
-        child = root.children.get(idx) if idx >= 0 else None
-        if child is None or child.moves is None or child.terminal is not None:
-            self.reset()
-            return False
-        self._root_history.append(root.moves[idx] & 0xFFFF)
-        self._root_ply += 1
-        self._root = child
-        self._root_raw_prior = None
-        return True
+        return self._kept.advance(move)
 
     def stop(self) -> None:
         """Ask the running search to stop (thread-safe; before its next simulation)."""
         ev = self._stop_event
         if ev is not None:
             ev.set()
-
-    def _sync_root(self, board: cshogi.Board, ply: int, history16: list[int]) -> Optional[Node]:
-        """The node of ``board`` in the kept tree (descending through the moves played since the
-        last root), or None. The game's history must extend the root's, with the same ply base."""
-        root = self._root
-        if root is None or not self.options.reuse_tree:
-            return None
-        old = self._root_history
-        if len(history16) < len(old) or history16[: len(old)] != old:
-            return None
-        if ply - len(history16) != self._root_ply - len(old):
-            return None
-        node = root
-        for m in history16[len(old):]:
-            child = node.children.get(node.child_index(m))
-            if child is None or child.moves is None or child.terminal is not None:
-                return None
-            node = child
-        if node.key != board.zobrist_hash() or node.moves is None:
-            return None
-        if node is not root:
-            self._root_raw_prior = None
-        return node
 
     # -------------------------------------------------------------------------------- search
     def search(self, board: cshogi.Board, *, ply: Optional[int] = None, nodes: Optional[int] = None,
@@ -248,12 +202,21 @@ class MCTS:
         ply = len(board.history) if ply is None else int(ply)
         legal = list(board.legal_moves)
         counts = position_counts(board)
-        early = self._answer_without_search(board, ply, legal, counts)
+        history16 = [m & 0xFFFF for m in board.history]
+        o = self.options
+        early = answer_without_search(board, ply, legal, counts, draw_plies=self.draw_plies,
+                                      mate_search_plies=o.mate_search_plies, leaf_mate_in_1=o.leaf_mate_in_1)
         if early is not None:
+            # the only legal move keeps the tree: the reply may be searched in it already
+            node = self._find_root(board, ply, history16) if early.shortcut == "one_legal_move" else None
+            if node is None:
+                self.reset()
+            else:
+                self._kept.set_root(node, history16, ply)
             early.elapsed = time.perf_counter() - t0
             return early
         stats = SearchStats()
-        root = self._prepare_root(board, ply, legal, counts, stats)
+        root = self._prepare_root(board, ply, legal, counts, history16, stats)
         reused = int(root.n_sum)
         stopped = self._run(root, limits, stop, stats, info, info_interval, t0, reused)
         best = choose_root_edge(root, self.options.temperature, self.rng)
@@ -261,75 +224,26 @@ class MCTS:
         res.stopped = stopped
         return res
 
-    def _answer_without_search(self, board: cshogi.Board, ply: int, legal: list[int],
-                               counts: dict[int, int]) -> Optional[SearchResult]:
-        """The answer when the root needs no search (module docstring, "Root shortcuts"), else None."""
-        shortcut = root_shortcut(board, len(legal))
-        if shortcut is not None:
-            self.reset()
-            value = 1.0 if shortcut == "win" else -1.0
-            return SearchResult(0, shortcut, value=value, root_value=value, shortcut=shortcut)
-        mate = self._root_mate(board)
-        if mate is not None:
-            self.reset()
-            usi = cshogi.move_to_usi(mate[0])
-            return SearchResult(mate[0], usi, value=1.0, root_value=1.0, pv=[usi], depth=1, seldepth=1,
-                                mate_in=mate[1], shortcut="mate")
-        exact = self._root_exact_values(board, legal, counts, ply)
-        if len(exact) == len(legal):  # every move ends the game: the best exact value, no tree kept
-            self.reset()
-            i = max(range(len(exact)), key=exact.__getitem__)
-            move, value, kind = legal[i], exact[i], "every_move_ends_the_game"
-        elif len(legal) == 1:  # keep the tree: the reply may be searched in it already
-            history16 = [m & 0xFFFF for m in board.history]
-            node = self._sync_root(board, ply, history16)
-            if node is None:
-                self.reset()
-            else:
-                self._root, self._root_history, self._root_ply = node, history16, ply
-            move, value, kind = legal[0], float("nan"), "one_legal_move"
-        else:
-            return None
-        usi = cshogi.move_to_usi(move)
-        return SearchResult(move, usi, value=value, root_value=value, pv=[usi], depth=1, shortcut=kind)
-
-    def _root_exact_values(self, board: cshogi.Board, legal: list[int], counts: dict[int, int],
-                           ply: int) -> list[float]:
-        """Exact values for the side to move of the root's moves ``legal``, in that order, up to
-        the first move after which the game goes on (not included): the moves whose child would
-        be a terminal node (:meth:`_terminal`). ``board`` is left as it was."""
-        values = []
-        for move in legal:
-            board.push(move)
-            try:
-                occurrences = counts.get(board.zobrist_hash(), 0) + 1
-                end = self._terminal(board, len(board.legal_moves), occurrences, ply + 1)
-            finally:
-                board.pop()
-            if end is None:
-                break
-            values.append(-end[1])
-        return values
+    def _find_root(self, board: cshogi.Board, ply: int, history16: list[int]) -> Optional[Node]:
+        """The node of ``board`` in the kept tree (:meth:`KeptTree.find`), None with ``reuse_tree`` off."""
+        return self._kept.find(board, ply, history16) if self.options.reuse_tree else None
 
     def _prepare_root(self, board: cshogi.Board, ply: int, legal: list[int], counts: dict[int, int],
-                      stats: SearchStats) -> Node:
-        """The root node of ``board`` (from the kept tree, or evaluated now), with the search
-        board, the game's position counts and the root ply set for the simulations."""
-        history16 = [m & 0xFFFF for m in board.history]
-        root = self._sync_root(board, ply, history16)
+                      history16: list[int], stats: SearchStats) -> Node:
+        """The root node of ``board`` (from the kept tree, or evaluated now), with root noise if
+        asked, and the search board, the game's position counts and the root ply set for the
+        simulations."""
+        kept = self._kept
+        root = self._find_root(board, ply, history16)
         if root is None:
             root = Node(board.zobrist_hash())
             self._batch.clear()
             self._batch.add(board, ply, min(counts[root.key] - 1, 2), legal)
             self._evaluate([(root, [])], stats)
-            self._root_raw_prior = None
-        self._root = root
-        self._root_history = history16
-        self._root_ply = ply
+        kept.set_root(root, history16, ply)
         o = self.options
         if o.dirichlet_alpha is not None:
-            self._root_raw_prior = add_root_noise(root, self._root_raw_prior, o.dirichlet_alpha,
-                                                  o.dirichlet_epsilon, self.rng)
+            kept.raw_prior = add_root_noise(root, kept.raw_prior, o.dirichlet_alpha, o.dirichlet_epsilon, self.rng)
         self._board = board.copy()
         self._counts = counts
         self._ply0 = ply
@@ -387,24 +301,6 @@ class MCTS:
                 if collisions > max_collisions:
                     break
         return queued
-
-    def _root_mate(self, board: cshogi.Board) -> Optional[tuple[int, int]]:
-        """cshogi's mate search at the root: ``(move, plies)`` of a verified mate, else None."""
-        plies_max = self.options.mate_search_plies
-        if plies_max < 1 or board.is_check():
-            return None
-        m = board.mate_move_in_1ply()
-        if m and board.is_legal(m):
-            board.push(m)
-            mated = judge(board, 1, 0, 1 << 30).reason == EndReason.CHECKMATE
-            board.pop()
-            if mated:
-                return int(m), 1
-        for plies in range(3, plies_max + 1, 2):
-            m = board.mate_move(plies)
-            if m and board.is_legal(m):
-                return int(m), plies
-        return None
 
     # -------------------------------------------------------------------------------- one simulation
     def _simulate(self, root: Node, queued: list, stats: SearchStats) -> int:
@@ -471,24 +367,12 @@ class MCTS:
         legal = list(board.legal_moves)
         occurrences = counts.get(key, 0) + 1
         ply = self._ply0 + depth
-        end = self._terminal(board, len(legal), occurrences, ply)
+        end = exact_value(board, len(legal), occurrences, ply, self.draw_plies, self.options.leaf_mate_in_1)
         if end is not None:
             node.reason, node.terminal = end
             return node
         self._batch.add(board, ply, min(occurrences - 1, 2), legal)
         return node
-
-    def _terminal(self, board: cshogi.Board, num_legal: int, occurrences: int, ply: int) -> Optional[tuple[int, float]]:
-        """``(reason, exact value for the side to move)`` of a position just reached (``ply``
-        plies since the game's start, seen ``occurrences`` times in the game and the path): the
-        game's end (:func:`keisei_stream.play.engine.tree.game_end`, with ``draw_plies``), or a
-        mate in one for the side to move (``leaf_mate_in_1``, :data:`MATE_IN_1`); else None."""
-        end = game_end(board, num_legal, occurrences, ply, self.draw_plies)
-        if end is not None:
-            return int(end[0]), end[1]
-        if self.options.leaf_mate_in_1 and not board.is_check() and board.mate_move_in_1ply():
-            return MATE_IN_1, 1.0
-        return None
 
     def _evaluate(self, queued: list, stats: SearchStats) -> None:
         """One forward pass over the batch (:func:`keisei_stream.play.engine.leaves.evaluate_leaves`):

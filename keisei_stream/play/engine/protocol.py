@@ -1,7 +1,8 @@
 """The USI protocol's arguments and the engine's clock: ``position`` (:func:`parse_position`), ``go``
 (:class:`GoParams`, :func:`parse_go`), the time a move may take (:func:`time_budget_ms`) and the
-``score cp`` scale (:func:`value_to_cp`). Protocol: USI (http://shogidokoro.starfree.jp/usi.html,
-the USI 2.0 description).
+search's limits for a ``go`` (:meth:`GoParams.search_limits`), the ``info`` line of a search
+(:func:`info_line`) and its ``score cp`` scale (:func:`value_to_cp`). Protocol: USI
+(http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Optional
 
 import cshogi
 
+from keisei_stream.play.engine.tree import SearchLimits, SearchResult
 from keisei_stream.shogi import legal_move_from_usi, validate_sfen
 
 
@@ -23,6 +25,23 @@ def value_to_cp(v: float) -> int:
         return 0
     p = min(max((v + 1.0) / 2.0, 1e-9), 1.0 - 1e-9)
     return int(max(-30000, min(30000, round(600.0 * math.log(p / (1.0 - p))))))
+
+
+def info_line(res: SearchResult, ms: int) -> str:
+    """The ``info depth D seldepth S nodes N nps X time MS [score cp C|mate M] pv ...`` line of a
+    (partial) search result, ``ms`` milliseconds after ``go``. ``score mate`` when ``res.mate_in``
+    is set, ``score cp`` (:func:`value_to_cp`) of a finite ``res.value``, no score for a move
+    played without a value (the only legal move, not searched); depth at least 1, seldepth at
+    least the depth."""
+    if res.mate_in is not None:
+        score = f" score mate {res.mate_in}"
+    elif math.isfinite(res.value):
+        score = f" score cp {value_to_cp(res.value)}"
+    else:
+        score = ""
+    depth = max(1, res.depth)
+    return (f"info depth {depth} seldepth {max(depth, res.seldepth)} nodes {res.nodes} "
+            f"nps {int(res.nps)} time {ms}{score} pv {' '.join(res.pv)}")
 
 
 def parse_position(tokens: list[str]) -> tuple[cshogi.Board, str, list[str], Optional[str]]:
@@ -129,6 +148,18 @@ class GoParams:
         remaining = (self.btime if black else self.wtime) or 0
         inc = (self.binc if black else self.winc) or 0
         return time_budget_ms(remaining, inc, self.byoyomi or 0, move_number, margin)
+
+    def search_limits(self, turn: int, move_number: int, t_start: float, margin: float,
+                      default_nodes: int) -> SearchLimits:
+        """The search's limits for this ``go`` with its clock starting at ``t_start``
+        (``time.perf_counter()`` seconds): ``nodes`` as given, or ``default_nodes`` (the option
+        ``Nodes``) when neither ``nodes`` nor a clock is given; the deadline ``t_start`` plus the
+        budget (:meth:`budget_ms`, keeping ``margin`` ms), None without a clock."""
+        budget = self.budget_ms(turn, move_number, margin)
+        nodes = self.nodes
+        if nodes is None and budget is None:
+            nodes = default_nodes
+        return SearchLimits(nodes, None if budget is None else t_start + budget / 1000.0)
 
 
 _GO_INT = ("btime", "wtime", "binc", "winc", "byoyomi", "movetime", "nodes", "depth")

@@ -1,5 +1,5 @@
-"""The search tree's data: nodes and edges, exact values of finished games, the search's limits,
-counters and result.
+"""The search tree's data: nodes and edges, exact values of finished games, the tree kept between
+searches (:class:`KeptTree`), the search's limits, counters and result.
 
 Values and perspectives
     Every value is in [-1, 1]. The network's value ``v`` (``ActorCritic.forward``'s second output,
@@ -31,7 +31,7 @@ Terminal positions (valued exactly, never by the network)
     Optional exact extra (dlshogi checks short mates at every new leaf): with
     ``leaf_mate_in_1`` a leaf whose side to move (not in check) has a mate in one
     (``board.mate_move_in_1ply()``) is a win (+1) for it without a network call; the mate ends the
-    game by rule 1 before any other rule applies, so the value is exact.
+    game by rule 1 before any other rule applies, so the value is exact. Both: :func:`exact_value`.
 
 Tree storage
     One ``__slots__`` :class:`Node` per position, its edges in plain Python lists (moves, priors,
@@ -55,7 +55,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import cshogi
 import numpy as np
@@ -86,16 +86,24 @@ def game_end(board: cshogi.Board, num_legal: int, occurrences: int, ply: int,
     return (verdict.reason, float(-verdict.mover_score)) if verdict else None
 
 
-def root_shortcut(board: cshogi.Board, num_legal: int) -> Optional[str]:
-    """What the side to move of a search's root answers without searching, by the referee's rules
-    (:func:`keisei_stream.shogi.judge`, repetitions and the move limit left out: the game the root
-    belongs to is going on): ``"resign"`` with no legal move (checkmate), ``"win"`` when it can
-    declare entering king (the USI ``bestmove win``), else None."""
-    verdict = judge(board, 1, 0, sys.maxsize, num_legal > 0)
-    if verdict.reason == EndReason.CHECKMATE:
-        return "resign"
-    if verdict.reason == EndReason.ENTERING_KING:
-        return "win"
+def exact_value(board: cshogi.Board, num_legal: int, occurrences: int, ply: int, draw_plies: int,
+                leaf_mate_in_1: bool) -> Optional[tuple[int, float]]:
+    """``(reason, exact value for the side to move)`` of a position just reached, or None when
+    only the network can value it (module docstring, "Terminal positions").
+
+    Args:
+        board, num_legal, occurrences, ply, draw_plies: as :func:`game_end`.
+        leaf_mate_in_1: a side to move (not in check) with a mate in one
+            (``board.mate_move_in_1ply()``) wins: ``(MATE_IN_1, 1.0)``.
+
+    Returns:
+        :func:`game_end`'s ``(int(reason), value)``, else the mate in one, else None.
+    """
+    end = game_end(board, num_legal, occurrences, ply, draw_plies)
+    if end is not None:
+        return int(end[0]), end[1]
+    if leaf_mate_in_1 and not board.is_check() and board.mate_move_in_1ply():
+        return MATE_IN_1, 1.0
     return None
 
 
@@ -178,6 +186,90 @@ class Node:
         self.children = {inv[i]: c for i, c in self.children.items()}
         last = max([j for j, v in enumerate(self.n) if v != 0.0] + list(self.children), default=-1)
         self.width = min(len(self.moves), last + 2)
+
+
+@dataclass
+class KeptTree:
+    """The tree kept between searches (tree reuse): its root, where that root stands in the game,
+    and the network's root priors kept aside while the root carries Dirichlet noise.
+
+    Attributes:
+        root: the root of the last search (or the child :meth:`advance` moved to), None when
+            there is no tree.
+        history16: the game's moves before ``root`` (cshogi ``move16``), from the game's start
+            position.
+        ply: plies since the game's start at ``root``.
+        raw_prior: ``(K,) float64`` the network's priors of ``root`` in its current edge order
+            when its ``prior`` holds noise (:func:`keisei_stream.play.engine.puct.add_root_noise`),
+            else None; dropped whenever ``root`` changes.
+    """
+
+    root: Optional[Node] = None
+    history16: list[int] = field(default_factory=list)
+    ply: int = 0
+    raw_prior: Optional[np.ndarray] = None
+
+    def reset(self) -> None:
+        """Forget the tree."""
+        self.root = None
+        self.history16 = []
+        self.raw_prior = None
+
+    def set_root(self, node: Node, history16: list[int], ply: int) -> None:
+        """Make ``node`` (``ply`` plies into the game ``history16``) the root; the kept raw
+        priors belong to the old root and go unless ``node`` is it."""
+        if node is not self.root:
+            self.raw_prior = None
+        self.root, self.history16, self.ply = node, history16, ply
+
+    def advance(self, move: Union[int, str]) -> bool:
+        """Make the child reached by ``move`` (cshogi code or USI) the root, keeping its subtree.
+
+        Returns:
+            True when that child was in the tree and expanded (its visits are kept), False when
+            the tree was dropped.
+        """
+        root = self.root
+        if root is None:
+            return False
+        if isinstance(move, str):
+            idx = -1
+            if root.moves is not None:
+                for i, m in enumerate(root.moves):
+                    if cshogi.move_to_usi(m) == move:
+                        idx = i
+                        break
+        else:
+            idx = root.child_index(move)
+        child = root.children.get(idx) if idx >= 0 else None
+        if child is None or child.moves is None or child.terminal is not None:
+            self.reset()
+            return False
+        self.set_root(child, self.history16 + [root.moves[idx] & 0xFFFF], self.ply + 1)
+        return True
+
+    def find(self, board: cshogi.Board, ply: int, history16: list[int]) -> Optional[Node]:
+        """The expanded node of ``board`` (``ply`` plies into the game whose moves are
+        ``history16``) in the kept tree, reached from the root through the moves played since
+        it, or None: the game must extend the root's (same moves before it, same ply base) and
+        each of those moves lead to an expanded, non-terminal child."""
+        root = self.root
+        if root is None:
+            return None
+        old = self.history16
+        if len(history16) < len(old) or history16[: len(old)] != old:
+            return None
+        if ply - len(history16) != self.ply - len(old):
+            return None
+        node = root
+        for m in history16[len(old):]:
+            child = node.children.get(node.child_index(m))
+            if child is None or child.moves is None or child.terminal is not None:
+                return None
+            node = child
+        if node.key != board.zobrist_hash() or node.moves is None:
+            return None
+        return node
 
 
 # ------------------------------------------------------------------------------------------------

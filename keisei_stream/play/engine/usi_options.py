@@ -1,6 +1,7 @@
-"""The USI engine's options: their ``option`` lines for ``usi`` and the checks of ``setoption``
-values (:class:`UsiOption`, the table :data:`OPTIONS`). Nothing here imports torch until a
-``Device`` value is checked, so ``usi`` is answered at once.
+"""The USI engine's options: their ``option`` lines for ``usi``, the checks of ``setoption``
+values (:class:`UsiOption`, the table :data:`OPTIONS`) and the ``setoption`` command
+(:func:`set_option`). Nothing here imports torch until a ``Device`` value is checked, so ``usi``
+is answered at once.
 """
 
 from __future__ import annotations
@@ -111,3 +112,30 @@ OPTIONS: list[UsiOption] = [
               "start, the SFEN's move number included); 0 = no limit. YaneuraOu's option name"),
 ]
 OPTION_BY_NAME = {o.name.lower(): o for o in OPTIONS}
+
+
+def set_option(values: dict[str, Any], args: list[str]) -> Optional[str]:
+    """``setoption name N [value V]`` (``args``: the words after ``setoption``; a name or value may
+    hold spaces): the checked value of option N (case-insensitive) into ``values[N]``.
+
+    Returns:
+        None when set, else why not (the engine answers it in ``info string``; ``values`` is
+        left as it was): no ``name``, an unknown option, or a bad value (:meth:`UsiOption.parse`).
+    """
+    if "name" not in args:
+        return "setoption: expected 'setoption name NAME value VALUE'"
+    i = args.index("name")
+    if "value" in args[i + 1:]:
+        j = args.index("value", i + 1)
+        name, value = " ".join(args[i + 1:j]), " ".join(args[j + 1:])
+    else:
+        name, value = " ".join(args[i + 1:]), ""
+    opt = OPTION_BY_NAME.get(name.lower())
+    if opt is None:
+        return f"unknown option {name!r}, ignored"
+    try:
+        parsed = opt.parse(value)
+    except Exception as exc:  # ValueError from the checks; anything else is still a bad value
+        return f"bad value {value!r} for option {opt.name}: {exc}; keeping {opt.show(values[opt.name])}"
+    values[opt.name] = parsed
+    return None

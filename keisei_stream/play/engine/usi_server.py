@@ -40,7 +40,7 @@ Protocol: USI (http://shogidokoro.starfree.jp/usi.html, the USI 2.0 description)
   Answers: ``info depth D seldepth S nodes N nps X time MS score cp C|mate M pv ...`` every
   ``InfoInterval`` ms and once at the end, then ``bestmove MOVE [ponder REPLY]``;
   ``bestmove win`` when the side to move can declare entering king, ``bestmove resign`` without
-  a legal move (both judged by the referee, :func:`keisei_stream.play.engine.tree.root_shortcut`).
+  a legal move (both judged by the referee, :func:`keisei_stream.play.engine.shortcuts.root_shortcut`).
   ``nodes`` counts the simulations of this ``go`` (a reused tree's earlier visits are not
   counted); ``depth`` is the length of the principal variation (most visited child at each
   level), ``seldepth`` the deepest simulation.
@@ -52,7 +52,7 @@ The rules of the game searched are the referee's (:func:`keisei_stream.shogi.jud
 game's own move limit, the option ``MaxMovesToDraw`` (0, the default: none), never the
 ``env.max_plies`` the network was trained with. The only legal move, or a position where every
 move ends the game (the best exact value), is answered at once without a search
-(:mod:`keisei_stream.play.engine.mcts`, "Root shortcuts"); a search checks ``stop``,
+(:mod:`keisei_stream.play.engine.shortcuts`); a search checks ``stop``,
 ``ponderhit``'s new deadline and its time budget before every simulation.
 
 Scores: ``score cp`` is the best move's mean value ``q`` in [-1, 1] (the network's root value
@@ -72,7 +72,6 @@ Use with a GUI (ShogiGUI, Shogidokoro, ShogiHome): register a small script as th
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from pathlib import Path
@@ -80,9 +79,11 @@ from typing import IO, Any, Optional
 
 import cshogi
 
-from keisei_stream.play.engine.protocol import GoParams, parse_go, parse_position, value_to_cp
-from keisei_stream.play.engine.tree import SearchLimits, position_counts, root_shortcut
-from keisei_stream.play.engine.usi_options import DEFAULT_BATCH_SIZE, DEFAULT_NODES, OPTION_BY_NAME, OPTIONS
+from keisei_stream.play.engine.protocol import GoParams, info_line, parse_go, parse_position, value_to_cp
+from keisei_stream.play.engine.shortcuts import root_shortcut
+from keisei_stream.play.engine.tree import SearchLimits, position_counts
+from keisei_stream.play.engine.usi_job import SearchJob
+from keisei_stream.play.engine.usi_options import DEFAULT_BATCH_SIZE, DEFAULT_NODES, OPTIONS, set_option
 from keisei_stream.shogi import EndReason, repetition_feature
 
 ENGINE_NAME = "keisei-stream"
@@ -91,24 +92,6 @@ AUTHOR = "keisei-stream contributors"
 
 class EngineError(Exception):
     """The engine cannot go on (its checkpoint cannot be loaded)."""
-
-
-class _Job:
-    """One ``go``: its thread, stop flag, limits, and the answer held during ponder/infinite."""
-
-    def __init__(self, board: cshogi.Board, ply: int, repetition: int, params: GoParams, t0: float, raw: bool):
-        self.board = board
-        self.ply = ply
-        self.repetition = repetition
-        self.params = params
-        self.t0 = t0
-        self.raw = raw
-        self.hold = params.ponder or params.infinite  # no bestmove before stop / ponderhit
-        self.discard = False                            # gameover/quit/a new go: never answer
-        self.answer: Optional[str] = None               # the bestmove line, ready while held
-        self.stop = threading.Event()
-        self.limits = SearchLimits()
-        self.thread: Optional[threading.Thread] = None
 
 
 class UsiEngine:
@@ -140,8 +123,7 @@ class UsiEngine:
         self.board = cshogi.Board()
         self.repetition = 0
         self._out_lock = threading.Lock()
-        self._lock = threading.Lock()     # the job's hold/answer state
-        self._job: Optional[_Job] = None
+        self._job: Optional[SearchJob] = None   # the last go's (its answer's states: usi_job.py)
 
     # -- output
     def send(self, line: str) -> None:
@@ -231,7 +213,9 @@ class UsiEngine:
                     self._ensure_loaded()
                 self.send("readyok")
             elif cmd == "setoption":
-                self._setoption(args)
+                problem = set_option(self.values, args)
+                if problem:
+                    self.send(f"info string {problem}")
             elif cmd == "usinewgame":
                 self._end_job("finish")
                 if self.mcts is not None:
@@ -266,46 +250,19 @@ class UsiEngine:
         """End of input: a search with limits runs to its end and answers; ponder/infinite stop."""
         self._end_job("finish")
 
-    def _setoption(self, args: list[str]) -> None:
-        if "name" not in args:
-            self.send("info string setoption: expected 'setoption name NAME value VALUE'")
-            return
-        i = args.index("name")
-        if "value" in args[i + 1:]:
-            j = args.index("value", i + 1)
-            name, value = " ".join(args[i + 1:j]), " ".join(args[j + 1:])
-        else:
-            name, value = " ".join(args[i + 1:]), ""
-        opt = OPTION_BY_NAME.get(name.lower())
-        if opt is None:
-            self.send(f"info string unknown option {name!r}, ignored")
-            return
-        try:
-            parsed = opt.parse(value)
-        except Exception as exc:  # ValueError from the checks; anything else is still a bad value
-            self.send(f"info string bad value {value!r} for option {opt.name}: {exc}; "
-                      f"keeping {opt.show(self.values[opt.name])}")
-            return
-        self.values[opt.name] = parsed
-
     def _repetition(self) -> int:
         """Earlier occurrences (0..2) of the current position in the game given by ``position``
         (counted over the board's own history, which ``parse_position`` has just played)."""
         return repetition_feature(position_counts(self.board)[self.board.zobrist_hash()])
 
-    # -- search jobs
+    # -- search jobs (the answer's states: keisei_stream.play.engine.usi_job)
     def _searching(self) -> bool:
-        job = self._job
-        return job is not None and job.thread is not None and job.thread.is_alive()
+        return self._job is not None and self._job.running()
 
-    def _limits(self, params: GoParams, t_start: float, board: cshogi.Board, limits: SearchLimits) -> None:
-        """Set ``limits`` for ``params`` with the clock starting at ``t_start``."""
-        budget = params.budget_ms(board.turn, board.move_number, self.values["ByoyomiMargin"])
-        nodes = params.nodes
-        if nodes is None and budget is None:
-            nodes = self.values["Nodes"]
-        limits.nodes = nodes
-        limits.deadline = None if budget is None else t_start + budget / 1000.0
+    def _limits(self, params: GoParams, board: cshogi.Board, t_start: float) -> SearchLimits:
+        """The limits of a ``go`` on ``board`` with its clock starting at ``t_start``."""
+        return params.search_limits(board.turn, board.move_number, t_start, self.values["ByoyomiMargin"],
+                                    self.values["Nodes"])
 
     def _go(self, args: list[str], t_received: float) -> None:
         if args and args[0] == "mate":
@@ -317,116 +274,57 @@ class UsiEngine:
             self.send(f"info string {p}")
         self._ensure_loaded()
         # plies since the game's real start: the SFEN's move number counts the moves before it
-        job = _Job(self.board.copy(), max(0, self.board.move_number - 1), self.repetition, params, t_received,
-                   raw=self.values["Nodes"] == 0)
+        job = SearchJob(self.board.copy(), max(0, self.board.move_number - 1), self.repetition, params, t_received,
+                        raw=self.values["Nodes"] == 0, send=self.send)
         if not job.hold:
-            self._limits(params, t_received, job.board, job.limits)
-        job.thread = threading.Thread(target=self._run, args=(job,), name="keisei-search", daemon=True)
+            job.limits = self._limits(params, job.board, t_received)
         self._job = job
-        job.thread.start()
+        job.start(self._think)
 
     def _ponderhit(self, t_received: float) -> None:
         job = self._job
-        if job is None or not job.params.ponder:
-            return
-        with self._lock:
-            if not job.hold or job.discard:
-                return
-            job.hold = False
-            if job.answer is not None:  # the search had already ended
-                self.send(job.answer)
-                job.answer = None
-                return
-            self._limits(job.params, t_received, job.board, job.limits)
+        if job is not None:
+            job.ponderhit(self._limits(job.params, job.board, t_received))
 
     def _end_job(self, how: str) -> None:
-        """End the current search (if any) and wait for its thread.
-
-        ``how``:
-
-        - ``"stop"`` (stop, quit): it stops after the batch in flight and its ``bestmove`` is sent;
-        - ``"finish"`` (gameover, usinewgame, end of input): a search with limits runs to its
-          limits and answers (commands piped in at once); a ponder/infinite search stops and
-          answers (cshogi's client, like YaneuraOu, expects a ``bestmove`` after a ``gameover``
-          during ponder);
-        - ``"replace"`` (a ``go`` while a search runs): as ``"finish"``, except that a
-          ponder/infinite search (the GUI forgot ``stop``, breaking the protocol) is never
-          answered: its move is for another position and would read as the new ``go``'s answer.
-        """
+        """End the current search, if any (:meth:`SearchJob.end`: ``"stop"``, ``"finish"`` or
+        ``"replace"``), and wait for its thread."""
         job = self._job
-        if job is None:
-            return
-        with self._lock:
-            if job.hold:
-                if how == "replace":
-                    job.discard = True
-                    job.answer = None
-                else:
-                    job.hold = False
-                    if job.answer is not None:
-                        self.send(job.answer)
-                        job.answer = None
-                job.stop.set()
-            elif how == "stop":
-                job.stop.set()
-        if job.thread is not None:
-            job.thread.join()
-        self._job = None
+        if job is not None:
+            job.end(how)
+            self._job = None
 
-    def _deliver(self, job: _Job, answer: str) -> None:
-        with self._lock:
-            if job.discard:
-                return
-            if job.hold:
-                job.answer = answer
-            else:
-                self.send(answer)
-
-    def _run(self, job: _Job) -> None:
-        """The search thread: search (or one forward pass), info lines, then the answer."""
+    def _think(self, job: SearchJob) -> str:
+        """The search thread: search (or one forward pass), info lines; returns the ``bestmove``
+        line, never raises."""
         try:
-            answer = self._raw_answer(job) if job.raw else self._search_answer(job)
+            return self._raw_answer(job) if job.raw else self._search_answer(job)
         except Exception as exc:  # a failed forward pass: say so, fall back to the raw policy
             if not job.discard:
                 self.send(f"info string error: {type(exc).__name__}: {exc}")
             try:
-                answer = self._raw_answer(job)
+                return self._raw_answer(job)
             except Exception:
-                answer = "bestmove resign"
-        self._deliver(job, answer)
+                return "bestmove resign"
 
-    def _raw_answer(self, job: _Job) -> str:
+    def _raw_answer(self, job: SearchJob) -> str:
         board = job.board
         shortcut = root_shortcut(board, len(board.legal_moves))
         if shortcut is not None:
             return f"bestmove {shortcut}"
         move, value = self.player.policy_move(board, job.ply, job.repetition)
         best = cshogi.move_to_usi(move)
-        ms = int((time.perf_counter() - job.t0) * 1000)
+        ms = _ms_since(job.t0)
         if not job.discard:
             self.send(f"info depth 1 seldepth 1 nodes 1 time {ms} score cp {value_to_cp(value)} pv {best}")
         return f"bestmove {best}"
 
-    def _info_line(self, res, job: _Job) -> str:
-        """The ``info`` line of a (partial) search result; no ``score`` for a move played without
-        a value (the only legal move, not searched)."""
-        ms = int((time.perf_counter() - job.t0) * 1000)
-        if res.mate_in is not None:
-            score = f" score mate {res.mate_in}"
-        elif math.isfinite(res.value):
-            score = f" score cp {value_to_cp(res.value)}"
-        else:
-            score = ""
-        depth = max(1, res.depth)
-        return (f"info depth {depth} seldepth {max(depth, res.seldepth)} nodes {res.nodes} "
-                f"nps {int(res.nps)} time {ms}{score} pv {' '.join(res.pv)}")
-
-    def _search_answer(self, job: _Job) -> str:
+    def _search_answer(self, job: SearchJob) -> str:
         interval = self.values["InfoInterval"]
 
         def on_info(res) -> None:
             if not job.discard and res.pv:
-                self.send(self._info_line(res, job))
+                self.send(info_line(res, _ms_since(job.t0)))
 
         res = self.mcts.search(job.board, ply=job.ply, limits=job.limits, stop_event=job.stop,
                                info=on_info if interval > 0 else None, info_interval=interval / 1000.0)
@@ -435,7 +333,7 @@ class UsiEngine:
         if res.mate_in is None and self._mates_at_once(res.best_move):
             res.mate_in = 1
         if not job.discard:
-            self.send(self._info_line(res, job))
+            self.send(info_line(res, _ms_since(job.t0)))
         ponder = res.ponder_usi
         return f"bestmove {res.best_usi}" + (f" ponder {ponder}" if ponder else "")
 
@@ -445,6 +343,11 @@ class UsiEngine:
             return False
         child = root.children.get(root.child_index(move))
         return child is not None and child.terminal == -1.0 and child.reason == int(EndReason.CHECKMATE)
+
+
+def _ms_since(t0: float) -> int:
+    """Whole milliseconds since ``t0`` (``time.perf_counter()``)."""
+    return int((time.perf_counter() - t0) * 1000)
 
 
 def run_engine(inp: IO[str], out: IO[str], checkpoint: str, *, temperature: float = 0.0, device: str = "cpu",

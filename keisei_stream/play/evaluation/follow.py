@@ -62,7 +62,7 @@ from keisei_stream.wire.keys import Keys
 
 def elo_key(run: str) -> str:
     """``keisei:{run}:elo``: the hash holding the Elo-over-versions table (module docstring)."""
-    return Keys(run).prefix + "elo"
+    return Keys(run).elo
 
 
 #: files the follower keeps in ``{runs_dir}/{run}/eval`` (module docstring)
@@ -406,6 +406,8 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
     done = 0
     try:
         while max_evals is None or done < max_evals:
+            if stop_on_control and status.get_control(r, keys) == "stop":
+                break  # checked before every evaluation: a stopping run is not evaluated further
             latest = weights.read_latest_info(r, keys)
             if latest is not None:
                 v = latest["version"]
@@ -422,8 +424,6 @@ def follow(url: str, run: str, *, every: Optional[int] = None, games: Optional[i
                         console.print(render_elo_table(elo_table(r, run)))
                     last = v
                     continue
-            if stop_on_control and status.get_control(r, keys) == "stop":
-                break
             time.sleep(poll_s)
     except KeyboardInterrupt:
         pass
