@@ -73,7 +73,8 @@ def group(tmp_path):
     """A primary and its replica (admin password, TCP on 127.0.0.1) and three Sentinels (quorum 2,
     the primary is down after 1 s of silence)."""
     ports = _free_ports(5)
-    common = ["--bind", "127.0.0.1", "--requirepass", ADMIN, "--masterauth", ADMIN]
+    common = ["--bind", "127.0.0.1", "--requirepass", ADMIN, "--masterauth", ADMIN,
+              "--repl-diskless-sync-delay", "0"]  # the replica's first sync at once, not 5 s later
     primary = start_redis(tmp_path / "primary", extra_args=["--port", str(ports[0]), *common])
     servers = [primary]
     try:

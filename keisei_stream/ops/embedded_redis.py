@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Sequence
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 
 _PR_SET_PDEATHSIG = 1
@@ -305,7 +307,8 @@ def _start(args: list[str], sock: Path, run_dir: Path, log_path: Path, tmpdir: s
             raise RedisStartError(f"server exited with {proc.returncode} at start: {_log_tail(log_path)}")
         if sock.exists():
             try:
-                client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2)
+                client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2,
+                                     retry=Retry(NoBackoff(), 0))  # (redis-py retries an answer of NOAUTH for s)
                 try:
                     if client.ping():
                         return server
