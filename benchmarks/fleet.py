@@ -23,9 +23,13 @@ the worker holding it, SHA-256 verified), ``commands_per_worker_per_s`` (the pri
 ``total_commands_processed`` over the window, less this script's own, per worker per second;
 ``commands_top``: the biggest ``INFO commandstats`` counts per worker per second),
 ``lost_positions`` (positions the primary acknowledged to the workers and the final accounting
-does not hold), ``balanced`` (the final accounting: produced = trained + stale + rejected +
-duplicate + still in the stream), ``real_positions_exact`` (each real worker's positions, by its
-own count, are its producer record's, all settled), and with ``--failover`` ``failovers``,
+does not hold), ``lost_positions_counted`` (what the workers counted as lost in their records:
+adds a failover lost, ``lost_exact`` when the two agree, ``lost_reasons``), ``balanced`` (the
+final accounting: produced = trained + stale + rejected + duplicate + still in the streams),
+``real_positions_exact`` (each real worker's positions, by its own count, are its producer
+record's, held or counted lost, all settled), the synthetic workers' fetches of a version
+(``fetch_wall_ms_*``: from the request to the verified bytes; ``fetch_cpu_ms_*``: the fetching
+thread's CPU, the client's receive and the SHA-256), and with ``--failover`` ``failovers``,
 ``exited_processes``, the replication lag at the kill and the learner's ``losses`` entries.
 The window is steady state: from ``--warmup`` seconds after the first version to the stop (with
 ``--failover``: to the kill; the figures after the promotion are given as ``after_failover``).
@@ -58,12 +62,12 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
 import netns  # noqa: E402
-from fleet_clients import write_templates  # noqa: E402
+from fleet_clients import fleet_config, write_templates  # noqa: E402
 
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
-from keisei_stream.ops import acl, compat  # noqa: E402
+from keisei_stream.ops import acl, compat, local  # noqa: E402
 from keisei_stream.ops.embedded_redis import RedisServer, start_redis, start_sentinel  # noqa: E402
 from keisei_stream.wire import status  # noqa: E402
 from keisei_stream.wire.client import connect  # noqa: E402
@@ -92,7 +96,7 @@ class Fleet:
     exited: dict[str, int] = field(default_factory=dict)  # process -> exit code, before the stop
     killed: set[str] = field(default_factory=set)  # servers killed on purpose (the primary, with --failover)
     urls: dict[str, str] = field(default_factory=dict)  # role -> the URL its processes use
-    own_commands: int = 0  # commands this script sent to the primary in the window
+    request_limit: int | None = None  # the Redis nodes' proto-max-bulk-len (the run's, local.request_limit)
 
     # ------------------------------------------------------------------------------ the servers
     def start_servers(self) -> None:
@@ -103,10 +107,12 @@ class Fleet:
         for name in nodes:
             host = self.net.hosts[name]
             extra = ["--port", str(PORT), "--bind", host.addr, "--requirepass", self.admin_pw,
-                     "--masterauth", self.admin_pw, "--maxclients", str(2 * self.n_workers + 500)]
+                     "--masterauth", self.admin_pw, "--maxclients", str(2 * self.n_workers + 500),
+                     "--repl-diskless-sync-delay", "0"]
             if name == "standby":
                 extra += ["--replicaof", self.net.hosts["redis"].addr, str(PORT)]
-            self.servers[name] = start_redis(self.work / name, maxmemory="4gb", extra_args=extra, prefix=host.prefix)
+            self.servers[name] = start_redis(self.work / name, maxmemory="4gb", extra_args=extra, prefix=host.prefix,
+                                             max_request_bytes=self.request_limit)
         if a.failover:
             for name in ("redis", "standby", "learner"):
                 host = self.net.hosts[name]
@@ -114,10 +120,9 @@ class Fleet:
                     self.work / f"sentinel-{name}", SERVICE, (self.net.hosts["redis"].addr, PORT), port=SENTINEL_PORT,
                     bind=host.addr, quorum=2, auth_pass=self.admin_pw, down_after_ms=2000,
                     failover_timeout_ms=10_000, prefix=host.prefix)
-        ids = self.synthetic_ids + self.real_ids
-        passwords = None
-        for name in nodes:
-            passwords = acl.create_users(self.admin(name), RUN, ids, passwords)
+        # the run's users on every node and the workers on the roster, as keisei users --host-copies makes them
+        passwords = acl.create_on_nodes([self.admin(name) for name in nodes], RUN, self.synthetic_ids + self.real_ids,
+                                        host_copies=True)
         base = (f"redis+sentinel://" + ",".join(f"{self.net.hosts[n].addr}:{SENTINEL_PORT}"
                                                for n in ("redis", "standby", "learner")) + f"/{SERVICE}/0"
                 if a.failover else f"redis://{self.net.hosts['redis'].addr}:{PORT}/0")
@@ -380,6 +385,7 @@ def run(args: argparse.Namespace, fleet: Fleet) -> dict:
     net.add_host("learner")
     for h in range(args.hosts):
         net.add_host(f"h{h}")
+    fleet.request_limit = local.request_limit(fleet_config(RUN, str(work / "runs"), 256, 0))  # the gpu net's blob x2
     fleet.start_servers()
     write_templates(work / "templates.msgpack", 2, args.batch_positions, MAX_PLIES)
     end = time.time() + 60 + args.minutes * 60 + 120  # hard bound of every client's loops
@@ -416,18 +422,29 @@ def run(args: argparse.Namespace, fleet: Fleet) -> dict:
 
 
 def kill_primary(fleet: Fleet) -> dict:
-    """SIGKILL the primary; the replication lag just before, and the time until the Sentinels name
-    another primary."""
-    lag = {}
+    """SIGKILL the primary; with ``--replication-pause S`` the standby first stops applying the
+    replication stream for S seconds (``CLIENT PAUSE ... WRITE`` on it: it still reads the stream,
+    as a replica on a slow link would, and drops what it did not apply when the link breaks), so
+    what the primary acknowledged in those seconds is lost. Returns the replication lag just
+    before the kill and the time until the Sentinels name another primary."""
+    pause = fleet.args.replication_pause
+    if pause > 0:
+        fleet.admin("standby").execute_command("CLIENT", "PAUSE", int((pause + 60) * 1000), "WRITE")
+        time.sleep(pause)
+    lag = {"replication_pause_s": pause}
     try:
         p, s = fleet.admin("redis").info("replication"), fleet.admin("standby").info("replication")
-        lag = {"primary_offset": p["master_repl_offset"], "standby_offset": s.get("slave_repl_offset"),
-               "lag_bytes": max(0, p["master_repl_offset"] - int(s.get("slave_repl_offset", 0)))}
+        lag.update({"primary_offset": p["master_repl_offset"], "standby_offset": s.get("slave_repl_offset"),
+                    "standby_read_offset": s.get("slave_read_repl_offset"),
+                    "lag_bytes": max(0, p["master_repl_offset"] - int(s.get("slave_repl_offset", 0)))})
     except Exception:  # noqa: BLE001
         pass
     t = time.time()
     fleet.killed.add("redis")
     os.kill(fleet.servers["redis"].pid, signal.SIGKILL)
+    if pause > 0:  # the standby has seen its link break (what it did not apply is gone); a paused replica
+        time.sleep(0.5)  # is no candidate for the Sentinels' promotion
+        fleet.admin("standby").execute_command("CLIENT", "UNPAUSE")
     deadline = time.monotonic() + 90
     while fleet.primary_name() == "redis" and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -455,7 +472,8 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
     except subprocess.TimeoutExpired:
         fleet.exited.setdefault("learner", -999)
     published, blob, learner_end, publish_s = {}, 0, {}, []
-    for line in (fleet.work / "published.jsonl").read_text().splitlines():
+    published_log = fleet.work / "published.jsonl"
+    for line in (published_log.read_text().splitlines() if published_log.exists() else []):
         d = json.loads(line)
         if "version" in d and "published" in d:
             published[d["version"]] = d["published"]
@@ -471,14 +489,16 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
     copies = {f"h{h}": logged_versions(fleet.work / f"relay-h{h}.log", "version") for h in range(args.hosts)}
     copy_delays = version_delays(copies, published, window_start, end_window - 10, list(copies))
     acc = status.read_accounting(admin, keys)
-    in_stream = status.stream_positions(admin, keys)
+    in_stream = sum(status.stream_positions(admin, keys, w) for w in status.read_roster(admin, keys))
     settled = sum(acc[k] for k in ("trained_positions", "stale_positions", "rejected_positions", "duplicate_positions"))
     beats = {b["id"]: b for b in status.read_workers(admin, keys)}
     producers = status.read_producers(admin, keys)
     told = sum(d["sent_positions"] for d in synthetic_out.values()) + sum(
         int(beats.get(w, {}).get("positions", 0)) for w in fleet.real_ids)
-    real_exact = all(int(beats.get(w, {}).get("positions", -1)) == producers.get(w, {}).get("positions", -2)
-                     for w in fleet.real_ids) and in_stream == 0
+    real_exact = all(int(beats.get(w, {}).get("positions", -1)) == producers.get(w, {}).get("positions", -2) +
+                     producers.get(w, {}).get("lost_positions", 0) for w in fleet.real_ids) and in_stream == 0
+    fetch_wall = [x for d in synthetic_out.values() for x in d.get("fetch_wall_s", [])]
+    fetch_cpu = [x for d in synthetic_out.values() for x in d.get("fetch_cpu_s", [])]
     versions_seen = [s.version for s in samples]
     monotonic_held = all(all(a[0] < b[0] for a, b in zip(h, h[1:])) for h in held.values())
     pre = window_figures(samples, window_start, end_window, fleet, published, blob)
@@ -501,6 +521,10 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         "commands_top": top_commands(stats_at, "start", "kill" if killed else "stop", fleet.n_workers),
         "window": pre,
         "lost_positions": told - acc["produced_positions"], "told_positions": told,
+        "lost_positions_counted": acc["worker_lost_positions"], "lost_batches_counted": acc["worker_lost_batches"],
+        "lost_exact": told - acc["produced_positions"] == acc["worker_lost_positions"],
+        "lost_reasons": sorted({p["lost_reason"].split(": ", 1)[-1] for p in producers.values()
+                                if p.get("lost_reason")})[:3],
         "balanced": acc["produced_positions"] == settled + in_stream, "positions_in_stream": in_stream,
         "accounting": acc, "real_positions_exact": real_exact,
         "versions_monotonic": all(a <= b for a, b in zip(versions_seen, versions_seen[1:])) and monotonic_held,
@@ -509,7 +533,9 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         "synthetic_cpu_s": round(synthetic_cpu_s, 1),
         "synthetic_cpu_s_per_version_per_worker": round(synthetic_cpu_s / max(1, len(published)) / max(1, len(
             fleet.synthetic_ids)), 4),
-        "publish_s_mean": round(sum(publish_s) / len(publish_s), 3) if publish_s else None,
+        "fetch_wall_ms_p50": _ms(percentile(fetch_wall, 0.5)), "fetch_wall_ms_p95": _ms(percentile(fetch_wall, 0.95)),
+        "fetch_cpu_ms_p50": _ms(percentile(fetch_cpu, 0.5)), "fetch_cpu_ms_p95": _ms(percentile(fetch_cpu, 0.95)),
+        "publish_s_p50": _round(percentile(publish_s, 0.5)), "publish_s_max": _round(max(publish_s, default=None)),
         "learner": learner_end, "machine": {"cpus": os.cpu_count(), "load_at_end": os.getloadavg()[0]},
     }
     if args.failover:
@@ -535,6 +561,10 @@ def top_commands(stats_at, a: str, b: str, workers: int, n: int = 8) -> dict[str
     return {k: round(v, 4) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:n] if v > 0}
 
 
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 2)
+
+
 def _round(x: float | None) -> float | None:
     """Rounded to ms; None for none, or for infinity (a worker that never held the version:
     counted in ``never_held_pairs``)."""
@@ -557,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version-every", type=float, default=5.0, help="seconds between weights versions")
     p.add_argument("--link", default="1gbit", help="tc rate of the Redis hosts' egress (e.g. 1gbit, 100mbit)")
     p.add_argument("--failover", action="store_true", help="a standby and three Sentinels; kill -9 the primary half-way")
+    p.add_argument("--replication-pause", type=float, default=0.0, metavar="S",
+                   help="with --failover: the standby stops applying the replication stream S seconds before the "
+                   "kill (CLIENT PAUSE WRITE on it), so the primary's last acknowledged writes are lost")
     p.add_argument("--fanout", choices=("relay", "replica"), default="relay",
                    help="each host's read-only copy: keisei relay (default) or a replica of the primary")
     p.add_argument("--positions-per-s", type=float, default=10.0, help="experience of each synthetic worker")

@@ -1,7 +1,7 @@
 """Several hosts on one machine (network namespaces, ``benchmarks/netns.py``; needs root and
 iproute2, skipped otherwise with the reason): a short ``benchmarks/fleet.py`` run with a failover,
 and two learner nodes under torchrun's c10d rendezvous running the command of
-``docs/notes/fleet.md``."""
+``docs/scaling.md``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from keisei_stream.wire.keys import Keys  # noqa: E402
 WHY = netns.require_root_net()
 pytestmark = [pytest.mark.fleet, pytest.mark.slow, pytest.mark.skipif(WHY is not None, reason=WHY or "")]
 
-#: The command of docs/notes/fleet.md ("Learners on several nodes"), run as is on each node
+#: The command of docs/scaling.md ("Learners on several nodes"), run as is on each node
 #: (``{...}`` filled in; the test checks that the document shows exactly this).
 NODE_CMD = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 GLOO_SOCKET_IFNAME={ifname} torchrun --nnodes 2 --nproc-per-node {gpus} --rdzv-backend c10d "
             "--rdzv-endpoint {node0}:29400 --rdzv-id {run} --rdzv-conf is_host={is_host},join_timeout={join_s} "
@@ -39,21 +39,25 @@ NODE_CMD = ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 GLOO_SOCKET_IFNAME={ifname} to
 
 
 def test_a_short_fleet_run_with_a_failover():
-    """``benchmarks/fleet.py`` end to end on 2 hosts, the primary killed -9 half-way: one JSON
-    line, weights fanned out by host (the primary sends a version about once per host and once
-    to the standby), every worker on the new versions, the failover done, nothing exited, the
+    """``benchmarks/fleet.py`` end to end on 2 hosts, the standby's replication paused 1.5 s before
+    the primary is killed -9: one JSON line, weights fanned out by host (the primary sends a
+    version about once per host and once to the standby), every worker on the new versions, the
+    failover done, nothing exited, the adds the old primary acknowledged and never replicated
+    counted exactly as lost by the workers (not 0: the pause makes some) with their reason, the
     accounting balanced, and every namespace gone afterwards."""
     before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--hosts", "2", "--synthetic-per-host",
                         "3", "--real-workers", "0", "--minutes", "0.75", "--version-every", "3", "--warmup", "5",
-                        "--failover"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--positions-per-s", "200", "--failover", "--replication-pause", "1.5"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["hosts"] == 2 and r["workers"] == 6 and r["failovers"] == 1 and r["exited_processes"] == []
     assert 2.5 <= r["egress_per_version_blobs"] <= r["hosts"] + 2, r  # two hosts and the standby: ~3 blobs
     assert r["never_held_pairs"] == 0 and r["version_p95_s"] is not None, r
     assert r["balanced"] and r["positions_in_stream"] == 0 and r["accounting"]["produced_positions"] > 0, r
-    assert r["lost_positions"] >= 0 and r["workers_held_monotonic"], r
+    assert r["lost_positions"] > 0 and r["lost_exact"] and "failover" in r["lost_reasons"][0], r
+    assert r["workers_held_monotonic"], r
     assert r["after_failover"]["versions"] >= 2, r  # the run carried on with the promoted replica
     if r["versions_went_back"]:  # only where the last version's replication was cut, and then recorded
         assert any(f.get("kind") == "failover" for f in r["losses"]), r
@@ -69,7 +73,7 @@ def test_two_learner_nodes_train_in_lock_step_and_a_killed_node_is_handled(tmp_p
     give up after the rendezvous' join timeout instead of hanging; the two nodes started again
     with ``--resume`` re-read what the dead ranks held, and the accounting balances at the stop."""
     run, keys = "twonode", Keys("twonode")
-    doc = (ROOT / "docs" / "notes" / "fleet.md").read_text()
+    doc = (ROOT / "docs" / "scaling.md").read_text()
     assert NODE_CMD.format(ifname="IFACE", gpus="GPUS", node0="NODE0_ADDR", run="RUN", is_host="IS_HOST",
                            join_s="JOIN_S", addr="THIS_NODE_ADDR", config="configs/gpu.yaml",
                            redis="LEARNER_URL") in doc.replace("\\\n    ", "")
