@@ -29,7 +29,9 @@ final accounting: produced = trained + stale + rejected + duplicate + still in t
 ``real_positions_exact`` (each real worker's positions, by its own count, are its producer
 record's, held or counted lost, all settled), the synthetic workers' fetches of a version
 (``fetch_wall_ms_*``: from the request to the verified bytes; ``fetch_cpu_ms_*``: the fetching
-thread's CPU, the client's receive and the SHA-256), and with ``--failover`` ``failovers``,
+thread's CPU, the client's receive and the SHA-256), the version latency split in two
+(``host_copy_p95_s``: publication to the host's copy holding it, the network part;
+``after_host_copy_*``: from there to the worker holding it, the host-local part), and with ``--failover`` ``failovers``,
 ``exited_processes``, the replication lag at the kill and the learner's ``losses`` entries.
 The window is steady state: from ``--warmup`` seconds after the first version to the stop (with
 ``--failover``: to the kill; the figures after the promotion are given as ``after_failover``).
@@ -369,6 +371,27 @@ def version_delays(held: dict[str, list[tuple[int, float]]], published: dict[int
     return out
 
 
+def after_host_copy(held: dict[str, list[tuple[int, float]]], copies: dict[str, list[tuple[int, float]]],
+                    published: dict[int, float], t0: float, t1: float, fleet: Fleet) -> list[float]:
+    """For each version published in ``[t0, t1]`` and each worker: seconds from its host's copy
+    holding the version to the worker holding it (the host-local part of the latency: one fetch
+    from the host's copy and its SHA-256, behind the host's other workers; on this machine also
+    behind every other host's, all on the same cores). Workers whose host copy never logged the
+    version are left out (counted in ``never_held_pairs`` if they never held it either)."""
+    out = []
+    workers = [(w, f"h{w[1:].split('-')[0]}") for w in fleet.synthetic_ids] + \
+        [(w, f"h{int(w[1:]) % fleet.args.hosts}") for w in fleet.real_ids]
+    for v, tp in published.items():
+        if not t0 <= tp <= t1:
+            continue
+        for w, host in workers:
+            copied = [t for ver, t in copies.get(host, []) if ver >= v]
+            times = [t for ver, t in held.get(w, []) if ver >= v]
+            if copied and times:
+                out.append(max(0.0, min(times) - min(copied)))
+    return out
+
+
 def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -488,6 +511,7 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
     delays = version_delays(held, published, window_start, end_window - 10, workers)
     copies = {f"h{h}": logged_versions(fleet.work / f"relay-h{h}.log", "version") for h in range(args.hosts)}
     copy_delays = version_delays(copies, published, window_start, end_window - 10, list(copies))
+    after_copy = after_host_copy(held, copies, published, window_start, end_window - 10, fleet)
     acc = status.read_accounting(admin, keys)
     in_stream = sum(status.stream_positions(admin, keys, w) for w in status.read_roster(admin, keys))
     settled = sum(acc[k] for k in ("trained_positions", "stale_positions", "rejected_positions", "duplicate_positions"))
@@ -516,6 +540,8 @@ def finish(args, fleet: Fleet, keys: Keys, samples: list[Sample], stats_at, kill
         "version_pairs": len(delays),
         "host_copy_p95_s": _round(percentile(copy_delays, 0.95)) if args.fanout == "relay" else None,
         "host_copy_max_s": _round(max(copy_delays)) if args.fanout == "relay" and copy_delays else None,
+        "after_host_copy_p50_s": _round(percentile(after_copy, 0.5)),
+        "after_host_copy_p95_s": _round(percentile(after_copy, 0.95)),
         "primary_clients_max": max((s.clients for s in samples), default=0),
         "commands_per_worker_per_s": pre.get("commands_per_worker_per_s"),
         "commands_top": top_commands(stats_at, "start", "kill" if killed else "stop", fleet.n_workers),

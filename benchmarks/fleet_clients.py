@@ -87,7 +87,7 @@ def run_learner(args: argparse.Namespace) -> int:
     wait = (cfg.stream.wait_replicas, cfg.stream.wait_ms) if cfg.stream.wait_replicas else None
     consumer = Consumer(r, keys, "learner-0", max_plies=cfg.env.max_plies, window=cfg.stream.max_backlog, block_ms=100,
                         count=cfg.stream.read_count, claim_idle_ms=cfg.stream.claim_idle_ms,
-                        deadletter_maxlen=cfg.stream.deadletter_maxlen, refresh_s=cfg.stream.heartbeat_s,
+                        deadletter_maxlen=cfg.stream.deadletter_maxlen, refresh_s=cfg.stream.learner_refresh_s,
                         publishes=True, wait=wait)
     consumer.claim_epoch()
     write_config(r, keys, cfg.to_json())

@@ -344,7 +344,7 @@ def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, res
     consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, window=cfg.stream.max_backlog,
                         block_ms=cfg.stream.block_ms, count=cfg.stream.read_count,
                         claim_idle_ms=cfg.stream.claim_idle_ms, deadletter_maxlen=cfg.stream.deadletter_maxlen,
-                        refresh_s=cfg.stream.heartbeat_s, publishes=rank == 0,
+                        refresh_s=cfg.stream.learner_refresh_s, publishes=rank == 0,
                         wait=(cfg.stream.wait_replicas, cfg.stream.wait_ms) if cfg.stream.wait_replicas else None)
     lrn = Learner(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
                   recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name,

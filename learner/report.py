@@ -28,6 +28,11 @@ from keisei_stream.wire.status import (
     METRICS_FILE, append_metrics, metrics_line, read_accounting, write_learner_status,
 )
 
+#: Seconds between the learner's reads of the run's accounting (one command per worker: its
+#: producer record). What it read is only what a loss of the server's data is measured against
+#: (the ``losses`` entries: a lower bound; each worker counts the adds a failover lost exactly).
+ACCOUNTING_S = 30.0
+
 log = logging.getLogger("keisei.learner")
 
 #: Time shares reported per update (seconds since the previous update, by activity). Decoding
@@ -156,8 +161,8 @@ class Report:
     def status(self, fields: dict[str, Any], wait: bool = False) -> None:
         """Write the ``learner`` hash (primary only): ``fields``, the outages, the writes no
         replica confirmed in time (``unreplicated_writes``) and the last metrics, after reading
-        the accounting into :attr:`last_accounting` (at most every ``stream.heartbeat_s``: the
-        learner writes its status after every update too); in the :attr:`writer` thread, so this returns
+        the accounting into :attr:`last_accounting` (at most every :data:`ACCOUNTING_S`); in the
+        :attr:`writer` thread, so this returns
         at once. While the previous status is still being written this one is skipped (the next
         is due ``stream.heartbeat_s`` later); with ``wait`` (the final status) it waits for that
         one and writes this one before returning."""
@@ -177,11 +182,11 @@ class Report:
             self._writing.result()
 
     def _write_status(self, fields: dict[str, Any], force: bool = False) -> None:
-        """The accounting read (every ``stream.heartbeat_s`` at most, or ``force``: it reads every
+        """The accounting read (every :data:`ACCOUNTING_S` at most, or ``force``: it reads every
         worker's record), then the hash. A read that spanned an outage is not kept: it may come
         from the server after a failover, and :attr:`last_accounting` must stay what the learner
         saw before it (what a failover's losses are measured against)."""
-        if force or time.monotonic() - self._accounting_t >= self.cfg.stream.heartbeat_s:
+        if force or time.monotonic() - self._accounting_t >= ACCOUNTING_S:
             self._accounting_t, outages = time.monotonic(), retry.OUTAGES.outages
             accounting = read_accounting(self.r, self.keys)
             if retry.OUTAGES.outages == outages:
