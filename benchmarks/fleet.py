@@ -311,17 +311,27 @@ def commandstats(fleet: Fleet, node: str) -> dict[str, int]:
 
 def window_figures(samples: list[Sample], t0: float, t1: float, fleet: Fleet, published: dict[int, float],
                    blob: int) -> dict:
-    """Egress per version and commands per worker per second over ``[t0, t1]`` on one node."""
+    """Egress per version and commands per worker per second over ``[t0, t1]`` on one node. The
+    egress per version is the window's egress rate times the mean interval between the
+    publications inside it, over the blob's size: a window holds a fractional number of versions,
+    which counting whole publications in it would round (by up to one version's worth)."""
     inside = [s for s in samples if t0 <= s.t <= t1]
     if len(inside) < 2 or inside[0].node != inside[-1].node:
         return {}
     a, b = inside[0], inside[-1]
     versions = sum(1 for v, t in published.items() if a.t < t <= b.t)
     seconds = b.t - a.t
+    times = sorted(t for t in published.values() if a.t <= t <= b.t)
+    interval = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
     own = INFO_COMMANDS * (len(inside) - 1)
+
+    def per_version(nbytes: int) -> float | None:
+        return round(nbytes / seconds * interval / blob, 3) if interval and blob else None
+
     return {"window_s": round(seconds, 1), "versions": versions,
-            "egress_per_version_blobs": round((b.tx - a.tx) / versions / blob, 3) if versions else None,
-            "egress_per_version_blobs_info": round((b.net_out - a.net_out) / versions / blob, 3) if versions else None,
+            "version_interval_s": round(interval, 3) if interval else None,
+            "egress_per_version_blobs": per_version(b.tx - a.tx),
+            "egress_per_version_blobs_info": per_version(b.net_out - a.net_out),
             "egress_mbit_per_s": round((b.tx - a.tx) * 8 / seconds / 1e6, 1),
             "commands_per_worker_per_s": round((b.commands - a.commands - own) / fleet.n_workers / seconds, 3),
             "primary_cpu_share": round((b.cpu - a.cpu) / seconds, 3)}
