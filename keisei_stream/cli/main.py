@@ -244,7 +244,7 @@ examples:
                         description="Start a private Redis on a unix socket on this host and copy into it, from the "
                         "run's primary, each new weights version (SHA-256 checked), the config and the control key; "
                         "the host's workers read there (python -m workers --read-redis URL, printed at the start) and "
-                        "write to the primary. Runs until SIGTERM/Ctrl-C (docs/notes/fleet.md).")
+                        "write to the primary. Runs until SIGTERM/Ctrl-C (docs/scaling.md, \"Many hosts\").")
     pl.add_argument("--redis", default=os.environ.get("KEISEI_REDIS"), required="KEISEI_REDIS" not in os.environ,
                     help="the run's primary as its reader user: redis://keisei-RUN-reader:PW@host:6379/0 or "
                     "redis+sentinel://keisei-RUN-reader:PW@s1:26379,s2:26379/SERVICE/0 (default: the environment "

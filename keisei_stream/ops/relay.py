@@ -22,7 +22,7 @@ heartbeats) to the primary: ``python -m workers --redis PRIMARY --read-redis HOS
 relay costs the primary about 2 commands a second and one blob a version, whatever the number of
 workers on its host. (A replica per host, ``replicaof`` the primary, does the same job with
 Redis's own replication, but also copies every write of the run to every host, experience
-included: docs/notes/fleet.md compares them.)
+included: docs/scaling.md compares them.)
 
 Never imports torch.
 """

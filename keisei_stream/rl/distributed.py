@@ -47,7 +47,7 @@ def init_from_env(device: torch.device, timeout_s: float) -> torch.device:
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if shared_store and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
         raise RuntimeError("learner ranks on several nodes: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                           "in its environment (a fresh store for every restart of the group; docs/notes/fleet.md)")
+                           "in its environment (a fresh store for every restart of the group; docs/scaling.md)")
     _die_with_agent()
     global _RANK_DEVICE
     if device.type == "cuda":
