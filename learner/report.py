@@ -162,10 +162,10 @@ class Report:
         """Write the ``learner`` hash (primary only): ``fields``, the outages, the writes no
         replica confirmed in time (``unreplicated_writes``) and the last metrics, after reading
         the accounting into :attr:`last_accounting` (at most every :data:`ACCOUNTING_S`); in the
-        :attr:`writer` thread, so this returns
-        at once. While the previous status is still being written this one is skipped (the next
-        is due ``stream.heartbeat_s`` later); with ``wait`` (the final status) it waits for that
-        one and writes this one before returning."""
+        :attr:`writer` thread, so this returns at once. While the previous status is still being
+        written this one is skipped (the next is due ``stream.heartbeat_s`` later); with ``wait``
+        (the final status) it waits for that one and writes this one, its accounting read
+        included, before returning."""
         self.last_status_t = time.monotonic()
         if not self.primary:
             return

@@ -53,8 +53,10 @@ import re
 import secrets
 from typing import Any, Iterable
 
-from keisei_stream.ops.compat import LATEST, ServerInfo, server_info
+from keisei_stream.ops.compat import LATEST, ServerInfo, require_supported, server_info
+from keisei_stream.wire.client import as_str
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.status import register_workers
 
 #: The shared roles; workers get a user each (:func:`worker_role`).
 ROLES = ("learner", "evaluator", "monitor", "reader")
@@ -214,10 +216,6 @@ def create_on_nodes(clients: Iterable[Any], run: str, workers: Iterable[str] = (
         ValueError: a bad worker id or role, or ``role`` without its password.
         redis.exceptions.ResponseError: a server refused a rule.
     """
-    from keisei_stream.ops.compat import require_supported
-    from keisei_stream.wire.client import as_str
-    from keisei_stream.wire.status import register_workers
-
     workers = list(workers)
     if role is not None:
         _split(role)

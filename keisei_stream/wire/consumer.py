@@ -62,7 +62,6 @@ socket timeout above every ``BLOCK``).
 from __future__ import annotations
 
 import json
-import json
 import logging
 import math
 import secrets
