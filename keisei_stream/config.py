@@ -108,17 +108,33 @@ class StreamConfig(_Section):
     metrics_maxlen: int = Field(100_000, ge=1, description="approximate cap of the metrics stream")
     games_maxlen: int = Field(10_000, ge=1, description="approximate cap of the games stream")
     eval_maxlen: int = Field(10_000, ge=1, description="approximate cap of the eval stream")
-    heartbeat_s: float = Field(2.0, gt=0, description="seconds between heartbeat/status writes of every process")
+    heartbeat_s: float = Field(5.0, gt=0, description="seconds between heartbeat/status writes of every process (a "
+                               "worker's heartbeat is one of its few steady commands on the primary: 0.2/s at 5 s); "
+                               "the learner reads the roster, heartbeats and stream lengths every max(heartbeat_s, "
+                               "heartbeat_ttl_s / 3) seconds")
     heartbeat_ttl_s: float = Field(30.0, gt=0, description="seconds after its last heartbeat that a silent "
                                    "worker is shown as not alive (its heartbeat stream stays)")
     backoff_max_s: float = Field(2.0, gt=0, description="cap (seconds) of a worker's exponential backoff while "
                                  "the backlog is full (10 ms doubling)")
+    wait_replicas: int = Field(0, ge=0, le=64, description="replicas that must hold the learner's acknowledgements and "
+                               "weights before it goes on (WAIT; the promotable replicas of a Sentinel group: 1 keeps "
+                               "them through a failover); 0 = never wait")
+    wait_ms: int = Field(1000, ge=1, le=60_000, description="longest WAIT for wait_replicas (ms); a shortfall is logged "
+                         "and counted (unreplicated_writes), never an error")
 
     @model_validator(mode="after")
     def _ttl_exceeds_heartbeat(self) -> "StreamConfig":
         if self.heartbeat_ttl_s <= self.heartbeat_s:
             raise ValueError("heartbeat_ttl_s must exceed heartbeat_s")
         return self
+
+    @property
+    def learner_refresh_s(self) -> float:
+        """Seconds between the learner's readings of the roster and of every roster worker's
+        heartbeat and stream length (the credit, overruns): ``max(heartbeat_s, heartbeat_ttl_s /
+        3)``. A worker's liveness is not known finer than its TTL, and each reading costs the
+        primary two commands per worker (10 s at the defaults: 0.2 commands per worker per second)."""
+        return max(self.heartbeat_s, self.heartbeat_ttl_s / 3)
 
 
 _DEVICE = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"

@@ -123,8 +123,9 @@ class Learner:
 
     def check_server(self) -> None:
         """After an outage, a server that lost the run's data: the consumer records the loss and
-        takes the new epoch; config and the current weights are re-published here. Also retries a
-        publish that a full server refused."""
+        takes the new epoch; config and the current weights are re-published here. After an
+        outage with the epoch intact, :meth:`check_failover`. Also retries a publish that a full
+        server refused."""
         if self.consumer.check_server():
             self.consumer.recover(self.report.last_accounting, version=self.version)
             if self.rank == 0:
@@ -132,8 +133,19 @@ class Learner:
             self.publish()
             log.error("Redis lost the run's data: new epoch %s, config and weights v%d re-published",
                       self.consumer.epoch, self.version)
+        elif self.consumer.outage_checked:
+            self.check_failover()
         if self.publish_due:
             self.publish()
+
+    def check_failover(self) -> None:
+        """After an outage with the run's epoch intact (rank 0): the server may be a promoted
+        replica or one restarted from its files; what it lacks is recorded in ``losses``
+        (:meth:`keisei_stream.wire.consumer.Consumer.record_failover`), and a version it lacks is
+        published again at once (versions never go backwards for long: workers keep the newer one
+        meanwhile)."""
+        if self.rank == 0 and self.consumer.record_failover(self.report.last_accounting, self.version) < self.version:
+            self.publish_due = True
 
     def ready_updates(self, force: bool = False) -> list[list[Delivered]]:
         """The held entries that make updates now, in groups of about ``samples_per_update``
@@ -189,7 +201,7 @@ class Learner:
         if self.world > 1:
             m["ranks"] = float(self.world)
         m["skipped_updates"] = float(self.skipped_updates)
-        m = self.report.update(m, self.updates, self.version, upd.stepped, backlog=self.consumer.backlog())
+        m = self.report.update(m, self.updates, self.version, upd.stepped, backlog=self.consumer.backlog_seen)
         self.write_status("training", backlog=int(m["backlog"]))
         if upd.stepped and self.updates % self.cfg.learner.checkpoint_every == 0:
             self.checkpoint()
@@ -222,7 +234,7 @@ class Learner:
         data = weights_to_bytes(self.trainer.model, self.cfg.stream.weights_dtype)
         try:
             publish_weights(self.r, self.keys, self.version, data, self.cfg.stream.weights_dtype,
-                            self.cfg.stream.weights_keep, epoch=self.consumer.epoch)
+                            self.cfg.stream.weights_keep, epoch=self.consumer.epoch, wait=self.consumer.wait)
             self.publish_due = False
             self.consumer.published(self.version)  # entries claiming newer versions are hostile
         except EpochChanged:  # the server lost the run's data: check_server recovers and publishes again
@@ -252,15 +264,16 @@ class Learner:
         if force or self.report.status_due():
             self.write_status("collecting" if self.held else "waiting")
 
-    def write_status(self, state: str, backlog: int | None = None) -> None:
+    def write_status(self, state: str, backlog: int | None = None, wait: bool = False) -> None:
         """The ``learner`` hash: state, version, held positions, backlog (entries in the workers'
-        streams, unless the caller just read it), the games in flight it follows, the workers it
+        streams at the consumer's last refresh, unless the caller gives it), the games in flight it follows, the workers it
         reads and those live, time to the first update; with several ranks ``ranks`` and
-        ``rank_trained_positions`` too (rank 0 writes it for all)."""
+        ``rank_trained_positions`` too (rank 0 writes it for all). Written by the report's own
+        thread (:meth:`learner.report.Report.status`); ``wait``: before this returns."""
         c = self.consumer
         fields = {"state": state, "version": self.version, "updates": self.updates, "consumer": c.name,
                   "device": str(self.trainer.device), "epoch": c.epoch, "held_positions": c.held_positions(),
-                  "backlog": c.backlog() if backlog is None else backlog, "games_in_flight": len(c.games),
+                  "backlog": c.backlog_seen if backlog is None else backlog, "games_in_flight": len(c.games),
                   "workers_read": len(c.workers), "workers_live": len(c.live),
                   "games_archived": self.recorder.archived, "time_to_first_update_s": self.first_update_s,
                   "compile": self.trainer.compiling.state if self.trainer.compiling is not None else
@@ -268,7 +281,7 @@ class Learner:
         if self.world > 1:
             fields.update({"ranks": self.world, "rank_trained_positions": json.dumps(self.rank_trained)})
         fields["gpu_util_pct"] = gpu_utilisation(self.trainer.device)
-        self.report.status(fields)
+        self.report.status(fields, wait=wait)
 
     # ------------------------------------------------------------------------------ stop
     def drain(self, seconds: float = DRAIN_S) -> None:
@@ -287,10 +300,10 @@ class Learner:
             self.checkpoint()
         try:
             self.housekeeping(force=True)
-            self.write_status("stopped")
+            self.write_status("stopped", wait=True)
         except retry.TRANSIENT_ERRORS as exc:
             log.warning("Redis unreachable at stop, final status not written: %s", exc)
-        self.report.sinks.close()
+        self.report.close()
         self.pool.shutdown()
         log.info("learner stopped at version %d after %d updates; checkpoint %s", self.version, self.updates,
                  self.last_checkpoint)
@@ -331,7 +344,8 @@ def start_learner(cfg: Config, redis_url: str, *, consumer_name: str | None, res
     consumer = Consumer(r, keys, consumer_name, max_plies=cfg.env.max_plies, window=cfg.stream.max_backlog,
                         block_ms=cfg.stream.block_ms, count=cfg.stream.read_count,
                         claim_idle_ms=cfg.stream.claim_idle_ms, deadletter_maxlen=cfg.stream.deadletter_maxlen,
-                        refresh_s=cfg.stream.heartbeat_s, publishes=rank == 0)
+                        refresh_s=cfg.stream.learner_refresh_s, publishes=rank == 0,
+                        wait=(cfg.stream.wait_replicas, cfg.stream.wait_ms) if cfg.stream.wait_replicas else None)
     lrn = Learner(cfg=cfg, r=r, keys=keys, run_dir=run_dir, trainer=trainer, consumer=consumer,
                   recorder=Recorder(r, keys, GameArchive(run_dir / "games"), consumer=consumer_name,
                                     games_maxlen=cfg.stream.games_maxlen),

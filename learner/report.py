@@ -1,11 +1,18 @@
 """What the learner reports: the time it spends in each phase, each update's metrics to every sink
-(the ``metrics`` stream, TensorBoard, W&B, the console/log line) and the ``learner`` status hash."""
+(the ``metrics`` stream, TensorBoard, W&B, the console/log line) and the ``learner`` status hash.
+
+The status (the run's accounting read, then the ``learner`` hash written) goes out from a thread of
+its own: its reads grow with the number of workers (one pipelined round trip over their producer
+records, :func:`keisei_stream.wire.status.read_accounting`) and must never hold up the thread
+that reads and acknowledges experience."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +22,16 @@ from rich.console import Console
 
 from keisei_stream.config import Config
 from keisei_stream.wire import retry
+from keisei_stream.wire.atomic import UNREPLICATED
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.status import (
     METRICS_FILE, append_metrics, metrics_line, read_accounting, write_learner_status,
 )
+
+#: Seconds between the learner's reads of the run's accounting (one command per worker: its
+#: producer record). What it read is only what a loss of the server's data is measured against
+#: (the ``losses`` entries: a lower bound; each worker counts the adds a failover lost exactly).
+ACCOUNTING_S = 30.0
 
 log = logging.getLogger("keisei.learner")
 
@@ -105,6 +118,7 @@ class Report:
         last_metrics: the last update's metrics (also in the status hash).
         last_accounting: the run's accounting as the last status write read it (what a loss of
             the server's data is measured against).
+        writer: the thread the status goes out from (:meth:`status`).
     """
 
     cfg: Config
@@ -117,6 +131,9 @@ class Report:
     last_status_t: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_accounting: dict[str, int] = field(default_factory=dict)
+    writer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="status"))
+    _writing: Future | None = None
+    _accounting_t: float = -math.inf  # monotonic time of the last accounting read
 
     def add(self, phase: str, seconds: float) -> None:
         """Count ``seconds`` (>= 0) spent in ``phase``."""
@@ -141,13 +158,48 @@ class Report:
         """A status write is due (every ``stream.heartbeat_s``)."""
         return time.monotonic() - self.last_status_t >= self.cfg.stream.heartbeat_s
 
-    def status(self, fields: dict[str, Any]) -> None:
-        """Write the ``learner`` hash (primary only): ``fields``, the outages and the last
-        metrics; reads the accounting into :attr:`last_accounting`."""
+    def status(self, fields: dict[str, Any], wait: bool = False) -> None:
+        """Write the ``learner`` hash (primary only): ``fields``, the outages, the writes no
+        replica confirmed in time (``unreplicated_writes``) and the last metrics, after reading
+        the accounting into :attr:`last_accounting` (at most every :data:`ACCOUNTING_S`); in the
+        :attr:`writer` thread, so this returns at once. While the previous status is still being
+        written this one is skipped (the next is due ``stream.heartbeat_s`` later); with ``wait``
+        (the final status) it waits for that one and writes this one, its accounting read
+        included, before returning."""
         self.last_status_t = time.monotonic()
         if not self.primary:
             return
-        self.last_accounting = read_accounting(self.r, self.keys)
-        fields = {**fields, "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
+        fields = {**fields, "last_seen": round(time.time(), 3), "unreplicated_writes": UNREPLICATED.count,
+                  **retry.OUTAGES.fields()}
         fields.update({k: round(v, 6) for k, v in self.last_metrics.items() if k not in fields})
+        busy = self._writing is not None and not self._writing.done()
+        if busy and not wait:
+            return
+        if self._writing is not None:
+            self._writing.result()  # the previous write's error, if any, surfaces here
+        self._writing = self.writer.submit(self._write_status, fields, wait)
+        if wait:
+            self._writing.result()
+
+    def _write_status(self, fields: dict[str, Any], force: bool = False) -> None:
+        """The accounting read (every :data:`ACCOUNTING_S` at most, or ``force``: it reads every
+        worker's record), then the hash. A read that spanned an outage is not kept: it may come
+        from the server after a failover, and :attr:`last_accounting` must stay what the learner
+        saw before it (what a failover's losses are measured against)."""
+        if force or time.monotonic() - self._accounting_t >= ACCOUNTING_S:
+            self._accounting_t, outages = time.monotonic(), retry.OUTAGES.outages
+            accounting = read_accounting(self.r, self.keys)
+            if retry.OUTAGES.outages == outages:
+                self.last_accounting = accounting
         retry.best_effort("learner status", write_learner_status, self.r, self.keys, fields)
+
+    def close(self) -> None:
+        """Wait for the status being written, end the :attr:`writer` thread, close the sinks."""
+        try:
+            if self._writing is not None:
+                self._writing.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. stopped during an outage: nothing more to write
+            log.warning("the last status write failed: %s", exc)
+        finally:
+            self.writer.shutdown()
+            self.sinks.close()

@@ -158,6 +158,31 @@ def test_monitor_reads_only(users, real_redis):
             attempt()
 
 
+def test_reader_reads_what_a_host_copy_serves_and_nothing_else(users, real_redis):
+    """The ``reader`` (``keisei relay`` on the primary, the host's workers on its copy): config,
+    control, epoch, the weights and their channel; no write, no other key, no stream."""
+    rd = users["reader"]
+    real_redis.set(K.epoch, "e1")
+    assert rd.get(K.config) == b"{}" and S.get_control(rd, K) == "run" and rd.get(K.epoch) == b"e1"
+    assert W.read_latest_weights(rd, K)[0] == 1
+    ps = rd.pubsub()
+    ps.subscribe(K.weights_channel)
+    ps.close()
+    before = {k: real_redis.dump(k) for k in real_redis.scan_iter(match=K.prefix + "*")}
+    for attempt in (lambda: rd.set(K.control, "stop"), lambda: rd.hset(K.weights_latest, "version", 9),
+                    lambda: rd.xadd(K.experience("w1"), {"x": 1}), lambda: rd.hgetall(K.accounting),
+                    lambda: rd.xrange(K.experience("w1")), lambda: rd.hget(K.credit, "w1"),
+                    lambda: rd.smembers(K.roster), lambda: rd.publish(K.weights_channel, "9"),
+                    lambda: rd.get("keisei:otherrun:config"), lambda: rd.eval("return 1", 0)):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    other = rd.pubsub()
+    other.subscribe("keisei:otherrun:weights")  # the refusal comes with the reply
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        other.get_message(timeout=2)
+    assert {k: real_redis.dump(k) for k in real_redis.scan_iter(match=K.prefix + "*")} == before
+
+
 def test_learner_works_the_group_but_cannot_administer(users, make_batch, real_redis):
     lr = users["learner"]
     P.Producer(real_redis, K, "w1").send(make_batch(100, worker_id="w1"))
@@ -204,6 +229,56 @@ def test_keisei_users_creates_working_users(real_redis, redis_server, capsys):
     assert "%R~" not in capsys.readouterr().out
     for role in lines:
         real_redis.execute_command("ACL", "DELUSER", acl.username("cliusers", role))
+
+
+def test_keisei_users_gives_every_node_the_same_users(real_redis, redis_server, tmp_path, capsys):
+    """ACL users are not replicated: ``--redis`` repeated creates them on each node with the same
+    passwords; ``--role`` with ``--password`` creates one user (the reader on a host's replica)."""
+    from keisei_stream.ops.embedded_redis import start_redis
+
+    with start_redis(tmp_path / "second") as second:
+        assert main(["users", "--redis", redis_server.url, "--redis", second.url, "--run", "twice", "--workers", "1",
+                     "--url", "redis+sentinel://s1:26379,s2/keisei/0"]) == 0
+        lines = dict(line.split()[0:3:2] for line in capsys.readouterr().out.splitlines())
+        assert lines["learner"].startswith("redis+sentinel://keisei-twice-learner:") and "@s1:26379,s2/keisei/0" in lines["learner"]
+        password = lines["worker:w0"].split("@")[0].rsplit(":", 1)[1]
+        for url in (redis_server.url, second.url):
+            assert connect(acl.user_url(url, "keisei-twice-worker-w0", password)).get("keisei:twice:config") is None
+        assert main(["users", "--redis", second.url, "--run", "twice", "--role", "reader", "--password", "pw"]) == 0
+        assert connect(acl.user_url(second.url, "keisei-twice-reader", "pw")).get("keisei:twice:control") is None
+        assert main(["users", "--redis", second.url, "--run", "twice", "--role", "reader"]) == 2
+    for role in lines:
+        real_redis.execute_command("ACL", "DELUSER", acl.username("twice", role))
+
+
+def test_workers_reading_through_host_copies_get_no_weights_config_or_control_on_the_primary(
+        real_redis, redis_server, capsys, make_batch):
+    """``keisei users --host-copies``: the workers read config, control and weights on their host's
+    copy (``keisei relay``, as the reader), so their users on the primary read only the epoch and
+    the credit besides their own keys: a worker's credential cannot pull weights blobs over the
+    primary's link. Adding experience works as before."""
+    run, keys = "hcopies", Keys("hcopies")
+    assert main(["users", "--redis", redis_server.url, "--run", run, "--workers", "1", "--host-copies"]) == 0
+    lines = dict(line.split()[0:3:2] for line in capsys.readouterr().out.splitlines())
+    real_redis.set(keys.epoch, "e1")
+    W.publish_weights(real_redis, keys, 1, b"weights-v1", "float32", keep=2)
+    w = connect(lines["worker:w0"])
+    assert w.get(keys.epoch) == b"e1" and w.hget(keys.credit, "w0") is None
+    assert P.Producer(w, keys, "w0").send(make_batch(50, worker_id="w0"))
+    for attempt in (lambda: w.get(keys.config), lambda: w.get(keys.control), lambda: W.read_latest_weights(w, keys),
+                    lambda: w.get(keys.weights_blob("0" * 64))):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    ps = w.pubsub()
+    ps.subscribe(keys.weights_channel)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        ps.get_message(timeout=2)
+    w.close()
+    assert main(["users", "--rules", "--redis", "unused", "--run", run, "--worker-id", "a", "--host-copies"]) == 0
+    worker_line = next(line for line in capsys.readouterr().out.splitlines() if "keisei-hcopies-worker-a" in line)
+    assert "weights" not in worker_line and ":config" not in worker_line and ":epoch" in worker_line
+    for role in lines:
+        real_redis.execute_command("ACL", "DELUSER", acl.username(run, role))
 
 
 @pytest.mark.parametrize("version", ["6.2.14", "7.0.15", "7.2.4"])

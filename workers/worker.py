@@ -40,7 +40,7 @@ from keisei_stream.wire.atomic import EpochWatch
 from keisei_stream.wire.client import as_str, connect
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.producer import Producer
-from keisei_stream.wire.status import append_game, get_control, register_workers, write_worker_heartbeat
+from keisei_stream.wire.status import CONTROL_S, append_game, get_control, register_workers, write_worker_heartbeat
 from keisei_stream.wire.weights import WeightsError, WeightsWatcher, read_latest_weights
 
 log = logging.getLogger("keisei.worker")
@@ -94,7 +94,8 @@ class Worker:
     """Everything one worker process holds between steps (built by :meth:`start`)."""
 
     cfg: Config
-    r: redis.Redis
+    r: redis.Redis  # the primary: experience, heartbeats, game records, the epoch
+    read: redis.Redis  # config, control, weights and their announcements: the host's replica, or r
     keys: Keys
     worker_id: str
     selfplay: SelfPlay
@@ -112,9 +113,10 @@ class Worker:
 
     @classmethod
     def start(cls, cfg: Config, r: redis.Redis, keys: Keys, worker_id: str, *, games: int | None,
-              threads: int | None, seed: int | None, device: str | None = None) -> "Worker":
+              threads: int | None, seed: int | None, device: str | None = None,
+              read: redis.Redis | None = None) -> "Worker":
         """Model (random until the first weights arrive) on the worker's device, the games,
-        producer and weights watcher."""
+        producer (on ``r``) and weights watcher (on ``read``, default ``r``)."""
         torch.set_num_threads(threads or cfg.worker.threads)
         seed = cfg.run.seed + os.getpid() if seed is None else seed
         dev = pick_device(device or cfg.worker.device)
@@ -126,17 +128,19 @@ class Worker:
         log.info("worker %s: %d games on %s (%d group(s)%s), segments of %d plies sent %d plies later", worker_id,
                  selfplay.num_games, dev, len(selfplay.groups), ", overlapped" if selfplay.overlap else "",
                  cfg.worker.segment_plies, cfg.worker.lookahead_plies)
-        epoch = r.get(keys.epoch)
-        return cls(cfg=cfg, r=r, keys=keys, worker_id=worker_id, selfplay=selfplay,
-                   producer=Producer(r, keys, worker_id, cfg.stream.backoff_max_s),
-                   watcher=WeightsWatcher(r, keys, cfg.stream.weights_poll_s),
-                   epoch=EpochWatch(None if epoch is None else as_str(epoch)))
+        raw = r.get(keys.epoch)
+        epoch = EpochWatch(None if raw is None else as_str(raw))
+        read = r if read is None else read
+        return cls(cfg=cfg, r=r, read=read, keys=keys, worker_id=worker_id, selfplay=selfplay,
+                   producer=Producer(r, keys, worker_id, cfg.stream.backoff_max_s, epoch=epoch),
+                   watcher=WeightsWatcher(read, keys, cfg.stream.weights_poll_s), epoch=epoch)
 
     def read_control(self) -> str:
-        """``run`` / ``pause`` / ``stop``, read from Redis at most every 0.25 s."""
+        """``run`` / ``pause`` / ``stop``, read at most every
+        :data:`keisei_stream.wire.status.CONTROL_S` seconds."""
         now = time.monotonic()
-        if now - self.control_checked > 0.25:
-            self.control, self.control_checked = get_control(self.r, self.keys), now
+        if now - self.control_checked > CONTROL_S:
+            self.control, self.control_checked = get_control(self.read, self.keys), now
         return self.control
 
     def wait_for_weights(self, stop: retry.StopFlag) -> bool:
@@ -156,7 +160,7 @@ class Worker:
         if announced is None or announced <= self.version:
             return
         try:
-            latest = read_latest_weights(self.r, self.keys)
+            latest = read_latest_weights(self.read, self.keys)
             if latest is None or latest[0] <= self.version:
                 return
             load_weights_bytes(self.selfplay.model, latest[2])
@@ -222,12 +226,20 @@ class Worker:
     def check_server(self) -> None:
         """After an outage (:class:`~keisei_stream.wire.atomic.EpochWatch`): a missing or changed
         ``epoch`` key means Redis restarted without the run's data (the learner records the loss
-        and re-publishes); the worker keeps playing with its weights and counts the restart."""
+        and re-publishes); the worker keeps playing with its weights and counts the restart. With
+        the epoch intact the server may be a promoted replica lacking the last adds the old
+        primary acknowledged: the producer compares its record with what it wrote and counts
+        them as lost (:meth:`keisei_stream.wire.producer.Producer.reconcile`)."""
         if self.epoch.changed(self.r, self.keys):
             self.stats.server_restarts += 1
             log.error("worker %s: Redis lost the run's data (epoch %s -> %s); playing on with version %d",
                       self.worker_id, self.epoch.epoch, self.epoch.found, self.version)
             self.epoch.epoch = self.epoch.found
+        elif self.epoch.looked:
+            lost = retry.best_effort("failover check", self.producer.reconcile)
+            if lost:
+                log.error("worker %s: the server lacks %d positions it had acknowledged (a failover): counted as "
+                          "lost in the worker's record", self.worker_id, lost)
 
     def heartbeat(self, state: str, force: bool = False) -> None:
         """Write the heartbeat hash, at most every ``stream.heartbeat_s`` unless ``force``."""
@@ -242,6 +254,7 @@ class Worker:
                   "positions_per_s": round(st.positions_per_s, 1), "backpressure_s": round(st.backpressure_s, 2),
                   "oom_waits": self.producer.oom_waits, "discarded_positions": st.discarded_positions,
                   "credit": self.producer.last_credit, "adds_refused": self.producer.refused,
+                  "lost_positions": self.producer.lost_positions,
                   "games_not_recorded": st.games_not_recorded, "server_restarts": st.server_restarts, "games_at_once": self.selfplay.num_games,
                   "last_seen": round(time.time(), 3), **retry.OUTAGES.fields()}
         retry.best_effort("heartbeat", write_worker_heartbeat, self.r, self.keys, self.worker_id, fields,
@@ -273,6 +286,7 @@ def run_worker(
     seed: int | None = None,
     device: str | None = None,
     max_batches: int | None = None,
+    read_url: str | None = None,
 ) -> WorkerStats:
     """Run one self-play worker until control says ``stop``, a signal arrives or ``max_batches``.
 
@@ -287,6 +301,10 @@ def run_worker(
         device: where the forward pass runs (default: ``worker.device``; ``auto``, ``cpu``,
             ``cuda``, ``cuda:N``).
         max_batches: stop after sending this many batches (tests, benchmarks).
+        read_url: where to read the config, ``control`` and the weights and hear their
+            announcements: the host's read-only copy of the run (``keisei relay``'s socket, or a
+            replica of the primary), so that a host fetches each version once; None: ``redis_url``.
+            Everything the worker writes goes to ``redis_url``.
 
     Returns:
         The final :class:`WorkerStats`.
@@ -295,15 +313,16 @@ def run_worker(
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     keys = Keys(run_id)
     r = connect(redis_url)
+    read = connect(read_url) if read_url else r
     log.info("worker %s: waiting for the run config at %s", worker_id, keys.config)
     try:  # a worker user may not (it was put on the roster with its user); an admin URL may
         register_workers(r, keys, [worker_id])
     except NoPermissionError:
         pass
-    cfg = wait_for_config(r, keys, stop)
+    cfg = wait_for_config(read, keys, stop)
     if cfg is None:
         return WorkerStats()
-    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed, device=device)
+    w = Worker.start(cfg, r, keys, worker_id, games=games, threads=threads, seed=seed, device=device, read=read)
     if not w.wait_for_weights(stop):
         return w.stats
 

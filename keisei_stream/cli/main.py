@@ -10,6 +10,7 @@
 - ``keisei games`` (:mod:`keisei_stream.cli.games`): export, show or list recorded games (from
   the ``games`` stream and the run's archive on disk);
 - ``keisei users`` (:mod:`keisei_stream.cli.users`): the run's least-privilege Redis users;
+- ``keisei relay`` (:mod:`keisei_stream.cli.relay`): a host's read-only copy of a run for its workers;
 - ``keisei plot`` (:mod:`keisei_stream.cli.plot`): a run's learning curve and Elo over versions.
 
 Each command module has ``command(args) -> int`` (the exit code).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 
 #: ``keisei games export --format`` choices: the keys of ``keisei_stream.play.records.FORMATS``
@@ -213,18 +215,46 @@ examples:
     pp.add_argument("--note", default="", help="a second title line (e.g. what run, machine, date and commit)")
 
     pa = sub.add_parser("users", help="create the run's least-privilege Redis users (learner, evaluator, monitor, "
-                        "one per worker) on a server and print their URLs")
-    pa.add_argument("--redis", required=True, help="URL of a user allowed to run ACL SETUSER (the server's admin)")
+                        "reader, one per worker) on a server and print their URLs")
+    pa.add_argument("--redis", required=True, action="append", help="URL of a user allowed to run ACL SETUSER (the "
+                    "server's admin); repeat it for every node of the run (replicas, a Sentinel group's other nodes: "
+                    "ACL users are not replicated): the users get the same passwords on each")
     pa.add_argument("--run", required=True, help="run id")
-    pa.add_argument("--url", default=None, help="the URL the processes will use (default: --redis without its user)")
+    pa.add_argument("--url", default=None, help="the URL the processes will use (default: the first --redis without its "
+                    "user; e.g. redis+sentinel://s1:26379,s2:26379,s3:26379/SERVICE/0 for a Sentinel group)")
     pa.add_argument("--workers", type=int, default=0, help="also create one user for each of the worker ids "
                     "w0 .. w{N-1} (the ids keisei run gives; python -m workers --id ID must use its user's id)")
     pa.add_argument("--worker-id", dest="worker_ids", action="append", default=[], metavar="ID",
                     help="also create a user for this worker id (repeatable)")
+    pa.add_argument("--role", default=None, metavar="ROLE",
+                    help="create only this role's user (learner, evaluator, monitor, reader or worker:ID) with "
+                    "--password: the same user on a host's replica (ACL users are not replicated)")
+    pa.add_argument("--password", default=os.environ.get("KEISEI_USER_PASSWORD"),
+                    help="with --role: its password (default: the environment variable KEISEI_USER_PASSWORD)")
+    pa.add_argument("--host-copies", action="store_true",
+                    help="the workers read config, control and weights from their host's copy of the run (keisei "
+                    "relay, or a replica as the reader): their users here get no read of those keys")
     pa.add_argument("--rules", action="store_true", help="only print the ACL SETUSER rules (for redis-cli); "
                     "connect to nothing")
     pa.add_argument("--server-version", default=None, metavar="X.Y",
                     help="with --rules: the rules for this server version (default: 7.2, the newest rules)")
+
+    pl = sub.add_parser("relay", help="keep this host's read-only copy of a run (weights, config, control) for the "
+                        "host's workers: each version crosses the network once per host",
+                        description="Start a private Redis on a unix socket on this host and copy into it, from the "
+                        "run's primary, each new weights version (SHA-256 checked), the config and the control key; "
+                        "the host's workers read there (python -m workers --read-redis URL, printed at the start) and "
+                        "write to the primary. Runs until SIGTERM/Ctrl-C (docs/scaling.md, \"Many hosts\").")
+    pl.add_argument("--redis", default=os.environ.get("KEISEI_REDIS"), required="KEISEI_REDIS" not in os.environ,
+                    help="the run's primary as its reader user: redis://keisei-RUN-reader:PW@host:6379/0 or "
+                    "redis+sentinel://keisei-RUN-reader:PW@s1:26379,s2:26379/SERVICE/0 (default: the environment "
+                    "variable KEISEI_REDIS)")
+    pl.add_argument("--run", required=True, help="run id")
+    pl.add_argument("--socket", required=True, help="unix socket of this host's copy (e.g. /run/keisei/RUN.sock)")
+    pl.add_argument("--dir", default=None, help="directory of its log (default: the socket's)")
+    pl.add_argument("--maxmemory", default="0", help="maxmemory of this host's copy (default 0: no limit; it holds two "
+                    "weights blobs and a few small keys)")
+    pl.add_argument("--log-level", default="INFO")
     return p
 
 

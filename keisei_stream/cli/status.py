@@ -88,13 +88,17 @@ def per_worker(r, keys: Keys, roster: list[str], stream: dict) -> dict[str, dict
     entries it may hold, None when none is published), ``stream_entries`` (its stream's XLEN),
     its accounting (:func:`keisei_stream.wire.status.read_worker_accounting`: produced, trained,
     stale, rejected, duplicate, unsettled...) and the ``confined`` counters (what its credential
-    did to its own keys, :data:`keisei_stream.wire.keys.CONFINED_FIELDS`)."""
-    acc, credit, confined = status.read_worker_accounting(r, keys), status.read_credit(r, keys), status.read_confined(r, keys)
+    did to its own keys, :data:`keisei_stream.wire.keys.CONFINED_FIELDS`), and ``lost_reason``
+    (why its last failover-lost adds were counted, from its record; empty when none)."""
+    producers = status.read_producers(r, keys)
+    acc = status.read_worker_accounting(r, keys, producers)
+    credit, confined = status.read_credit(r, keys), status.read_confined(r, keys)
     out = {}
     for w in sorted(set(roster) | set(acc) | set(confined)):
         out[w] = {"in_roster": w in roster, "credit": credit.get(w),
                   "stream_entries": stream.get("workers", {}).get(w, {}).get("length"),
-                  **acc.get(w, {}), **confined.get(w, dict.fromkeys(CONFINED_FIELDS, 0))}
+                  **acc.get(w, {}), **confined.get(w, dict.fromkeys(CONFINED_FIELDS, 0)),
+                  "lost_reason": producers.get(w, {}).get("lost_reason", "")}
     return out
 
 
@@ -138,14 +142,24 @@ def render_status(st: dict, stopped: bool = False) -> Group:
     a = st["accounting"]
     at = Table(title="stream and position accounting", title_justify="left")
     for col in ("entries", "backlog", "pending", "dead-letter", "produced", "trained", "stale",
-                "rejected", "duplicate", "not yet settled", "discarded at stop"):
+                "rejected", "duplicate", "not yet settled", "discarded at stop", "lost in failovers"):
         at.add_column(col, justify="right")
     at.add_row(str(s.get("length", "-")), str(s.get("backlog", "-")), str(s.get("pending", "-")),
                str(s.get("deadletter", "-")), str(a.get("produced_positions", 0)), str(a.get("trained_positions", 0)),
                str(a.get("stale_positions", 0)), str(a.get("rejected_positions", 0)),
                str(a.get("duplicate_positions", 0)), str(st["unsettled_positions"]),
-               str(a.get("worker_discarded_positions", 0)))
+               str(a.get("worker_discarded_positions", 0)), str(a.get("worker_lost_positions", 0)))
     parts = [wt, lt, at, _per_worker_table(st.get("per_worker") or {})]
+    lost = {w: d for w, d in (st.get("per_worker") or {}).items() if d.get("worker_lost_positions")}
+    if lost:  # the workers told these adds went in; the old primary never replicated them
+        lt2 = Table(title="adds lost in failovers (acknowledged by the old primary, never replicated), per worker",
+                    title_justify="left")
+        for col in ("worker", "positions", "batches", "reason (the last)"):
+            lt2.add_column(col, justify="left" if col in ("worker", "reason (the last)") else "right")
+        for w, d in lost.items():
+            lt2.add_row(w, str(d["worker_lost_positions"]), str(d.get("worker_lost_batches", 0)),
+                        str(d.get("lost_reason", "")))
+        parts.append(lt2)
     bn = st.get("bottleneck") if not stopped and st.get("control") != "stop" else None
     if bn:
         parts.append(Text(f"bottleneck: {bn['line']}" + (f" -> {bn['knob']}" if bn["limit"] in ("learner", "workers")
@@ -162,14 +176,16 @@ def render_status(st: dict, stopped: bool = False) -> Group:
         parts.append(f"Redis outages seen by the learner: {ln.get('redis_outages')} "
                      f"({float(ln.get('redis_outage_s', 0)):.1f} s in all)")
     if st.get("losses"):
-        ls = Table(title="data lost to Redis restarts (losses stream)", title_justify="left")
-        for col in ("time", "detected by", "version", "unread positions lost", "held positions kept", "new epoch"):
+        ls = Table(title="data lost to Redis restarts and failovers (losses stream)", title_justify="left")
+        for col in ("time", "kind", "detected by", "version", "unread positions lost", "held positions kept",
+                    "new epoch"):
             ls.add_column(col, justify="right")
-        for e in st["losses"]:
+        for e in st["losses"]:  # a failover's entry (kind failover): the positions the new primary lacks
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e.get("time", 0) or 0)))
-            ls.add_row(when, str(e.get("detected_by", "")), str(e.get("version", "")),
-                       str(e.get("unread_positions_lost", "")), str(e.get("held_positions_kept", "")),
-                       str(e.get("new_epoch", "")))
+            ls.add_row(when, e.get("kind", "restart"), str(e.get("detected_by", "")),
+                       str(e.get("version", e.get("version_held", ""))),
+                       str(e.get("unread_positions_lost", e.get("produced_positions_missing", ""))),
+                       str(e.get("held_positions_kept", "")), str(e.get("new_epoch", "")))
         parts.append(ls)
     if st.get("rating"):
         rt = Table(title="latest rating (random mover = 0)", title_justify="left")

@@ -20,6 +20,13 @@ Users are named ``keisei-{run}-{role}`` and ``keisei-{run}-worker-{id}``:
   ``CONFIG``, ``ACL``, ``KEYS``, ``SHUTDOWN``...).
 * ``evaluator``: reads the run's keys, writes the ``eval`` stream and the Elo table.
 * ``monitor``: read-only on the run's keys (``keisei status``).
+* ``reader``: what a host's read-only copy of the run serves its workers, and nothing else: ``GET``
+  ``config``, ``control``, ``epoch``, the weights (``weights:latest``, the blobs), and ``SUBSCRIBE``
+  to the weights channel. ``keisei relay`` uses it on the primary to fetch each version once for
+  its host, and creates the same user (same password) on the host's own server, where the host's
+  workers read with it (``python -m workers --read-redis``). ACL users are not replicated: on a
+  replica used the same way (``replicaof`` the primary) create it too (``keisei users --redis
+  REPLICA_ADMIN_URL --role reader --password PW``).
 
 What a worker's credential can still do, all to its own keys (Redis ACLs cannot restrict a
 command's arguments): ``XADD ... MAXLEN 0`` on its own stream trims its own unread positions
@@ -46,11 +53,13 @@ import re
 import secrets
 from typing import Any, Iterable
 
-from keisei_stream.ops.compat import LATEST, ServerInfo, server_info
+from keisei_stream.ops.compat import LATEST, ServerInfo, require_supported, server_info
+from keisei_stream.wire.client import as_str
 from keisei_stream.wire.keys import Keys
+from keisei_stream.wire.status import register_workers
 
 #: The shared roles; workers get a user each (:func:`worker_role`).
-ROLES = ("learner", "evaluator", "monitor")
+ROLES = ("learner", "evaluator", "monitor", "reader")
 _WORKER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # goes into a user name and a URL's userinfo
 
 
@@ -110,9 +119,13 @@ def _connection(server: ServerInfo) -> list[str]:
     return rules
 
 
-def role_rules(keys: Keys, role: str, server: ServerInfo = LATEST) -> list[str]:
+def role_rules(keys: Keys, role: str, server: ServerInfo = LATEST, host_copies: bool = False) -> list[str]:
     """The ``ACL SETUSER`` rules (without ``on`` and the password) of ``role`` (one of
-    :data:`ROLES`, or ``worker:{id}``) for the run of ``keys`` on ``server``.
+    :data:`ROLES`, or ``worker:{id}``) for the run of ``keys`` on ``server``. With
+    ``host_copies`` a worker reads ``config``, ``control`` and the weights (and hears their
+    channel) on its host's copy of the run (``keisei relay``, or a replica, as the ``reader``),
+    so its user here gets none of them: only ``epoch`` and ``credit`` besides its own keys (its
+    credential then cannot fetch weights blobs over the primary's link).
 
     Raises:
         ValueError: unknown role or bad worker id.
@@ -122,10 +135,10 @@ def role_rules(keys: Keys, role: str, server: ServerInfo = LATEST) -> list[str]:
     ro = "%R~" if server.read_only_selectors else "~"  # 6.2: no read-only selectors (module doc)
     base = ["resetkeys", "resetchannels", "-@all"]
     if kind == "worker":
+        served = [] if host_copies else [f"{ro}{keys.config}", f"{ro}{keys.control}", f"{ro}{p}weights:*",
+                                         f"&{keys.weights_channel}"]
         return [*base, *_connection(server), *WORKER_COMMANDS,
-                *(f"~{k}" for k in worker_keys(keys, wid)),
-                f"{ro}{keys.config}", f"{ro}{keys.control}", f"{ro}{keys.epoch}", f"{ro}{keys.credit}",
-                f"{ro}{p}weights:*", f"&{keys.weights_channel}"]
+                *(f"~{k}" for k in worker_keys(keys, wid)), f"{ro}{keys.epoch}", f"{ro}{keys.credit}", *served]
     if kind == "learner":
         return [*base, "+@read", "+@write", "+@stream", "+@hash", "+@string", "+@keyspace", "+@pubsub",
                 "+@scripting", "+@transaction", "+@connection", "-@dangerous", "-@admin", *_connection(server),
@@ -134,11 +147,15 @@ def role_rules(keys: Keys, role: str, server: ServerInfo = LATEST) -> list[str]:
         return [*base, "+@read", "+@connection", "+xadd", "+hset", "+set", "+subscribe", "+unsubscribe",
                 "-@dangerous", *_connection(server), f"{ro}{p}*", f"~{keys.eval}", f"~{p}elo*",
                 f"&{keys.weights_channel}"]
+    if kind == "reader":
+        return [*base, *_connection(server), "+get", "+hget", "+hgetall", "+subscribe", "+unsubscribe",
+                f"{ro}{keys.config}", f"{ro}{keys.control}", f"{ro}{keys.epoch}", f"{ro}{p}weights:*",
+                f"&{keys.weights_channel}"]
     return [*base, "+@read", "+@connection", "-@dangerous", *_connection(server), f"{ro}{p}*"]  # monitor
 
 
 def create_users(r: Any, run: str, workers: Iterable[str] = (), passwords: dict[str, str] | None = None,
-                 server: ServerInfo | None = None) -> dict[str, str]:
+                 server: ServerInfo | None = None, host_copies: bool = False) -> dict[str, str]:
     """Create (or reset) the run's users on the server of ``r``: the :data:`ROLES` and one user
     per worker id in ``workers``.
 
@@ -149,6 +166,7 @@ def create_users(r: Any, run: str, workers: Iterable[str] = (), passwords: dict[
         passwords: role -> password; roles missing from it get a fresh random password
             (32 hex characters from :mod:`secrets`).
         server: the server's version (rules differ, see the module doc); None: asked with ``INFO``.
+        host_copies: the workers read through their hosts' copies (:func:`role_rules`).
 
     Returns:
         role -> password, for every role in :data:`ROLES` and ``worker:{id}`` per worker.
@@ -158,15 +176,64 @@ def create_users(r: Any, run: str, workers: Iterable[str] = (), passwords: dict[
         redis.exceptions.ResponseError: the server refused a rule.
     """
     server = server or server_info(r)
-    keys = Keys(run)
     roles = [*ROLES, *(worker_role(w) for w in workers)]
     out: dict[str, str] = {}
     for role in roles:
-        password = (passwords or {}).get(role) or secrets.token_hex(16)
-        r.execute_command("ACL", "SETUSER", username(run, role), "reset", "on", f">{password}",
-                          *role_rules(keys, role, server))
-        out[role] = password
+        out[role] = create_user(r, run, role, (passwords or {}).get(role) or secrets.token_hex(16), server,
+                                host_copies)
     return out
+
+
+def create_user(r: Any, run: str, role: str, password: str, server: ServerInfo, host_copies: bool = False) -> str:
+    """Create (or reset) the user of one ``role`` of the run with ``password`` on the server of
+    ``r`` (e.g. the ``reader`` on a host's replica, with the primary's password: ACL users are
+    not replicated); returns the password. ``host_copies``: :func:`role_rules`.
+
+    Raises:
+        ValueError: unknown role or bad worker id.
+        redis.exceptions.ResponseError: the server refused a rule.
+    """
+    r.execute_command("ACL", "SETUSER", username(run, role), "reset", "on", f">{password}",
+                      *role_rules(Keys(run), role, server, host_copies))
+    return password
+
+
+def create_on_nodes(clients: Iterable[Any], run: str, workers: Iterable[str] = (),
+                    passwords: dict[str, str] | None = None, role: str | None = None,
+                    host_copies: bool = False) -> dict[str, str]:
+    """What ``keisei users`` does on a run's nodes: on every server of ``clients`` (admins; the
+    primary, its replicas, a Sentinel group's other nodes: ACL users are not replicated) the
+    server's version is checked and the run's users are created with the same passwords
+    (:func:`create_users`; with ``role``, that one user only, its password from ``passwords``);
+    the workers (or ``role``'s worker) go on the run's roster on each server that is a primary
+    (``ROLE``: a replica receives the roster by replication).
+
+    Returns:
+        role -> password.
+
+    Raises:
+        keisei_stream.ops.compat.UnsupportedServer: a server older than the minimum.
+        ValueError: a bad worker id or role, or ``role`` without its password.
+        redis.exceptions.ResponseError: a server refused a rule.
+    """
+    workers = list(workers)
+    if role is not None:
+        _split(role)
+        if not (passwords or {}).get(role):
+            raise ValueError(f"the role {role} needs its password (the one it has on the primary)")
+        roster = [role[len("worker:"):]] if role.startswith("worker:") else []
+    else:
+        roster = workers
+    out = dict(passwords or {})
+    for r in clients:
+        server = require_supported(r)
+        if role is not None:
+            create_user(r, run, role, out[role], server, host_copies)
+        else:
+            out = create_users(r, run, workers, out, server, host_copies)
+        if roster and as_str(r.execute_command("ROLE")[0]) == "master":
+            register_workers(r, Keys(run), roster)
+    return {role: out[role]} if role is not None else out
 
 
 def strip_user(url: str) -> str:

@@ -27,10 +27,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 
 _PR_SET_PDEATHSIG = 1
@@ -151,11 +154,29 @@ APPENDFSYNC = ("always", "everysec", "no")
 
 #: Redis's smallest allowed ``proto-max-bulk-len`` and ``client-query-buffer-limit`` (1 MiB).
 MIN_REQUEST_LIMIT = 1 << 20
+#: Margin of :func:`request_limit_for` over the largest honest request.
+REQUEST_MARGIN = 2
+
+
+def request_limit_for(largest: int) -> int:
+    """``proto-max-bulk-len`` for a server whose largest honest request argument is ``largest``
+    bytes: :data:`REQUEST_MARGIN` times it, rounded up to a MiB, at least :data:`MIN_REQUEST_LIMIT`."""
+    mib = MIN_REQUEST_LIMIT
+    return max(mib, -(-REQUEST_MARGIN * int(largest) // mib) * mib)
+
+
+def request_limits(max_request_bytes: int) -> dict[str, int]:
+    """The server settings of ``max_request_bytes`` (:func:`start_redis`): ``proto-max-bulk-len``
+    (at least :data:`MIN_REQUEST_LIMIT`) and ``client-query-buffer-limit`` (twice it, a whole
+    pipelined request); both can also be set on a running server (``CONFIG SET``)."""
+    bulk = max(MIN_REQUEST_LIMIT, int(max_request_bytes))
+    return {"proto-max-bulk-len": bulk, "client-query-buffer-limit": 2 * bulk}
 
 
 def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float = 15.0,
                 appendonly: bool = False, appendfsync: str = "everysec",
-                socket_path: Path | str | None = None, max_request_bytes: int | None = None) -> RedisServer:
+                socket_path: Path | str | None = None, max_request_bytes: int | None = None,
+                extra_args: Sequence[str] = (), prefix: Sequence[str] = ()) -> RedisServer:
     """Start a private server with its socket at ``run_dir/redis.sock`` (log: ``run_dir/redis.log``).
 
     Args:
@@ -174,6 +195,12 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
         max_request_bytes: ``proto-max-bulk-len`` (the largest argument of a command) in bytes, and
             ``client-query-buffer-limit`` twice that (a whole pipelined request); at least
             :data:`MIN_REQUEST_LIMIT`. None: the server's defaults (512 MB and 1 GB).
+        extra_args: more ``--name value`` options, after the ones above (a later option wins:
+            ``("--port", "6379", "--bind", "10.0.0.1", "--requirepass", PW)`` adds a TCP listener
+            with a password; the socket stays, and the start waits for its PING, answered
+            ``NOAUTH`` or not).
+        prefix: a command the server is started under (``("ip", "netns", "exec", NAME)``: in a
+            network namespace, as ``benchmarks/fleet.py`` does).
 
     Returns:
         A :class:`RedisServer`; use it as a context manager or call ``stop()``.
@@ -186,13 +213,7 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
         raise ValueError(f"appendfsync must be one of {APPENDFSYNC}, got {appendfsync!r}")
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmpdir = None
-    sock = run_dir / "redis.sock"
-    if socket_path is not None:
-        sock = Path(socket_path)
-    elif len(str(sock)) > _MAX_UNIX_PATH:
-        tmpdir = tempfile.mkdtemp(prefix="keisei-redis-")
-        sock = Path(tmpdir) / "redis.sock"
+    sock, tmpdir = (Path(socket_path), None) if socket_path is not None else _socket_in(run_dir, "redis.sock")
     if sock.exists():
         sock.unlink()
     log_path = run_dir / "redis.log"
@@ -212,10 +233,65 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
         "--databases", "16",
     ]
     if max_request_bytes is not None:
-        bulk = max(MIN_REQUEST_LIMIT, int(max_request_bytes))
-        args += ["--proto-max-bulk-len", str(bulk), "--client-query-buffer-limit", str(2 * bulk)]
+        args += [x for k, v in request_limits(max_request_bytes).items() for x in (f"--{k}", str(v))]
+    args += extra_args
+    return _start(args, sock, run_dir, log_path, tmpdir, timeout, prefix)
+
+
+def start_sentinel(run_dir: Path | str, service: str, primary: tuple[str, int], *, port: int, bind: str,
+                   quorum: int = 2, auth_user: str | None = None, auth_pass: str | None = None,
+                   down_after_ms: int = 2000, failover_timeout_ms: int = 10_000, timeout: float = 15.0,
+                   prefix: Sequence[str] = ()) -> RedisServer:
+    """Start a Redis Sentinel (``redis-server --sentinel``, the same binary; Debian's
+    ``redis-sentinel`` is a link to it) watching ``primary`` as ``service``: its config file,
+    log and unix socket in ``run_dir`` (which it rewrites as it learns the replicas and the other
+    Sentinels), TCP on ``bind:port`` for the clients and the other Sentinels.
+
+    Args:
+        quorum: Sentinels that must agree the primary is down before a failover.
+        auth_user, auth_pass: the user the Sentinel logs in to the primary and its replicas as
+            (``sentinel auth-user`` / ``auth-pass``; a user needing ``+@admin``-level commands such
+            as ``REPLICAOF``/``CONFIG``/``SLAVEOF``, ``+ping +info +publish +subscribe +client``
+            ...: the servers' admin is simplest).
+        down_after_ms: silence after which a Sentinel calls the primary down (``down-after-milliseconds``).
+        failover_timeout_ms: ``failover-timeout`` (also the least time between two failovers).
+        prefix: as in :func:`start_redis`.
+
+    Raises:
+        RedisStartError: as :func:`start_redis`.
+    """
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (sock, tmpdir), log_path = _socket_in(run_dir, "sentinel.sock"), run_dir / "sentinel.log"
+    lines = [f"port {port}", f"bind {bind}", f"unixsocket {sock}", "unixsocketperm 700", f"dir {run_dir}",
+             f"logfile {log_path}", f"sentinel monitor {service} {primary[0]} {primary[1]} {quorum}",
+             f"sentinel down-after-milliseconds {service} {down_after_ms}",
+             f"sentinel failover-timeout {service} {failover_timeout_ms}", f"sentinel parallel-syncs {service} 1"]
+    if auth_user:
+        lines.append(f"sentinel auth-user {service} {auth_user}")
+    if auth_pass:
+        lines.append(f"sentinel auth-pass {service} {auth_pass}")
+    conf = run_dir / "sentinel.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    conf.chmod(0o600)
+    return _start([find_server_binary(), str(conf), "--sentinel"], sock, run_dir, log_path, tmpdir, timeout, prefix)
+
+
+def _socket_in(run_dir: Path, name: str) -> tuple[Path, str | None]:
+    """``run_dir/name``, or, when that path is too long for a unix socket (~100 bytes), the same
+    name in a new temporary directory (returned second, for ``stop()`` to remove)."""
+    sock = run_dir / name
+    if len(str(sock)) <= _MAX_UNIX_PATH:
+        return sock, None
+    tmpdir = tempfile.mkdtemp(prefix="keisei-redis-")
+    return Path(tmpdir) / name, tmpdir
+
+
+def _start(args: list[str], sock: Path, run_dir: Path, log_path: Path, tmpdir: str | None, timeout: float,
+           prefix: Sequence[str]) -> RedisServer:
+    """Start ``args`` (under ``prefix``) and wait until it answers PING on ``sock``."""
     proc = subprocess.Popen(
-        args,
+        [*prefix, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -231,12 +307,15 @@ def start_redis(run_dir: Path | str, maxmemory: str = "1gb", *, timeout: float =
             raise RedisStartError(f"server exited with {proc.returncode} at start: {_log_tail(log_path)}")
         if sock.exists():
             try:
-                client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2)
+                client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2, socket_connect_timeout=2,
+                                     retry=Retry(NoBackoff(), 0))  # (redis-py retries an answer of NOAUTH for s)
                 try:
                     if client.ping():
                         return server
                 finally:
                     client.close()
+            except (redis.AuthenticationError, redis.ResponseError):  # NOAUTH: up, with a password
+                return server
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 pass
         if time.monotonic() > deadline:

@@ -25,14 +25,10 @@ from keisei_stream.wire.status import register_workers
 USERS_FILE = "redis-users.json"
 
 
-#: Margin of :func:`request_limit` over the largest honest request.
-REQUEST_MARGIN = 2
-
-
 def request_limit(cfg: Config) -> int:
     """The ``proto-max-bulk-len`` of the run's private server (``client-query-buffer-limit`` is
-    twice it), in bytes: :data:`REQUEST_MARGIN` times the largest honest request, rounded up to
-    a MiB (at least 1 MiB, Redis's minimum). The largest requests are a worker's entry of at most
+    twice it), in bytes: :func:`keisei_stream.ops.embedded_redis.request_limit_for` the largest
+    honest request (twice it, rounded up to a MiB, at least 1 MiB, Redis's minimum). The largest requests are a worker's entry of at most
     ``stream.batch_positions + worker.segment_plies + worker.lookahead_plies`` positions (a worker
     sends once it holds ``batch_positions``, in whole segments of at most ``segment_plies +
     lookahead_plies`` positions; :func:`keisei_stream.wire.codec.max_entry_bytes`) and the
@@ -43,8 +39,7 @@ def request_limit(cfg: Config) -> int:
 
     positions = cfg.stream.batch_positions + cfg.worker.segment_plies + cfg.worker.lookahead_plies
     largest = max(codec.max_entry_bytes(positions), weights_bytes_bound(cfg.model, cfg.stream.weights_dtype))
-    mib = embedded_redis.MIN_REQUEST_LIMIT
-    return max(mib, -(-REQUEST_MARGIN * largest // mib) * mib)
+    return embedded_redis.request_limit_for(largest)
 
 
 def gpu_count() -> int:
@@ -116,7 +111,7 @@ class RunRedis:
                                                  max_request_bytes=self.max_request_bytes)
         self.server._tmpdir, old._tmpdir = old._tmpdir, None  # the same socket (a short path) goes on
         _create_users(self.server.url, self.run_id, [r[len("worker:"):] for r in self.passwords
-                                                      if r.startswith("worker:")], self.passwords, self.info)
+                                                      if r.startswith("worker:")], self.passwords)
 
     def stop(self) -> bool:
         """Stop the private server (SIGTERM, SIGKILL after a grace period); True when it had to be
@@ -124,14 +119,12 @@ class RunRedis:
         return self.server is not None and self.server.stop()
 
 
-def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None,
-                  server: compat.ServerInfo) -> dict[str, str]:
-    """The run's users (:func:`keisei_stream.ops.acl.create_users`), and its workers on the roster."""
+def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None) -> dict[str, str]:
+    """The run's users, and its workers on the roster (:func:`keisei_stream.ops.acl.create_on_nodes`,
+    as ``keisei users`` makes them)."""
     admin = client.connect(url)
     try:
-        out = acl.create_users(admin, run_id, workers, passwords, server)
-        register_workers(admin, Keys(run_id), workers)
-        return out
+        return acl.create_on_nodes([admin], run_id, workers, passwords)
     finally:
         admin.close()
 
@@ -172,7 +165,7 @@ def start_private_redis(run_dir: Path, run_id: str, workers: list[str], *, resum
                                         max_request_bytes=max_request_bytes)
     try:
         info = check_server(server.url)
-        passwords = _create_users(server.url, run_id, workers, None, info)
+        passwords = _create_users(server.url, run_id, workers, None)
     except BaseException:
         server.stop()
         raise

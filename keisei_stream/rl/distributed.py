@@ -38,10 +38,16 @@ def init_from_env(device: torch.device, timeout_s: float) -> torch.device:
         The device this rank trains on.
 
     Raises:
-        RuntimeError / ValueError: from ``torch.distributed.init_process_group`` (no rendezvous).
+        RuntimeError: ranks on several nodes with torchrun's store shared across restarts (start
+            torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, see below); or from
+            ``torch.distributed.init_process_group`` (no rendezvous; also ValueError).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared_store and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("learner ranks on several nodes: start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                           "in its environment (a fresh store for every restart of the group; docs/scaling.md)")
     _die_with_agent()
     global _RANK_DEVICE
     if device.type == "cuda":
@@ -50,10 +56,15 @@ def init_from_env(device: torch.device, timeout_s: float) -> torch.device:
         _RANK_DEVICE = device
     timeout = datetime.timedelta(seconds=timeout_s)
     store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
-    # A group restarted by torchrun must not read the addresses its dead predecessor left in the
-    # store (seen: the new rank 1 connecting to the old rank 0's port and failing), so every
-    # attempt uses keys of its own.
-    store = dist.PrefixStore(f"keisei/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    if shared_store:
+        # The store of torchrun's agent outlives a restart of the group: the new ranks must not
+        # read the addresses their dead predecessors left there (seen: the new rank 1 connecting
+        # to the old rank 0's port and failing), so every attempt uses keys of its own. This
+        # needs every rank to count the same restarts: true of one agent (one node), not of
+        # several (an agent restarted for a failure counts it, one restarted because another
+        # node rejoined does not; the ranks then wait for each other under different keys), so
+        # several nodes take a store of the round's rank 0 instead, new at every restart (above).
+        store = dist.PrefixStore(f"keisei/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank_,
                             world_size=world, timeout=timeout)
     return device

@@ -13,6 +13,7 @@ or on Redis 6.2, which has no script flags, opened by a write that a full server
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from . import retry
 from .client import as_str
 from .keys import Keys
 from .retry import is_oom, wait_for_room
+
+log = logging.getLogger("keisei.redis")
 
 # Runs the commands given in ARGV[2:] (each as: argument count, command, arguments...) atomically,
 # but only while the run's epoch (KEYS[1]) is still ARGV[1] ('' = not checked): acknowledgements and
@@ -71,10 +74,41 @@ class EpochChanged(RuntimeError):
     """The server no longer holds the run's epoch: it restarted without the run's data."""
 
 
-def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None) -> None:
+#: Longest ``WAIT`` (ms) while replicas fall short (:class:`ReplicationShortfalls`).
+SHORT_WAIT_MS = 10
+
+
+@dataclass
+class ReplicationShortfalls:
+    """Process-wide count of :func:`run_atomic` calls whose ``WAIT`` timed out before enough
+    replicas held the writes (they were acknowledged by the primary alone: a failover in that
+    window may lose them).
+
+    After a shortfall the next ``WAIT`` s last at most :data:`SHORT_WAIT_MS` (``short``), until one
+    is met again: with its replica gone (the standby promoted after a failover, before another
+    replica joins) every ``WAIT`` would last its whole timeout and slow every acknowledgement and
+    publication down for nothing. One line is logged when it starts and one when it ends."""
+
+    count: int = 0
+    short: bool = False
+
+
+UNREPLICATED = ReplicationShortfalls()
+
+
+def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None,
+               wait: tuple[int, int] | None = None) -> int | None:
     """Run ``cmds`` (tuples: command, arguments; or ``("ACK_COUNTED", stream, group, accounting,
     id, trained, stale, suffix)``, see above) atomically in one script, only while the run's
     ``epoch`` key still holds ``epoch`` (None: not checked); past ``maxmemory`` when the server is full.
+
+    With ``wait = (replicas, ms)`` the script is followed, on the same connection, by ``WAIT
+    replicas ms`` (https://redis.io/docs/latest/commands/wait/): the call returns once that many
+    replicas hold the writes, or after ``ms`` milliseconds (a shortfall is logged and counted in
+    :data:`UNREPLICATED`, not raised: the writes are done on the primary).
+
+    Returns:
+        The replicas that acknowledged the writes (``WAIT``'s answer), or None without ``wait``.
 
     Raises:
         EpochChanged: the server lost the run's data since ``epoch`` was read (nothing ran).
@@ -85,21 +119,49 @@ def run_atomic(r: redis.Redis, keys: Keys, cmds: list[tuple], epoch: str | None)
         argv += [len(c), *c]
     try:
         try:
-            r.eval(_ATOMIC_BODY, 1, keys.epoch, *argv)
+            return _eval(r, wait, _ATOMIC_BODY, 1, keys.epoch, *argv)
         except redis.ResponseError as exc:
             if not is_oom(exc):
                 raise
             try:
-                r.eval(_ATOMIC_ALLOW_OOM_LUA, 1, keys.epoch, *argv)
+                return _eval(r, wait, _ATOMIC_ALLOW_OOM_LUA, 1, keys.epoch, *argv)
             except redis.ResponseError as again:
                 if "EPOCH" in str(again) or is_oom(again):
                     raise
                 # no script flags (Redis < 7): the same body behind a first write that is never refused
-                r.eval(_ATOMIC_GATED_LUA, 2, keys.epoch, keys.oom_gate, *argv)
+                return _eval(r, wait, _ATOMIC_GATED_LUA, 2, keys.epoch, keys.oom_gate, *argv)
     except redis.ResponseError as exc:
         if "EPOCH" in str(exc):
             raise EpochChanged(str(exc)) from None
         raise
+
+
+def _eval(r: redis.Redis, wait: tuple[int, int] | None, script: str, numkeys: int, *args: Any) -> int | None:
+    """``EVAL script``; with ``wait``, then ``WAIT`` in the same pipeline (one connection: ``WAIT``
+    waits for the replication of the writes of the connection it is sent on)."""
+    if not wait or wait[0] < 1:
+        r.eval(script, numkeys, *args)
+        return None
+    u = UNREPLICATED
+    ms = min(int(wait[1]), SHORT_WAIT_MS) if u.short else int(wait[1])
+    pipe = r.pipeline(transaction=False)
+    pipe.eval(script, numkeys, *args)
+    pipe.execute_command("WAIT", int(wait[0]), ms)
+    done, acked = pipe.execute(raise_on_error=False)
+    for result in (done, acked):
+        if isinstance(result, Exception):
+            raise result
+    if int(acked) < wait[0]:
+        u.count += 1
+        if not u.short:
+            log.warning("only %d of %d replicas held a write of the run within %d ms (a failover now would lose it); "
+                        "waiting at most %d ms a write until they hold one again", int(acked), wait[0], ms,
+                        SHORT_WAIT_MS)
+        u.short = True
+    elif u.short:
+        u.short = False
+        log.warning("replicas hold the run's writes again (%d writes were acknowledged by the primary alone)", u.count)
+    return int(acked)
 
 
 def write_small(r: redis.Redis, keys: Keys, cmd: tuple, what: str) -> None:
@@ -143,18 +205,27 @@ class EpochWatch:
             (a worker adopts the new one, the learner claims one).
         outages_seen: :data:`~keisei_stream.wire.retry.OUTAGES` ``.outages`` at the last check.
         found: the ``epoch`` key's value at the last check (None: missing).
+        looked: the last :meth:`changed` read the key (after an outage or when forced). With the
+            epoch intact the server still holds the run, but it may be a promoted replica or one
+            restarted from its files, lacking the last writes the old one acknowledged: the
+            learner and the workers then compare what they wrote with what it holds (a failover's
+            losses, :meth:`keisei_stream.wire.consumer.Consumer.record_failover`,
+            :meth:`keisei_stream.wire.producer.Producer.reconcile`).
     """
 
     epoch: str | None = None
     outages_seen: int = field(default_factory=lambda: retry.OUTAGES.outages)
     found: str | None = None
+    looked: bool = False
 
     def changed(self, r: redis.Redis, keys: Keys, force: bool = False) -> bool:
         """After a new outage (or with ``force``): True when the ``epoch`` key is missing or differs
-        from :attr:`epoch` (then :attr:`found` holds what is there); False without an outage."""
+        from :attr:`epoch` (then :attr:`found` holds what is there); False without an outage
+        (:attr:`looked` says which)."""
+        self.looked = False
         if retry.OUTAGES.outages == self.outages_seen and not force:
             return False
-        self.outages_seen = retry.OUTAGES.outages
+        self.outages_seen, self.looked = retry.OUTAGES.outages, True
         raw = r.get(keys.epoch)
         self.found = None if raw is None else as_str(raw)
         return self.found is None or self.found != self.epoch

@@ -62,6 +62,7 @@ socket timeout above every ``BLOCK``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 import time
@@ -81,7 +82,10 @@ from .codec import decode_entry, entry_positions
 from .keys import Keys
 from .errors import BadEntry
 from .replay import GAME_BOOK_POSITIONS, GameBook
-from .status import alive_workers, append_losses, read_roster, register_workers
+from .status import alive_workers, append_losses, read_accounting, read_roster, register_workers
+from .weights import read_latest_info
+
+log = logging.getLogger("keisei.learner")
 
 #: Deadletter entries keep at most this many bytes of each raw field, and at most 16 fields.
 DEADLETTER_FIELD_BYTES = 4096
@@ -146,6 +150,8 @@ class Consumer:
         publishes: this consumer writes the ``credit`` and ``confined`` hashes (one learner rank).
         game_positions: bound of the :class:`~keisei_stream.wire.replay.GameBook`.
         stall_s: :data:`STALL_S`.
+        wait: ``(replicas, ms)``: every acknowledgement waits until that many replicas hold it
+            (``WAIT``, :func:`keisei_stream.wire.atomic.run_atomic`), so a failover keeps it.
 
     Attributes:
         workers: the roster as last read. live: those whose heartbeat was alive then.
@@ -160,7 +166,8 @@ class Consumer:
     def __init__(self, r: redis.Redis, keys: Keys, consumer_name: str, *, max_plies: int, window: int = 64,
                  block_ms: int = 1000, count: int = 16, claim_idle_ms: int = 60_000, deadletter_maxlen: int = 10_000,
                  check_legal: bool = True, dedup_window: int = 100_000, refresh_s: float = 2.0,
-                 publishes: bool = True, game_positions: int = GAME_BOOK_POSITIONS, stall_s: float = STALL_S):
+                 publishes: bool = True, game_positions: int = GAME_BOOK_POSITIONS, stall_s: float = STALL_S,
+                 wait: tuple[int, int] | None = None):
         if window < 1:
             raise ValueError("window must be >= 1")
         self.r = r
@@ -177,10 +184,12 @@ class Consumer:
         self.refresh_s = float(refresh_s)
         self.publishes = publishes
         self.stall_s = float(stall_s)
+        self.wait = wait
         self.games = GameBook(game_positions)
         self.workers: list[str] = []
         self.live: set[str] = set()
         self.credit: dict[str, int] = {}
+        self.seen_lengths: dict[str, int] = {}  # worker -> its stream's XLEN at the last refresh (publishing)
         self._granted: dict[str, int] = {}  # the larger of the last two credits (what a worker may hold)
         self.in_flight: dict[tuple[str, str], int] = {}
         self._seen: dict[str, tuple[str, str]] = {}  # batch_id -> (worker, entry id), insertion ordered, bounded
@@ -229,7 +238,8 @@ class Consumer:
             self._reset_stream(w)
         cmds: list[tuple] = []
         if self.publishes:  # (one learner rank counts and publishes)
-            for w, n in self.lengths(roster).items():
+            self.seen_lengths = self.lengths(roster)
+            for w, n in self.seen_lengths.items():
                 if n > self._granted[w]:
                     self.stats["overruns"] += 1
                     cmds += [("HINCRBY", self.keys.confined, f"overruns:{w}", 1),
@@ -263,8 +273,16 @@ class Consumer:
         return {w: n if isinstance(n, int) else 0 for w, n in zip(ws, pipe.execute(raise_on_error=False))}
 
     def backlog(self) -> int:
-        """Entries in all the roster's streams (unacknowledged: delivered or not)."""
+        """Entries in all the roster's streams (unacknowledged: delivered or not), read now (one
+        pipelined round trip of ``XLEN`` per worker)."""
         return sum(self.lengths().values())
+
+    @property
+    def backlog_seen(self) -> int:
+        """:meth:`backlog` as the last :meth:`refresh` read it (at most ``refresh_s`` old; 0 for a
+        consumer that does not publish): what the learner reports after each update without
+        reading every worker's stream again."""
+        return sum(self.seen_lengths.values())
 
     def _reset_stream(self, worker: str) -> None:
         """Delete and recreate ``worker``'s stream (group included) once nothing of it is in flight
@@ -324,9 +342,14 @@ class Consumer:
 
     def _nothing_more_can_come(self) -> bool:
         """Every live worker (every roster worker when none is live) holds its credit in its stream
-        or sent nothing for ``stall_s``."""
+        or sent nothing for ``stall_s``. A worker of which this consumer holds its credit's worth
+        of entries holds at least that in its stream (entries leave it only when settled): only the
+        others' streams are read (one pipelined round trip; none in the learner-bound steady
+        state, where the learner holds every worker's credit)."""
         now = time.monotonic()
-        waiting = [w for w in (self.live or self.workers) if now - self._last_arrival.get(w, now) <= self.stall_s]
+        held = Counter(w for w, _ in self.in_flight)
+        waiting = [w for w in (self.live or self.workers) if now - self._last_arrival.get(w, now) <= self.stall_s
+                   and held[w] < self.credit.get(w, 1)]
         lengths = self.lengths(waiting)
         return all(lengths[w] >= self.credit.get(w, 1) for w in waiting)
 
@@ -389,6 +412,12 @@ class Consumer:
         self.epoch_lost = self._watch.changed(self.r, self.keys, force=self.epoch_lost)
         return self.epoch_lost
 
+    @property
+    def outage_checked(self) -> bool:
+        """The last :meth:`check_server` followed an outage (it read the epoch): with the epoch
+        intact, the server may still lack the newest writes (:meth:`record_failover`)."""
+        return self._watch.looked
+
     def recover(self, accounting_before: Mapping[str, int], **fields: Any) -> dict[str, Any]:
         """The server lost the run's data: claim a new epoch, forget the ids in flight, put the workers
         it read back on the roster (the roster was lost with the rest), recreate the groups,
@@ -412,6 +441,35 @@ class Consumer:
                   "accounting_before": json.dumps(dict(accounting_before)), **fields}
         retry.best_effort("losses entry", append_losses, self.r, self.keys, record)
         return record
+
+    def record_failover(self, accounting_before: Mapping[str, int], version_held: int) -> int:
+        """After an outage with the run's epoch intact, see what the server lacks: it may be a
+        promoted replica (a Sentinel failover) or one restarted from its files, holding the run's
+        data up to some point before the outage. When it holds an older weights version than
+        ``version_held`` (the publisher's), or fewer produced, produced-batch or trained positions
+        than ``accounting_before`` (the accounting as last read before the outage), one ``losses``
+        entry (``kind`` ``failover``) records it: the ``*_missing`` counts (positions whose adds
+        the old primary acknowledged and never replicated, as far as that last read saw them: a
+        lower bound), the versions, both accountings.
+
+        Returns:
+            The newest version the server holds (0: none); below ``version_held`` the caller
+            publishes again.
+        """
+        info = read_latest_info(self.r, self.keys)
+        found = 0 if info is None else info["version"]
+        now = read_accounting(self.r, self.keys)
+        missing = {k: accounting_before[k] - now.get(k, 0) for k in ("produced_positions", "produced_batches",
+                                                                      "trained_positions")
+                   if accounting_before.get(k, 0) > now.get(k, 0)}
+        if missing or found < version_held:
+            log.error("Redis came back without some of the run's newest writes (a failover or a restart from its "
+                      "files): weights v%d found, v%d held; missing %s", found, version_held, missing)
+            retry.best_effort("losses entry", append_losses, self.r, self.keys, {
+                "time": round(time.time(), 3), "kind": "failover", "detected_by": self.name, "epoch": self.epoch or "",
+                "version_held": version_held, "version_found": found, **{f"{k}_missing": v for k, v in missing.items()},
+                "accounting_before": json.dumps(dict(accounting_before)), "accounting_found": json.dumps(now)})
+        return found
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, block_ms: int | None = None) -> list[Delivered]:
@@ -603,7 +661,7 @@ class Consumer:
             cmds += [("ZADD", k.trained_batches, *batch_ids),
                      ("ZREMRANGEBYRANK", k.trained_batches, 0, -(TRAINED_BATCHES_KEPT + 1))]
         if cmds:
-            run_atomic(self.r, self.keys, cmds, self.epoch)
+            run_atomic(self.r, self.keys, cmds, self.epoch, self.wait)
         for e in entries:
             self.in_flight.pop(e.key, None)
 

@@ -6,7 +6,9 @@ The accounting's invariant, once the streams are drained, per worker and in all:
 duplicate_positions``, where ``produced_positions`` is the sum over the workers' producer records
 ``producers:{id}`` (each written only by that worker, in the same ``MULTI/EXEC`` as each entry it
 adds, :class:`keisei_stream.wire.producer.Producer`) and the rest are the learner's ``accounting``
-counters, kept per worker (:func:`keisei_stream.wire.status.read_accounting`).
+counters, kept per worker (:func:`keisei_stream.wire.status.read_accounting`). After a failover
+that lost adds the old primary had acknowledged, the workers were told of
+``produced_positions + worker_lost_positions`` (the records' ``lost_positions``).
 
 Each worker writes only keys of its own (:mod:`keisei_stream.ops.acl`): its experience stream
 ``experience:{id}``, its game records ``games:{id}``, its heartbeat ``workers:{id}`` and its
@@ -46,8 +48,12 @@ ACCOUNTING_FIELDS: tuple[str, ...] = (
 CONFINED_FIELDS: tuple[str, ...] = ("overruns", "overrun_entries", "future_ids", "stream_resets",
                                     "unproven_endings", "repetition_clamped")
 
-#: Fields of a worker's producer record ``producers:{id}`` (all integers but ``session``).
-PRODUCER_FIELDS: tuple[str, ...] = ("session", "seq", "positions", "batches", "discarded")
+#: Fields of a worker's producer record ``producers:{id}`` (all integers but ``session``; the record
+#: also holds ``discard_seq`` and ``lost_reason``, text). ``lost_positions`` and ``lost_batches``:
+#: adds the server acknowledged and a failover lost (never replicated), counted by the worker
+#: (:class:`keisei_stream.wire.producer.Producer`).
+PRODUCER_FIELDS: tuple[str, ...] = ("session", "seq", "positions", "batches", "discarded", "lost_positions",
+                                    "lost_batches")
 
 _RUN_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
@@ -170,7 +176,10 @@ class Keys:
         """Producer record of worker `{id}`, written in the same `MULTI/EXEC` as each entry it adds:
         `session` and `seq` of its last added batch (a retried add is recognised and not added
         twice), `positions` and `batches` added in all, `discarded`
-        positions of games dropped at its stops; their sum over workers is `produced_positions`."""
+        positions of games dropped at its stops; their sum over workers is `produced_positions`.
+        `lost_positions`, `lost_batches` and `lost_reason`: adds the server had acknowledged and a
+        failover lost (the worker found its record behind what it wrote, with the run's epoch
+        unchanged)."""
         return self.prefix + "producers:" + check_id(worker_id, "worker id")
 
     # plain keys
@@ -185,7 +194,8 @@ class Keys:
     config = _Key("config", "string (JSON)", "learner",
                   "The run's resolved config; a worker needs only the Redis URL and the run id.")
     control = _Key("control", "string", "operators, `keisei run`",
-                   "`run`, `pause` or `stop`, read by every worker about 4 times a second.")
+                   "`run`, `pause` or `stop`, read by every worker once a second (from its host's copy, "
+                   "`keisei relay`, where it has one).")
     learner = _Key("learner", "hash", "learner",
                    "Learner status: `state`, `version`, `updates`, `samples_per_s`, `policy_lag_mean`, "
                    "`backlog` (entries in the roster's streams), `held_positions`, `games_in_flight` (games "

@@ -27,9 +27,23 @@ back at once, counts the refusal (``refused``) and waits as for a full stream, k
 the whole transaction (``OOM``): the producer waits for room (``oom_waits``).
 
 The record (:data:`keisei_stream.wire.keys.PRODUCER_FIELDS`): ``session``, ``seq``, ``positions``
-and ``batches`` (added in all, by every session of this worker id), ``discarded`` (positions of
-games dropped at stops, :meth:`Producer.record_discarded`);
+and ``batches`` (added in all, by every session of this worker id, as the server holds them),
+``discarded`` (positions of games dropped at stops, :meth:`Producer.record_discarded`),
+``lost_positions`` and ``lost_batches`` (below) with ``lost_reason``;
 :func:`keisei_stream.wire.status.read_producers` reads them.
+
+**Adds a failover lost.** A primary acknowledges an add before its replica holds it; killed in
+that window, the replica it promotes (a Sentinel failover; or a server restarted from its files)
+holds the run's writes up to some point before, the record and the entries alike (replication
+applies each ``MULTI/EXEC`` whole and in order). The producer remembers the record it last wrote;
+whenever it reads the record again (each add, a discard count, :meth:`Producer.reconcile` after
+an outage) and finds it behind, with the run's ``epoch`` unchanged (a server that lost the whole
+run has a new epoch: the learner records that loss), the difference is what the old primary
+acknowledged and never replicated: it is added to the record's ``lost_positions`` and
+``lost_batches``, with ``lost_reason``, in the same transaction as the add (or on its own). So
+after a failover, per worker and in all: the positions the workers were told were added =
+``positions + lost_positions``, and ``positions`` (what the server holds) still balances with
+what the learner settled.
 
 Takes a ``redis.Redis`` made by :func:`keisei_stream.wire.client.connect`.
 """
@@ -45,6 +59,7 @@ from redis.exceptions import WatchError
 
 from keisei_stream.experience import ExperienceBatch
 
+from .atomic import EpochWatch
 from .client import as_str
 from .codec import encode_batch
 from .keys import Keys
@@ -68,7 +83,8 @@ def _sleep_interruptible(seconds: float, should_stop: Callable[[], bool] | None,
 
 def _read_record(r: Any, key: str) -> dict[str, str]:
     """The worker's record (``XREVRANGE key + - COUNT 1``) as strings; zeros when there is none."""
-    rec = {"session": "", "seq": "-1", "positions": "0", "batches": "0", "discarded": "0", "discard_seq": ""}
+    rec = {"session": "", "seq": "-1", "positions": "0", "batches": "0", "discarded": "0", "discard_seq": "",
+           "lost_positions": "0", "lost_batches": "0", "lost_reason": ""}
     last = r.xrevrange(key, count=1)
     if last:
         rec.update({as_str(k): as_str(v) for k, v in last[0][1].items() if as_str(k) in rec})
@@ -82,6 +98,12 @@ def _int(rec: dict[str, str], name: str) -> int:
         return 0
 
 
+def _acknowledged(rec: dict[str, str], name: str) -> int:
+    """``positions`` or ``batches`` the worker was told were added: those the record holds plus
+    those a failover lost (``lost_{name}``)."""
+    return _int(rec, name) + _int(rec, f"lost_{name}")
+
+
 class Producer:
     """Adds a worker's experience batches to its own stream within its credit (one per worker process).
 
@@ -93,6 +115,11 @@ class Producer:
         backoff_max_s: cap of the exponential wait (starts at 10 ms, doubles).
         credit: entries this producer may hold unacknowledged in its stream; None: the learner's
             published credit (``credit`` hash, :data:`DEFAULT_CREDIT` while there is none).
+        epoch: the run's epoch as this process knows it (the worker's
+            :class:`~keisei_stream.wire.atomic.EpochWatch`, which the worker updates after a
+            restart that lost the run's data); None: one of its own, read at the first add. It
+            tells a failover's lost adds (epoch unchanged: counted) from a lost run (not counted
+            here).
 
     Attributes:
         waited_s: total seconds spent waiting for credit, room or the server.
@@ -100,10 +127,11 @@ class Producer:
         seq: sequence number of the next batch.
         full_waits, oom_waits, refused, retries: waits for credit, for memory, adds the stream
             refused, attempts made again after a lost connection or a changed record.
+        lost_positions, lost_batches: what this process found lost in failovers (module doc).
     """
 
     def __init__(self, r: redis.Redis, keys: Keys, worker_id: str, backoff_max_s: float = 2.0,
-                 credit: int | None = None):
+                 credit: int | None = None, epoch: EpochWatch | None = None):
         if credit is not None and credit < 1:
             raise ValueError("credit must be >= 1")
         self.r = r
@@ -121,7 +149,11 @@ class Producer:
         self.refused = 0
         self.retries = 0
         self.last_credit = credit or DEFAULT_CREDIT
+        self.epoch = epoch if epoch is not None else EpochWatch()
+        self.lost_positions = 0
+        self.lost_batches = 0
         self._discards = 0
+        self._written: dict[str, str] | None = None  # the record as this producer last wrote (or found) it
 
     def next_batch_id(self) -> str:
         """The id the next sent batch gets."""
@@ -199,10 +231,14 @@ class Producer:
         ``refused`` (the stream refused the entry; the record is written back)."""
         if not self.room():
             return "full"
+        if self.epoch.epoch is None:  # a producer of its own: the run's epoch at its first add
+            raw = self.r.get(self.keys.epoch)
+            self.epoch.epoch = None if raw is None else as_str(raw)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.watch(self.record_key)
-            rec = _read_record(pipe, self.record_key)
+            rec, lost_p, lost_b = self._checked(pipe, _read_record(pipe, self.record_key))
             if rec["session"] == self.session and _int(rec, "seq") >= self.seq:
+                self._written = rec  # (not behind: it holds this producer's newest batch)
                 return "added"  # an earlier attempt went in; its reply was lost
             new = {**rec, "session": self.session, "seq": str(self.seq),
                    "positions": str(_int(rec, "positions") + int(positions)), "batches": str(_int(rec, "batches") + 1)}
@@ -212,9 +248,69 @@ class Producer:
             added, _record = pipe.execute(raise_on_error=False)
         if isinstance(added, Exception):  # refused at run time; the record went in: write it back
             self.r.xadd(self.record_key, rec, maxlen=1, approximate=False)
+            self._written = rec
+            self._count_lost(lost_p, lost_b)
             self.refused += 1
             return "refused"
+        self._written = new
+        self._count_lost(lost_p, lost_b)
         return "added"
+
+    def _checked(self, pipe: Any, rec: dict[str, str]) -> tuple[dict[str, str], int, int]:
+        """``(record, positions, batches)``: ``rec`` (just read under ``WATCH``) with a failover's
+        lost adds counted in it, and how many, when it is behind the record this producer last
+        wrote (what was acknowledged, ``positions + lost_positions`` and ``batches +
+        lost_batches``, is less) and the run's epoch is unchanged (module doc); the caller writes
+        it (the ``EXEC`` fails if the record changed meanwhile). Behind with another epoch (the
+        run's data lost: the learner records it), or nothing written yet: ``rec`` unchanged."""
+        last = self._written
+        if last is None:
+            return rec, 0, 0
+        positions = _acknowledged(last, "positions") - _acknowledged(rec, "positions")
+        batches = _acknowledged(last, "batches") - _acknowledged(rec, "batches")
+        if positions <= 0 and batches <= 0 and _int(rec, "discarded") >= _int(last, "discarded"):
+            return rec, 0, 0
+        found = pipe.get(self.keys.epoch)
+        if found is None or as_str(found) != self.epoch.epoch:
+            return rec, 0, 0
+        positions, batches = max(0, positions), max(0, batches)
+        out = {**rec, "discarded": str(max(_int(rec, "discarded"), _int(last, "discarded")))}  # a count: kept
+        if positions or batches:
+            out.update({"lost_positions": str(_int(rec, "lost_positions") + positions),
+                        "lost_batches": str(_int(rec, "lost_batches") + batches),
+                        "lost_reason": f"{time.strftime('%Y-%m-%d %H:%M:%S')}: the server held this worker's record at "
+                        f"{_int(rec, 'batches')} batches / {_int(rec, 'positions')} positions, {batches} / {positions} "
+                        f"fewer than it had acknowledged (up to batch {last['seq']} of session {last['session']}), "
+                        "with the run's epoch unchanged: a failover (or a restart from its files) lost adds that were "
+                        "never replicated"})
+        return out, positions, batches
+
+    def _count_lost(self, positions: int, batches: int) -> None:
+        """Count a failover's lost adds once their record is written."""
+        self.lost_positions += positions
+        self.lost_batches += batches
+
+    def reconcile(self) -> int:
+        """After an outage with the run's epoch intact (the worker's
+        :class:`~keisei_stream.wire.atomic.EpochWatch` looked and found it unchanged): read the
+        record and, when it is behind what this producer wrote, count the lost adds in it now
+        (module doc) rather than at the next add. Returns the positions found lost (0: none).
+        Raises the client's errors (an ``OOM`` refusal included)."""
+        while True:
+            try:
+                with self.r.pipeline(transaction=True) as pipe:
+                    pipe.watch(self.record_key)
+                    rec, positions, batches = self._checked(pipe, _read_record(pipe, self.record_key))
+                    if not positions and not batches:
+                        return 0
+                    pipe.multi()
+                    pipe.xadd(self.record_key, rec, maxlen=1, approximate=False)
+                    pipe.execute()
+                self._written = rec
+                self._count_lost(positions, batches)
+                return positions
+            except WatchError:
+                continue
 
     def record_discarded(self, positions: int) -> int:
         """Add ``positions`` (of games dropped at a stop) to this worker's record; returns its new
@@ -228,8 +324,9 @@ class Producer:
             try:
                 with self.r.pipeline(transaction=True) as pipe:
                     pipe.watch(self.record_key)
-                    rec = _read_record(pipe, self.record_key)
+                    rec, lost_p, lost_b = self._checked(pipe, _read_record(pipe, self.record_key))
                     if rec["session"] == self.session and rec.get("discard_seq") == marker:
+                        lost_p = lost_b = 0
                         break  # an earlier attempt went in
                     rec.update({"session": self.session, "discard_seq": marker,
                                 "discarded": str(_int(rec, "discarded") + int(positions))})
@@ -239,5 +336,7 @@ class Producer:
                 break
             except WatchError:
                 continue
+        self._written = rec
+        self._count_lost(lost_p, lost_b)
         self._discards += 1
         return _int(rec, "discarded")

@@ -143,16 +143,28 @@ def _per_worker(fields: Mapping[str, int], names: tuple[str, ...]) -> dict[str, 
     return out
 
 
+#: Keys a ``SCAN`` call looks at (its ``COUNT``): a run's keys are two per worker plus a few dozen,
+#: so a few round trips cover 10,000 workers.
+SCAN_COUNT = 10_000
+
+
 def _newest_entries(r: redis.Redis, pattern: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """``(key, newest entry's fields as strings)`` of every non-empty stream matching ``pattern``
-    (``SCAN`` + ``XREVRANGE ... COUNT 1``); keys that are not streams are skipped."""
-    for k in r.scan_iter(match=pattern, count=500):
-        try:
-            last = r.xrevrange(k, count=1)
-        except ResponseError:  # WRONGTYPE: not one of ours
+    """``(key, newest entry's fields as strings)`` of every non-empty stream matching ``pattern``:
+    ``SCAN`` (:data:`SCAN_COUNT` keys a call), then one pipelined round trip of ``XREVRANGE ...
+    COUNT 1`` over every key found, whatever their number; keys that are not streams are skipped."""
+    found = sorted({as_str(k) for k in r.scan_iter(match=pattern, count=SCAN_COUNT)})
+    if not found:
+        return
+    pipe = r.pipeline(transaction=False)
+    for k in found:
+        pipe.xrevrange(k, count=1)
+    for k, last in zip(found, pipe.execute(raise_on_error=False)):
+        if isinstance(last, ResponseError):  # WRONGTYPE: not one of ours
             continue
+        if isinstance(last, Exception):
+            raise last
         if last:
-            yield as_str(k), {as_str(a): as_str(b) for a, b in last[0][1].items()}
+            yield k, {as_str(a): as_str(b) for a, b in last[0][1].items()}
 
 
 def _int_hash(r: redis.Redis, key: str) -> dict[str, int]:
@@ -175,12 +187,13 @@ def _float(v: Any, default: float) -> float:
 
 def read_producers(r: redis.Redis, keys: Keys) -> dict[str, dict[str, Any]]:
     """Every worker's producer record (:class:`keisei_stream.wire.producer.Producer` writes it):
-    worker id -> ``session`` (str) and ``seq``, ``positions``, ``batches``, ``discarded`` (ints).
-    Keys that are not such streams are skipped."""
+    worker id -> ``session`` and ``lost_reason`` (str) and ``seq``, ``positions``, ``batches``,
+    ``discarded``, ``lost_positions``, ``lost_batches`` (ints). Keys that are not such streams are
+    skipped."""
     out: dict[str, dict[str, Any]] = {}
     head = keys.prefix + "producers:"
     for k, f in _newest_entries(r, keys.producers_pattern):
-        rec: dict[str, Any] = {"session": f.get("session", "")}
+        rec: dict[str, Any] = {"session": f.get("session", ""), "lost_reason": f.get("lost_reason", "")}
         for name in PRODUCER_FIELDS[1:]:
             try:
                 rec[name] = int(f.get(name, 0))
@@ -294,6 +307,9 @@ def read_stream(r: redis.Redis, key: str, count: int = 100) -> list[tuple[str, d
 
 
 CONTROL_VALUES = ("run", "pause", "stop")
+#: Seconds between a worker's reads of ``control`` (and ``keisei relay``'s, on the primary): a stop
+#: or a pause takes effect within this (twice through a relay), plus one step.
+CONTROL_S = 1.0
 
 
 def get_control(r: redis.Redis, keys: Keys) -> str:
@@ -327,37 +343,47 @@ def read_config(r: redis.Redis, keys: Keys) -> str | None:
     return None if v is None else as_str(v)
 
 
+#: Producer record field -> the accounting field its sum over the workers is
+#: (:func:`read_accounting`, :func:`read_worker_accounting`).
+FROM_RECORDS = {"positions": "produced_positions", "batches": "produced_batches",
+                "discarded": "worker_discarded_positions", "lost_positions": "worker_lost_positions",
+                "lost_batches": "worker_lost_batches"}
+
+
 def read_accounting(r: redis.Redis, keys: Keys) -> dict[str, int]:
     """The run's position accounting as ints, every field of ``ACCOUNTING_FIELDS`` present (0 if
     unset): the sums over the workers of the learner's ``accounting`` hash (fields
     ``{name}:{worker}``; a run from before the per-worker fields kept plain ``{name}``: added too),
-    plus the sums over the workers' producer records (:func:`read_producers`):
-    ``produced_positions``, ``produced_batches`` and ``worker_discarded_positions``."""
+    plus the sums over the workers' producer records (:func:`read_producers`, :data:`FROM_RECORDS`):
+    ``produced_positions``, ``produced_batches``, ``worker_discarded_positions`` and
+    ``worker_lost_positions`` / ``worker_lost_batches`` (adds a failover lost after the server had
+    acknowledged them: the workers were told of ``produced_positions + worker_lost_positions``)."""
     d = {f: 0 for f in ACCOUNTING_FIELDS}
-    d["worker_discarded_positions"] = 0
+    d.update(dict.fromkeys(("worker_discarded_positions", "worker_lost_positions", "worker_lost_batches"), 0))
     for k, v in _int_hash(r, keys.accounting).items():
         name = k.partition(":")[0]
         d[name] = d.get(name, 0) + v
     for rec in read_producers(r, keys).values():
-        d["produced_positions"] += rec["positions"]
-        d["produced_batches"] += rec["batches"]
-        d["worker_discarded_positions"] += rec["discarded"]
+        for field, name in FROM_RECORDS.items():
+            d[name] += rec[field]
     return d
 
 
-def read_worker_accounting(r: redis.Redis, keys: Keys) -> dict[str, dict[str, int]]:
+def read_worker_accounting(r: redis.Redis, keys: Keys,
+                           producers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, int]]:
     """The accounting per worker: worker id -> every field of ``ACCOUNTING_FIELDS`` (the learner's
     counts; ``produced_positions`` and ``produced_batches`` from the worker's own record) plus
-    ``worker_discarded_positions`` and ``unsettled_positions`` (produced and not yet trained,
-    stale, rejected or dropped as a duplicate: in its stream or held by a learner, or lost to
-    what its own credential did to its stream). For every worker with a record or a count."""
-    names = (*ACCOUNTING_FIELDS, "worker_discarded_positions")
+    ``worker_discarded_positions``, ``worker_lost_positions``, ``worker_lost_batches`` (a
+    failover's lost adds, :func:`read_accounting`) and ``unsettled_positions`` (produced and not
+    yet trained, stale, rejected or dropped as a duplicate: in its stream or held by a learner, or
+    lost to what its own credential did to its stream). For every worker with a record or a count.
+    ``producers``: the records as :func:`read_producers` just read them (default: read here)."""
+    names = (*ACCOUNTING_FIELDS, "worker_discarded_positions", "worker_lost_positions", "worker_lost_batches")
     out = _per_worker(_int_hash(r, keys.accounting), names)
-    for w, rec in read_producers(r, keys).items():
+    for w, rec in (read_producers(r, keys) if producers is None else producers).items():
         d = out.setdefault(w, dict.fromkeys(names, 0))
-        d["produced_positions"] += rec["positions"]
-        d["produced_batches"] += rec["batches"]
-        d["worker_discarded_positions"] += rec["discarded"]
+        for field, name in FROM_RECORDS.items():
+            d[name] += rec[field]
     for d in out.values():
         d["unsettled_positions"] = d["produced_positions"] - sum(
             d[f"{k}_positions"] for k in ("trained", "stale", "rejected", "duplicate"))

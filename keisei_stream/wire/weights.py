@@ -28,7 +28,7 @@ class WeightsError(RuntimeError):
 
 
 def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype: str, keep: int,
-                    epoch: str | None = None) -> str:
+                    epoch: str | None = None, wait: tuple[int, int] | None = None) -> str:
     """Publish weights ``data`` (safetensors bytes) as ``version``; returns its SHA-256 (hex).
 
     In one atomic script (:func:`keisei_stream.wire.atomic.run_atomic`): delete the blobs beyond
@@ -37,6 +37,9 @@ def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype
     weights:index``; then ``PUBLISH weights <version>``. A blob is freed before one is stored, so a
     server at ``maxmemory`` takes the new weights too (the script may pass the limit by the
     difference of two blobs), and only while the run's ``epoch`` is ``epoch`` (when given).
+    With ``wait = (replicas, ms)`` the announcement waits until that many replicas hold the
+    version (``WAIT``, see :func:`keisei_stream.wire.atomic.run_atomic`): a failover then never
+    takes back a version the workers were told of.
 
     Raises:
         ValueError: ``keep < 1`` or ``version < 0``.
@@ -56,7 +59,7 @@ def publish_weights(r: redis.Redis, keys: Keys, version: int, data: bytes, dtype
              ("HSET", keys.weights_latest, "version", int(version), "sha256", sha, "bytes", len(data),
               "dtype", dtype, "created", f"{time.time():.3f}"),
              ("ZADD", keys.weights_index, int(version), sha)]
-    run_atomic(r, keys, cmds, epoch)
+    run_atomic(r, keys, cmds, epoch, wait)
     r.publish(keys.weights_channel, str(int(version)))
     return sha
 
@@ -102,8 +105,9 @@ class WeightsWatcher:
     """Notices new weights versions: pub/sub as a wake-up hint plus polling ``weights:latest``.
 
     ``poll()`` never blocks: it drains pub/sub messages and, at most every ``poll_s`` seconds,
-    reads ``weights:latest``'s version. Pub/sub errors are ignored (re-subscribed later):
-    polling alone finds every version.
+    reads ``weights:latest``'s version; ``wait(seconds)`` is ``poll()`` after waiting up to that
+    long for an announcement (for a client with nothing else to do: it sleeps until a version
+    comes). Pub/sub errors are ignored (re-subscribed later): polling alone finds every version.
     """
 
     def __init__(self, r: redis.Redis, keys: Keys, poll_s: float = 2.0):
@@ -123,15 +127,15 @@ class WeightsWatcher:
         except TRANSIENT_ERRORS:
             self._pubsub = None
 
-    def _drain(self) -> int:
+    def _drain(self, wait_s: float = 0.0) -> int:
         newest = 0
         if self._pubsub is None:
             self._subscribe()
             if self._pubsub is None:
                 return 0
         try:
-            for _ in range(1000):
-                msg = self._pubsub.get_message(timeout=0.0)
+            for i in range(1000):
+                msg = self._pubsub.get_message(timeout=wait_s if i == 0 else 0.0)
                 if msg is None:
                     break
                 if msg.get("type") == "message":
@@ -145,7 +149,15 @@ class WeightsWatcher:
 
     def poll(self) -> int | None:
         """The newest version if it is newer than every version returned before, else None."""
-        newest = self._drain()
+        return self.wait(0.0)
+
+    def wait(self, seconds: float) -> int | None:
+        """:meth:`poll`, after waiting up to ``seconds`` for a message on the channel (the first
+        message ends the wait, also a subscription confirmation; without a subscription it
+        sleeps that long, then polls)."""
+        newest = self._drain(max(0.0, seconds))
+        if self._pubsub is None and seconds > 0:
+            time.sleep(seconds)
         now = time.monotonic()
         if newest <= self.known and now >= self._next_poll:
             self._next_poll = now + self.poll_s
