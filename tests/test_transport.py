@@ -151,6 +151,23 @@ def test_restarted_consumer_rereads_own_pending(fake_redis, make_batch):
     assert sorted(d.key for d in again) == sorted(d.key for d in first)
 
 
+def test_recover_puts_every_known_worker_back_on_the_roster(fake_redis, make_batch):
+    """A server restarted empty: a roster refresh between the reconnection and the loss's
+    detection reads an empty roster; the recovery must still put the workers back, or their
+    entries are never read again (seen in CI: the run stopped training after the restart)."""
+    c = consumer(fake_redis, "L1", workers=("w1", "w2"))
+    c.claim_epoch()
+    fake_redis.flushall()  # the restart without the run's data
+    c.refresh(force=True)
+    assert c.workers == []
+    c.epoch_refused()
+    assert c.check_server()  # the epoch key is gone
+    c.recover({})
+    assert sorted(fake_redis.smembers(K.roster)) == [b"w1", b"w2"] and c.workers == ["w1", "w2"]
+    Producer(fake_redis, K, "w2", credit=10).send(make_batch(40, seed=1, worker_id="w2"))
+    assert [d.worker for d in c.read()] == ["w2"]
+
+
 def test_weights_publish_read_prune(fake_redis):
     for v in range(1, 6):
         sha = publish_weights(fake_redis, K, v, b"w%d" % v * 100, "float32", keep=2)

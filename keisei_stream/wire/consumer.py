@@ -187,6 +187,7 @@ class Consumer:
         self.wait = wait
         self.games = GameBook(game_positions)
         self.workers: list[str] = []
+        self.known: set[str] = set()  # every worker ever on the roster here (the roster only grows)
         self.live: set[str] = set()
         self.credit: dict[str, int] = {}
         self.seen_lengths: dict[str, int] = {}  # worker -> its stream's XLEN at the last refresh (publishing)
@@ -230,6 +231,7 @@ class Consumer:
                 self._own_cursor.setdefault(w, "0")
                 self._last_arrival.setdefault(w, now)
         self.workers = roster
+        self.known.update(roster)
         self.live = alive_workers(self.r, self.keys, roster)
         share = math.ceil(self.window / max(1, len(self.live) or len(roster)))
         self._granted = {w: max(share, self.credit.get(w, share)) for w in roster}
@@ -419,8 +421,9 @@ class Consumer:
         return self._watch.looked
 
     def recover(self, accounting_before: Mapping[str, int], **fields: Any) -> dict[str, Any]:
-        """The server lost the run's data: claim a new epoch, forget the ids in flight, put the workers
-        it read back on the roster (the roster was lost with the rest), recreate the groups,
+        """The server lost the run's data: claim a new epoch, forget the ids in flight, put every
+        worker it ever read on the roster back (the roster was lost with the rest; a refresh
+        between the reconnection and this call read it empty), recreate the groups,
         republish the credit, and record the loss in the ``losses`` stream (old/new epoch, what was
         held and is kept, the unread positions lost by ``accounting_before``, plus ``fields``).
 
@@ -431,7 +434,7 @@ class Consumer:
         held, held_positions = len(self.in_flight), sum(self.in_flight.values())
         self.claim_epoch()
         self.reset()
-        register_workers(self.r, self.keys, self.workers)
+        register_workers(self.r, self.keys, sorted(self.known))
         self.credit = {}  # every roster worker's group is created again
         self.refresh(force=True)
         record = {"time": round(time.time(), 3), "detected_by": self.name, "old_epoch": old_epoch or "",
