@@ -169,35 +169,36 @@ def evaluator_command(run_id: str, runs_dir: Path) -> list[str]:
 
 
 @contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGINT both raise ``KeyboardInterrupt`` ("stop the run in order"; SIGINT is set
-    explicitly: a shell starts background jobs with SIGINT ignored); restored afterwards."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, interrupt)
-    old_int = signal.signal(signal.SIGINT, interrupt)
+def _on_stop_signals(handler) -> Iterator[None]:
+    """SIGTERM and SIGINT go to ``handler`` (SIGINT set explicitly: a shell starts background jobs
+    with SIGINT ignored); the previous handlers are restored afterwards."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT both raise ``KeyboardInterrupt`` ("stop the run in order")."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    with _on_stop_signals(interrupt):
+        yield
 
 
 @contextmanager
 def stop_signals_noted(console) -> Iterator[None]:
     """While the run stops in order: SIGTERM and SIGINT only print that it is stopping (a second
-    Ctrl-C must not leave the private Redis or the children half stopped); restored afterwards."""
+    Ctrl-C must not leave the private Redis or the children half stopped)."""
     def note(signum, frame):
         console.print("already stopping in order (the private Redis goes with this process in any case)")
 
-    old_term = signal.signal(signal.SIGTERM, note)
-    old_int = signal.signal(signal.SIGINT, note)
-    try:
+    with _on_stop_signals(note):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
 
 
 def watch_with_view(args: argparse.Namespace, sup: supervise.Supervisor, r, run_id: str, console) -> str:
