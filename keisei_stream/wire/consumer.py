@@ -154,7 +154,8 @@ class Consumer:
             (``WAIT``, :func:`keisei_stream.wire.atomic.run_atomic`), so a failover keeps it.
 
     Attributes:
-        workers: the roster as last read. live: those whose heartbeat was alive then.
+        workers: the roster as last read. live: those whose heartbeat was alive then. known:
+            every worker ever on the roster here (what :meth:`recover` puts back).
         credit: worker -> its credit (entries) as last computed.
         in_flight: ``(worker, entry id)`` -> positions, delivered by this consumer and not yet
             acknowledged.
