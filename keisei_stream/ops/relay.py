@@ -9,8 +9,8 @@ socket, :func:`keisei_stream.ops.embedded_redis.start_redis`) with the same ``re
 copies, in :meth:`Relay.step`:
 
 1. each new weights version: the watcher on the primary (its pub/sub announcement, and a poll of
-   ``weights:latest`` every ``stream.weights_poll_s`` as the safety net) -> the version read and
-   its SHA-256 checked (:func:`keisei_stream.wire.weights.read_latest_weights`) -> published on
+   ``weights:latest`` every :data:`POLL_S` seconds as the safety net) -> the version read and
+   its SHA-256 checked (:func:`keisei_stream.wire.weights.read_latest_blob`) -> published on
    the host's server with the same bytes (:func:`keisei_stream.wire.weights.publish_weights`, the
    newest two blobs kept), whose announcement wakes the host's workers; versions only go
    forwards (a lower one is taken only once the run's epoch changed: a new run);
@@ -40,12 +40,15 @@ from keisei_stream.ops import acl, compat, embedded_redis
 from keisei_stream.wire import client, retry
 from keisei_stream.wire.keys import Keys
 from keisei_stream.wire.status import CONTROL_S
-from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_info, read_latest_weights
+from keisei_stream.wire.weights import WeightsError, WeightsWatcher, publish_weights, read_latest_blob
 
 log = logging.getLogger("keisei.relay")
 
 #: Seconds between reads of ``config`` and ``epoch`` on the primary.
 SYNC_S = 5.0
+#: Seconds between the relay's polls of ``weights:latest`` on the primary (the workers' default
+#: ``stream.weights_poll_s``; the relay starts before the run's config may exist).
+POLL_S = 2.0
 #: Weights blobs kept on the host's server (a worker reading the previous one still finds it).
 KEEP = 2
 
@@ -104,21 +107,21 @@ class Relay:
         """The newest version from the primary (SHA-256 checked) to the host's server, if newer
         than the last one copied."""
         try:
-            latest = read_latest_weights(self.src, self.keys)
+            latest = read_latest_blob(self.src, self.keys)
         except WeightsError as exc:
             self.refused += 1
             log.error("weights refused: %s", exc)
             return
-        if latest is None or latest[0] <= self.version:
+        if latest is None or latest[0]["version"] <= self.version:
             return
-        version, sha, data = latest
-        info = read_latest_info(self.src, self.keys) or {}
+        info, data = latest
+        version, sha = info["version"], info["sha256"]
         limit = embedded_redis.request_limit_for(len(data))
         if limit > self.request_limit:  # the host's copy admits this blob (its readers send only small requests)
             for name, value in embedded_redis.request_limits(limit).items():
                 self.dst.config_set(name, value)
             self.request_limit = limit
-        publish_weights(self.dst, self.keys, version, data, info.get("dtype", ""), KEEP)
+        publish_weights(self.dst, self.keys, version, data, info["dtype"], KEEP)
         self.version, self.copied = version, self.copied + 1
         log.info("version %d copied to this host (%d bytes, sha256 %s..)", version, len(data), sha[:12])
 
@@ -154,7 +157,7 @@ def start_host_copy(src_url: str, run_id: str, socket_path: Path, run_dir: Path,
         server.stop()
         raise
     keys = Keys(run_id)
-    relay = Relay(src, dst, keys, WeightsWatcher(src, keys, poll_s=2.0))
+    relay = Relay(src, dst, keys, WeightsWatcher(src, keys, poll_s=POLL_S))
     return relay, server, acl.user_url(server.url, acl.username(run_id, "reader"), password)
 
 

@@ -78,10 +78,21 @@ def read_latest_info(r: redis.Redis, keys: Keys) -> dict[str, Any] | None:
 
 
 def read_latest_weights(r: redis.Redis, keys: Keys) -> tuple[int, str, bytes] | None:
-    """The newest weights as ``(version, sha256, data)``, or None when none were published.
+    """The newest weights as ``(version, sha256, data)``, or None when none were published
+    (:func:`read_latest_blob`, its SHA-256 and size verified).
 
-    The blob's SHA-256 (and size) are verified; if the blob was pruned between the two reads
-    (a newer version was published meanwhile) the read is retried.
+    Raises:
+        WeightsError: the blob is missing or does not match ``weights:latest``.
+    """
+    latest = read_latest_blob(r, keys)
+    return None if latest is None else (latest[0]["version"], latest[0]["sha256"], latest[1])
+
+
+def read_latest_blob(r: redis.Redis, keys: Keys) -> tuple[dict[str, Any], bytes] | None:
+    """``(info, data)``: ``weights:latest`` (:func:`read_latest_info`) and the blob it names, its
+    SHA-256 (and size) verified, or None when none were published. If the blob was pruned between
+    the two reads (a newer version was published meanwhile) the read is retried, so ``info``
+    always describes ``data``.
 
     Raises:
         WeightsError: the blob is missing or does not match ``weights:latest``.
@@ -97,7 +108,7 @@ def read_latest_weights(r: redis.Redis, keys: Keys) -> tuple[int, str, bytes] | 
         if sha != info["sha256"] or (info["bytes"] >= 0 and len(data) != info["bytes"]):
             raise WeightsError(f"weights v{info['version']}: sha256 {sha[:12]}.. != {info['sha256'][:12]}.. "
                                f"or size {len(data)} != {info['bytes']}")
-        return info["version"], sha, data
+        return info, data
     raise WeightsError("weights blob missing for weights:latest")
 
 
