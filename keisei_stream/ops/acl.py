@@ -200,13 +200,14 @@ def create_user(r: Any, run: str, role: str, password: str, server: ServerInfo, 
 
 def create_on_nodes(clients: Iterable[Any], run: str, workers: Iterable[str] = (),
                     passwords: dict[str, str] | None = None, role: str | None = None,
-                    host_copies: bool = False) -> dict[str, str]:
+                    host_copies: bool = False, servers: list[ServerInfo] | None = None) -> dict[str, str]:
     """What ``keisei users`` does on a run's nodes: on every server of ``clients`` (admins; the
     primary, its replicas, a Sentinel group's other nodes: ACL users are not replicated) the
     server's version is checked and the run's users are created with the same passwords
     (:func:`create_users`; with ``role``, that one user only, its password from ``passwords``);
     the workers (or ``role``'s worker) go on the run's roster on each server that is a primary
-    (``ROLE``: a replica receives the roster by replication).
+    (``ROLE``: a replica receives the roster by replication). ``servers``: the nodes' versions,
+    one per client, when the caller has already checked them (not asked again).
 
     Returns:
         role -> password.
@@ -225,8 +226,9 @@ def create_on_nodes(clients: Iterable[Any], run: str, workers: Iterable[str] = (
     else:
         roster = workers
     out = dict(passwords or {})
-    for r in clients:
-        server = require_supported(r)
+    clients = list(clients)
+    for r, server in zip(clients, servers or [None] * len(clients)):
+        server = server or require_supported(r)
         if role is not None:
             create_user(r, run, role, out[role], server, host_copies)
         else:

@@ -111,7 +111,7 @@ class RunRedis:
                                                  max_request_bytes=self.max_request_bytes)
         self.server._tmpdir, old._tmpdir = old._tmpdir, None  # the same socket (a short path) goes on
         _create_users(self.server.url, self.run_id, [r[len("worker:"):] for r in self.passwords
-                                                      if r.startswith("worker:")], self.passwords)
+                                                      if r.startswith("worker:")], self.passwords, self.info)
 
     def stop(self) -> bool:
         """Stop the private server (SIGTERM, SIGKILL after a grace period); True when it had to be
@@ -119,12 +119,14 @@ class RunRedis:
         return self.server is not None and self.server.stop()
 
 
-def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None) -> dict[str, str]:
+def _create_users(url: str, run_id: str, workers: list[str], passwords: dict[str, str] | None,
+                  server: compat.ServerInfo) -> dict[str, str]:
     """The run's users, and its workers on the roster (:func:`keisei_stream.ops.acl.create_on_nodes`,
-    as ``keisei users`` makes them)."""
+    as ``keisei users`` makes them), on the server of ``url`` whose version ``server`` was checked
+    at start (not asked again, also not after a restart)."""
     admin = client.connect(url)
     try:
-        return acl.create_on_nodes([admin], run_id, workers, passwords)
+        return acl.create_on_nodes([admin], run_id, workers, passwords, servers=[server])
     finally:
         admin.close()
 
@@ -165,7 +167,7 @@ def start_private_redis(run_dir: Path, run_id: str, workers: list[str], *, resum
                                         max_request_bytes=max_request_bytes)
     try:
         info = check_server(server.url)
-        passwords = _create_users(server.url, run_id, workers, None)
+        passwords = _create_users(server.url, run_id, workers, None, info)
     except BaseException:
         server.stop()
         raise
