@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from keisei_stream.cli.bottleneck import diagnose, figures
 from keisei_stream.cli.status import render_status
 
@@ -23,6 +27,37 @@ def test_workers_waiting_on_a_full_backlog_make_the_learner_the_bottleneck():
     v = diagnose(_status(["backpressure", "backpressure", "playing"], 0.01, backlog=15))
     assert v["limit"] == "learner" and "learner is likely the bottleneck" in v["line"]
     assert "67%" in v["line"] and "94%" in v["line"] and "ppo.epochs" in v["knob"]
+
+
+def test_the_recent_share_on_backpressure_counts_not_the_state_of_the_instant():
+    # the 30-minute quickstart (1 worker, 2 cores): the worker waited 1,237 of 1,800 s on backpressure,
+    # yet a snapshot could find it playing with the backlog drained; its heartbeat's share tells
+    st = _status(["playing"], 0.01, backlog=0)
+    st["workers"][0]["backpressure_share"] = "0.69"
+    v = diagnose(st)
+    assert v["limit"] == "learner" and "69%" in v["line"]
+    st["workers"][0].update(state="backpressure", backpressure_share="0.0")  # the share wins over the state
+    assert figures(st)["workers_waiting"] == 0.0
+    st["workers"][0]["backpressure_share"] = "x"  # unreadable: back to the state
+    assert figures(st)["workers_waiting"] == 1.0
+
+
+def test_a_worker_share_is_a_moving_average_of_time_waited(monkeypatch):
+    import workers.worker as wmod
+
+    clock = iter([10.0, 20.0, 20.5, 1000.0])
+    monkeypatch.setattr(wmod.time, "monotonic", lambda: next(clock))
+    ws = wmod.WorkerStats(rate_t0=0.0)
+    ws.update_rate(waited_s=10.0)  # waited all of the first 10 s
+    first = 1.0 - math.exp(-10.0 / wmod.SHARE_TAU_S)
+    assert ws.backpressure_share == pytest.approx(first)
+    ws.update_rate(waited_s=10.0)  # then 10 s without waiting: the average decays
+    assert ws.backpressure_share == pytest.approx(first * math.exp(-10.0 / wmod.SHARE_TAU_S))
+    before = ws.backpressure_share
+    ws.update_rate(waited_s=10.5)  # under 1 s since the last sample: not sampled
+    assert ws.backpressure_share == before
+    ws.update_rate(waited_s=990.0)  # a long wait: the share tends to 1, never above
+    assert 0.99 < ws.backpressure_share <= 1.0
 
 
 def test_a_full_backlog_alone_also_says_learner():

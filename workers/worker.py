@@ -21,6 +21,7 @@ into the accounting's ``worker_discarded_positions``) and the last heartbeat.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -47,6 +48,10 @@ log = logging.getLogger("keisei.worker")
 
 #: Seconds a stopping worker waits for room in the stream to send its last positions.
 FINAL_SEND_S = 20.0
+#: Seconds: time constant of the heartbeat's ``backpressure_share`` (a moving average over about
+#: the last half minute, so one snapshot of ``keisei status`` reads the recent share, not the state
+#: of the instant: a worker waiting 69 % of a run can be caught playing).
+SHARE_TAU_S = 30.0
 
 
 @dataclass
@@ -63,14 +68,27 @@ class WorkerStats:
     games_not_recorded: int = 0
     rate_t0: float = field(default_factory=time.monotonic)
     rate_n0: int = 0
+    rate_w0: float = 0.0
     positions_per_s: float = 0.0
+    backpressure_share: float = 0.0
 
-    def update_rate(self) -> None:
-        """Positions/s of self-play over the interval since the last call."""
+    def update_rate(self, waited_s: float) -> None:
+        """Positions/s of self-play over the interval since the last call (at least 1 s), and
+        ``backpressure_share``: the share of wall time spent waiting on backpressure, an exponential
+        moving average with time constant :data:`SHARE_TAU_S` (the usual EWMA of a rate sampled at
+        uneven intervals: weight ``1 - exp(-dt / tau)`` for the newest interval).
+
+        Args:
+            waited_s: the producer's total seconds waited so far (credit, room or the server),
+                including a wait still in progress.
+        """
         now = time.monotonic()
-        if now - self.rate_t0 >= 1.0:
-            self.positions_per_s = (self.positions_played - self.rate_n0) / (now - self.rate_t0)
-            self.rate_t0, self.rate_n0 = now, self.positions_played
+        dt = now - self.rate_t0
+        if dt >= 1.0:
+            self.positions_per_s = (self.positions_played - self.rate_n0) / dt
+            share = min(1.0, max(0.0, (waited_s - self.rate_w0) / dt))
+            self.backpressure_share += (1.0 - math.exp(-dt / SHARE_TAU_S)) * (share - self.backpressure_share)
+            self.rate_t0, self.rate_n0, self.rate_w0 = now, self.positions_played, waited_s
 
 
 def wait_for_config(r: redis.Redis, keys: Keys, stop: retry.StopFlag, poll_s: float = 0.5) -> Config | None:
@@ -247,11 +265,12 @@ class Worker:
             return
         self.last_beat = time.monotonic()
         st = self.stats
-        st.update_rate()
+        st.update_rate(self.producer.waited_s)
         fields = {"host": self.host, "pid": os.getpid(), "state": state, "version": self.version,
                   "device": str(self.selfplay.device), "positions": st.positions_sent, "games": st.games_sent,
                   "batches": st.batches_sent, "positions_played": st.positions_played,
                   "positions_per_s": round(st.positions_per_s, 1), "backpressure_s": round(st.backpressure_s, 2),
+                  "backpressure_share": round(st.backpressure_share, 3),
                   "oom_waits": self.producer.oom_waits, "discarded_positions": st.discarded_positions,
                   "credit": self.producer.last_credit, "adds_refused": self.producer.refused,
                   "lost_positions": self.producer.lost_positions,

@@ -3,14 +3,18 @@
 Sample Factory prints "learner is likely a bottleneck" when its rollout workers wait for the
 learner's queue (Petrenko et al. 2020, arXiv:2006.11751); the same reading here:
 
-* **learner-bound**: workers wait on backpressure (their heartbeat's ``state`` is
-  ``backpressure``: the learner's backlog, or its credit, holds them back) and the backlog is near
-  ``stream.max_backlog``, while the learner rarely waits for data;
+* **learner-bound**: workers wait on backpressure (their heartbeat's ``backpressure_share``: the
+  share of the last ~30 s each spent waiting because the learner's credit held it back, averaged
+  over live workers) or the backlog is near ``stream.max_backlog``, while the learner rarely waits
+  for data;
 * **worker-bound**: the learner waits for data (``time_share_wait`` of its last update: the share
   of the time between two updates it spent blocked on an empty stream) while no worker waits;
 * **balanced**: neither waits much; **starting** / **unknown**: no update or no live worker yet.
 
-It reads the heartbeat fields (``state``, ``backpressure_s``) and the status readers' ``backlog``,
+A worker whose heartbeat has no ``backpressure_share`` (an older worker) counts by its ``state``
+at the instant (1 when ``backpressure``, else 0): a snapshot that catches a worker playing between
+two waits reads 0, which is why the share is published. It reads the heartbeat fields and the
+status readers' ``backlog``,
 not how backpressure is implemented, so it holds whether admission is a Lua script or a credit the
 learner publishes. The GPU's busy share (``gpu_util_pct``, NVML's utilisation: the share of time a
 kernel ran, which reads high for many small launches too) and the Redis round trip (``PING``, timed
@@ -38,14 +42,23 @@ def _float(v: Any) -> float | None:
         return None
 
 
+def _waiting_share(w: dict) -> float:
+    """A worker's recent share of time waiting on backpressure, in [0, 1]: its heartbeat's
+    ``backpressure_share``, else its ``state`` at the instant (1 for ``backpressure``, else 0)."""
+    share = _float(w.get("backpressure_share"))
+    if share is None:
+        return 1.0 if w.get("state") == "backpressure" else 0.0
+    return min(1.0, max(0.0, share))
+
+
 def figures(st: dict) -> dict[str, float | None]:
     """The figures the rule reads from :func:`keisei_stream.cli.status.collect_status`'s data:
-    ``workers`` (live), ``workers_waiting`` (share of live workers whose heartbeat says
-    ``backpressure``), ``backlog_fill`` (backlog / ``max_backlog``, None when unknown),
+    ``workers`` (live), ``workers_waiting`` (the mean over live workers of their recent share of
+    time on backpressure, :func:`_waiting_share`), ``backlog_fill`` (backlog / ``max_backlog``, None when unknown),
     ``learner_wait`` (its last update's ``time_share_wait``), ``learner_train``, ``gpu_util_pct``,
     ``redis_ping_ms``, ``samples_per_s``, ``produced_per_s`` (the workers' ``positions_per_s`` summed)."""
     live = [w for w in st.get("workers", []) if str(w.get("alive", "1")) == "1" and w.get("state") != "stopped"]
-    waiting = sum(1 for w in live if w.get("state") == "backpressure")
+    waiting = sum(_waiting_share(w) for w in live)
     ln, stream = st.get("learner", {}) or {}, st.get("stream", {}) or {}
     backlog, limit = _float(stream.get("backlog")), _float(stream.get("max_backlog"))
     return {
@@ -89,8 +102,8 @@ def diagnose(st: dict) -> dict[str, Any]:
     waiting, wait, fill = f["workers_waiting"] or 0.0, f["learner_wait"], f["backlog_fill"]
     fill_txt = f", backlog at {fill:.0%} of stream.max_backlog" if fill is not None else ""
     if (waiting >= WAITS or (fill is not None and fill >= FULL)) and wait < WAITS:
-        return verdict("learner", f"the learner is likely the bottleneck: {waiting:.0%} of the workers wait on "
-                                  f"backpressure{fill_txt}, the learner waited {wait:.0%} of its time for data",
+        return verdict("learner", f"the learner is likely the bottleneck: the workers waited {waiting:.0%} of their "
+                                  f"recent time on backpressure{fill_txt}, the learner waited {wait:.0%} of its time for data",
                        "make the learner faster (learner.amp, model.compile, fewer ppo.epochs, a larger "
                        "ppo.minibatch_size, a GPU or more learner ranks: --learners N) or give it the cores of a "
                        "worker or two (fewer workers)")

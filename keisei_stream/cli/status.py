@@ -102,20 +102,29 @@ def per_worker(r, keys: Keys, roster: list[str], stream: dict) -> dict[str, dict
     return out
 
 
+def _waited(w: dict) -> str:
+    """A worker's backpressure cell: seconds waited in all, and the recent share when its heartbeat has it."""
+    share = w.get("backpressure_share")
+    try:
+        return f"{w.get('backpressure_s', '')} ({float(share):.0%})" if share not in (None, "") else str(w.get("backpressure_s", ""))
+    except ValueError:
+        return str(w.get("backpressure_s", ""))
+
+
 def render_status(st: dict, stopped: bool = False) -> Group:
     """A rich renderable (tables) of :func:`collect_status`'s data; ``stopped``: the data is a
     stopped run's saved final status (no worker is alive)."""
     state = "stopped, final status" if stopped else f"control: {st['control']}"
     wt = Table(title=f"run {st['run']}  ({state})", title_justify="left")
     sv = st.get("supervisor") or {}
-    for col in ("worker", "state", "alive", "positions/s", "games", "positions", "version", "backpressure s",
+    for col in ("worker", "state", "alive", "positions/s", "games", "positions", "version", "backpressure s (recent)",
                 "restarts", "host:pid"):
         wt.add_column(col, justify="right" if col not in ("worker", "state", "host:pid") else "left")
     for w in st["workers"]:  # read_workers sorts them by id
         alive = "no (stopped)" if stopped else "yes" if w.get("alive", "1") == "1" else f"no (seen {w.get('age_s')}s ago)"
         wt.add_row(str(w.get("id")), str(w.get("state", "")), alive, str(w.get("positions_per_s", "")),
                    str(w.get("games", "")), str(w.get("positions", "")), str(w.get("version", "")),
-                   str(w.get("backpressure_s", "")), str(sv.get(f"restarts:{w.get('id')}", 0)),
+                   _waited(w), str(sv.get(f"restarts:{w.get('id')}", 0)),
                    f"{w.get('host', '')}:{w.get('pid', '')}")
     if not st["workers"]:
         wt.add_row("(no live workers)", "", "", "", "", "", "", "", "", "")

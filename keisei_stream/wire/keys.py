@@ -161,7 +161,8 @@ class Keys:
     @_family("workers:{id}", "stream of one entry (`MAXLEN 1`)", "that worker")
     def worker(self, worker_id: str) -> str:
         """Heartbeat of worker `{id}`: `host`, `pid`, `state`, `device`, `version`, `positions`, `games`,
-        `positions_per_s`, `backpressure_s`, `oom_waits`, `credit` (the last it read), `adds_refused`
+        `positions_per_s`, `backpressure_s` (seconds waited in all), `backpressure_share` (share of the last
+        ~30 s spent waiting on backpressure), `oom_waits`, `credit` (the last it read), `adds_refused`
         (by its own exhausted stream), `games_not_recorded`, `discarded_positions`, `server_restarts`,
         `last_seen`, outage counters; older than `stream.heartbeat_ttl_s`: shown as not alive."""
         return self.prefix + "workers:" + check_id(worker_id, "worker id")
