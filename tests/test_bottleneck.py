@@ -48,11 +48,10 @@ def test_a_worker_share_is_a_moving_average_of_time_waited(monkeypatch):
     clock = iter([10.0, 20.0, 20.5, 1000.0])
     monkeypatch.setattr(wmod.time, "monotonic", lambda: next(clock))
     ws = wmod.WorkerStats(rate_t0=0.0)
-    ws.update_rate(waited_s=10.0)  # waited all of the first 10 s
-    first = 1.0 - math.exp(-10.0 / wmod.SHARE_TAU_S)
-    assert ws.backpressure_share == pytest.approx(first)
+    ws.update_rate(waited_s=10.0)  # waited all of the first 10 s: the first sample sets the average
+    assert ws.backpressure_share == 1.0
     ws.update_rate(waited_s=10.0)  # then 10 s without waiting: the average decays
-    assert ws.backpressure_share == pytest.approx(first * math.exp(-10.0 / wmod.SHARE_TAU_S))
+    assert ws.backpressure_share == pytest.approx(math.exp(-10.0 / wmod.SHARE_TAU_S))
     before = ws.backpressure_share
     ws.update_rate(waited_s=10.5)  # under 1 s since the last sample: not sampled
     assert ws.backpressure_share == before

@@ -71,12 +71,14 @@ class WorkerStats:
     rate_w0: float = 0.0
     positions_per_s: float = 0.0
     backpressure_share: float = 0.0
+    rate_sampled: bool = False
 
     def update_rate(self, waited_s: float) -> None:
         """Positions/s of self-play over the interval since the last call (at least 1 s), and
         ``backpressure_share``: the share of wall time spent waiting on backpressure, an exponential
         moving average with time constant :data:`SHARE_TAU_S` (the usual EWMA of a rate sampled at
-        uneven intervals: weight ``1 - exp(-dt / tau)`` for the newest interval).
+        uneven intervals: weight ``1 - exp(-dt / tau)`` for the newest interval; the first interval
+        sets it, so a worker that waits from its start does not read low for half a minute).
 
         Args:
             waited_s: the producer's total seconds waited so far (credit, room or the server),
@@ -87,7 +89,9 @@ class WorkerStats:
         if dt >= 1.0:
             self.positions_per_s = (self.positions_played - self.rate_n0) / dt
             share = min(1.0, max(0.0, (waited_s - self.rate_w0) / dt))
-            self.backpressure_share += (1.0 - math.exp(-dt / SHARE_TAU_S)) * (share - self.backpressure_share)
+            weight = 1.0 - math.exp(-dt / SHARE_TAU_S) if self.rate_sampled else 1.0  # the first sample starts it
+            self.backpressure_share += weight * (share - self.backpressure_share)
+            self.rate_sampled = True
             self.rate_t0, self.rate_n0, self.rate_w0 = now, self.positions_played, waited_s
 
 
