@@ -63,7 +63,6 @@ class WorkerStats:
     batches_sent: int = 0
     positions_played: int = 0
     discarded_positions: int = 0
-    backpressure_s: float = 0.0
     server_restarts: int = 0
     games_not_recorded: int = 0
     rate_t0: float = field(default_factory=time.monotonic)
@@ -234,9 +233,7 @@ class Worker:
             while k < len(self.outbox) and n < target:
                 n, k = n + self.outbox[k].num_positions, k + 1
             batch = segments_to_batch(self.outbox[:k])
-            waited0 = self.producer.waited_s
             sent = self.producer.send(batch, should_stop=should_stop, on_wait=on_wait)
-            self.stats.backpressure_s += self.producer.waited_s - waited0
             if not sent:
                 return False
             self.stats.batches_sent += 1
@@ -273,7 +270,7 @@ class Worker:
         fields = {"host": self.host, "pid": os.getpid(), "state": state, "version": self.version,
                   "device": str(self.selfplay.device), "positions": st.positions_sent, "games": st.games_sent,
                   "batches": st.batches_sent, "positions_played": st.positions_played,
-                  "positions_per_s": round(st.positions_per_s, 1), "backpressure_s": round(st.backpressure_s, 2),
+                  "positions_per_s": round(st.positions_per_s, 1), "backpressure_s": round(self.producer.waited_s, 2),
                   "backpressure_share": round(st.backpressure_share, 3),
                   "oom_waits": self.producer.oom_waits, "discarded_positions": st.discarded_positions,
                   "credit": self.producer.last_credit, "adds_refused": self.producer.refused,

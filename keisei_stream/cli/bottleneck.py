@@ -35,7 +35,8 @@ FULL = 0.8
 SLOW_REDIS_MS = 5.0
 
 
-def _float(v: Any) -> float | None:
+def parse_float(v: Any) -> float | None:
+    """A heartbeat or hash field as a float; None when missing or unreadable."""
     try:
         return float(v)
     except (TypeError, ValueError):
@@ -45,7 +46,7 @@ def _float(v: Any) -> float | None:
 def _waiting_share(w: dict) -> float:
     """A worker's recent share of time waiting on backpressure, in [0, 1]: its heartbeat's
     ``backpressure_share``, else its ``state`` at the instant (1 for ``backpressure``, else 0)."""
-    share = _float(w.get("backpressure_share"))
+    share = parse_float(w.get("backpressure_share"))
     if share is None:
         return 1.0 if w.get("state") == "backpressure" else 0.0
     return min(1.0, max(0.0, share))
@@ -60,17 +61,17 @@ def figures(st: dict) -> dict[str, float | None]:
     live = [w for w in st.get("workers", []) if str(w.get("alive", "1")) == "1" and w.get("state") != "stopped"]
     waiting = sum(_waiting_share(w) for w in live)
     ln, stream = st.get("learner", {}) or {}, st.get("stream", {}) or {}
-    backlog, limit = _float(stream.get("backlog")), _float(stream.get("max_backlog"))
+    backlog, limit = parse_float(stream.get("backlog")), parse_float(stream.get("max_backlog"))
     return {
         "workers": float(len(live)),
         "workers_waiting": waiting / len(live) if live else None,
         "backlog_fill": backlog / limit if backlog is not None and limit else None,
-        "learner_wait": _float(ln.get("time_share_wait")),
-        "learner_train": _float(ln.get("time_share_train")),
-        "gpu_util_pct": _float(ln.get("gpu_util_pct")),
-        "redis_ping_ms": _float(st.get("redis_ping_ms")),
-        "samples_per_s": _float(ln.get("samples_per_s")),
-        "produced_per_s": sum(_float(w.get("positions_per_s")) or 0.0 for w in live) if live else None,
+        "learner_wait": parse_float(ln.get("time_share_wait")),
+        "learner_train": parse_float(ln.get("time_share_train")),
+        "gpu_util_pct": parse_float(ln.get("gpu_util_pct")),
+        "redis_ping_ms": parse_float(st.get("redis_ping_ms")),
+        "samples_per_s": parse_float(ln.get("samples_per_s")),
+        "produced_per_s": sum(parse_float(w.get("positions_per_s")) or 0.0 for w in live) if live else None,
     }
 
 

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from keisei_stream.cli.bottleneck import diagnose
+from keisei_stream.cli.bottleneck import diagnose, parse_float
 from keisei_stream.cli.common import find_redis, make_console, run_dir
 from keisei_stream.play.evaluation.follow import ELO_TABLE, EVAL_LOG, latest_rating, saved_elo_table, saved_latest_rating
 from keisei_stream.wire import archive, status
@@ -104,11 +104,8 @@ def per_worker(r, keys: Keys, roster: list[str], stream: dict) -> dict[str, dict
 
 def _waited(w: dict) -> str:
     """A worker's backpressure cell: seconds waited in all, and the recent share when its heartbeat has it."""
-    share = w.get("backpressure_share")
-    try:
-        return f"{w.get('backpressure_s', '')} ({float(share):.0%})" if share not in (None, "") else str(w.get("backpressure_s", ""))
-    except ValueError:
-        return str(w.get("backpressure_s", ""))
+    waited, share = str(w.get("backpressure_s", "")), parse_float(w.get("backpressure_share"))
+    return waited if share is None else f"{waited} ({share:.0%})"
 
 
 def render_status(st: dict, stopped: bool = False) -> Group:
